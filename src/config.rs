@@ -1,0 +1,512 @@
+//! Broker settings: one table of every setting, read from defaults, a TOML file,
+//! `STRATA_*` environment variables and command-line flags, in that order.
+//!
+//! The table is the single source of truth: `strata serve --help`, the environment
+//! names, the TOML keys and the configuration reference all come from it, so they cannot
+//! drift apart. Topic-level settings use Kafka's names and are the broker-wide defaults
+//! that a topic's own overrides (CreateTopics, AlterConfigs) replace.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+/// One setting: its Kafka-style name, default and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingDef {
+    /// Name in TOML files and DescribeConfigs (`wal.flush.interval.ms`).
+    pub name: &'static str,
+    /// Default value as text; empty means "derived" (see the doc).
+    pub default: &'static str,
+    pub doc: &'static str,
+    /// Whether it is a per-topic setting (Kafka topic config) as well.
+    pub topic: bool,
+}
+
+impl SettingDef {
+    /// `--wal-flush-interval-ms`
+    pub fn flag(&self) -> String {
+        self.name.replace('.', "-")
+    }
+
+    /// `STRATA_WAL_FLUSH_INTERVAL_MS`
+    pub fn env(&self) -> String {
+        format!(
+            "STRATA_{}",
+            self.name.replace(['.', '-'], "_").to_uppercase()
+        )
+    }
+}
+
+const fn def(name: &'static str, default: &'static str, doc: &'static str) -> SettingDef {
+    SettingDef {
+        name,
+        default,
+        doc,
+        topic: false,
+    }
+}
+
+const fn topic(name: &'static str, default: &'static str, doc: &'static str) -> SettingDef {
+    SettingDef {
+        name,
+        default,
+        doc,
+        topic: true,
+    }
+}
+
+/// Every setting the broker knows. Names are a stable interface.
+pub const SETTINGS: &[SettingDef] = &[
+    def("listen", "127.0.0.1:9092", "Kafka listener address (HOST:PORT)"),
+    def(
+        "advertise",
+        "",
+        "address clients are told to connect to (HOST:PORT); defaults to --listen",
+    ),
+    def("http", "127.0.0.1:9644", "metrics and health HTTP address (HOST:PORT)"),
+    def(
+        "data-dir",
+        "./data",
+        "local cache directory and, by default, the home of the object store and metadata",
+    ),
+    def(
+        "object-store",
+        "",
+        "object store URL (file:///path, memory://); defaults to file://DATA_DIR/objects",
+    ),
+    def(
+        "metadata",
+        "",
+        "metadata store URL (sqlite://PATH); defaults to sqlite://DATA_DIR/metadata.db",
+    ),
+    def("broker-id", "0", "this broker's id (node id in Kafka metadata)"),
+    def("zone", "", "availability zone (rack) of this broker"),
+    def(
+        "cluster-id",
+        "strata-cluster",
+        "cluster id reported to clients in Metadata and DescribeCluster",
+    ),
+    def("log-format", "text", "log line format: text or json"),
+    def(
+        "wal.flush.interval.ms",
+        "25",
+        "longest time a produced batch waits before its write-ahead object is written",
+    ),
+    def(
+        "wal.flush.bytes",
+        "8388608",
+        "flush the write-ahead object early once this many bytes are pending",
+    ),
+    def(
+        "wal.flush.timeout.ms",
+        "30000",
+        "how long one flush keeps retrying the object store and metadata store before failing its batches",
+    ),
+    def(
+        "wal.gc.interval.ms",
+        "30000",
+        "how often write-ahead objects fully covered by segments are deleted",
+    ),
+    def(
+        "log.retention.check.interval.ms",
+        "30000",
+        "how often retention is applied to each partition",
+    ),
+    def(
+        "segment.upload.concurrency",
+        "2",
+        "segment uploads in flight per broker (each holds one segment in memory)",
+    ),
+    def(
+        "socket.request.max.bytes",
+        "104857600",
+        "largest request frame accepted; a larger one closes the connection",
+    ),
+    def(
+        "max.connections",
+        "10000",
+        "connections accepted at once; more wait in the listen backlog",
+    ),
+    def(
+        "max.inflight.requests.per.connection",
+        "128",
+        "requests of one connection processed concurrently before reading pauses",
+    ),
+    def(
+        "queued.max.request.bytes",
+        "536870912",
+        "request bytes in flight across all connections before reading pauses",
+    ),
+    def(
+        "partition.queue.length",
+        "1024",
+        "commands queued for one partition's owner task",
+    ),
+    def(
+        "auto.create.topics.enable",
+        "true",
+        "create a topic when a client produces to or asks metadata for one that does not exist",
+    ),
+    def("num.partitions", "1", "partitions of an auto-created topic"),
+    topic(
+        "segment.bytes",
+        "67108864",
+        "seal the active segment and upload it once it holds this many bytes",
+    ),
+    topic(
+        "segment.ms",
+        "3600000",
+        "seal the active segment once it is this old, so quiet partitions release write-ahead objects",
+    ),
+    topic(
+        "retention.ms",
+        "604800000",
+        "delete whole segments whose newest record is older than this; -1 keeps forever",
+    ),
+    topic(
+        "retention.bytes",
+        "-1",
+        "delete the oldest whole segments while the partition is larger than this; -1 = no limit",
+    ),
+    topic(
+        "max.message.bytes",
+        "1048588",
+        "largest record batch accepted (after compression)",
+    ),
+    topic(
+        "cleanup.policy",
+        "delete",
+        "only `delete` is supported; `compact` is rejected with INVALID_CONFIG",
+    ),
+    topic(
+        "message.timestamp.type",
+        "CreateTime",
+        "only CreateTime is supported: timestamps are stored as the producer sent them",
+    ),
+    topic(
+        "index.interval.bytes",
+        "4096",
+        "bytes of batches between two entries of a segment's offset index",
+    ),
+];
+
+pub fn setting(name: &str) -> Option<&'static SettingDef> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// Effective topic-level settings (broker default overlaid with a topic's overrides).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicConfig {
+    pub segment_bytes: u64,
+    pub segment_ms: i64,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub max_message_bytes: usize,
+    pub index_interval_bytes: u64,
+}
+
+/// A topic config value failed validation; the message says which and why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value {value:?} for {name}: {reason}")]
+pub struct InvalidConfig {
+    pub name: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl TopicConfig {
+    /// Validates one topic-level key/value; unknown keys are rejected.
+    pub fn validate(name: &str, value: &str) -> Result<(), InvalidConfig> {
+        let invalid = |reason: &str| InvalidConfig {
+            name: name.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        let Some(def) = setting(name).filter(|d| d.topic) else {
+            return Err(invalid("unknown topic config"));
+        };
+        match def.name {
+            "cleanup.policy" if value != "delete" => {
+                Err(invalid("only cleanup.policy=delete is supported"))
+            }
+            "message.timestamp.type" if value != "CreateTime" => {
+                Err(invalid("only CreateTime is supported"))
+            }
+            "cleanup.policy" | "message.timestamp.type" => Ok(()),
+            "retention.ms" | "retention.bytes" => match value.parse::<i64>() {
+                Ok(v) if v >= -1 => Ok(()),
+                _ => Err(invalid("expected an integer >= -1")),
+            },
+            "segment.bytes" => match value.parse::<u64>() {
+                Ok(v) if v >= 1024 => Ok(()),
+                _ => Err(invalid("expected an integer >= 1024")),
+            },
+            _ => match value.parse::<i64>() {
+                Ok(v) if v >= 1 => Ok(()),
+                _ => Err(invalid("expected a positive integer")),
+            },
+        }
+    }
+
+    /// Broker defaults (from `values`) overlaid with topic overrides.
+    pub fn resolve(
+        defaults: &BTreeMap<String, String>,
+        overrides: &BTreeMap<String, String>,
+    ) -> Self {
+        let get = |name: &str| -> &str {
+            overrides
+                .get(name)
+                .or_else(|| defaults.get(name))
+                .map(String::as_str)
+                .unwrap_or_else(|| setting(name).map_or("", |d| d.default))
+        };
+        let num = |name: &str| -> i64 {
+            get(name)
+                .parse()
+                .or_else(|_| setting(name).map_or("0", |d| d.default).parse())
+                .unwrap_or(0)
+        };
+        TopicConfig {
+            segment_bytes: num("segment.bytes").max(1024) as u64,
+            segment_ms: num("segment.ms").max(1),
+            retention_ms: num("retention.ms"),
+            retention_bytes: num("retention.bytes"),
+            max_message_bytes: num("max.message.bytes").max(1) as usize,
+            index_interval_bytes: num("index.interval.bytes").max(1) as u64,
+        }
+    }
+}
+
+/// The broker's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Every setting by name, after all sources were applied.
+    pub values: BTreeMap<String, String>,
+    pub listen: String,
+    pub advertise: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+    pub object_store_url: String,
+    pub metadata_url: String,
+    pub broker_id: i32,
+    pub zone: Option<String>,
+    pub cluster_id: String,
+    pub log_json: bool,
+    pub wal_flush_interval_ms: u64,
+    pub wal_flush_bytes: usize,
+    pub wal_flush_timeout_ms: u64,
+    pub wal_gc_interval_ms: u64,
+    pub retention_check_interval_ms: u64,
+    pub segment_upload_concurrency: usize,
+    pub request_max_bytes: usize,
+    pub max_connections: usize,
+    pub max_inflight_per_connection: usize,
+    pub queued_max_request_bytes: usize,
+    pub partition_queue_length: usize,
+    pub auto_create_topics: bool,
+    pub num_partitions: i32,
+    /// Broker-wide topic defaults.
+    pub topic_defaults: TopicConfig,
+}
+
+impl Config {
+    /// Resolves a configuration from explicitly given values (name -> text).
+    /// Unknown names are an error, so a typo never silently falls back to a default.
+    pub fn from_values(given: BTreeMap<String, String>) -> anyhow::Result<Config> {
+        let mut values: BTreeMap<String, String> = SETTINGS
+            .iter()
+            .map(|d| (d.name.to_string(), d.default.to_string()))
+            .collect();
+        for (name, value) in given {
+            if setting(&name).is_none() {
+                bail!("unknown setting {name:?} (see `strata serve --help`)");
+            }
+            values.insert(name, value);
+        }
+        for def in SETTINGS.iter().filter(|d| d.topic) {
+            TopicConfig::validate(def.name, &values[def.name])?;
+        }
+        let text = |name: &str| values[name].clone();
+        let num = |name: &str| -> anyhow::Result<i64> {
+            values[name].parse::<i64>().with_context(|| {
+                format!("setting {name} must be an integer, got {:?}", values[name])
+            })
+        };
+        let positive = |name: &str| -> anyhow::Result<u64> {
+            let v = num(name)?;
+            if v < 1 {
+                bail!("setting {name} must be at least 1, got {v}");
+            }
+            Ok(v as u64)
+        };
+        let data_dir = PathBuf::from(text("data-dir"));
+        let object_store_url = match text("object-store") {
+            s if s.is_empty() => {
+                format!("file://{}", absolute(&data_dir.join("objects"))?.display())
+            }
+            s => s,
+        };
+        let metadata_url = match text("metadata") {
+            s if s.is_empty() => format!(
+                "sqlite://{}",
+                absolute(&data_dir.join("metadata.db"))?.display()
+            ),
+            s => s,
+        };
+        let listen = text("listen");
+        let advertise = match text("advertise") {
+            s if s.is_empty() => listen.clone(),
+            s => s,
+        };
+        let log_json = match text("log-format").as_str() {
+            "text" => false,
+            "json" => true,
+            other => bail!("setting log-format must be text or json, got {other:?}"),
+        };
+        let auto_create_topics = match text("auto.create.topics.enable").as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                bail!("setting auto.create.topics.enable must be true or false, got {other:?}")
+            }
+        };
+        let broker_id = i32::try_from(num("broker-id")?).context("broker-id out of range")?;
+        if broker_id < 0 {
+            bail!("broker-id must not be negative");
+        }
+        let topic_defaults = TopicConfig::resolve(&values, &BTreeMap::new());
+        Ok(Config {
+            listen,
+            advertise,
+            http: text("http"),
+            data_dir,
+            object_store_url,
+            metadata_url,
+            broker_id,
+            zone: Some(text("zone")).filter(|z| !z.is_empty()),
+            cluster_id: text("cluster-id"),
+            log_json,
+            wal_flush_interval_ms: positive("wal.flush.interval.ms")?,
+            wal_flush_bytes: positive("wal.flush.bytes")? as usize,
+            wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,
+            wal_gc_interval_ms: positive("wal.gc.interval.ms")?,
+            retention_check_interval_ms: positive("log.retention.check.interval.ms")?,
+            segment_upload_concurrency: positive("segment.upload.concurrency")? as usize,
+            request_max_bytes: positive("socket.request.max.bytes")? as usize,
+            max_connections: positive("max.connections")? as usize,
+            max_inflight_per_connection: positive("max.inflight.requests.per.connection")? as usize,
+            queued_max_request_bytes: positive("queued.max.request.bytes")? as usize,
+            partition_queue_length: positive("partition.queue.length")? as usize,
+            auto_create_topics,
+            num_partitions: i32::try_from(positive("num.partitions")?)
+                .context("num.partitions out of range")?,
+            topic_defaults,
+            values,
+        })
+    }
+
+    /// Reads a TOML file into setting values. Nested tables and dotted keys both flatten
+    /// to dotted names, so `wal.flush.interval.ms = 10` and `[wal]\nflush.interval.ms = 10`
+    /// mean the same.
+    pub fn read_toml(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, String>> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        let mut out = BTreeMap::new();
+        flatten("", &toml::Value::Table(table), &mut out)?;
+        Ok(out)
+    }
+}
+
+fn flatten(
+    prefix: &str,
+    value: &toml::Value,
+    out: &mut BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&name, v, out)?;
+            }
+        }
+        toml::Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        toml::Value::Integer(i) => {
+            out.insert(prefix.to_string(), i.to_string());
+        }
+        toml::Value::Boolean(b) => {
+            out.insert(prefix.to_string(), b.to_string());
+        }
+        other => bail!("config key {prefix}: unsupported value {other}"),
+    }
+    Ok(())
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve() {
+        let c = Config::from_values(BTreeMap::new()).expect("defaults are valid");
+        assert_eq!(c.listen, "127.0.0.1:9092");
+        assert_eq!(c.advertise, "127.0.0.1:9092");
+        assert_eq!(c.wal_flush_interval_ms, 25);
+        assert!(c.object_store_url.starts_with("file:///"));
+        assert!(c.object_store_url.ends_with("/data/objects"));
+        assert_eq!(c.topic_defaults.retention_bytes, -1);
+    }
+
+    #[test]
+    fn unknown_and_invalid_settings_are_rejected() {
+        let mut v = BTreeMap::new();
+        v.insert("wal.flush.intervl.ms".to_string(), "3".to_string());
+        assert!(Config::from_values(v).is_err());
+        let mut v = BTreeMap::new();
+        v.insert("cleanup.policy".to_string(), "compact".to_string());
+        assert!(Config::from_values(v).is_err());
+        let mut v = BTreeMap::new();
+        v.insert("wal.flush.interval.ms".to_string(), "0".to_string());
+        assert!(Config::from_values(v).is_err());
+    }
+
+    #[test]
+    fn toml_nested_and_dotted_keys_flatten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:1\"\nretention.ms = -1\n[wal]\nflush.interval.ms = 7\n",
+        )
+        .expect("write");
+        let v = Config::read_toml(&path).expect("parse");
+        assert_eq!(v["wal.flush.interval.ms"], "7");
+        assert_eq!(v["retention.ms"], "-1");
+        let c = Config::from_values(v).expect("valid");
+        assert_eq!(c.wal_flush_interval_ms, 7);
+        assert_eq!(c.topic_defaults.retention_ms, -1);
+    }
+
+    #[test]
+    fn names_map_to_flags_and_env() {
+        let d = setting("wal.flush.interval.ms").expect("exists");
+        assert_eq!(d.flag(), "wal-flush-interval-ms");
+        assert_eq!(d.env(), "STRATA_WAL_FLUSH_INTERVAL_MS");
+        assert_eq!(
+            setting("data-dir").expect("exists").env(),
+            "STRATA_DATA_DIR"
+        );
+    }
+}

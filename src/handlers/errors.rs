@@ -1,0 +1,72 @@
+//! The one mapping from internal errors to Kafka error codes.
+
+use kafka_protocol::ResponseError;
+
+use crate::broker::TopicError;
+use crate::log::batch::BatchError;
+use crate::log::partition::{AppendError, DeleteRecordsError};
+use crate::log::producer::SeqError;
+use crate::log::read::ReadError;
+use crate::metadata::MetaError;
+
+pub fn code(e: ResponseError) -> i16 {
+    e.code()
+}
+
+pub fn topic_error(e: &TopicError) -> ResponseError {
+    match e {
+        TopicError::Exists => ResponseError::TopicAlreadyExists,
+        TopicError::NotFound => ResponseError::UnknownTopicOrPartition,
+        TopicError::InvalidConfig(_) => ResponseError::InvalidConfig,
+        TopicError::InvalidTopic(_) => ResponseError::InvalidTopicException,
+        TopicError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
+        TopicError::Meta(m) => meta_error(m),
+        TopicError::Internal(_) => ResponseError::UnknownServerError,
+    }
+}
+
+pub fn meta_error(e: &MetaError) -> ResponseError {
+    match e {
+        MetaError::TopicExists => ResponseError::TopicAlreadyExists,
+        MetaError::TopicNotFound | MetaError::PartitionNotFound => {
+            ResponseError::UnknownTopicOrPartition
+        }
+        MetaError::Fenced(_) => ResponseError::NotLeaderOrFollower,
+        MetaError::Unavailable(_) => ResponseError::RequestTimedOut,
+        MetaError::Corrupt(_) => ResponseError::UnknownServerError,
+    }
+}
+
+pub fn batch_error(e: &BatchError) -> ResponseError {
+    match e {
+        BatchError::Corrupt | BatchError::CrcMismatch | BatchError::Empty => {
+            ResponseError::CorruptMessage
+        }
+        BatchError::UnsupportedMagic(_) => ResponseError::UnsupportedForMessageFormat,
+        BatchError::TooLarge(_) => ResponseError::MessageTooLarge,
+    }
+}
+
+pub fn append_error(e: &AppendError) -> ResponseError {
+    match e {
+        AppendError::Sequence(SeqError::OutOfOrder) => ResponseError::OutOfOrderSequenceNumber,
+        AppendError::Sequence(SeqError::InvalidEpoch) => ResponseError::InvalidProducerEpoch,
+        AppendError::NotDurable => ResponseError::KafkaStorageError,
+        AppendError::NotLeader => ResponseError::NotLeaderOrFollower,
+    }
+}
+
+pub fn read_error(e: &ReadError) -> ResponseError {
+    match e {
+        ReadError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,
+        ReadError::Storage(_) => ResponseError::KafkaStorageError,
+    }
+}
+
+pub fn delete_records_error(e: &DeleteRecordsError) -> ResponseError {
+    match e {
+        DeleteRecordsError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,
+        DeleteRecordsError::Unavailable => ResponseError::RequestTimedOut,
+        DeleteRecordsError::NotLeader => ResponseError::NotLeaderOrFollower,
+    }
+}

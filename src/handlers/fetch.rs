@@ -1,0 +1,130 @@
+//! Fetch: whole stored batches from each partition, up to the high watermark, within the
+//! request's byte limits; waits on the high watermarks (never polls) until `min_bytes`
+//! are there or `max_wait_ms` passes. Fetch sessions are not kept: every response
+//! carries session id 0, which tells clients to send full requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::select_all;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
+use kafka_protocol::ResponseError;
+use tokio::time::Instant;
+
+use super::errors;
+use crate::broker::Broker;
+use crate::log::read;
+
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, _version: i16) -> FetchResponse {
+    let mut resp = FetchResponse::default();
+    if req.session_id != 0 {
+        resp.error_code = ResponseError::FetchSessionIdNotFound.code();
+        return resp;
+    }
+    let deadline =
+        Instant::now() + Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT);
+    let min_bytes = req.min_bytes.max(0) as usize;
+    let max_bytes = if req.max_bytes <= 0 {
+        i32::MAX as usize
+    } else {
+        req.max_bytes as usize
+    };
+    loop {
+        // Subscribe before reading so a commit between the read and the wait wakes us.
+        let mut watchers = Vec::new();
+        let mut total = 0usize;
+        let mut any_error = false;
+        let mut topics = Vec::with_capacity(req.topics.len());
+        for t in &req.topics {
+            let topic = broker.topic(&t.topic.0);
+            let mut parts = Vec::with_capacity(t.partitions.len());
+            for p in &t.partitions {
+                let mut data = PartitionData::default()
+                    .with_partition_index(p.partition)
+                    .with_high_watermark(-1)
+                    .with_last_stable_offset(-1)
+                    .with_log_start_offset(-1)
+                    .with_preferred_read_replica(BrokerId(-1));
+                let Some(handle) = topic.as_ref().and_then(|t| {
+                    usize::try_from(p.partition)
+                        .ok()
+                        .and_then(|i| t.partitions.get(i))
+                }) else {
+                    any_error = true;
+                    parts.push(data.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
+                    continue;
+                };
+                let shared = &handle.shared;
+                if p.current_leader_epoch >= 0 && p.current_leader_epoch != shared.leader_epoch {
+                    any_error = true;
+                    let e = if p.current_leader_epoch < shared.leader_epoch {
+                        ResponseError::FencedLeaderEpoch
+                    } else {
+                        ResponseError::UnknownLeaderEpoch
+                    };
+                    parts.push(data.with_error_code(e.code()));
+                    continue;
+                }
+                watchers.push(shared.hw.subscribe());
+                // The first partition with data may exceed the limits by one batch (KIP-74).
+                let budget =
+                    (max_bytes.saturating_sub(total)).min(p.partition_max_bytes.max(0) as usize);
+                let budget = if total == 0 { budget.max(1) } else { budget };
+                if budget == 0 {
+                    let hw = shared.high_watermark();
+                    parts.push(
+                        data.with_high_watermark(hw)
+                            .with_last_stable_offset(hw)
+                            .with_log_start_offset(shared.log_start_offset()),
+                    );
+                    continue;
+                }
+                match read::read(
+                    shared,
+                    broker.store.as_ref(),
+                    &broker.indexes,
+                    p.fetch_offset,
+                    budget as u64,
+                )
+                .await
+                {
+                    Ok(r) => {
+                        total += r.records.len();
+                        data = data
+                            .with_high_watermark(r.high_watermark)
+                            .with_last_stable_offset(r.high_watermark)
+                            .with_log_start_offset(r.log_start_offset)
+                            .with_records(Some(r.records));
+                    }
+                    Err(e) => {
+                        any_error = true;
+                        let hw = shared.high_watermark();
+                        data = data
+                            .with_error_code(errors::read_error(&e).code())
+                            .with_high_watermark(hw)
+                            .with_last_stable_offset(hw)
+                            .with_log_start_offset(shared.log_start_offset());
+                    }
+                }
+                parts.push(data);
+            }
+            topics.push(
+                FetchableTopicResponse::default()
+                    .with_topic(t.topic.clone())
+                    .with_topic_id(t.topic_id)
+                    .with_partitions(parts),
+            );
+        }
+        resp.responses = topics;
+        if total >= min_bytes || any_error || watchers.is_empty() || Instant::now() >= deadline {
+            return resp;
+        }
+        let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return resp;
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Request handlers, one file per API family. Each takes the decoded request and
+//! returns the response; errors reach clients as Kafka error codes (see [`errors`]).
+
+pub mod api_versions;
+pub mod configs;
+pub mod errors;
+pub mod fetch;
+pub mod metadata;
+pub mod offsets;
+pub mod produce;
+pub mod topics;
+
+use std::sync::Arc;
+
+use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::broker::Broker;
+
+/// Routes a decoded request. `None` means no response is sent (acks=0 produce).
+pub async fn dispatch(
+    broker: &Arc<Broker>,
+    header: &RequestHeader,
+    request: RequestKind,
+) -> Option<ResponseKind> {
+    let v = header.request_api_version;
+    Some(match request {
+        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response()),
+        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::metadata(broker, r, v).await),
+        RequestKind::DescribeCluster(r) => {
+            ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
+        }
+        RequestKind::CreateTopics(r) => {
+            ResponseKind::CreateTopics(topics::create_topics(broker, r, v).await)
+        }
+        RequestKind::DeleteTopics(r) => {
+            ResponseKind::DeleteTopics(topics::delete_topics(broker, r, v).await)
+        }
+        RequestKind::CreatePartitions(r) => {
+            ResponseKind::CreatePartitions(topics::create_partitions(broker, r).await)
+        }
+        RequestKind::Produce(r) => {
+            return produce::produce(broker, r, v)
+                .await
+                .map(ResponseKind::Produce)
+        }
+        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::fetch(broker, r, v).await),
+        RequestKind::ListOffsets(r) => {
+            ResponseKind::ListOffsets(offsets::list_offsets(broker, r).await)
+        }
+        RequestKind::OffsetForLeaderEpoch(r) => {
+            ResponseKind::OffsetForLeaderEpoch(offsets::offset_for_leader_epoch(broker, r))
+        }
+        RequestKind::DeleteRecords(r) => {
+            ResponseKind::DeleteRecords(offsets::delete_records(broker, r).await)
+        }
+        RequestKind::InitProducerId(r) => {
+            ResponseKind::InitProducerId(produce::init_producer_id(broker, r).await)
+        }
+        RequestKind::DescribeConfigs(r) => {
+            ResponseKind::DescribeConfigs(configs::describe_configs(broker, r, v))
+        }
+        RequestKind::AlterConfigs(r) => {
+            ResponseKind::AlterConfigs(configs::alter_configs(broker, r).await)
+        }
+        RequestKind::IncrementalAlterConfigs(r) => ResponseKind::IncrementalAlterConfigs(
+            configs::incremental_alter_configs(broker, r).await,
+        ),
+        // Only the APIs in `protocol::SUPPORTED` reach dispatch.
+        other => unreachable_api(other),
+    })
+}
+
+fn unreachable_api(request: RequestKind) -> ResponseKind {
+    // `protocol::handle` refuses every API outside `SUPPORTED` before decoding, so this
+    // cannot happen; answering ApiVersions keeps the connection sane if it ever does.
+    tracing::error!(request = ?std::mem::discriminant(&request), "request for an unsupported api reached dispatch");
+    let mut r = api_versions::response();
+    r.error_code = kafka_protocol::ResponseError::UnsupportedVersion.code();
+    ResponseKind::ApiVersions(r)
+}
+
+pub(crate) fn str_bytes(s: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(s.into())
+}

@@ -1,0 +1,19 @@
+//! Strata: a Kafka-compatible message broker whose log lives in object storage.
+//!
+//! The crate is laid out by what each part owns: [`server`] (listener and connections),
+//! [`protocol`] (versions, framing, dispatch), [`handlers`] (one file per API family),
+//! [`log`] (the partition owner task and reads), [`wal`] (the write-ahead flusher),
+//! [`metadata`] (the metadata store trait and its backends), [`broker`] (the topic
+//! registry that ties them together) and [`config`] (every setting).
+
+pub mod broker;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod handlers;
+pub mod log;
+pub mod metadata;
+pub mod perf;
+pub mod protocol;
+pub mod server;
+pub mod wal;

@@ -1,0 +1,298 @@
+//! Reads of any retained offset: the hot tail from local segment files, older data from
+//! sealed segment objects through their indexes. Bytes go out exactly as stored, whole
+//! batches only, never past the high watermark.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use object_store::ObjectStore;
+use tiering::segment::SegmentIndex;
+
+use super::batch::{self, BatchHeader};
+use super::local::read_at;
+use super::partition::PartitionShared;
+use crate::metadata::SegmentRecord;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("offset is outside the retained log")]
+    OffsetOutOfRange,
+    #[error("reading stored data failed: {0}")]
+    Storage(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    pub records: Bytes,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+}
+
+/// Decoded segment indexes by object key, so a segment's index is fetched once.
+#[derive(Debug)]
+pub struct IndexCache {
+    entries: Mutex<HashMap<String, Arc<SegmentIndex>>>,
+    capacity: usize,
+}
+
+impl IndexCache {
+    pub fn new(capacity: usize) -> Self {
+        IndexCache {
+            entries: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    async fn get(
+        &self,
+        store: &dyn ObjectStore,
+        seg: &SegmentRecord,
+    ) -> Result<Arc<SegmentIndex>, ReadError> {
+        if let Some(i) = self
+            .entries
+            .lock()
+            .expect("index cache lock poisoned")
+            .get(&seg.object_key)
+        {
+            return Ok(i.clone());
+        }
+        let key = object_store::path::Path::from(seg.object_key.as_str());
+        let bytes = tiering::store::get_range(store, &key, seg.data_bytes..seg.size_bytes)
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let index =
+            Arc::new(SegmentIndex::decode(&bytes).map_err(|e| ReadError::Storage(e.to_string()))?);
+        let mut entries = self.entries.lock().expect("index cache lock poisoned");
+        if entries.len() >= self.capacity {
+            // Indexes are small and cheap to refetch: dropping all keeps this bounded simply.
+            entries.clear();
+        }
+        entries.insert(seg.object_key.clone(), index.clone());
+        Ok(index)
+    }
+}
+
+enum Plan {
+    Empty,
+    Local {
+        file: Arc<std::fs::File>,
+        pos: u64,
+        len: u64,
+    },
+    Remote(SegmentRecord),
+}
+
+/// Reads whole batches starting with the one holding `offset`, up to `max_bytes` (the
+/// first batch is returned whole even when larger, as Kafka does).
+pub async fn read(
+    part: &PartitionShared,
+    store: &dyn ObjectStore,
+    indexes: &IndexCache,
+    offset: i64,
+    max_bytes: u64,
+) -> Result<ReadResult, ReadError> {
+    let hw = part.high_watermark();
+    let (log_start, plan) = {
+        let view = part.view.read().expect("partition view lock poisoned");
+        if offset < view.log_start_offset || offset > hw {
+            return Err(ReadError::OffsetOutOfRange);
+        }
+        let plan = if offset == hw {
+            Plan::Empty
+        } else if let Some(seg) = view
+            .local
+            .iter()
+            .find(|s| offset >= s.base_offset && offset < s.end_offset)
+        {
+            match seg.range_for(offset, max_bytes) {
+                Some((pos, len)) => Plan::Local {
+                    file: seg.file.clone(),
+                    pos,
+                    len,
+                },
+                None => Plan::Empty,
+            }
+        } else if let Some(seg) = view
+            .remote
+            .iter()
+            .find(|s| offset >= s.base_offset && offset < s.end_offset)
+        {
+            Plan::Remote(seg.clone())
+        } else {
+            return Err(ReadError::OffsetOutOfRange);
+        };
+        (view.log_start_offset, plan)
+    };
+    let records = match plan {
+        Plan::Empty => Bytes::new(),
+        Plan::Local { file, pos, len } => {
+            tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+                .await
+                .map_err(|e| ReadError::Storage(e.to_string()))?
+                .map_err(|e| ReadError::Storage(e.to_string()))?
+        }
+        Plan::Remote(seg) => read_remote(store, indexes, &seg, offset, max_bytes).await?,
+    };
+    Ok(ReadResult {
+        records,
+        high_watermark: hw,
+        log_start_offset: log_start,
+    })
+}
+
+async fn read_remote(
+    store: &dyn ObjectStore,
+    indexes: &IndexCache,
+    seg: &SegmentRecord,
+    offset: i64,
+    max_bytes: u64,
+) -> Result<Bytes, ReadError> {
+    let index = indexes.get(store, seg).await?;
+    let start = index.position_for_offset(offset);
+    // Read a window past the requested size: batches before `offset` within one index
+    // interval are skipped, and the last batch may need completing.
+    let window = (max_bytes.max(64 * 1024) + 64 * 1024).min(seg.data_bytes - start);
+    let key = object_store::path::Path::from(seg.object_key.as_str());
+    let get = |from: u64, len: u64| {
+        let key = key.clone();
+        async move {
+            tiering::store::get_range(store, &key, from..from + len)
+                .await
+                .map_err(|e| ReadError::Storage(e.to_string()))
+        }
+    };
+    let data = get(start, window).await?;
+    let mut first: Option<usize> = None;
+    let mut end = 0usize;
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let Some(header) = data.get(pos..).and_then(|b| BatchHeader::parse(b).ok()) else {
+            break;
+        };
+        let complete = pos + header.total_len <= data.len();
+        if header.last_offset() < offset {
+            pos += header.total_len;
+            continue;
+        }
+        match first {
+            None if complete => {
+                first = Some(pos);
+                end = pos + header.total_len;
+            }
+            None => {
+                // The first wanted batch is larger than the window: fetch it whole.
+                return get(start + pos as u64, header.total_len as u64).await;
+            }
+            Some(f) if complete && (pos + header.total_len - f) as u64 <= max_bytes => {
+                end = pos + header.total_len
+            }
+            Some(_) => break,
+        }
+        pos += header.total_len;
+    }
+    match first {
+        Some(f) => Ok(data.slice(f..end)),
+        None if pos < data.len()
+            && data.len() - pos < batch::HEADER_LEN
+            && (start + pos as u64) < seg.data_bytes =>
+        {
+            // Only part of the next header fit: read its header, then the batch.
+            let head = get(start + pos as u64, batch::HEADER_LEN as u64).await?;
+            let h = BatchHeader::parse(&head).map_err(|e| ReadError::Storage(e.to_string()))?;
+            get(start + pos as u64, h.total_len as u64).await
+        }
+        None => Ok(Bytes::new()),
+    }
+}
+
+/// The first record at or after `ts`: (offset, timestamp). `None` if there is none.
+pub async fn offset_for_timestamp(
+    part: &PartitionShared,
+    store: &dyn ObjectStore,
+    indexes: &IndexCache,
+    ts: i64,
+) -> Result<Option<(i64, i64)>, ReadError> {
+    let (remote, local_batch) = {
+        let view = part.view.read().expect("partition view lock poisoned");
+        let remote = view
+            .remote
+            .iter()
+            .find(|s| s.end_offset > view.log_start_offset && s.max_timestamp >= ts)
+            .cloned();
+        let local = view.local.iter().find_map(|s| {
+            s.offset_for_timestamp(ts)
+                .filter(|e| e.last_offset >= view.log_start_offset)
+                .map(|e| (s.file.clone(), e.position, e.len as u64))
+        });
+        (remote, local)
+    };
+    let batch_bytes = if let Some(seg) = remote {
+        let index = indexes.get(store, &seg).await?;
+        let Some(pos) = index.position_for_timestamp(ts) else {
+            return Ok(None);
+        };
+        let data = tiering::store::get_range(
+            store,
+            &object_store::path::Path::from(seg.object_key.as_str()),
+            pos..seg.data_bytes.min(pos + 256 * 1024),
+        )
+        .await
+        .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let found = batch::walk(&data)
+            .find(|(_, h)| h.max_timestamp >= ts)
+            .map(|(p, h)| (p, h.total_len));
+        match found {
+            Some((p, len)) => data.slice(p..p + len),
+            None => return Ok(None),
+        }
+    } else if let Some((file, pos, len)) = local_batch {
+        tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+    } else {
+        return Ok(None);
+    };
+    first_record_at_or_after(&batch_bytes, ts)
+}
+
+/// The record with the largest timestamp (the earliest one on ties): (offset, timestamp).
+pub async fn max_timestamp(
+    part: &PartitionShared,
+    store: &dyn ObjectStore,
+    indexes: &IndexCache,
+) -> Result<Option<(i64, i64)>, ReadError> {
+    let max = {
+        let view = part.view.read().expect("partition view lock poisoned");
+        let remote = view
+            .remote
+            .iter()
+            .filter(|s| s.end_offset > view.log_start_offset)
+            .map(|s| s.max_timestamp);
+        let local = view
+            .local
+            .iter()
+            .flat_map(|s| s.entries.iter())
+            .filter(|e| e.last_offset >= view.log_start_offset)
+            .map(|e| e.max_timestamp);
+        remote.chain(local).max()
+    };
+    let Some(max) = max else { return Ok(None) };
+    // The first batch whose max timestamp reaches the maximum holds the record.
+    let found = offset_for_timestamp(part, store, indexes, max).await?;
+    Ok(found.filter(|(_, t)| *t == max))
+}
+
+/// Decodes one batch's records (decompressing if needed) to find the first record with
+/// a timestamp at or after `ts`. Only ListOffsets by timestamp pays this cost.
+fn first_record_at_or_after(batch_bytes: &Bytes, ts: i64) -> Result<Option<(i64, i64)>, ReadError> {
+    let mut buf = BytesMut::from(&batch_bytes[..]);
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf)
+        .map_err(|e| ReadError::Storage(format!("decoding a stored batch: {e}")))?;
+    Ok(set
+        .records
+        .iter()
+        .find(|r| r.timestamp >= ts)
+        .map(|r| (r.offset, r.timestamp)))
+}

@@ -1,0 +1,5 @@
+//! The `strata` command line.
+
+fn main() -> std::process::ExitCode {
+    strata::cli::main()
+}

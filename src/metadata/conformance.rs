@@ -1,0 +1,844 @@
+//! The conformance suite every [`MetadataStore`] backend must pass.
+//!
+//! Kafka semantics are written once above the trait, so every backend has to behave
+//! identically: this module owns the executable statement of that behaviour. Each
+//! `check_*` function exercises one area against any store and panics with a message on
+//! the first difference. The checks create their own uniquely named topics and objects
+//! and only assert about those, so they can run one store each (as separate tests, via
+//! [`metadata_store_conformance!`]) or all against one shared store ([`run_all`]).
+//!
+//! Behaviour pinned here that the trait docs leave implicit:
+//! - a `commit_wal` naming a partition that does not exist (its topic was deleted)
+//!   reports it as `Fenced`, like a stale epoch, so the rest can be retried without it;
+//! - `set_partition_count` with a count at or below the current one is an `Ok` no-op;
+//! - a `commit_wal` with no partitions still records its object (as garbage).
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::{
+    MetaError, MetadataStore, PartitionCommit, PartitionKey, PartitionState, ProducerBatch,
+    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+};
+
+/// Generates one `#[tokio::test]` per check, each against a fresh store made by
+/// `$make_store` (an expression evaluated inside the async test, so it may `.await`).
+macro_rules! metadata_store_conformance {
+    ($make_store:expr) => {
+        $crate::metadata::conformance::metadata_store_conformance!(
+            @tests $make_store;
+            check_topic_create_and_list,
+            check_topic_delete,
+            check_topic_configs,
+            check_partition_count_growth,
+            check_claim_bumps_epoch,
+            check_commit_wal_applies,
+            check_stale_commit_is_fenced,
+            check_commit_segment_drops_covered_ranges,
+            check_trim_log,
+            check_wal_object_gc,
+            check_producer_ids,
+            check_broker_sessions,
+            check_large_commit
+        );
+    };
+    (@tests $make_store:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $check() {
+                let store = $make_store;
+                $crate::metadata::conformance::$check(&store).await;
+            }
+        )+
+    };
+}
+pub(crate) use metadata_store_conformance;
+
+/// Runs every check, one after the other, against the same store.
+pub(crate) async fn run_all(store: &dyn MetadataStore) {
+    check_topic_create_and_list(store).await;
+    check_topic_delete(store).await;
+    check_topic_configs(store).await;
+    check_partition_count_growth(store).await;
+    check_claim_bumps_epoch(store).await;
+    check_commit_wal_applies(store).await;
+    check_stale_commit_is_fenced(store).await;
+    check_commit_segment_drops_covered_ranges(store).await;
+    check_trim_log(store).await;
+    check_wal_object_gc(store).await;
+    check_producer_ids(store).await;
+    check_broker_sessions(store).await;
+    check_large_commit(store).await;
+}
+
+// ---------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------
+
+/// A name no other check (or earlier run against a shared store) uses.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", Uuid::new_v4().simple())
+}
+
+fn topic_record(name: &str, partitions: i32) -> TopicRecord {
+    TopicRecord {
+        name: name.to_owned(),
+        id: Uuid::new_v4(),
+        partitions,
+        configs: BTreeMap::from([("retention.ms".to_owned(), "86400000".to_owned())]),
+        created_ms: 1_700_000_000_000,
+    }
+}
+
+async fn new_topic(store: &dyn MetadataStore, partitions: i32) -> TopicRecord {
+    let topic = topic_record(&unique("topic"), partitions);
+    store
+        .create_topic(&topic)
+        .await
+        .expect("create a fresh topic");
+    topic
+}
+
+fn key(topic: &TopicRecord, partition: i32) -> PartitionKey {
+    PartitionKey {
+        topic_id: topic.id,
+        partition,
+    }
+}
+
+fn range(base_offset: i64, end_offset: i64, object_key: &str) -> WalRangeRecord {
+    WalRangeRecord {
+        base_offset,
+        end_offset,
+        object_key: object_key.to_owned(),
+        position: u64::try_from(base_offset).expect("test offsets are non-negative") * 100,
+        len: u64::try_from(end_offset - base_offset).expect("test ranges are non-empty") * 100,
+        max_timestamp: 1_700_000_000_000 + end_offset,
+    }
+}
+
+fn segment(base_offset: i64, end_offset: i64) -> SegmentRecord {
+    SegmentRecord {
+        base_offset,
+        end_offset,
+        object_key: unique("segment"),
+        size_bytes: 4096,
+        data_bytes: 4000,
+        max_timestamp: 1_700_000_000_000 + end_offset,
+        created_ms: 1_700_000_000_500,
+    }
+}
+
+fn producer(producer_id: i64, last_seq: i32, last_offset: i64) -> ProducerStateRecord {
+    ProducerStateRecord {
+        producer_id,
+        epoch: 3,
+        batches: vec![ProducerBatch {
+            first_seq: 0,
+            last_seq,
+            base_offset: last_offset - i64::from(last_seq),
+            last_offset,
+            timestamp: 1_700_000_000_000,
+        }],
+        last_update_ms: 1_700_000_000_100,
+    }
+}
+
+fn part_commit(
+    key: PartitionKey,
+    leader_epoch: i32,
+    range: WalRangeRecord,
+    producers: Vec<ProducerStateRecord>,
+) -> PartitionCommit {
+    PartitionCommit {
+        key,
+        leader_epoch,
+        range,
+        producers,
+    }
+}
+
+fn wal_commit(object_key: &str, partitions: Vec<PartitionCommit>) -> WalCommit {
+    WalCommit {
+        object_key: object_key.to_owned(),
+        created_ms: 1_700_000_000_200,
+        partitions,
+    }
+}
+
+/// Commits one range of one partition in its own write-ahead object; returns the key.
+async fn commit_one(
+    store: &dyn MetadataStore,
+    key: PartitionKey,
+    leader_epoch: i32,
+    base_offset: i64,
+    end_offset: i64,
+) -> String {
+    let object_key = unique("wal");
+    let commit = wal_commit(
+        &object_key,
+        vec![part_commit(
+            key,
+            leader_epoch,
+            range(base_offset, end_offset, &object_key),
+            vec![],
+        )],
+    );
+    store.commit_wal(&commit).await.expect("commit one range");
+    object_key
+}
+
+async fn claim(store: &dyn MetadataStore, key: PartitionKey) -> PartitionState {
+    store
+        .claim_partition(key, 1)
+        .await
+        .expect("claim an existing partition")
+}
+
+async fn find_topic(store: &dyn MetadataStore, name: &str) -> Option<TopicRecord> {
+    store
+        .list_topics()
+        .await
+        .expect("list topics")
+        .into_iter()
+        .find(|t| t.name == name)
+}
+
+async fn unreferenced(store: &dyn MetadataStore) -> Vec<String> {
+    store
+        .unreferenced_wal_objects()
+        .await
+        .expect("list unreferenced wal objects")
+}
+
+fn assert_fenced(result: Result<(), MetaError>, expected: &[PartitionKey], what: &str) {
+    match result {
+        Err(MetaError::Fenced(mut keys)) => {
+            keys.sort();
+            let mut expected = expected.to_vec();
+            expected.sort();
+            assert_eq!(keys, expected, "{what}: wrong partitions named as fenced");
+        }
+        other => panic!("{what}: expected Fenced({expected:?}), got {other:?}"),
+    }
+}
+
+fn assert_partition_not_found<T: std::fmt::Debug>(result: Result<T, MetaError>, what: &str) {
+    assert!(
+        matches!(result, Err(MetaError::PartitionNotFound)),
+        "{what}: expected PartitionNotFound, got {result:?}"
+    );
+}
+
+fn assert_topic_not_found<T: std::fmt::Debug>(result: Result<T, MetaError>, what: &str) {
+    assert!(
+        matches!(result, Err(MetaError::TopicNotFound)),
+        "{what}: expected TopicNotFound, got {result:?}"
+    );
+}
+
+fn sorted_producers(mut producers: Vec<ProducerStateRecord>) -> Vec<ProducerStateRecord> {
+    producers.sort_by_key(|p| p.producer_id);
+    producers
+}
+
+// ---------------------------------------------------------------------------------
+// Topics
+// ---------------------------------------------------------------------------------
+
+/// Create, read back, refuse a duplicate name, and create the partitions.
+pub(crate) async fn check_topic_create_and_list(store: &dyn MetadataStore) {
+    let topic = topic_record(&unique("topic"), 3);
+    store.create_topic(&topic).await.expect("create topic");
+    assert_eq!(find_topic(store, &topic.name).await, Some(topic.clone()));
+
+    let duplicate = TopicRecord {
+        id: Uuid::new_v4(),
+        partitions: 7,
+        ..topic.clone()
+    };
+    let result = store.create_topic(&duplicate).await;
+    assert!(
+        matches!(result, Err(MetaError::TopicExists)),
+        "duplicate name: expected TopicExists, got {result:?}"
+    );
+    assert_eq!(
+        find_topic(store, &topic.name).await,
+        Some(topic.clone()),
+        "a refused duplicate must not change the topic"
+    );
+
+    let second = new_topic(store, 1).await;
+    let listed = store.list_topics().await.expect("list topics");
+    for expected in [&topic, &second] {
+        assert_eq!(
+            listed.iter().filter(|t| t.name == expected.name).count(),
+            1,
+            "each topic listed exactly once"
+        );
+    }
+
+    for partition in 0..3 {
+        let state = claim(store, key(&topic, partition)).await;
+        assert_eq!(state.leader_epoch, 1, "new partitions start at epoch 0");
+        assert_eq!((state.log_start_offset, state.high_watermark), (0, 0));
+    }
+    assert_partition_not_found(
+        store.claim_partition(key(&topic, 3), 1).await,
+        "claim past the partition count",
+    );
+    assert_partition_not_found(
+        store.claim_partition(key(&duplicate, 0), 1).await,
+        "claim a partition of the refused duplicate's id",
+    );
+}
+
+/// Delete removes the topic and all its partition data; the name can be reused
+/// without seeing old data; the old objects become garbage.
+pub(crate) async fn check_topic_delete(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 2).await;
+    let old = key(&topic, 0);
+    let state = claim(store, old).await;
+    let object_key = commit_one(store, old, state.leader_epoch, 0, 5).await;
+    store
+        .commit_segment(old, state.leader_epoch, &segment(0, 3))
+        .await
+        .expect("commit segment");
+    assert!(!unreferenced(store).await.contains(&object_key));
+
+    let removed = store.delete_topic(&topic.name).await.expect("delete topic");
+    assert_eq!(removed, topic, "delete returns what was removed");
+    assert_eq!(find_topic(store, &topic.name).await, None);
+    assert_topic_not_found(store.delete_topic(&topic.name).await, "delete twice");
+    assert!(
+        unreferenced(store).await.contains(&object_key),
+        "ranges of a deleted topic no longer reference their object"
+    );
+
+    assert_partition_not_found(store.claim_partition(old, 1).await, "claim deleted");
+    assert_partition_not_found(
+        store
+            .commit_segment(old, state.leader_epoch, &segment(5, 6))
+            .await,
+        "commit segment to deleted",
+    );
+    assert_partition_not_found(
+        store.trim_log(old, state.leader_epoch, 5, &[0]).await,
+        "trim deleted",
+    );
+    let stale_object = unique("wal");
+    let result = store
+        .commit_wal(&wal_commit(
+            &stale_object,
+            vec![part_commit(
+                old,
+                state.leader_epoch,
+                range(5, 6, &stale_object),
+                vec![],
+            )],
+        ))
+        .await;
+    assert_fenced(result, &[old], "commit to a deleted topic's partition");
+
+    let recreated = TopicRecord {
+        id: Uuid::new_v4(),
+        ..topic.clone()
+    };
+    store.create_topic(&recreated).await.expect("re-create");
+    let fresh = claim(store, key(&recreated, 0)).await;
+    assert_eq!(
+        fresh,
+        PartitionState {
+            leader_epoch: 1,
+            log_start_offset: 0,
+            high_watermark: 0,
+            segments: vec![],
+            wal_ranges: vec![],
+            producers: vec![],
+            epoch_history: vec![(1, 0)],
+        },
+        "a re-created topic starts empty"
+    );
+}
+
+/// Configs are replaced as a whole.
+pub(crate) async fn check_topic_configs(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let configs = BTreeMap::from([
+        ("cleanup.policy".to_owned(), "delete".to_owned()),
+        ("retention.bytes".to_owned(), "1073741824".to_owned()),
+    ]);
+    store
+        .set_topic_configs(&topic.name, &configs)
+        .await
+        .expect("set configs");
+    let stored = find_topic(store, &topic.name).await.expect("topic listed");
+    assert_eq!(stored.configs, configs, "configs replaced, old keys gone");
+    assert_eq!(
+        (stored.id, stored.partitions, stored.created_ms),
+        (topic.id, topic.partitions, topic.created_ms),
+        "only configs change"
+    );
+
+    store
+        .set_topic_configs(&topic.name, &BTreeMap::new())
+        .await
+        .expect("clear configs");
+    let stored = find_topic(store, &topic.name).await.expect("topic listed");
+    assert!(stored.configs.is_empty());
+
+    assert_topic_not_found(
+        store.set_topic_configs(&unique("missing"), &configs).await,
+        "configs of a missing topic",
+    );
+}
+
+/// The partition count only grows; new partitions start empty, old ones keep their data.
+pub(crate) async fn check_partition_count_growth(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 2).await;
+    let first = claim(store, key(&topic, 0)).await;
+    commit_one(store, key(&topic, 0), first.leader_epoch, 0, 4).await;
+
+    store
+        .set_partition_count(&topic.name, 5)
+        .await
+        .expect("grow");
+    let stored = find_topic(store, &topic.name).await.expect("topic listed");
+    assert_eq!(stored.partitions, 5);
+    let new = claim(store, key(&topic, 4)).await;
+    assert_eq!(
+        (new.leader_epoch, new.high_watermark, new.wal_ranges.len()),
+        (1, 0, 0)
+    );
+    let old = claim(store, key(&topic, 0)).await;
+    assert_eq!(
+        (old.leader_epoch, old.high_watermark),
+        (2, 4),
+        "growing leaves existing partitions alone"
+    );
+    assert_partition_not_found(
+        store.claim_partition(key(&topic, 5), 1).await,
+        "claim past the new count",
+    );
+
+    for count in [3, 5] {
+        store
+            .set_partition_count(&topic.name, count)
+            .await
+            .expect("a count at or below the current one is a no-op");
+    }
+    let stored = find_topic(store, &topic.name).await.expect("topic listed");
+    assert_eq!(stored.partitions, 5, "the count never shrinks");
+    let still = claim(store, key(&topic, 4)).await;
+    assert_eq!(
+        still.leader_epoch, 2,
+        "a no-op does not recreate partitions"
+    );
+
+    assert_topic_not_found(
+        store.set_partition_count(&unique("missing"), 3).await,
+        "grow a missing topic",
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Ownership and the write path
+// ---------------------------------------------------------------------------------
+
+/// Every claim bumps the epoch and records (epoch, high watermark) in the history.
+pub(crate) async fn check_claim_bumps_epoch(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+
+    let first = store.claim_partition(p, 1).await.expect("first claim");
+    assert_eq!(
+        first,
+        PartitionState {
+            leader_epoch: 1,
+            log_start_offset: 0,
+            high_watermark: 0,
+            segments: vec![],
+            wal_ranges: vec![],
+            producers: vec![],
+            epoch_history: vec![(1, 0)],
+        }
+    );
+
+    let object_key = commit_one(store, p, 1, 0, 10).await;
+    let second = store.claim_partition(p, 2).await.expect("second claim");
+    assert_eq!(second.leader_epoch, 2);
+    assert_eq!(second.high_watermark, 10);
+    assert_eq!(second.epoch_history, vec![(1, 0), (2, 10)]);
+    assert_eq!(second.wal_ranges, vec![range(0, 10, &object_key)]);
+
+    let stale_object = unique("wal");
+    let result = store
+        .commit_wal(&wal_commit(
+            &stale_object,
+            vec![part_commit(p, 1, range(10, 12, &stale_object), vec![])],
+        ))
+        .await;
+    assert_fenced(result, &[p], "the former owner commits after a new claim");
+    commit_one(store, p, 2, 10, 12).await;
+
+    // The same broker re-claiming still gets a new epoch.
+    let third = store.claim_partition(p, 2).await.expect("third claim");
+    assert_eq!(third.leader_epoch, 3);
+    assert_eq!(third.epoch_history, vec![(1, 0), (2, 10), (3, 12)]);
+
+    let missing = PartitionKey {
+        topic_id: Uuid::new_v4(),
+        partition: 0,
+    };
+    assert_partition_not_found(store.claim_partition(missing, 1).await, "claim unknown");
+}
+
+/// A write-ahead commit appends ranges, raises high watermarks and replaces the
+/// given producer states, across partitions, in one step.
+pub(crate) async fn check_commit_wal_applies(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 2).await;
+    let (p0, p1) = (key(&topic, 0), key(&topic, 1));
+    let e0 = claim(store, p0).await.leader_epoch;
+    let e1 = claim(store, p1).await.leader_epoch;
+
+    let first = unique("wal");
+    store
+        .commit_wal(&wal_commit(
+            &first,
+            vec![
+                part_commit(p0, e0, range(0, 3, &first), vec![producer(7, 2, 2)]),
+                part_commit(p1, e1, range(0, 2, &first), vec![producer(8, 1, 1)]),
+            ],
+        ))
+        .await
+        .expect("first commit");
+    let second = unique("wal");
+    store
+        .commit_wal(&wal_commit(
+            &second,
+            vec![part_commit(
+                p0,
+                e0,
+                range(3, 5, &second),
+                vec![producer(7, 4, 4), producer(9, 0, 3)],
+            )],
+        ))
+        .await
+        .expect("second commit");
+
+    let s0 = claim(store, p0).await;
+    assert_eq!(s0.high_watermark, 5);
+    assert_eq!(
+        s0.wal_ranges,
+        vec![range(0, 3, &first), range(3, 5, &second)],
+        "ranges kept in base offset order"
+    );
+    assert_eq!(
+        sorted_producers(s0.producers),
+        vec![producer(7, 4, 4), producer(9, 0, 3)],
+        "producer 7 replaced, producer 9 added"
+    );
+    assert_eq!(s0.epoch_history, vec![(e0, 0), (e0 + 1, 5)]);
+
+    let s1 = claim(store, p1).await;
+    assert_eq!(s1.high_watermark, 2);
+    assert_eq!(s1.wal_ranges, vec![range(0, 2, &first)]);
+    assert_eq!(s1.producers, vec![producer(8, 1, 1)]);
+
+    let garbage = unreferenced(store).await;
+    assert!(!garbage.contains(&first) && !garbage.contains(&second));
+}
+
+/// One stale epoch fails the whole commit: nothing of any partition is applied.
+pub(crate) async fn check_stale_commit_is_fenced(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 2).await;
+    let (p0, p1) = (key(&topic, 0), key(&topic, 1));
+    let old0 = claim(store, p0).await.leader_epoch;
+    let e1 = claim(store, p1).await.leader_epoch;
+    let new0 = claim(store, p0).await.leader_epoch;
+    assert!(new0 > old0);
+
+    let attempts = [
+        ("one stale partition", vec![(p0, old0), (p1, e1)], vec![p0]),
+        ("an epoch from the future", vec![(p1, e1 + 5)], vec![p1]),
+        ("both stale", vec![(p0, old0), (p1, e1 - 1)], vec![p0, p1]),
+    ];
+    for (what, partitions, expected) in attempts {
+        let object_key = unique("wal");
+        let commit = wal_commit(
+            &object_key,
+            partitions
+                .into_iter()
+                .map(|(k, epoch)| {
+                    part_commit(k, epoch, range(0, 4, &object_key), vec![producer(11, 3, 3)])
+                })
+                .collect(),
+        );
+        assert_fenced(store.commit_wal(&commit).await, &expected, what);
+        assert!(
+            !unreferenced(store).await.contains(&object_key),
+            "{what}: a fenced commit must not remember its object"
+        );
+    }
+
+    // The current epochs still work after the failed attempts, from offset 0.
+    let object_key = unique("wal");
+    store
+        .commit_wal(&wal_commit(
+            &object_key,
+            vec![part_commit(p1, e1, range(0, 1, &object_key), vec![])],
+        ))
+        .await
+        .expect("commit with the current epoch");
+
+    let s0 = claim(store, p0).await;
+    assert_eq!(
+        (s0.high_watermark, s0.wal_ranges.len(), s0.producers.len()),
+        (0, 0, 0),
+        "nothing of the fenced commits reached partition 0"
+    );
+    let s1 = claim(store, p1).await;
+    assert_eq!(s1.high_watermark, 1);
+    assert_eq!(s1.wal_ranges, vec![range(0, 1, &object_key)]);
+    assert!(
+        s1.producers.is_empty(),
+        "no producer state from the fenced commits"
+    );
+}
+
+/// A sealed segment replaces the write-ahead ranges it covers.
+pub(crate) async fn check_commit_segment_drops_covered_ranges(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+    let epoch = claim(store, p).await.leader_epoch;
+    let o1 = commit_one(store, p, epoch, 0, 10).await;
+    let o2 = commit_one(store, p, epoch, 10, 20).await;
+    let o3 = commit_one(store, p, epoch, 20, 30).await;
+
+    let first = segment(0, 20);
+    store
+        .commit_segment(p, epoch, &first)
+        .await
+        .expect("commit segment");
+    let garbage = unreferenced(store).await;
+    assert!(garbage.contains(&o1) && garbage.contains(&o2));
+    assert!(!garbage.contains(&o3));
+
+    // A range reaching past the segment's end is kept.
+    let second = segment(20, 25);
+    store
+        .commit_segment(p, epoch, &second)
+        .await
+        .expect("commit segment");
+
+    let stale = store.commit_segment(p, epoch - 1, &segment(30, 40)).await;
+    assert_fenced(stale, &[p], "segment from a stale epoch");
+    let missing = PartitionKey {
+        topic_id: Uuid::new_v4(),
+        partition: 0,
+    };
+    assert_partition_not_found(
+        store.commit_segment(missing, 1, &segment(0, 1)).await,
+        "segment of an unknown partition",
+    );
+
+    let state = claim(store, p).await;
+    assert_eq!(state.segments, vec![first, second]);
+    assert_eq!(state.wal_ranges, vec![range(20, 30, &o3)]);
+    assert_eq!(
+        state.high_watermark, 30,
+        "segments do not move the watermark"
+    );
+}
+
+/// Trimming raises the log start offset (never lowers it) and forgets segments.
+pub(crate) async fn check_trim_log(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+    let epoch = claim(store, p).await.leader_epoch;
+    let (s1, s2, s3) = (segment(0, 10), segment(10, 20), segment(20, 30));
+    for s in [&s1, &s2, &s3] {
+        store.commit_segment(p, epoch, s).await.expect("segment");
+    }
+
+    store
+        .trim_log(p, epoch, 10, &[0])
+        .await
+        .expect("trim to 10");
+    store
+        .trim_log(p, epoch, 5, &[])
+        .await
+        .expect("a lower start is a no-op");
+    store
+        .trim_log(p, epoch, 0, &[999])
+        .await
+        .expect("dropping an unknown segment is harmless");
+    assert_fenced(
+        store.trim_log(p, epoch + 1, 30, &[10, 20]).await,
+        &[p],
+        "trim with a wrong epoch",
+    );
+    assert_partition_not_found(
+        store
+            .trim_log(
+                PartitionKey {
+                    topic_id: Uuid::new_v4(),
+                    partition: 0,
+                },
+                1,
+                1,
+                &[],
+            )
+            .await,
+        "trim an unknown partition",
+    );
+
+    let state = claim(store, p).await;
+    assert_eq!(state.log_start_offset, 10);
+    assert_eq!(state.segments, vec![s2, s3.clone()]);
+
+    store
+        .trim_log(p, state.leader_epoch, 20, &[10])
+        .await
+        .expect("trim by the new owner");
+    let state = claim(store, p).await;
+    assert_eq!(state.log_start_offset, 20);
+    assert_eq!(state.segments, vec![s3]);
+}
+
+/// Objects become garbage when no range references them, and are forgotten on request.
+pub(crate) async fn check_wal_object_gc(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+    let epoch = claim(store, p).await.leader_epoch;
+
+    let referenced = commit_one(store, p, epoch, 0, 10).await;
+    // Written, then every partition in it was fenced and dropped from the retry.
+    let empty = unique("wal");
+    store
+        .commit_wal(&wal_commit(&empty, vec![]))
+        .await
+        .expect("commit without partitions");
+
+    let garbage = unreferenced(store).await;
+    assert!(
+        garbage.contains(&empty),
+        "an object with no ranges is garbage"
+    );
+    assert!(!garbage.contains(&referenced));
+
+    store
+        .commit_segment(p, epoch, &segment(0, 10))
+        .await
+        .expect("segment covering the object");
+    assert!(unreferenced(store).await.contains(&referenced));
+
+    store
+        .forget_wal_objects(&[referenced.clone(), empty.clone(), unique("never-written")])
+        .await
+        .expect("forget objects");
+    let garbage = unreferenced(store).await;
+    assert!(!garbage.contains(&referenced) && !garbage.contains(&empty));
+    store.forget_wal_objects(&[]).await.expect("forget nothing");
+}
+
+// ---------------------------------------------------------------------------------
+// Allocation
+// ---------------------------------------------------------------------------------
+
+/// Producer ids are positive, strictly increasing and unique, also when allocated
+/// concurrently.
+pub(crate) async fn check_producer_ids(store: &dyn MetadataStore) {
+    let mut previous = 0;
+    for _ in 0..20 {
+        let id = store.next_producer_id().await.expect("producer id");
+        assert!(id > previous, "producer id {id} after {previous}");
+        previous = id;
+    }
+
+    let allocate = |n: usize| async move {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(store.next_producer_id().await.expect("producer id"));
+        }
+        ids
+    };
+    let (a, b, c, d) = tokio::join!(allocate(25), allocate(25), allocate(25), allocate(25));
+    let mut all: Vec<i64> = [a, b, c, d].concat();
+    assert!(all.iter().all(|&id| id > previous), "ids never go back");
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 100, "concurrent allocations never share an id");
+}
+
+/// Broker sessions increase per broker, independently of other brokers.
+pub(crate) async fn check_broker_sessions(store: &dyn MetadataStore) {
+    // Broker ids unlikely to be used by another check on a shared store.
+    let seed = Uuid::new_v4().as_u128();
+    let broker = i32::try_from(seed % 1_000_000).expect("fits") + 1_000;
+    let other = broker + 1_000_000;
+
+    let mut previous = 0;
+    for _ in 0..5 {
+        let session = store
+            .start_broker_session(broker)
+            .await
+            .expect("start session");
+        assert!(session > previous, "session {session} after {previous}");
+        previous = session;
+    }
+    let first_other = store
+        .start_broker_session(other)
+        .await
+        .expect("start session of another broker");
+    assert!(first_other >= 1);
+    let next = store
+        .start_broker_session(broker)
+        .await
+        .expect("start session");
+    assert!(next > previous, "other brokers do not reset the counter");
+}
+
+/// Hundreds of partitions in one write-ahead commit apply together.
+pub(crate) async fn check_large_commit(store: &dyn MetadataStore) {
+    const PARTITIONS: i32 = 500;
+    let topic = new_topic(store, PARTITIONS).await;
+    let mut epochs = Vec::with_capacity(PARTITIONS as usize);
+    for partition in 0..PARTITIONS {
+        epochs.push(claim(store, key(&topic, partition)).await.leader_epoch);
+    }
+
+    for (round, base) in [(0_i64, 0_i64), (1, 10)] {
+        let object_key = unique("wal");
+        let partitions = (0..PARTITIONS)
+            .zip(&epochs)
+            .map(|(partition, &epoch)| {
+                part_commit(
+                    key(&topic, partition),
+                    epoch,
+                    range(base, base + 10, &object_key),
+                    vec![producer(
+                        100 + i64::from(partition),
+                        i32::try_from(round).expect("small"),
+                        base + 9,
+                    )],
+                )
+            })
+            .collect();
+        store
+            .commit_wal(&wal_commit(&object_key, partitions))
+            .await
+            .expect("large commit");
+    }
+
+    for partition in [0, PARTITIONS / 2, PARTITIONS - 1] {
+        let state = claim(store, key(&topic, partition)).await;
+        assert_eq!(state.high_watermark, 20);
+        assert_eq!(state.wal_ranges.len(), 2);
+        assert_eq!(
+            state.producers,
+            vec![producer(100 + i64::from(partition), 1, 19)]
+        );
+    }
+}

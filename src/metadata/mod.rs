@@ -1,0 +1,202 @@
+//! The metadata store: the small, transactional source of truth beside the object store.
+//!
+//! It owns topics, per-partition leadership epochs, the partition manifests (sealed
+//! segments and the write-ahead ranges after them), the high watermark, idempotent
+//! producer state and producer-id allocation. The log bytes themselves never pass
+//! through it. Kafka semantics are written once above this trait; backends only store.
+//!
+//! Every write that belongs to a partition is conditional on the caller's leader epoch,
+//! so a former owner can never commit after its successor claimed the partition.
+
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// Errors a caller branches on. Backend failures are `Unavailable` (retriable).
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("topic already exists")]
+    TopicExists,
+    #[error("topic not found")]
+    TopicNotFound,
+    #[error("partition {0:?} is owned by a newer leader epoch")]
+    Fenced(Vec<PartitionKey>),
+    #[error("partition not found")]
+    PartitionNotFound,
+    #[error("metadata store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored metadata is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type MetaResult<T> = Result<T, MetaError>;
+
+/// A topic as the metadata store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRecord {
+    pub name: String,
+    pub id: Uuid,
+    pub partitions: i32,
+    /// Topic-level overrides, Kafka names (`retention.ms`, ...). Absent keys use broker defaults.
+    pub configs: BTreeMap<String, String>,
+    pub created_ms: i64,
+}
+
+/// Identifies one partition. Topic ids (not names) so a re-created topic never sees old data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionKey {
+    pub topic_id: Uuid,
+    pub partition: i32,
+}
+
+/// A sealed, uploaded segment object of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentRecord {
+    pub base_offset: i64,
+    /// Exclusive: the offset after the last record in the segment.
+    pub end_offset: i64,
+    pub object_key: String,
+    /// Whole object size in bytes.
+    pub size_bytes: u64,
+    /// Bytes of record batches at the start of the object (the index follows them).
+    pub data_bytes: u64,
+    pub max_timestamp: i64,
+    pub created_ms: i64,
+}
+
+/// A contiguous run of one partition's batches inside a write-ahead object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRangeRecord {
+    pub base_offset: i64,
+    /// Exclusive.
+    pub end_offset: i64,
+    pub object_key: String,
+    pub position: u64,
+    pub len: u64,
+    pub max_timestamp: i64,
+}
+
+/// One batch remembered for idempotent-producer duplicate detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProducerBatch {
+    pub first_seq: i32,
+    pub last_seq: i32,
+    pub base_offset: i64,
+    pub last_offset: i64,
+    pub timestamp: i64,
+}
+
+/// Idempotent producer state of one producer id on one partition (at most 5 batches kept).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProducerStateRecord {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub batches: Vec<ProducerBatch>,
+    pub last_update_ms: i64,
+}
+
+/// Everything a new owner needs to carry a partition on from where it was left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    /// The epoch just claimed; every later commit must carry it.
+    pub leader_epoch: i32,
+    pub log_start_offset: i64,
+    /// Exclusive end of the durable log (next offset to assign).
+    pub high_watermark: i64,
+    /// Sorted by base offset.
+    pub segments: Vec<SegmentRecord>,
+    /// Sorted by base offset; all at or after the last segment's end.
+    pub wal_ranges: Vec<WalRangeRecord>,
+    pub producers: Vec<ProducerStateRecord>,
+    /// (leader epoch, first offset written in it), ascending; includes the epoch just claimed.
+    pub epoch_history: Vec<(i32, i64)>,
+}
+
+/// One partition's part of a write-ahead commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionCommit {
+    pub key: PartitionKey,
+    pub leader_epoch: i32,
+    pub range: WalRangeRecord,
+    /// Producer states touched by this flush, replacing the stored ones.
+    pub producers: Vec<ProducerStateRecord>,
+}
+
+/// All partitions' new ranges from one write-ahead object, committed atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalCommit {
+    pub object_key: String,
+    pub created_ms: i64,
+    pub partitions: Vec<PartitionCommit>,
+}
+
+#[async_trait]
+pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
+    /// `TopicExists` if the name is taken. Creates its partitions (epoch 0, empty logs).
+    async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()>;
+    /// Removes the topic and all its partition rows; returns what was removed.
+    async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord>;
+    async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>>;
+    /// Replaces the topic's config overrides.
+    async fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> MetaResult<()>;
+    /// Grows the partition count (never shrinks); creates the new partition rows.
+    async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()>;
+
+    /// Takes ownership: bumps the leader epoch, records it in the epoch history with the
+    /// current high watermark as start offset, and returns the state to recover from.
+    async fn claim_partition(
+        &self,
+        key: PartitionKey,
+        broker_id: i32,
+    ) -> MetaResult<PartitionState>;
+    /// One transaction: for every partition, check its leader epoch, append the range,
+    /// set the high watermark to the range end, replace the given producer states; and
+    /// remember the object. If any epoch is stale nothing is applied and `Fenced` names
+    /// the stale partitions.
+    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()>;
+    /// Records a sealed segment and drops the write-ahead ranges it covers
+    /// (`end_offset <= segment.end_offset`). Epoch-checked.
+    async fn commit_segment(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        segment: &SegmentRecord,
+    ) -> MetaResult<()>;
+    /// Retention and DeleteRecords: raises the log start offset (never lowers it) and
+    /// forgets the listed segments. Epoch-checked.
+    async fn trim_log(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        log_start_offset: i64,
+        drop_segment_base_offsets: &[i64],
+    ) -> MetaResult<()>;
+    /// Write-ahead objects no partition range references any more (garbage).
+    async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>>;
+    /// Forgets write-ahead objects after they were deleted from the object store.
+    async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()>;
+    /// Allocates a new, never reused producer id.
+    async fn next_producer_id(&self) -> MetaResult<i64>;
+    /// Starts a broker session: returns a number higher than any before for this broker,
+    /// used in object names so objects are never overwritten.
+    async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;
+}
+
+/// Opens the metadata store named by a URL (`sqlite://PATH`).
+pub async fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = std::path::PathBuf::from(path);
+        let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??;
+        return Ok(std::sync::Arc::new(store));
+    }
+    anyhow::bail!("unsupported metadata URL {url:?}: expected sqlite://PATH")
+}

@@ -1,0 +1,1223 @@
+//! The SQLite backend of [`MetadataStore`]: the zero-config, embedded metadata store.
+//!
+//! It owns one SQLite database file and the schema inside it. The file runs in WAL
+//! journal mode with `synchronous=FULL`, so a call that returned `Ok` has been fsynced
+//! and survives `kill -9` or a power cut. Every trait method is exactly one SQLite
+//! transaction, which is what makes the epoch checks and the multi-partition
+//! write-ahead commit atomic.
+//!
+//! rusqlite is blocking, so the one connection lives behind a mutex and every operation
+//! runs on tokio's blocking pool (never on a runtime worker). A single connection also
+//! serialises all writers inside the process, which is what an embedded, single-broker
+//! store needs; `BEGIN IMMEDIATE` and a busy timeout cover other processes opening the
+//! same file (backup or inspection tools).
+//!
+//! Persisted format: the table names, column names and their meaning, the JSON of topic
+//! configs (a string-to-string object) and of producer states (the serde form of
+//! [`ProducerStateRecord`]), and the counter names are all stored on disk and **must be
+//! kept stable**. Any change needs a new schema version and a migration step in
+//! [`migrate`]; the `schema_version` table records what a file holds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use uuid::Uuid;
+
+use super::{
+    MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState, ProducerStateRecord,
+    SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+};
+
+/// How long a statement waits for a lock held by another connection to the same file
+/// before the operation fails as unavailable (and may be retried).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Prepared statements kept per connection: more than the distinct statements we run,
+/// so the hot ones (`commit_wal`'s) are parsed once per connection, not per call.
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+/// The schema version this code reads and writes.
+const SCHEMA_VERSION: i64 = 1;
+/// The first producer id handed out. Persisted in the `counters` row below; stable.
+const FIRST_PRODUCER_ID: i64 = 1000;
+/// Name of the `counters` row that allocates producer ids. Persisted; stable.
+const PRODUCER_ID_COUNTER: &str = "producer_id";
+
+/// Schema version 1. Every name here is persisted: keep them stable, add a new version
+/// with a migration instead of editing this text.
+///
+/// Topic ids are 16-byte big-endian UUID blobs. Offsets, epochs and timestamps are
+/// integers; sizes are non-negative integers. `epoch_history` holds one row per claimed
+/// leader epoch with the high watermark at the time of the claim as its start offset.
+const SCHEMA_V1: &str = "
+CREATE TABLE topics (
+    name        TEXT    NOT NULL PRIMARY KEY,
+    id          BLOB    NOT NULL UNIQUE,
+    partitions  INTEGER NOT NULL,
+    configs     TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL
+);
+CREATE TABLE partitions (
+    topic_id         BLOB    NOT NULL,
+    partition        INTEGER NOT NULL,
+    leader_epoch     INTEGER NOT NULL,
+    log_start_offset INTEGER NOT NULL,
+    high_watermark   INTEGER NOT NULL,
+    owner_broker     INTEGER,
+    PRIMARY KEY (topic_id, partition)
+) WITHOUT ROWID;
+CREATE TABLE epoch_history (
+    topic_id     BLOB    NOT NULL,
+    partition    INTEGER NOT NULL,
+    epoch        INTEGER NOT NULL,
+    start_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic_id, partition, epoch)
+) WITHOUT ROWID;
+CREATE TABLE segments (
+    topic_id      BLOB    NOT NULL,
+    partition     INTEGER NOT NULL,
+    base_offset   INTEGER NOT NULL,
+    end_offset    INTEGER NOT NULL,
+    object_key    TEXT    NOT NULL,
+    size_bytes    INTEGER NOT NULL,
+    data_bytes    INTEGER NOT NULL,
+    max_timestamp INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    PRIMARY KEY (topic_id, partition, base_offset)
+) WITHOUT ROWID;
+CREATE TABLE wal_ranges (
+    topic_id      BLOB    NOT NULL,
+    partition     INTEGER NOT NULL,
+    base_offset   INTEGER NOT NULL,
+    end_offset    INTEGER NOT NULL,
+    object_key    TEXT    NOT NULL,
+    position      INTEGER NOT NULL,
+    len           INTEGER NOT NULL,
+    max_timestamp INTEGER NOT NULL,
+    PRIMARY KEY (topic_id, partition, base_offset)
+) WITHOUT ROWID;
+CREATE INDEX wal_ranges_by_object ON wal_ranges (object_key);
+CREATE TABLE wal_objects (
+    object_key TEXT    NOT NULL PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE producers (
+    topic_id    BLOB    NOT NULL,
+    partition   INTEGER NOT NULL,
+    producer_id INTEGER NOT NULL,
+    state       TEXT    NOT NULL,
+    PRIMARY KEY (topic_id, partition, producer_id)
+) WITHOUT ROWID;
+CREATE TABLE counters (
+    name  TEXT    NOT NULL PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE broker_sessions (
+    broker_id INTEGER NOT NULL PRIMARY KEY,
+    session   INTEGER NOT NULL
+);
+";
+
+/// The embedded metadata store: one SQLite file (or an in-memory database for tests).
+///
+/// Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    /// Where the database lives, for `Debug` and logs; `None` when in memory.
+    path: Option<PathBuf>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its parent directory if needed) the database at `path`,
+    /// switches it to WAL with `synchronous=FULL` and creates or migrates the schema.
+    ///
+    /// Blocking file I/O: call it at startup or from `spawn_blocking`.
+    pub fn open(path: &Path) -> MetaResult<SqliteStore> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                MetaError::Unavailable(format!(
+                    "cannot create metadata directory {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let conn = Connection::open(path).db()?;
+        let journal_mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .db()?;
+        if !journal_mode.eq_ignore_ascii_case("wal") {
+            return Err(MetaError::Unavailable(format!(
+                "sqlite file {} refused wal journal mode (got {journal_mode}); \
+                 put the metadata file on a local file system",
+                path.display()
+            )));
+        }
+        let store = SqliteStore::setup(conn, Some(path.to_path_buf()))?;
+        tracing::info!(path = %path.display(), "opened sqlite metadata store");
+        Ok(store)
+    }
+
+    /// A private in-memory database: nothing survives the store being dropped. For tests.
+    pub fn open_in_memory() -> MetaResult<SqliteStore> {
+        let conn = Connection::open_in_memory().db()?;
+        SqliteStore::setup(conn, None)
+    }
+
+    fn setup(mut conn: Connection, path: Option<PathBuf>) -> MetaResult<SqliteStore> {
+        // FULL: every commit fsyncs the WAL, so an acknowledged commit is durable.
+        conn.pragma_update(None, "synchronous", "FULL").db()?;
+        conn.busy_timeout(BUSY_TIMEOUT).db()?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// Runs `op` with the connection on the blocking pool.
+    async fn run<T, F>(&self, op: F) -> MetaResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> MetaResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        let task = tokio::task::spawn_blocking(move || {
+            // A panic inside an operation dropped its `Transaction`, which rolled back:
+            // the connection is consistent again, so a poisoned lock is safe to reuse.
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            op(&mut conn)
+        });
+        match task.await {
+            Ok(result) => result,
+            // A bug: keep it loud instead of turning it into a retriable error.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(MetaError::Unavailable(format!(
+                "sqlite metadata task did not run: {e}"
+            ))),
+        }
+    }
+}
+
+/// Creates the schema in a new file, or upgrades an older one, in one transaction.
+fn migrate(conn: &mut Connection) -> MetaResult<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY)",
+    )
+    .db()?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |row| row.get(0),
+        )
+        .db()?;
+    if current > SCHEMA_VERSION {
+        return Err(MetaError::Unavailable(format!(
+            "metadata schema version {current} is newer than this broker supports \
+             ({SCHEMA_VERSION}); upgrade the broker"
+        )));
+    }
+    if current < 1 {
+        tx.execute_batch(SCHEMA_V1).db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])
+            .db()?;
+    }
+    // Later versions: `if current < 2 { ... }`, each step in this same transaction.
+    tx.commit().db()
+}
+
+/// `?`-friendly mapping of rusqlite errors to the coarse public kinds.
+trait SqlResultExt<T> {
+    fn db(self) -> MetaResult<T>;
+}
+
+impl<T> SqlResultExt<T> for rusqlite::Result<T> {
+    fn db(self) -> MetaResult<T> {
+        self.map_err(|e| match e {
+            // A stored value that does not decode: retrying will not help.
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..) => {
+                MetaError::Corrupt(format!("sqlite value does not decode: {e}"))
+            }
+            other => MetaError::Unavailable(format!("sqlite: {other}")),
+        })
+    }
+}
+
+/// Sizes and positions are `u64` in the API and SQLite integers (`i64`) on disk.
+fn u64_to_sql(value: u64, what: &str) -> MetaResult<i64> {
+    i64::try_from(value).map_err(|_| {
+        MetaError::Corrupt(format!("{what} {value} does not fit in an sqlite integer"))
+    })
+}
+
+/// Reads a non-negative integer column; a negative value is a decode (corruption) error.
+fn get_u64(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(idx)?;
+    u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, value))
+}
+
+fn decode_uuid(bytes: &[u8]) -> MetaResult<Uuid> {
+    Uuid::from_slice(bytes)
+        .map_err(|e| MetaError::Corrupt(format!("stored topic id is not a 16-byte uuid: {e}")))
+}
+
+fn decode_configs(json: &str) -> MetaResult<BTreeMap<String, String>> {
+    serde_json::from_str(json)
+        .map_err(|e| MetaError::Corrupt(format!("stored topic configs are not valid json: {e}")))
+}
+
+fn encode_json<T: serde::Serialize>(value: &T, what: &str) -> MetaResult<String> {
+    serde_json::to_string(value)
+        .map_err(|e| MetaError::Unavailable(format!("cannot encode {what} as json: {e}")))
+}
+
+/// The raw columns of a `topics` row, decoded outside rusqlite's row callback.
+type TopicRow = (String, Vec<u8>, i32, String, i64);
+
+fn topic_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TopicRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+fn decode_topic((name, id, partitions, configs, created_ms): TopicRow) -> MetaResult<TopicRecord> {
+    Ok(TopicRecord {
+        name,
+        id: decode_uuid(&id)?,
+        partitions,
+        configs: decode_configs(&configs)?,
+        created_ms,
+    })
+}
+
+fn find_topic(tx: &Transaction<'_>, name: &str) -> MetaResult<Option<TopicRecord>> {
+    let row = tx
+        .prepare_cached(
+            "SELECT name, id, partitions, configs, created_ms FROM topics WHERE name = ?1",
+        )
+        .db()?
+        .query_row(params![name], topic_from_row)
+        .optional()
+        .db()?;
+    row.map(decode_topic).transpose()
+}
+
+/// Inserts partition rows `from..to` of a topic: epoch 0, empty log, no owner.
+fn insert_partitions(tx: &Transaction<'_>, topic_id: Uuid, from: i32, to: i32) -> MetaResult<()> {
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO partitions
+                 (topic_id, partition, leader_epoch, log_start_offset, high_watermark, owner_broker)
+             VALUES (?1, ?2, 0, 0, 0, NULL)",
+        )
+        .db()?;
+    for partition in from..to {
+        insert
+            .execute(params![topic_id.as_bytes(), partition])
+            .db()?;
+    }
+    Ok(())
+}
+
+/// The stored leader epoch of a partition, `None` if the partition does not exist.
+fn stored_epoch(tx: &Transaction<'_>, key: PartitionKey) -> MetaResult<Option<i32>> {
+    tx.prepare_cached("SELECT leader_epoch FROM partitions WHERE topic_id = ?1 AND partition = ?2")
+        .db()?
+        .query_row(params![key.topic_id.as_bytes(), key.partition], |row| {
+            row.get(0)
+        })
+        .optional()
+        .db()
+}
+
+/// The epoch check of single-partition writes.
+fn require_epoch(tx: &Transaction<'_>, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
+    match stored_epoch(tx, key)? {
+        None => Err(MetaError::PartitionNotFound),
+        Some(stored) if stored != leader_epoch => {
+            tracing::debug!(?key, stored, leader_epoch, "fenced partition write");
+            Err(MetaError::Fenced(vec![key]))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Reads everything a new owner recovers from; the scalar columns come from the caller.
+fn load_partition_state(
+    tx: &Transaction<'_>,
+    key: PartitionKey,
+    leader_epoch: i32,
+    log_start_offset: i64,
+    high_watermark: i64,
+) -> MetaResult<PartitionState> {
+    let id = key.topic_id.as_bytes();
+
+    let segments = tx
+        .prepare_cached(
+            "SELECT base_offset, end_offset, object_key, size_bytes, data_bytes,
+                    max_timestamp, created_ms
+             FROM segments WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset",
+        )
+        .db()?
+        .query_map(params![id, key.partition], |row| {
+            Ok(SegmentRecord {
+                base_offset: row.get(0)?,
+                end_offset: row.get(1)?,
+                object_key: row.get(2)?,
+                size_bytes: get_u64(row, 3)?,
+                data_bytes: get_u64(row, 4)?,
+                max_timestamp: row.get(5)?,
+                created_ms: row.get(6)?,
+            })
+        })
+        .db()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .db()?;
+
+    let wal_ranges = tx
+        .prepare_cached(
+            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp
+             FROM wal_ranges WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset",
+        )
+        .db()?
+        .query_map(params![id, key.partition], |row| {
+            Ok(WalRangeRecord {
+                base_offset: row.get(0)?,
+                end_offset: row.get(1)?,
+                object_key: row.get(2)?,
+                position: get_u64(row, 3)?,
+                len: get_u64(row, 4)?,
+                max_timestamp: row.get(5)?,
+            })
+        })
+        .db()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .db()?;
+
+    let producer_rows = tx
+        .prepare_cached(
+            "SELECT producer_id, state FROM producers
+             WHERE topic_id = ?1 AND partition = ?2 ORDER BY producer_id",
+        )
+        .db()?
+        .query_map(params![id, key.partition], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+        })
+        .db()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .db()?;
+    let mut producers = Vec::with_capacity(producer_rows.len());
+    for (producer_id, json) in producer_rows {
+        let state: ProducerStateRecord = serde_json::from_str(&json).map_err(|e| {
+            MetaError::Corrupt(format!(
+                "stored state of producer {producer_id} is not valid json: {e}"
+            ))
+        })?;
+        if state.producer_id != producer_id {
+            return Err(MetaError::Corrupt(format!(
+                "producer row {producer_id} holds the state of producer {}",
+                state.producer_id
+            )));
+        }
+        producers.push(state);
+    }
+
+    let epoch_history = tx
+        .prepare_cached(
+            "SELECT epoch, start_offset FROM epoch_history
+             WHERE topic_id = ?1 AND partition = ?2 ORDER BY epoch",
+        )
+        .db()?
+        .query_map(params![id, key.partition], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .db()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .db()?;
+
+    Ok(PartitionState {
+        leader_epoch,
+        log_start_offset,
+        high_watermark,
+        segments,
+        wal_ranges,
+        producers,
+        epoch_history,
+    })
+}
+
+#[async_trait]
+impl MetadataStore for SqliteStore {
+    async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
+        let topic = topic.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            if find_topic(&tx, &topic.name)?.is_some() {
+                return Err(MetaError::TopicExists);
+            }
+            let configs = encode_json(&topic.configs, "topic configs")?;
+            tx.prepare_cached(
+                "INSERT INTO topics (name, id, partitions, configs, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .db()?
+            .execute(params![
+                topic.name,
+                topic.id.as_bytes(),
+                topic.partitions,
+                configs,
+                topic.created_ms
+            ])
+            .db()?;
+            insert_partitions(&tx, topic.id, 0, topic.partitions)?;
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord> {
+        let name = name.to_owned();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let topic = find_topic(&tx, &name)?.ok_or(MetaError::TopicNotFound)?;
+            let id = topic.id.as_bytes();
+            // wal_objects rows stay: they become unreferenced once no range points at
+            // them, and garbage collection deletes the objects and then the rows.
+            for table in [
+                "partitions",
+                "epoch_history",
+                "segments",
+                "wal_ranges",
+                "producers",
+            ] {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE topic_id = ?1"))
+                    .db()?
+                    .execute(params![id])
+                    .db()?;
+            }
+            tx.prepare_cached("DELETE FROM topics WHERE name = ?1")
+                .db()?
+                .execute(params![name])
+                .db()?;
+            tx.commit().db()?;
+            Ok(topic)
+        })
+        .await
+    }
+
+    async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
+        self.run(|conn| {
+            let tx = conn.transaction().db()?;
+            let rows = tx
+                .prepare_cached(
+                    "SELECT name, id, partitions, configs, created_ms FROM topics ORDER BY name",
+                )
+                .db()?
+                .query_map([], topic_from_row)
+                .db()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()?;
+            rows.into_iter().map(decode_topic).collect()
+        })
+        .await
+    }
+
+    async fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> MetaResult<()> {
+        let name = name.to_owned();
+        let configs = encode_json(configs, "topic configs")?;
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let changed = tx
+                .prepare_cached("UPDATE topics SET configs = ?2 WHERE name = ?1")
+                .db()?
+                .execute(params![name, configs])
+                .db()?;
+            if changed == 0 {
+                return Err(MetaError::TopicNotFound);
+            }
+            tx.commit().db()
+        })
+        .await
+    }
+
+    /// A count at or below the current one changes nothing and returns `Ok` (callers
+    /// validate requests before calling).
+    async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
+        let name = name.to_owned();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let topic = find_topic(&tx, &name)?.ok_or(MetaError::TopicNotFound)?;
+            if count <= topic.partitions {
+                return Ok(());
+            }
+            insert_partitions(&tx, topic.id, topic.partitions, count)?;
+            tx.prepare_cached("UPDATE topics SET partitions = ?2 WHERE name = ?1")
+                .db()?
+                .execute(params![name, count])
+                .db()?;
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn claim_partition(
+        &self,
+        key: PartitionKey,
+        broker_id: i32,
+    ) -> MetaResult<PartitionState> {
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let id = key.topic_id.as_bytes();
+            let (epoch, log_start_offset, high_watermark): (i32, i64, i64) = tx
+                .prepare_cached(
+                    "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
+                     WHERE topic_id = ?1 AND partition = ?2",
+                )
+                .db()?
+                .query_row(params![id, key.partition], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()
+                .db()?
+                .ok_or(MetaError::PartitionNotFound)?;
+            let new_epoch = epoch.checked_add(1).ok_or_else(|| {
+                MetaError::Corrupt(format!("leader epoch of {key:?} cannot grow past {epoch}"))
+            })?;
+            tx.prepare_cached(
+                "UPDATE partitions SET leader_epoch = ?3, owner_broker = ?4
+                 WHERE topic_id = ?1 AND partition = ?2",
+            )
+            .db()?
+            .execute(params![id, key.partition, new_epoch, broker_id])
+            .db()?;
+            tx.prepare_cached(
+                "INSERT INTO epoch_history (topic_id, partition, epoch, start_offset)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .db()?
+            .execute(params![id, key.partition, new_epoch, high_watermark])
+            .db()?;
+            let state =
+                load_partition_state(&tx, key, new_epoch, log_start_offset, high_watermark)?;
+            tx.commit().db()?;
+            tracing::debug!(
+                ?key,
+                broker_id,
+                leader_epoch = new_epoch,
+                "claimed partition"
+            );
+            Ok(state)
+        })
+        .await
+    }
+
+    /// A partition that no longer exists (its topic was deleted) is reported as fenced
+    /// with the stale ones: its owner has lost it for good, and the rest of the commit
+    /// can be retried without it.
+    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
+        // Encode outside the lock: it is the only per-record CPU work of the commit.
+        let mut producer_json = Vec::with_capacity(commit.partitions.len());
+        for part in &commit.partitions {
+            let encoded = part
+                .producers
+                .iter()
+                .map(|p| Ok((p.producer_id, encode_json(p, "producer state")?)))
+                .collect::<MetaResult<Vec<_>>>()?;
+            producer_json.push(encoded);
+        }
+        let commit = commit.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+
+            let mut fenced = Vec::new();
+            for part in &commit.partitions {
+                if stored_epoch(&tx, part.key)? != Some(part.leader_epoch) {
+                    fenced.push(part.key);
+                }
+            }
+            if !fenced.is_empty() {
+                // Dropping `tx` rolls back; nothing was written anyway.
+                tracing::debug!(object_key = %commit.object_key, ?fenced, "fenced wal commit");
+                return Err(MetaError::Fenced(fenced));
+            }
+
+            let mut insert_range = tx
+                .prepare_cached(
+                    "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
+                         object_key, position, len, max_timestamp)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .db()?;
+            let mut raise_hw = tx
+                .prepare_cached(
+                    "UPDATE partitions SET high_watermark = MAX(high_watermark, ?3)
+                     WHERE topic_id = ?1 AND partition = ?2",
+                )
+                .db()?;
+            let mut upsert_producer = tx
+                .prepare_cached(
+                    "INSERT INTO producers (topic_id, partition, producer_id, state)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (topic_id, partition, producer_id)
+                     DO UPDATE SET state = excluded.state",
+                )
+                .db()?;
+            for (part, producers) in commit.partitions.iter().zip(&producer_json) {
+                let id = part.key.topic_id.as_bytes();
+                let range = &part.range;
+                let position = u64_to_sql(range.position, "wal range position")?;
+                let len = u64_to_sql(range.len, "wal range length")?;
+                insert_range
+                    .execute(params![
+                        id,
+                        part.key.partition,
+                        range.base_offset,
+                        range.end_offset,
+                        commit.object_key,
+                        position,
+                        len,
+                        range.max_timestamp
+                    ])
+                    .db()?;
+                raise_hw
+                    .execute(params![id, part.key.partition, range.end_offset])
+                    .db()?;
+                for (producer_id, json) in producers {
+                    upsert_producer
+                        .execute(params![id, part.key.partition, producer_id, json])
+                        .db()?;
+                }
+            }
+            tx.prepare_cached(
+                "INSERT INTO wal_objects (object_key, created_ms) VALUES (?1, ?2)
+                 ON CONFLICT (object_key) DO NOTHING",
+            )
+            .db()?
+            .execute(params![commit.object_key, commit.created_ms])
+            .db()?;
+
+            drop((insert_range, raise_hw, upsert_producer));
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn commit_segment(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        segment: &SegmentRecord,
+    ) -> MetaResult<()> {
+        let segment = segment.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            require_epoch(&tx, key, leader_epoch)?;
+            let id = key.topic_id.as_bytes();
+            let size_bytes = u64_to_sql(segment.size_bytes, "segment size")?;
+            let data_bytes = u64_to_sql(segment.data_bytes, "segment data size")?;
+            tx.prepare_cached(
+                "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
+                     object_key, size_bytes, data_bytes, max_timestamp, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .db()?
+            .execute(params![
+                id,
+                key.partition,
+                segment.base_offset,
+                segment.end_offset,
+                segment.object_key,
+                size_bytes,
+                data_bytes,
+                segment.max_timestamp,
+                segment.created_ms
+            ])
+            .db()?;
+            tx.prepare_cached(
+                "DELETE FROM wal_ranges
+                 WHERE topic_id = ?1 AND partition = ?2 AND end_offset <= ?3",
+            )
+            .db()?
+            .execute(params![id, key.partition, segment.end_offset])
+            .db()?;
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn trim_log(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        log_start_offset: i64,
+        drop_segment_base_offsets: &[i64],
+    ) -> MetaResult<()> {
+        let drop_bases = drop_segment_base_offsets.to_vec();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            require_epoch(&tx, key, leader_epoch)?;
+            let id = key.topic_id.as_bytes();
+            tx.prepare_cached(
+                "UPDATE partitions SET log_start_offset = MAX(log_start_offset, ?3)
+                 WHERE topic_id = ?1 AND partition = ?2",
+            )
+            .db()?
+            .execute(params![id, key.partition, log_start_offset])
+            .db()?;
+            let mut delete = tx
+                .prepare_cached(
+                    "DELETE FROM segments
+                     WHERE topic_id = ?1 AND partition = ?2 AND base_offset = ?3",
+                )
+                .db()?;
+            for base_offset in &drop_bases {
+                delete
+                    .execute(params![id, key.partition, base_offset])
+                    .db()?;
+            }
+            drop(delete);
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
+        self.run(|conn| {
+            let tx = conn.transaction().db()?;
+            let keys = tx
+                .prepare_cached(
+                    "SELECT object_key FROM wal_objects AS o
+                     WHERE NOT EXISTS (SELECT 1 FROM wal_ranges AS r
+                                       WHERE r.object_key = o.object_key)
+                     ORDER BY created_ms, object_key",
+                )
+                .db()?
+                .query_map([], |row| row.get(0))
+                .db()?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .db()?;
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
+        let keys = keys.to_vec();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let mut delete = tx
+                .prepare_cached("DELETE FROM wal_objects WHERE object_key = ?1")
+                .db()?;
+            for key in &keys {
+                delete.execute(params![key]).db()?;
+            }
+            drop(delete);
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn next_producer_id(&self) -> MetaResult<i64> {
+        self.run(|conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let id = tx
+                .prepare_cached(
+                    "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = value + 1
+                     RETURNING value",
+                )
+                .db()?
+                .query_row(params![PRODUCER_ID_COUNTER, FIRST_PRODUCER_ID], |row| {
+                    row.get(0)
+                })
+                .db()?;
+            tx.commit().db()?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let session = tx
+                .prepare_cached(
+                    "INSERT INTO broker_sessions (broker_id, session) VALUES (?1, 1)
+                     ON CONFLICT (broker_id) DO UPDATE SET session = session + 1
+                     RETURNING session",
+                )
+                .db()?
+                .query_row(params![broker_id], |row| row.get(0))
+                .db()?;
+            tx.commit().db()?;
+            Ok(session)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::conformance::{self, metadata_store_conformance};
+    use crate::metadata::{PartitionCommit, ProducerBatch};
+
+    metadata_store_conformance!(SqliteStore::open_in_memory().expect("open in-memory store"));
+
+    fn temp_db() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let path = dir.path().join("nested").join("dir").join("metadata.db");
+        (dir, path)
+    }
+
+    fn raw(path: &Path) -> Connection {
+        Connection::open(path).expect("open the file directly")
+    }
+
+    #[tokio::test]
+    async fn conformance_suite_on_one_file_store() {
+        let (_dir, path) = temp_db();
+        let store = SqliteStore::open(&path).expect("open store");
+        conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn open_creates_the_file_in_wal_mode_at_schema_version_1() {
+        let (_dir, path) = temp_db();
+        let store = SqliteStore::open(&path).expect("open store");
+        assert!(
+            path.exists(),
+            "database file and parent directories created"
+        );
+        let conn = raw(&path);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("journal mode");
+        assert_eq!(mode, "wal");
+        let versions: Vec<i64> = conn
+            .prepare("SELECT version FROM schema_version")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("versions");
+        assert_eq!(versions, vec![1]);
+        drop(store);
+        // Opening again finds the schema in place and changes nothing.
+        SqliteStore::open(&path).expect("reopen store");
+    }
+
+    #[tokio::test]
+    async fn counters_start_at_documented_values() {
+        let store = SqliteStore::open_in_memory().expect("open store");
+        assert_eq!(store.next_producer_id().await.expect("id"), 1000);
+        assert_eq!(store.next_producer_id().await.expect("id"), 1001);
+        assert_eq!(store.start_broker_session(3).await.expect("session"), 1);
+        assert_eq!(store.start_broker_session(3).await.expect("session"), 2);
+        assert_eq!(store.start_broker_session(4).await.expect("session"), 1);
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopening_the_file() {
+        let (_dir, path) = temp_db();
+        let topic = TopicRecord {
+            name: "orders".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 2,
+            configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
+            created_ms: 42,
+        };
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 1,
+        };
+        let producer = ProducerStateRecord {
+            producer_id: 1000,
+            epoch: 0,
+            batches: vec![ProducerBatch {
+                first_seq: 0,
+                last_seq: 9,
+                base_offset: 10,
+                last_offset: 19,
+                timestamp: 7,
+            }],
+            last_update_ms: 8,
+        };
+        let range = |base: i64, end: i64, object: &str| WalRangeRecord {
+            base_offset: base,
+            end_offset: end,
+            object_key: object.to_owned(),
+            position: 0,
+            len: 64,
+            max_timestamp: 7,
+        };
+        let segment = SegmentRecord {
+            base_offset: 0,
+            end_offset: 10,
+            object_key: "seg-0".to_owned(),
+            size_bytes: 1 << 40,
+            data_bytes: 1 << 39,
+            max_timestamp: 5,
+            created_ms: 9,
+        };
+
+        {
+            let store = SqliteStore::open(&path).expect("open store");
+            store.create_topic(&topic).await.expect("create");
+            assert_eq!(store.next_producer_id().await.expect("id"), 1000);
+            assert_eq!(store.start_broker_session(1).await.expect("session"), 1);
+            let epoch = store
+                .claim_partition(key, 1)
+                .await
+                .expect("claim")
+                .leader_epoch;
+            for (object, base, end) in [("wal-a", 0, 10), ("wal-b", 10, 20)] {
+                let commit = WalCommit {
+                    object_key: object.to_owned(),
+                    created_ms: 3,
+                    partitions: vec![PartitionCommit {
+                        key,
+                        leader_epoch: epoch,
+                        range: range(base, end, object),
+                        producers: vec![producer.clone()],
+                    }],
+                };
+                store.commit_wal(&commit).await.expect("commit");
+            }
+            store
+                .commit_segment(key, epoch, &segment)
+                .await
+                .expect("segment");
+            store.trim_log(key, epoch, 3, &[]).await.expect("trim");
+            // Dropped without any shutdown step, like a killed process.
+        }
+
+        let store = SqliteStore::open(&path).expect("reopen store");
+        assert_eq!(store.list_topics().await.expect("list"), vec![topic]);
+        let state = store.claim_partition(key, 2).await.expect("claim again");
+        assert_eq!(
+            state,
+            PartitionState {
+                leader_epoch: 2,
+                log_start_offset: 3,
+                high_watermark: 20,
+                segments: vec![segment],
+                wal_ranges: vec![range(10, 20, "wal-b")],
+                producers: vec![producer],
+                epoch_history: vec![(1, 0), (2, 20)],
+            }
+        );
+        assert_eq!(
+            store.unreferenced_wal_objects().await.expect("garbage"),
+            vec!["wal-a".to_owned()]
+        );
+        assert_eq!(store.next_producer_id().await.expect("id"), 1001);
+        assert_eq!(store.start_broker_session(1).await.expect("session"), 2);
+    }
+
+    /// Set for the child process of `commits_survive_a_crash`: the database to use.
+    const CRASH_DB_ENV: &str = "STRATA_SQLITE_CRASH_TEST_DB";
+
+    /// The child half of `commits_survive_a_crash`: commits, then dies without any
+    /// cleanup (no connection close, no checkpoint), like `kill -9`.
+    #[tokio::test]
+    #[ignore = "run as a child process by commits_survive_a_crash"]
+    async fn crash_child() {
+        let Some(path) = std::env::var_os(CRASH_DB_ENV) else {
+            return;
+        };
+        let store = SqliteStore::open(Path::new(&path)).expect("open store");
+        let topic = TopicRecord {
+            name: "crash".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 1,
+            configs: BTreeMap::new(),
+            created_ms: 0,
+        };
+        store.create_topic(&topic).await.expect("create");
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 0,
+        };
+        let epoch = store
+            .claim_partition(key, 1)
+            .await
+            .expect("claim")
+            .leader_epoch;
+        let commit = WalCommit {
+            object_key: "wal-crash".to_owned(),
+            created_ms: 1,
+            partitions: vec![PartitionCommit {
+                key,
+                leader_epoch: epoch,
+                range: WalRangeRecord {
+                    base_offset: 0,
+                    end_offset: 7,
+                    object_key: "wal-crash".to_owned(),
+                    position: 0,
+                    len: 10,
+                    max_timestamp: 1,
+                },
+                producers: vec![],
+            }],
+        };
+        store.commit_wal(&commit).await.expect("commit");
+        std::process::abort();
+    }
+
+    #[test]
+    fn commits_survive_a_crash() {
+        let (_dir, path) = temp_db();
+        // Test names omit the crate name that `module_path!` starts with.
+        let module = module_path!()
+            .split_once("::")
+            .map_or(module_path!(), |(_, rest)| rest);
+        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", &format!("{module}::crash_child")])
+            .args(["--include-ignored", "--test-threads=1", "--quiet"])
+            .env(CRASH_DB_ENV, &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run the crashing child");
+        assert!(
+            !status.success(),
+            "the child must die by abort, got {status}"
+        );
+        assert!(
+            path.with_extension("db-wal").exists(),
+            "the commit is still in the write-ahead log, not checkpointed"
+        );
+
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let store = SqliteStore::open(&path).expect("reopen after the crash");
+            let topics = store.list_topics().await.expect("list");
+            assert_eq!(topics.len(), 1, "the child created its topic");
+            let key = PartitionKey {
+                topic_id: topics[0].id,
+                partition: 0,
+            };
+            let state = store.claim_partition(key, 2).await.expect("claim");
+            assert_eq!(state.high_watermark, 7, "the acknowledged commit survived");
+            assert_eq!(state.epoch_history, vec![(1, 0), (2, 7)]);
+        });
+    }
+
+    #[tokio::test]
+    async fn refuses_a_newer_schema() {
+        let (_dir, path) = temp_db();
+        drop(SqliteStore::open(&path).expect("open store"));
+        raw(&path)
+            .execute("INSERT INTO schema_version (version) VALUES (2)", [])
+            .expect("pretend a newer broker migrated the file");
+        match SqliteStore::open(&path) {
+            Err(MetaError::Unavailable(msg)) => assert!(msg.contains("upgrade"), "{msg}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn undecodable_rows_are_corrupt() {
+        let (_dir, path) = temp_db();
+        let store = SqliteStore::open(&path).expect("open store");
+        let topic = TopicRecord {
+            name: "t".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 1,
+            configs: BTreeMap::new(),
+            created_ms: 0,
+        };
+        store.create_topic(&topic).await.expect("create");
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 0,
+        };
+        let conn = raw(&path);
+        conn.execute(
+            "INSERT INTO producers (topic_id, partition, producer_id, state)
+             VALUES (?1, 0, 5, 'not json')",
+            params![topic.id.as_bytes()],
+        )
+        .expect("write a broken producer row");
+        let result = store.claim_partition(key, 1).await;
+        assert!(matches!(result, Err(MetaError::Corrupt(_))), "{result:?}");
+
+        conn.execute("UPDATE topics SET configs = '[1]'", [])
+            .expect("write broken configs");
+        let result = store.list_topics().await;
+        assert!(matches!(result, Err(MetaError::Corrupt(_))), "{result:?}");
+    }
+
+    /// Pins the persisted JSON of producer states: changing it needs a migration.
+    #[test]
+    fn producer_state_json_is_stable() {
+        let golden = r#"{"producer_id":1000,"epoch":2,"batches":[{"first_seq":0,"last_seq":4,"base_offset":10,"last_offset":14,"timestamp":1700000000000}],"last_update_ms":1700000000001}"#;
+        let state = ProducerStateRecord {
+            producer_id: 1000,
+            epoch: 2,
+            batches: vec![ProducerBatch {
+                first_seq: 0,
+                last_seq: 4,
+                base_offset: 10,
+                last_offset: 14,
+                timestamp: 1_700_000_000_000,
+            }],
+            last_update_ms: 1_700_000_000_001,
+        };
+        assert_eq!(
+            encode_json(&state, "producer state").expect("encode"),
+            golden
+        );
+        let decoded: ProducerStateRecord = serde_json::from_str(golden).expect("decode");
+        assert_eq!(decoded, state);
+    }
+}

@@ -1,0 +1,145 @@
+//! Protocol glue: the API versions this broker advertises, frame parsing, dispatch to
+//! the handlers, and response encoding. Every request and response is encoded by the
+//! `kafka-protocol` crate; only the 8 bytes that decide how to decode are read here.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
+
+use crate::broker::Broker;
+use crate::handlers;
+
+/// (api key, min version, max version) this broker implements fully.
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::DeleteRecords, 0, 2),
+    (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+pub fn supported_range(api_key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == api_key)
+        .map(|&(_, min, max)| {
+            // Never advertise beyond what the codec knows.
+            let codec = api_key.valid_versions();
+            (min.max(codec.min), max.min(codec.max))
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("unknown api key {0}")]
+    UnknownApiKey(i16),
+    #[error("unsupported version {version} of {api:?}")]
+    UnsupportedVersion { api: ApiKey, version: i16 },
+    #[error("undecodable request: {0}")]
+    Decode(String),
+}
+
+/// A request frame with its routing fields read; the body is decoded by [`handle`].
+#[derive(Debug)]
+pub struct Frame {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    pub fn parse(bytes: Bytes) -> Result<Frame, FrameError> {
+        if bytes.len() < 8 {
+            return Err(FrameError::Decode(
+                "frame shorter than a request header".into(),
+            ));
+        }
+        let api_key = i16::from_be_bytes([bytes[0], bytes[1]]);
+        let api_version = i16::from_be_bytes([bytes[2], bytes[3]]);
+        let correlation_id = i32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        Ok(Frame {
+            api_key,
+            api_version,
+            correlation_id,
+            bytes,
+        })
+    }
+}
+
+/// Handles one request. `Ok(None)` sends nothing (acks=0 produce); `Err` closes the
+/// connection (the caller logs the reason with the peer).
+pub async fn handle(broker: &Arc<Broker>, frame: Frame) -> Result<Option<Bytes>, FrameError> {
+    let api =
+        ApiKey::try_from(frame.api_key).map_err(|_| FrameError::UnknownApiKey(frame.api_key))?;
+    let range = supported_range(api);
+    let in_range = range.is_some_and(|(min, max)| (min..=max).contains(&frame.api_version));
+    if !in_range {
+        if api == ApiKey::ApiVersions {
+            // KIP-511: answer an unknown ApiVersions version with v0 and the list, so the
+            // client can retry with a version both sides know.
+            let mut resp = handlers::api_versions::response();
+            resp.error_code = kafka_protocol::ResponseError::UnsupportedVersion.code();
+            return encode(
+                frame.correlation_id,
+                ApiKey::ApiVersions,
+                0,
+                &ResponseKind::ApiVersions(resp),
+            )
+            .map(Some);
+        }
+        return Err(FrameError::UnsupportedVersion {
+            api,
+            version: frame.api_version,
+        });
+    }
+    let mut body = frame.bytes.clone();
+    let header_version = api.request_header_version(frame.api_version);
+    let header = RequestHeader::decode(&mut body, header_version)
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    let request = RequestKind::decode(api, &mut body, frame.api_version)
+        .map_err(|e| FrameError::Decode(format!("{api:?} v{}: {e}", frame.api_version)))?;
+    let response = handlers::dispatch(broker, &header, request).await;
+    match response {
+        Some(r) => encode(frame.correlation_id, api, frame.api_version, &r).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Encodes a response frame (size, header, body) in one buffer, without copying the body.
+pub fn encode(
+    correlation_id: i32,
+    api: ApiKey,
+    version: i16,
+    response: &ResponseKind,
+) -> Result<Bytes, FrameError> {
+    let header_version = api.response_header_version(version);
+    let mut out = BytesMut::with_capacity(64);
+    out.put_i32(0);
+    let header =
+        kafka_protocol::messages::ResponseHeader::default().with_correlation_id(correlation_id);
+    header
+        .encode(&mut out, header_version)
+        .map_err(|e| FrameError::Decode(format!("encoding response header: {e}")))?;
+    response
+        .encode(&mut out, version)
+        .map_err(|e| FrameError::Decode(format!("encoding {api:?} v{version} response: {e}")))?;
+    let len = (out.len() - 4) as i32;
+    out[0..4].copy_from_slice(&len.to_be_bytes());
+    Ok(out.freeze())
+}
+
+#[allow(dead_code)]
+fn _header_version_is_used<T: HeaderVersion>() {}

@@ -1,0 +1,109 @@
+//! One client connection: size-prefixed frames in, responses out in request order.
+//!
+//! Requests are decoded and handled concurrently (clients pipeline up to
+//! `max.in.flight.requests.per.connection`); a writer task sends the responses in the
+//! order the requests arrived. Memory is bounded by the frame size limit, the number of
+//! requests in flight per connection, and a broker-wide budget of request bytes. A
+//! malformed or oversized frame closes the connection with a log line naming the peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::broker::Broker;
+use crate::protocol::{self, Frame};
+
+pub async fn run(
+    broker: Arc<Broker>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    request_bytes: Arc<Semaphore>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    debug!(%peer, "connection opened");
+    let (mut rd, mut wr) = socket.into_split();
+    let max_inflight = broker.config.max_inflight_per_connection;
+    let (tx, mut rx) = mpsc::channel::<oneshot::Receiver<Option<Bytes>>>(max_inflight);
+    let writer = tokio::spawn(async move {
+        while let Some(pending) = rx.recv().await {
+            match pending.await {
+                Ok(Some(frame)) => {
+                    if let Err(e) = wr.write_all(&frame).await {
+                        debug!(%peer, error = %e, "write failed");
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                // The handler decided to close the connection.
+                Err(_) => return,
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let max_frame = broker.config.request_max_bytes;
+    let reason: String = loop {
+        let mut len_buf = [0u8; 4];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut len_buf) => r,
+            _ = shutdown.changed() => break "broker shutting down".into(),
+        };
+        if let Err(e) = read {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                debug!(%peer, "connection closed by peer");
+                break String::new();
+            }
+            break format!("read error: {e}");
+        }
+        let len = i32::from_be_bytes(len_buf);
+        if len < 8 || len as usize > max_frame {
+            break format!("frame length {len} outside 8..={max_frame} (socket.request.max.bytes)");
+        }
+        let len = len as usize;
+        // The broker-wide request-bytes budget bounds memory across all connections.
+        let permit = match request_bytes
+            .clone()
+            .acquire_many_owned(len.min(u32::MAX as usize) as u32)
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => break "shutting down".into(),
+        };
+        let mut buf = BytesMut::zeroed(len);
+        if let Err(e) = rd.read_exact(&mut buf).await {
+            break format!("truncated frame: {e}");
+        }
+        let frame = match Frame::parse(buf.freeze()) {
+            Ok(f) => f,
+            Err(e) => break format!("bad request: {e}"),
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        if tx.send(done_rx).await.is_err() {
+            break "writer stopped".into();
+        }
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let api_key = frame.api_key;
+            let version = frame.api_version;
+            match protocol::handle(&broker, frame).await {
+                Ok(response) => {
+                    let _ = done_tx.send(response);
+                }
+                Err(e) => {
+                    warn!(%peer, api_key, version, error = %e, "closing connection: request could not be handled");
+                    drop(done_tx);
+                }
+            }
+            drop(permit);
+        });
+    };
+    if !reason.is_empty() {
+        info!(%peer, reason = %reason, "closing connection");
+    }
+    drop(tx);
+    let _ = writer.await;
+}
