@@ -500,6 +500,19 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_setting() {
+        let readme = include_str!("../README.md");
+        for d in SETTINGS {
+            let row = format!("| `{}` | `--{}` | `{}` |", d.name, d.flag(), d.env());
+            assert!(
+                readme.contains(&row),
+                "README.md lacks the configuration row for {}",
+                d.name
+            );
+        }
+    }
+
+    #[test]
     fn names_map_to_flags_and_env() {
         let d = setting("wal.flush.interval.ms").expect("exists");
         assert_eq!(d.flag(), "wal-flush-interval-ms");

@@ -1,6 +1,427 @@
-pub fn command() -> clap::Command {
-    clap::Command::new("perf").about("load tool (produce/consume throughput and latency)")
+//! `strata perf`: a load tool for the whole broker over TCP.
+//!
+//! It measures produce throughput (MB/s, records/s) with pipelined requests on several
+//! connections, `acks=all` latency (p50/p99/max) at a fixed rate, and consume throughput
+//! of everything produced. Record batches are encoded once per partition and resent, so
+//! the numbers measure the broker, not the load tool. Works against any Kafka broker.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{Bytes, BytesMut};
+use clap::{value_parser, Arg, ArgMatches, Command};
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse, ProduceRequest,
+    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+pub fn command() -> Command {
+    Command::new("perf")
+        .about("measure produce throughput, acks=all latency and consume throughput against a running broker")
+        .arg(Arg::new("bootstrap").long("bootstrap").default_value("127.0.0.1:9092").help("broker address"))
+        .arg(Arg::new("topic").long("topic").default_value("strata-perf").help("topic (created if missing)"))
+        .arg(Arg::new("partitions").long("partitions").default_value("8").value_parser(value_parser!(i32)).help("partitions of the topic"))
+        .arg(Arg::new("record-size").long("record-size").default_value("1024").value_parser(value_parser!(usize)).help("value bytes per record"))
+        .arg(Arg::new("batch-records").long("batch-records").default_value("64").value_parser(value_parser!(usize)).help("records per batch"))
+        .arg(Arg::new("seconds").long("seconds").default_value("10").value_parser(value_parser!(u64)).help("duration of the throughput phase"))
+        .arg(Arg::new("connections").long("connections").default_value("4").value_parser(value_parser!(usize)).help("producer connections"))
+        .arg(Arg::new("inflight").long("inflight").default_value("8").value_parser(value_parser!(usize)).help("requests in flight per connection"))
+        .arg(Arg::new("acks").long("acks").default_value("-1").value_parser(value_parser!(i16)).help("acks for the throughput phase (-1 = all)"))
+        .arg(Arg::new("latency-rate").long("latency-rate").default_value("1000").value_parser(value_parser!(u64)).help("produce requests per second in the latency phase (one batch each)"))
+        .arg(Arg::new("latency-seconds").long("latency-seconds").default_value("10").value_parser(value_parser!(u64)).help("duration of the latency phase"))
 }
-pub fn run(_m: &clap::ArgMatches) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+
+struct Settings {
+    bootstrap: String,
+    topic: String,
+    partitions: i32,
+    record_size: usize,
+    batch_records: usize,
+    seconds: u64,
+    connections: usize,
+    inflight: usize,
+    acks: i16,
+    latency_rate: u64,
+    latency_seconds: u64,
+}
+
+pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
+    let s = Settings {
+        bootstrap: m
+            .get_one::<String>("bootstrap")
+            .cloned()
+            .unwrap_or_default(),
+        topic: m.get_one::<String>("topic").cloned().unwrap_or_default(),
+        partitions: *m.get_one("partitions").unwrap_or(&8),
+        record_size: *m.get_one("record-size").unwrap_or(&1024),
+        batch_records: *m.get_one("batch-records").unwrap_or(&64),
+        seconds: *m.get_one("seconds").unwrap_or(&10),
+        connections: *m.get_one("connections").unwrap_or(&4),
+        inflight: *m.get_one("inflight").unwrap_or(&8),
+        acks: *m.get_one("acks").unwrap_or(&-1),
+        latency_rate: *m.get_one("latency-rate").unwrap_or(&1000),
+        latency_seconds: *m.get_one("latency-seconds").unwrap_or(&10),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(perf(s))
+}
+
+/// A pipelined client connection: requests go out in order, responses are matched FIFO.
+struct Conn {
+    tx: mpsc::Sender<(Bytes, Option<oneshot::Sender<Bytes>>)>,
+    next_id: std::sync::atomic::AtomicI32,
+}
+
+impl Conn {
+    async fn connect(addr: &str) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<(Bytes, Option<oneshot::Sender<Bytes>>)>(64);
+        let waiting: Arc<Mutex<VecDeque<oneshot::Sender<Bytes>>>> = Arc::default();
+        let w2 = waiting.clone();
+        tokio::spawn(async move {
+            while let Some((frame, reply)) = rx.recv().await {
+                if let Some(r) = reply {
+                    w2.lock().await.push_back(r);
+                }
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let mut len = [0u8; 4];
+                if rd.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut buf = BytesMut::zeroed(i32::from_be_bytes(len).max(0) as usize);
+                if rd.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                if let Some(r) = waiting.lock().await.pop_front() {
+                    let _ = r.send(buf.freeze());
+                }
+            }
+        });
+        Ok(Conn {
+            tx,
+            next_id: std::sync::atomic::AtomicI32::new(1),
+        })
+    }
+
+    /// Sends a request; the returned receiver yields the response body.
+    async fn send<R: Request>(
+        &self,
+        req: &R,
+        version: i16,
+        expect_response: bool,
+    ) -> anyhow::Result<Option<oneshot::Receiver<Bytes>>> {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[0; 4]);
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(self.next_id.fetch_add(1, Ordering::Relaxed))
+            .with_client_id(Some(StrBytes::from_static_str("strata-perf")));
+        header.encode(&mut buf, R::header_version(version))?;
+        req.encode(&mut buf, version)?;
+        let len = (buf.len() - 4) as i32;
+        buf[0..4].copy_from_slice(&len.to_be_bytes());
+        let (reply, rx) = if expect_response {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        self.tx
+            .send((buf.freeze(), reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("connection closed"))?;
+        Ok(rx)
+    }
+
+    async fn call<R: Request>(&self, req: &R, version: i16) -> anyhow::Result<R::Response> {
+        let rx = self
+            .send(req, version, true)
+            .await?
+            .context("no response")?;
+        decode_response::<R>(rx.await.context("connection closed")?, version)
+    }
+}
+
+fn decode_response<R: Request>(mut body: Bytes, version: i16) -> anyhow::Result<R::Response> {
+    ResponseHeader::decode(&mut body, R::Response::header_version(version))?;
+    R::Response::decode(&mut body, version)
+}
+
+fn make_batch(records: usize, size: usize) -> anyhow::Result<Bytes> {
+    let value = Bytes::from(vec![b'x'; size]);
+    let now = crate::clock::now_ms();
+    let recs: Vec<Record> = (0..records)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: now,
+            key: Some(Bytes::from(format!("key-{i}"))),
+            value: Some(value.clone()),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        recs.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )?;
+    Ok(buf.freeze())
+}
+
+fn produce_request(topic: &str, partitions: &[i32], batch: &Bytes, acks: i16) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_data(
+                partitions
+                    .iter()
+                    .map(|p| {
+                        PartitionProduceData::default()
+                            .with_index(*p)
+                            .with_records(Some(batch.clone()))
+                    })
+                    .collect(),
+            )])
+}
+
+fn check_produce(resp: &ProduceResponse) -> anyhow::Result<()> {
+    for t in &resp.responses {
+        for p in &t.partition_responses {
+            if p.error_code != 0 {
+                bail!("produce error {} on partition {}", p.error_code, p.index);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+async fn perf(s: Settings) -> anyhow::Result<()> {
+    let admin = Conn::connect(&s.bootstrap).await?;
+    let create = CreateTopicsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_topics(vec![CreatableTopic::default()
+            .with_name(TopicName(StrBytes::from_string(s.topic.clone())))
+            .with_num_partitions(s.partitions)
+            .with_replication_factor(1)]);
+    let resp: CreateTopicsResponse = admin.call(&create, 5).await?;
+    for t in &resp.topics {
+        if t.error_code != 0 && t.error_code != 36 {
+            bail!("creating topic: error {}", t.error_code);
+        }
+    }
+    let batch = make_batch(s.batch_records, s.record_size)?;
+    let partitions: Vec<i32> = (0..s.partitions).collect();
+    let record_bytes = (s.record_size * s.batch_records) as f64;
+
+    // Phase 1: produce throughput.
+    let acked_batches = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(s.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..s.connections {
+        let conn = Conn::connect(&s.bootstrap).await?;
+        // Each connection writes its share of the partitions.
+        let mine: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| *p as usize % s.connections == c)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let req = produce_request(&s.topic, &mine, &batch, s.acks);
+        let acked = acked_batches.clone();
+        let inflight = s.inflight;
+        let acks = s.acks;
+        tasks.push(tokio::spawn(async move {
+            let mut pending = VecDeque::new();
+            while Instant::now() < deadline {
+                while pending.len() < inflight {
+                    pending.push_back(conn.send(&req, 7, acks != 0).await?);
+                }
+                if let Some(Some(rx)) = pending.pop_front() {
+                    let body = rx.await.context("connection closed")?;
+                    check_produce(&decode_response::<ProduceRequest>(body, 7)?)?;
+                }
+                acked.fetch_add(mine.len() as u64, Ordering::Relaxed);
+            }
+            for rx in pending.into_iter().flatten() {
+                let body = rx.await.context("connection closed")?;
+                check_produce(&decode_response::<ProduceRequest>(body, 7)?)?;
+                acked.fetch_add(mine.len() as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let batches = acked_batches.load(Ordering::Relaxed) as f64;
+    println!(
+        "produce: {:.1} MB/s, {:.0} records/s ({} partitions, {} B records, {} records/batch, acks={}, {} connections x {} in flight, {:.1} s)",
+        batches * record_bytes / secs / 1e6,
+        batches * s.batch_records as f64 / secs,
+        s.partitions,
+        s.record_size,
+        s.batch_records,
+        s.acks,
+        s.connections,
+        s.inflight,
+        secs
+    );
+
+    // Phase 2: acks=all latency at a fixed request rate.
+    if s.latency_seconds > 0 && s.latency_rate > 0 {
+        let conn = Arc::new(Conn::connect(&s.bootstrap).await?);
+        let small = make_batch(1, s.record_size)?;
+        let mut ticker =
+            tokio::time::interval(Duration::from_nanos(1_000_000_000 / s.latency_rate));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let end = Instant::now() + Duration::from_secs(s.latency_seconds);
+        let (lat_tx, mut lat_rx) = mpsc::unbounded_channel();
+        let mut i = 0usize;
+        while Instant::now() < end {
+            ticker.tick().await;
+            let req = produce_request(&s.topic, &[(i % s.partitions as usize) as i32], &small, -1);
+            i += 1;
+            let sent = Instant::now();
+            let rx = conn.send(&req, 7, true).await?.context("no response")?;
+            let lat_tx = lat_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(body) = rx.await {
+                    let ok = decode_response::<ProduceRequest>(body, 7)
+                        .map(|r| check_produce(&r).is_ok())
+                        .unwrap_or(false);
+                    let _ = lat_tx.send((sent.elapsed(), ok));
+                }
+            });
+        }
+        drop(lat_tx);
+        let mut lats = Vec::new();
+        let mut failed = 0;
+        while let Some((l, ok)) = lat_rx.recv().await {
+            if ok {
+                lats.push(l)
+            } else {
+                failed += 1
+            }
+        }
+        lats.sort();
+        println!(
+            "acks=all latency at {} requests/s ({} B records): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} requests, {} failed)",
+            s.latency_rate,
+            s.record_size,
+            percentile(&lats, 0.5).as_secs_f64() * 1e3,
+            percentile(&lats, 0.99).as_secs_f64() * 1e3,
+            lats.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            lats.len(),
+            failed
+        );
+    }
+
+    // Phase 3: consume everything from the start.
+    let conn = Conn::connect(&s.bootstrap).await?;
+    let mut offsets = vec![0i64; s.partitions as usize];
+    let mut hws = vec![i64::MAX; s.partitions as usize];
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    while offsets.iter().zip(&hws).any(|(o, h)| o < h) {
+        let req = FetchRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_max_wait_ms(100)
+            .with_min_bytes(1)
+            .with_max_bytes(64 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(s.topic.clone())))
+                .with_partitions(
+                    partitions
+                        .iter()
+                        .filter(|p| offsets[**p as usize] < hws[**p as usize])
+                        .map(|p| {
+                            FetchPartition::default()
+                                .with_partition(*p)
+                                .with_fetch_offset(offsets[*p as usize])
+                                .with_partition_max_bytes(8 << 20)
+                        })
+                        .collect(),
+                )]);
+        let resp: FetchResponse = conn.call(&req, 11).await?;
+        for t in &resp.responses {
+            for p in &t.partitions {
+                if p.error_code != 0 {
+                    bail!(
+                        "fetch error {} on partition {}",
+                        p.error_code,
+                        p.partition_index
+                    );
+                }
+                let i = p.partition_index as usize;
+                hws[i] = p.high_watermark;
+                if let Some(records) = &p.records {
+                    bytes += records.len() as u64;
+                    if let Some((_, last)) = crate::log::batch::walk(records).last() {
+                        offsets[i] = last.last_offset() + 1;
+                    }
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total: i64 = offsets.iter().sum();
+    println!(
+        "consume: {:.1} MB/s, {:.0} records/s ({} records, {:.1} MB, {:.1} s)",
+        bytes as f64 / secs / 1e6,
+        total as f64 / secs,
+        total,
+        bytes as f64 / 1e6,
+        secs
+    );
+    Ok(())
 }

@@ -165,7 +165,10 @@ class Broker:
         ]
 
     def environment(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        # the test process's own STRATA_* variables (STRATA_BIN, STRATA_VENV, ...) are not
+        # broker settings; STRATA_LOG (log filter) is passed through for debugging
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("STRATA_") or k == "STRATA_LOG"}
         env.setdefault("RUST_BACKTRACE", "1")
         env.update({k: str(v) for k, v in self.extra_env.items()})
         return env

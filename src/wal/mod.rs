@@ -3,7 +3,9 @@
 //! Partition owner tasks hand it stamped batches. Every `wal.flush.interval.ms` (or once
 //! `wal.flush.bytes` are pending) it writes ONE object holding the new batches of every
 //! partition, then commits all their offset ranges in ONE metadata transaction, and only
-//! then tells each partition how far it is durable. Object-store requests therefore grow
+//! then tells each partition how far it is durable. Flushes start at most once per
+//! interval (measured from the previous flush's start), so a lone batch after a quiet
+//! spell is written at once while a busy broker still writes one object per interval. Object-store requests therefore grow
 //! with time, not with the number of partitions. One flush is in flight at a time while
 //! the next one fills, so commits reach the metadata store in offset order.
 
@@ -70,6 +72,10 @@ struct Buffer {
     opened: Option<Instant>,
 }
 
+/// A flush running in its own task; yields the worker back with the partitions whose
+/// batches it abandoned (and their generation).
+type FlushTask = tokio::task::JoinHandle<(Flusher, Vec<(PartitionKey, u64)>)>;
+
 pub struct Flusher {
     config: FlusherConfig,
     store: Arc<dyn ObjectStore>,
@@ -97,14 +103,19 @@ impl Flusher {
     /// Runs until every sender is dropped, flushing what is left at the end.
     pub async fn run(mut self, mut rx: mpsc::Receiver<FlushItem>) {
         let mut buffer = Buffer::default();
-        let mut in_flight: Option<tokio::task::JoinHandle<(Flusher, Vec<(PartitionKey, u64)>)>> =
-            None;
+        let mut in_flight: Option<FlushTask> = None;
         let mut open = true;
+        // Flushes start at most once per interval: a batch arriving after a quiet spell
+        // goes out at once, and under load each flush carries one interval's worth.
+        let mut last_flush: Option<Instant> = None;
         loop {
-            let deadline = buffer.opened.map(|t| t + self.config.interval);
+            let deadline = buffer.opened.map(|opened| {
+                last_flush.map_or(opened, |t| (t + self.config.interval).max(opened))
+            });
             let due =
                 buffer.bytes >= self.config.max_bytes || (!open && !buffer.partitions.is_empty());
             if in_flight.is_none() && due {
+                last_flush = Some(Instant::now());
                 in_flight = Some(self.spawn_flush(&mut buffer));
                 continue;
             }
@@ -117,6 +128,7 @@ impl Flusher {
                     None => open = false,
                 },
                 _ = sleep_until(deadline), if in_flight.is_none() && deadline.is_some() => {
+                    last_flush = Some(Instant::now());
                     in_flight = Some(self.spawn_flush(&mut buffer));
                 }
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
@@ -194,10 +206,7 @@ impl Flusher {
 
     /// Takes the filled buffer and flushes it in its own task. The flusher state the task
     /// needs (object sequence) travels with it and comes back when it is done.
-    fn spawn_flush(
-        &mut self,
-        buffer: &mut Buffer,
-    ) -> tokio::task::JoinHandle<(Flusher, Vec<(PartitionKey, u64)>)> {
+    fn spawn_flush(&mut self, buffer: &mut Buffer) -> FlushTask {
         let taken = std::mem::take(buffer);
         let mut worker = Flusher {
             config: self.config.clone(),

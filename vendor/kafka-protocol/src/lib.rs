@@ -102,7 +102,7 @@
 //! ```
 #![deny(missing_docs)]
 // Strata: generated helper types unused by this build warn on every compile.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::all)]
 // Display required features for items when rendering for docs.rs
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
