@@ -86,6 +86,7 @@ impl Broker {
                 interval: Duration::from_millis(config.wal_flush_interval_ms),
                 max_bytes: config.wal_flush_bytes,
                 timeout: Duration::from_millis(config.wal_flush_timeout_ms),
+                concurrency: config.wal_flush_concurrency,
             },
             store.clone(),
             meta.clone(),

@@ -104,6 +104,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "how long one flush keeps retrying the object store and metadata store before failing its batches",
     ),
     def(
+        "wal.flush.concurrency",
+        "4",
+        "write-ahead objects being written at once (their commits stay in order)",
+    ),
+    def(
         "wal.gc.interval.ms",
         "30000",
         "how often write-ahead objects fully covered by segments are deleted",
@@ -296,6 +301,7 @@ pub struct Config {
     pub wal_flush_interval_ms: u64,
     pub wal_flush_bytes: usize,
     pub wal_flush_timeout_ms: u64,
+    pub wal_flush_concurrency: usize,
     pub wal_gc_interval_ms: u64,
     pub retention_check_interval_ms: u64,
     pub segment_upload_concurrency: usize,
@@ -390,6 +396,7 @@ impl Config {
             wal_flush_interval_ms: positive("wal.flush.interval.ms")?,
             wal_flush_bytes: positive("wal.flush.bytes")? as usize,
             wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,
+            wal_flush_concurrency: positive("wal.flush.concurrency")? as usize,
             wal_gc_interval_ms: positive("wal.gc.interval.ms")?,
             retention_check_interval_ms: positive("log.retention.check.interval.ms")?,
             segment_upload_concurrency: positive("segment.upload.concurrency")? as usize,

@@ -170,6 +170,7 @@ class Broker:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("STRATA_") or k == "STRATA_LOG"}
         env.setdefault("RUST_BACKTRACE", "1")
+        env.setdefault("NO_COLOR", "1")  # plain log files
         env.update({k: str(v) for k, v in self.extra_env.items()})
         return env
 
@@ -291,6 +292,9 @@ class Broker:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "timeout(seconds): per-test timeout (pytest-timeout)")
+    # kafka-python 3 loads its protocol schemas with deprecated importlib.resources calls
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:kafka.*")
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:importlib.*")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -378,8 +382,11 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1, config: dict | 
 
 
 def topic_partitions(bootstrap: str, name: str, timeout: float = 10.0):
-    """Partition count of `name` per Metadata, or None when the topic is absent."""
-    md = admin_client(bootstrap).list_topics(topic=name, timeout=timeout)
+    """Partition count of `name` per Metadata, or None when the topic is absent.
+
+    Asks for all topics: a Metadata request naming the topic would auto-create it
+    (librdkafka's admin client allows auto-creation, like a producer)."""
+    md = admin_client(bootstrap).list_topics(timeout=timeout)
     t = md.topics.get(name)
     if t is None or t.error is not None:
         return None

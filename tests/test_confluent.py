@@ -80,7 +80,8 @@ def test_create_topic_listed_in_metadata(module_broker):
 
 
 def test_describe_cluster(module_broker):
-    desc = admin_client(module_broker.bootstrap).describe_cluster(request_timeout=30).result(30)
+    a = admin_client(module_broker.bootstrap)  # keep the client alive until the future resolves
+    desc = a.describe_cluster(request_timeout=30).result(30)
     assert desc.cluster_id, "empty cluster id"
     assert [(n.id, n.host, n.port) for n in desc.nodes] == [(0, "127.0.0.1", module_broker.port)]
     assert desc.controller is not None and desc.controller.id == 0

@@ -5,18 +5,19 @@
 //! partition, then commits all their offset ranges in ONE metadata transaction, and only
 //! then tells each partition how far it is durable. Flushes start at most once per
 //! interval (measured from the previous flush's start), so a lone batch after a quiet
-//! spell is written at once while a busy broker still writes one object per interval. Object-store requests therefore grow
-//! with time, not with the number of partitions. One flush is in flight at a time while
-//! the next one fills, so commits reach the metadata store in offset order.
+//! spell is written at once while a busy broker still writes one object per interval.
+//! Up to `wal.flush.concurrency` objects are written at once while their commits stay
+//! in order. Object-store requests therefore grow with time, not with the number of
+//! partitions.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
 use object_store::ObjectStore;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -50,6 +51,8 @@ pub struct FlusherConfig {
     pub interval: Duration,
     pub max_bytes: usize,
     pub timeout: Duration,
+    /// Flushes whose objects may be in flight at once (commits stay in order).
+    pub concurrency: usize,
 }
 
 /// One partition's share of the buffer being filled.
@@ -65,6 +68,26 @@ struct Pending {
     notify: mpsc::UnboundedSender<Notice>,
 }
 
+impl Pending {
+    fn new(item: &FlushItem) -> Pending {
+        Pending {
+            stream: item.stream.clone(),
+            leader_epoch: item.leader_epoch,
+            gen: item.gen,
+            base_offset: item.base_offset,
+            end_offset: item.base_offset,
+            max_timestamp: -1,
+            data: Vec::new(),
+            producers: IndexMap::new(),
+            notify: item.notify.clone(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+}
+
 #[derive(Default)]
 struct Buffer {
     partitions: IndexMap<PartitionKey, Pending>,
@@ -72,17 +95,16 @@ struct Buffer {
     opened: Option<Instant>,
 }
 
-/// A flush running in its own task; yields the worker back with the partitions whose
-/// batches it abandoned (and their generation).
-type FlushTask = tokio::task::JoinHandle<(Flusher, Vec<(PartitionKey, u64)>)>;
+/// Lowest live generation per partition: a flush that failed for a partition abandons
+/// that generation's batches, in the buffer and in every later flush still in flight.
+type Abandoned = Arc<Mutex<HashMap<PartitionKey, u64>>>;
 
 pub struct Flusher {
     config: FlusherConfig,
     store: Arc<dyn ObjectStore>,
     meta: Arc<dyn MetadataStore>,
     seq: u64,
-    /// Lowest live generation per partition, after a failed flush abandoned older ones.
-    min_gen: HashMap<PartitionKey, u64>,
+    abandoned: Abandoned,
 }
 
 impl Flusher {
@@ -96,14 +118,21 @@ impl Flusher {
             store,
             meta,
             seq: 0,
-            min_gen: HashMap::new(),
+            abandoned: Arc::default(),
         }
     }
 
     /// Runs until every sender is dropped, flushing what is left at the end.
+    ///
+    /// Up to `concurrency` flushes write their objects at once; their commits run one
+    /// after another in the order the flushes started (a turn passed down a chain of
+    /// oneshot channels), so every partition's ranges are committed in offset order.
     pub async fn run(mut self, mut rx: mpsc::Receiver<FlushItem>) {
         let mut buffer = Buffer::default();
-        let mut in_flight: Option<FlushTask> = None;
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+        let (first_turn, mut prev_turn) = oneshot::channel::<()>();
+        let _ = first_turn.send(());
         let mut open = true;
         // Flushes start at most once per interval: a batch arriving after a quiet spell
         // goes out at once, and under load each flush carries one interval's worth.
@@ -112,14 +141,16 @@ impl Flusher {
             let deadline = buffer.opened.map(|opened| {
                 last_flush.map_or(opened, |t| (t + self.config.interval).max(opened))
             });
+            let idle = permits.available_permits() == self.config.concurrency;
+            let can_start = permits.available_permits() > 0;
             let due =
                 buffer.bytes >= self.config.max_bytes || (!open && !buffer.partitions.is_empty());
-            if in_flight.is_none() && due {
+            if can_start && due {
                 last_flush = Some(Instant::now());
-                in_flight = Some(self.spawn_flush(&mut buffer));
+                prev_turn = self.start_flush(&mut buffer, &permits, prev_turn, &done_tx);
                 continue;
             }
-            if !open && buffer.partitions.is_empty() && in_flight.is_none() {
+            if !open && buffer.partitions.is_empty() && idle {
                 return;
             }
             tokio::select! {
@@ -127,75 +158,41 @@ impl Flusher {
                     Some(item) => self.add(&mut buffer, item),
                     None => open = false,
                 },
-                _ = sleep_until(deadline), if in_flight.is_none() && deadline.is_some() => {
+                _ = sleep_until(deadline), if can_start && deadline.is_some() => {
                     last_flush = Some(Instant::now());
-                    in_flight = Some(self.spawn_flush(&mut buffer));
+                    prev_turn = self.start_flush(&mut buffer, &permits, prev_turn, &done_tx);
                 }
-                done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                    in_flight = None;
-                    match done {
-                        Ok((flusher, failed)) => {
-                            self.seq = flusher.seq;
-                            for (key, gen) in failed {
-                                self.min_gen.insert(key, gen + 1);
-                                // Items of the abandoned generation already buffered go too.
-                                if buffer.partitions.get(&key).is_some_and(|p| p.gen <= gen) {
-                                    if let Some(p) = buffer.partitions.shift_remove(&key) {
-                                        buffer.bytes -= p.data.iter().map(Bytes::len).sum::<usize>();
-                                    }
-                                }
-                            }
-                            if buffer.partitions.is_empty() {
-                                buffer.opened = None;
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "write-ahead flush task panicked"),
-                    }
-                }
+                _ = done_rx.recv() => {}
             }
         }
     }
 
     fn add(&mut self, buffer: &mut Buffer, item: FlushItem) {
-        if self.min_gen.get(&item.key).is_some_and(|&g| item.gen < g) {
+        let live_gen = self
+            .abandoned
+            .lock()
+            .expect("abandoned lock poisoned")
+            .get(&item.key)
+            .copied();
+        if live_gen.is_some_and(|g| item.gen < g) {
             return;
         }
-        buffer.bytes += item.batch.len();
         buffer.opened.get_or_insert_with(Instant::now);
         let p = buffer
             .partitions
             .entry(item.key)
-            .or_insert_with(|| Pending {
-                stream: item.stream.clone(),
-                leader_epoch: item.leader_epoch,
-                gen: item.gen,
-                base_offset: item.base_offset,
-                end_offset: item.base_offset,
-                max_timestamp: -1,
-                data: Vec::new(),
-                producers: IndexMap::new(),
-                notify: item.notify.clone(),
-            });
+            .or_insert_with(|| Pending::new(&item));
         if p.gen != item.gen {
-            // The owner abandoned the older batches (a failed flush we have not seen the
-            // end of yet); start over from the new generation.
-            buffer.bytes -= p.data.iter().map(Bytes::len).sum::<usize>();
-            *p = Pending {
-                stream: item.stream.clone(),
-                leader_epoch: item.leader_epoch,
-                gen: item.gen,
-                base_offset: item.base_offset,
-                end_offset: item.base_offset,
-                max_timestamp: -1,
-                data: Vec::new(),
-                producers: IndexMap::new(),
-                notify: item.notify.clone(),
-            };
+            // The owner abandoned the older batches after a failed flush; start over
+            // from the new generation.
+            buffer.bytes -= p.bytes();
+            *p = Pending::new(&item);
         }
         debug_assert_eq!(
             p.end_offset, item.base_offset,
             "batches of a partition arrive in offset order"
         );
+        buffer.bytes += item.batch.len();
         p.end_offset = item.end_offset;
         p.max_timestamp = p.max_timestamp.max(item.max_timestamp);
         p.data.push(item.batch);
@@ -204,138 +201,216 @@ impl Flusher {
         }
     }
 
-    /// Takes the filled buffer and flushes it in its own task. The flusher state the task
-    /// needs (object sequence) travels with it and comes back when it is done.
-    fn spawn_flush(&mut self, buffer: &mut Buffer) -> FlushTask {
+    /// Takes the filled buffer and flushes it in its own task; returns the turn the
+    /// next flush waits for before committing.
+    fn start_flush(
+        &mut self,
+        buffer: &mut Buffer,
+        permits: &Arc<Semaphore>,
+        prev_turn: oneshot::Receiver<()>,
+        done: &mpsc::UnboundedSender<()>,
+    ) -> oneshot::Receiver<()> {
         let taken = std::mem::take(buffer);
-        let mut worker = Flusher {
+        let (turn_tx, turn_rx) = oneshot::channel();
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Callers check for a free permit first; keep the order chain intact anyway.
+            let _ = turn_tx.send(());
+            return turn_rx;
+        };
+        let job = FlushJob {
             config: self.config.clone(),
             store: self.store.clone(),
             meta: self.meta.clone(),
+            abandoned: self.abandoned.clone(),
             seq: self.seq,
-            min_gen: HashMap::new(),
         };
         self.seq += 1;
+        let done = done.clone();
         tokio::spawn(async move {
-            let failed = worker.flush(taken.partitions).await;
-            (worker, failed)
-        })
+            job.run(taken.partitions, prev_turn, turn_tx).await;
+            drop(permit);
+            let _ = done.send(());
+        });
+        turn_rx
     }
+}
 
-    /// Writes and commits one write-ahead object; returns the partitions whose batches
-    /// were abandoned (with their generation).
-    async fn flush(
-        &mut self,
+/// One flush: write the object, wait for the previous flush's commit, commit.
+struct FlushJob {
+    config: FlusherConfig,
+    store: Arc<dyn ObjectStore>,
+    meta: Arc<dyn MetadataStore>,
+    abandoned: Abandoned,
+    seq: u64,
+}
+
+impl FlushJob {
+    async fn run(
+        self,
         mut partitions: IndexMap<PartitionKey, Pending>,
-    ) -> Vec<(PartitionKey, u64)> {
-        if partitions.is_empty() {
-            return Vec::new();
-        }
+        prev_turn: oneshot::Receiver<()>,
+        turn: oneshot::Sender<()>,
+    ) {
         let started = Instant::now();
         let deadline = started + self.config.timeout;
-        let mut failed = Vec::new();
-        loop {
-            let seq = self.seq;
-            self.seq += 1;
-            let key =
-                tiering::keys::wal_object_key(self.config.broker_id, self.config.session, seq);
-            let chunks = partitions
-                .values()
-                .map(|p| tiering::wal::WalChunk {
-                    stream: p.stream.to_string(),
+        let key =
+            tiering::keys::wal_object_key(self.config.broker_id, self.config.session, self.seq);
+        let chunks: Vec<tiering::wal::WalChunk> = partitions
+            .values()
+            .map(|p| tiering::wal::WalChunk {
+                stream: p.stream.to_string(),
+                base_offset: p.base_offset,
+                end_offset: p.end_offset,
+                max_timestamp: p.max_timestamp,
+                data: p.data.clone(),
+            })
+            .collect();
+        let (payload, locations) = tiering::wal::build_wal_object(chunks);
+        let ranges: HashMap<PartitionKey, WalRangeRecord> = partitions
+            .iter()
+            .zip(locations)
+            .map(|((k, p), loc)| {
+                let range = WalRangeRecord {
                     base_offset: p.base_offset,
                     end_offset: p.end_offset,
+                    object_key: key.to_string(),
+                    position: loc.position,
+                    len: loc.len,
                     max_timestamp: p.max_timestamp,
-                    data: p.data.clone(),
-                })
-                .collect();
-            let (payload, locations) = tiering::wal::build_wal_object(chunks);
-            let size = payload.content_length();
-            if let Err(e) = tiering::store::put_new(self.store.as_ref(), &key, payload).await {
-                if Instant::now() >= deadline {
-                    warn!(error = %e, "write-ahead object write failed past the flush timeout");
-                    break;
-                }
-                warn!(error = %e, object = %key, "write-ahead object write failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                };
+                (*k, range)
+            })
+            .collect();
+        let written = !partitions.is_empty() && self.write(&key, payload, deadline).await;
+        // Commits go in flush order; a failed predecessor has marked what it abandoned.
+        let _ = prev_turn.await;
+        if !written {
+            self.abandon(partitions.drain(..), false);
+            let _ = turn.send(());
+            return;
+        }
+        let stale: Vec<PartitionKey> = {
+            let abandoned = self.abandoned.lock().expect("abandoned lock poisoned");
+            partitions
+                .iter()
+                .filter(|(k, p)| abandoned.get(k).is_some_and(|&g| p.gen < g))
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        for k in stale {
+            // Its earlier batches were never committed: these would leave a gap.
+            if let Some(p) = partitions.shift_remove(&k) {
+                self.abandon([(k, p)].into_iter(), false);
+            }
+        }
+        loop {
+            if partitions.is_empty() {
+                break;
             }
             let commit = WalCommit {
                 object_key: key.to_string(),
                 created_ms: now_ms(),
                 partitions: partitions
                     .iter()
-                    .zip(&locations)
-                    .map(|((k, p), loc)| PartitionCommit {
+                    .map(|(k, p)| PartitionCommit {
                         key: *k,
                         leader_epoch: p.leader_epoch,
-                        range: WalRangeRecord {
-                            base_offset: p.base_offset,
-                            end_offset: p.end_offset,
-                            object_key: key.to_string(),
-                            position: loc.position,
-                            len: loc.len,
-                            max_timestamp: p.max_timestamp,
-                        },
+                        range: ranges[k].clone(),
                         producers: p.producers.values().cloned().collect(),
                     })
                     .collect(),
             };
             match self.commit(&commit, deadline).await {
                 Ok(()) => {
-                    debug!(object = %key, bytes = size, partitions = partitions.len(), elapsed_ms = started.elapsed().as_millis() as u64, "write-ahead object committed");
+                    debug!(object = %key, partitions = partitions.len(), elapsed_ms = started.elapsed().as_millis() as u64, "write-ahead object committed");
                     for p in partitions.values() {
                         let _ = p.notify.send(Notice::Flushed {
                             gen: p.gen,
                             end_offset: p.end_offset,
                         });
                     }
-                    return failed;
+                    break;
                 }
                 Err(MetaError::Fenced(keys)) => {
-                    // Those partitions have a newer owner: drop them, write the rest again
-                    // (the unreferenced object is garbage-collected later).
-                    for k in keys {
-                        if let Some(p) = partitions.shift_remove(&k) {
-                            let _ = p.notify.send(Notice::FlushFailed {
-                                gen: p.gen,
-                                fenced: true,
-                            });
-                            failed.push((k, p.gen));
-                        }
+                    // Those partitions have a newer owner: drop them and commit the rest
+                    // (their bytes in this object are never referenced).
+                    let fenced: Vec<_> = keys
+                        .iter()
+                        .filter_map(|k| partitions.shift_remove_entry(k))
+                        .collect();
+                    if fenced.is_empty() {
+                        warn!("write-ahead commit fenced without naming a partition of this flush");
+                        self.abandon(partitions.drain(..), false);
+                        break;
                     }
-                    if partitions.is_empty() {
-                        return failed;
-                    }
+                    self.abandon(fenced.into_iter(), true);
                 }
                 Err(e) => {
-                    warn!(error = %e, "write-ahead commit failed past the flush timeout");
+                    warn!(error = %e, object = %key, "write-ahead commit failed past the flush timeout");
+                    self.abandon(partitions.drain(..), false);
                     break;
                 }
             }
         }
-        for (k, p) in partitions {
-            let _ = p.notify.send(Notice::FlushFailed {
-                gen: p.gen,
-                fenced: false,
-            });
-            failed.push((k, p.gen));
+        let _ = turn.send(());
+    }
+
+    /// Writes the object, retrying until the deadline. A retry that finds the object
+    /// already there means an earlier attempt landed (only this flush writes this name).
+    async fn write(
+        &self,
+        key: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        deadline: Instant,
+    ) -> bool {
+        let mut attempt = 0u32;
+        loop {
+            match tiering::store::put_new(self.store.as_ref(), key, payload.clone()).await {
+                Ok(()) => return true,
+                Err(tiering::Error::AlreadyExists { .. }) if attempt > 0 => return true,
+                Err(e) if Instant::now() < deadline => {
+                    warn!(error = %e, object = %key, attempt, "write-ahead object write failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, object = %key, "write-ahead object write failed past the flush timeout");
+                    return false;
+                }
+            }
         }
-        failed
+    }
+
+    /// Tells the owners their batches are abandoned and remembers the generation so
+    /// later flushes and the buffer drop the rest of it.
+    fn abandon(&self, parts: impl Iterator<Item = (PartitionKey, Pending)>, fenced: bool) {
+        let mut abandoned = self.abandoned.lock().expect("abandoned lock poisoned");
+        for (k, p) in parts {
+            let live = abandoned.entry(k).or_insert(0);
+            *live = (*live).max(p.gen + 1);
+            let _ = p.notify.send(Notice::FlushFailed { gen: p.gen, fenced });
+        }
     }
 
     /// Commits, retrying a metadata store that is unavailable until the deadline.
     async fn commit(&self, commit: &WalCommit, deadline: Instant) -> Result<(), MetaError> {
+        let mut attempt = 0;
         loop {
             match self.meta.commit_wal(commit).await {
                 Err(MetaError::Unavailable(e)) if Instant::now() < deadline => {
-                    warn!(error = %e, "write-ahead commit failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    attempt += 1;
+                    warn!(error = %e, attempt, "write-ahead commit failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 other => return other,
             }
         }
     }
+}
+
+/// Exponential backoff from 50 ms to 2 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6)).min(2_000))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
