@@ -362,14 +362,14 @@ impl Encodable for DescribedDelegationToken {
             types::CompactString.encode(buf, &self.token_requester_principal_type)?;
         } else {
             if !self.token_requester_principal_type.is_empty() {
-                bail!("A field is set that is not available on the selected protocol version");
+                // Strata: a field the negotiated version lacks is left out (Kafka drops ignorable fields).
             }
         }
         if version >= 3 {
             types::CompactString.encode(buf, &self.token_requester_principal_name)?;
         } else {
             if !self.token_requester_principal_name.is_empty() {
-                bail!("A field is set that is not available on the selected protocol version");
+                // Strata: a field the negotiated version lacks is left out (Kafka drops ignorable fields).
             }
         }
         types::Int64.encode(buf, &self.issue_timestamp)?;
@@ -421,7 +421,7 @@ impl Encodable for DescribedDelegationToken {
                 types::CompactString.compute_size(&self.token_requester_principal_type)?;
         } else {
             if !self.token_requester_principal_type.is_empty() {
-                bail!("A field is set that is not available on the selected protocol version");
+                // Strata: a field the negotiated version lacks is left out (Kafka drops ignorable fields).
             }
         }
         if version >= 3 {
@@ -429,7 +429,7 @@ impl Encodable for DescribedDelegationToken {
                 types::CompactString.compute_size(&self.token_requester_principal_name)?;
         } else {
             if !self.token_requester_principal_name.is_empty() {
-                bail!("A field is set that is not available on the selected protocol version");
+                // Strata: a field the negotiated version lacks is left out (Kafka drops ignorable fields).
             }
         }
         total_size += types::Int64.compute_size(&self.issue_timestamp)?;
