@@ -143,16 +143,9 @@ impl Broker {
     async fn open_topic(&self, record: &TopicRecord) -> anyhow::Result<Topic> {
         let config = TopicConfig::resolve(&self.config.values, &record.configs);
         let name: Arc<str> = Arc::from(record.name.as_str());
-        let mut partitions = Vec::with_capacity(record.partitions as usize);
-        for p in 0..record.partitions {
-            let key = PartitionKey {
-                topic_id: record.id,
-                partition: p,
-            };
-            let (handle, _task) =
-                partition::start(self.log.clone(), name.clone(), key, config.clone()).await?;
-            partitions.push(handle);
-        }
+        let partitions = self
+            .start_partitions(record.id, &name, 0..record.partitions, &config)
+            .await?;
         Ok(Topic {
             name,
             id: record.id,
@@ -160,6 +153,34 @@ impl Broker {
             config,
             partitions,
         })
+    }
+
+    /// Claims and recovers partitions, several at once (each may download its
+    /// write-ahead tail), returning their handles in partition order.
+    async fn start_partitions(
+        &self,
+        topic_id: Uuid,
+        name: &Arc<str>,
+        range: std::ops::Range<i32>,
+        config: &TopicConfig,
+    ) -> anyhow::Result<Vec<PartitionHandle>> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(range)
+            .map(|p| {
+                let key = PartitionKey {
+                    topic_id,
+                    partition: p,
+                };
+                let (ctx, name, config) = (self.log.clone(), name.clone(), config.clone());
+                async move {
+                    partition::start(ctx, name, key, config)
+                        .await
+                        .map(|(h, _task)| h)
+                }
+            })
+            .buffered(RECOVERY_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     fn insert(&self, topic: Topic) {
@@ -339,21 +360,11 @@ impl Broker {
         }
         self.meta.set_partition_count(name, count).await?;
         let mut partitions = topic.partitions.clone();
-        for p in current..count {
-            let key = PartitionKey {
-                topic_id: topic.id,
-                partition: p,
-            };
-            let (handle, _) = partition::start(
-                self.log.clone(),
-                topic.name.clone(),
-                key,
-                topic.config.clone(),
-            )
+        let added = self
+            .start_partitions(topic.id, &topic.name, current..count, &topic.config)
             .await
-            .map_err(|e| TopicError::Internal(format!("starting partition: {e:#}")))?;
-            partitions.push(handle);
-        }
+            .map_err(|e| TopicError::Internal(format!("starting partitions: {e:#}")))?;
+        partitions.extend(added);
         self.insert(Topic {
             name: topic.name.clone(),
             id: topic.id,
@@ -395,6 +406,9 @@ impl Broker {
     }
 }
 
+/// Partitions claimed and recovered at once.
+const RECOVERY_CONCURRENCY: usize = 16;
+
 /// Upper bound on partitions per topic (each is a task, a file and metadata rows).
 pub const MAX_PARTITIONS: i32 = 10_000;
 
@@ -412,19 +426,15 @@ pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
 }
 
 impl Broker {
-    /// Stops every partition owner; batches already handed to the flusher are flushed
-    /// (the flusher drains its queue when the last sender is gone).
+    /// Stops the partition owners after letting batches already handed to the flusher
+    /// commit (new requests stopped arriving when the listener closed).
     pub async fn shutdown(&self) {
-        let topics = self.topics();
-        for t in &topics {
+        let grace = Duration::from_millis(self.config.wal_flush_interval_ms * 2 + 100);
+        tokio::time::sleep(grace).await;
+        for t in &self.topics() {
             for p in &t.partitions {
                 let _ = p.cmd.send(PartitionCmd::Stop).await;
             }
         }
-        // Give the final flush a moment to commit.
-        tokio::time::sleep(Duration::from_millis(
-            self.config.wal_flush_interval_ms * 2 + 50,
-        ))
-        .await;
     }
 }

@@ -107,7 +107,13 @@ fn run_serve(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("binding kafka listener {}: {e}", config.listen))?;
+        let http = tokio::net::TcpListener::bind(&config.http)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding http endpoint {}: {e}", config.http))?;
+        let slot = crate::http::BrokerSlot::default();
+        tokio::spawn(crate::http::serve(http, slot.clone()));
         let broker = crate::broker::Broker::start(config).await?;
+        let _ = slot.set(broker.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(crate::server::serve(broker.clone(), listener, stop_rx));
         shutdown_signal().await;

@@ -64,7 +64,7 @@ pub const SETTINGS: &[SettingDef] = &[
         "",
         "address clients are told to connect to (HOST:PORT); defaults to --listen",
     ),
-    def("http", "127.0.0.1:9644", "metrics and health HTTP address (HOST:PORT)"),
+    def("http", "127.0.0.1:9644", "operator HTTP address (HOST:PORT): /healthz and /readyz"),
     def(
         "data-dir",
         "./data",

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod handlers;
+pub mod http;
 pub mod log;
 pub mod metadata;
 pub mod perf;

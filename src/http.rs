@@ -1,0 +1,74 @@
+//! The operator HTTP endpoint (`--http`): `/healthz` (the process is alive) and
+//! `/readyz` (the broker recovered its partitions and its metadata store answers).
+//! It starts before recovery, so orchestrators see "alive, not ready" while a broker
+//! rebuilds its partitions.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::broker::Broker;
+
+/// Filled in once the broker has started.
+pub type BrokerSlot = Arc<OnceLock<Arc<Broker>>>;
+
+/// How long a readiness probe waits for the metadata store.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn serve(listener: TcpListener, slot: BrokerSlot) {
+    info!(addr = ?listener.local_addr().ok(), "http endpoint ready");
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| route(req, slot.clone()));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+async fn route(
+    req: Request<Incoming>,
+    slot: BrokerSlot,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match slot.get() {
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
+            Some(broker) => {
+                match tokio::time::timeout(READY_PROBE_TIMEOUT, broker.meta.list_topics()).await {
+                    Ok(Ok(_)) => text(StatusCode::OK, "ready\n"),
+                    _ => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "metadata store unreachable\n",
+                    ),
+                }
+            }
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz or /readyz\n",
+        ),
+    })
+}
