@@ -144,6 +144,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "request bytes in flight across all connections before reading pauses",
     ),
     def(
+        "fetch.max.bytes",
+        "57671680",
+        "most record bytes one fetch response carries, whatever the client asks",
+    ),
+    def(
         "partition.queue.length",
         "1024",
         "commands queued for one partition's owner task",
@@ -310,6 +315,7 @@ pub struct Config {
     pub max_inflight_per_connection: usize,
     pub queued_max_request_bytes: usize,
     pub partition_queue_length: usize,
+    pub fetch_max_bytes: usize,
     pub auto_create_topics: bool,
     pub num_partitions: i32,
     /// Broker-wide topic defaults.
@@ -382,6 +388,9 @@ impl Config {
             bail!("broker-id must not be negative");
         }
         let topic_defaults = TopicConfig::resolve(&values, &BTreeMap::new());
+        if positive("socket.request.max.bytes")? > positive("queued.max.request.bytes")? {
+            bail!("socket.request.max.bytes must not exceed queued.max.request.bytes (one request must fit the budget)");
+        }
         Ok(Config {
             listen,
             advertise,
@@ -405,6 +414,7 @@ impl Config {
             max_inflight_per_connection: positive("max.inflight.requests.per.connection")? as usize,
             queued_max_request_bytes: positive("queued.max.request.bytes")? as usize,
             partition_queue_length: positive("partition.queue.length")? as usize,
+            fetch_max_bytes: positive("fetch.max.bytes")? as usize,
             auto_create_topics,
             num_partitions: i32::try_from(positive("num.partitions")?)
                 .context("num.partitions out of range")?,

@@ -27,11 +27,12 @@ pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, _version: i16) -> Fe
     let deadline =
         Instant::now() + Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT);
     let min_bytes = req.min_bytes.max(0) as usize;
-    let max_bytes = if req.max_bytes <= 0 {
-        i32::MAX as usize
+    let asked = if req.max_bytes <= 0 {
+        usize::MAX
     } else {
         req.max_bytes as usize
     };
+    let max_bytes = asked.min(broker.config.fetch_max_bytes);
     loop {
         // Subscribe before reading so a commit between the read and the wait wakes us.
         let mut watchers = Vec::new();
