@@ -64,6 +64,7 @@ pub struct Broker {
     pub meta: Arc<dyn MetadataStore>,
     pub log: Arc<LogContext>,
     pub indexes: IndexCache,
+    pub groups: Arc<crate::group::Coordinator>,
     registry: RwLock<Registry>,
     /// Serializes topic creation and deletion (rare, and simpler to reason about).
     admin: tokio::sync::Mutex<()>,
@@ -102,7 +103,25 @@ impl Broker {
             queue_length: config.partition_queue_length,
             broker_id: config.broker_id,
         });
+        let groups = crate::group::Coordinator::new(
+            meta.clone(),
+            crate::group::CoordinatorConfig {
+                limits: crate::group::classic::GroupLimits {
+                    min_session_timeout_ms: config.group_min_session_timeout_ms,
+                    max_session_timeout_ms: config.group_max_session_timeout_ms,
+                    initial_rebalance_delay_ms: config.group_initial_rebalance_delay_ms,
+                    max_members: config.group_max_size,
+                },
+                max_groups: config.groups_max,
+                offset_metadata_max_bytes: config.offset_metadata_max_bytes,
+                offsets_retention_ms: config.offsets_retention_ms,
+                offsets_retention_check_interval: Duration::from_millis(
+                    config.offsets_retention_check_interval_ms,
+                ),
+            },
+        );
         let broker = Arc::new(Broker {
+            groups,
             config,
             store,
             meta,

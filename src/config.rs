@@ -154,6 +154,42 @@ pub const SETTINGS: &[SettingDef] = &[
         "commands queued for one partition's owner task",
     ),
     def(
+        "group.initial.rebalance.delay.ms",
+        "3000",
+        "how long a group leaving Empty waits for more members before its first rebalance completes",
+    ),
+    def(
+        "group.min.session.timeout.ms",
+        "6000",
+        "smallest session timeout a consumer may ask for",
+    ),
+    def(
+        "group.max.session.timeout.ms",
+        "1800000",
+        "largest session timeout a consumer may ask for",
+    ),
+    def("group.max.size", "1000", "members one consumer group may have"),
+    def(
+        "groups.max",
+        "100000",
+        "consumer groups the coordinator keeps in memory at once",
+    ),
+    def(
+        "offsets.retention.minutes",
+        "10080",
+        "committed offsets of a group without members are deleted this long after their last commit",
+    ),
+    def(
+        "offsets.retention.check.interval.ms",
+        "600000",
+        "how often expired committed offsets are deleted",
+    ),
+    def(
+        "offset.metadata.max.bytes",
+        "4096",
+        "longest metadata string an offset commit may carry",
+    ),
+    def(
         "auto.create.topics.enable",
         "true",
         "create a topic when a client produces to or asks metadata for one that does not exist",
@@ -316,6 +352,14 @@ pub struct Config {
     pub queued_max_request_bytes: usize,
     pub partition_queue_length: usize,
     pub fetch_max_bytes: usize,
+    pub group_initial_rebalance_delay_ms: i64,
+    pub group_min_session_timeout_ms: i32,
+    pub group_max_session_timeout_ms: i32,
+    pub group_max_size: usize,
+    pub groups_max: usize,
+    pub offsets_retention_ms: i64,
+    pub offsets_retention_check_interval_ms: u64,
+    pub offset_metadata_max_bytes: usize,
     pub auto_create_topics: bool,
     pub num_partitions: i32,
     /// Broker-wide topic defaults.
@@ -415,6 +459,17 @@ impl Config {
             queued_max_request_bytes: positive("queued.max.request.bytes")? as usize,
             partition_queue_length: positive("partition.queue.length")? as usize,
             fetch_max_bytes: positive("fetch.max.bytes")? as usize,
+            group_initial_rebalance_delay_ms: num("group.initial.rebalance.delay.ms")?.max(0),
+            group_min_session_timeout_ms: i32::try_from(positive("group.min.session.timeout.ms")?)
+                .context("group.min.session.timeout.ms out of range")?,
+            group_max_session_timeout_ms: i32::try_from(positive("group.max.session.timeout.ms")?)
+                .context("group.max.session.timeout.ms out of range")?,
+            group_max_size: positive("group.max.size")? as usize,
+            groups_max: positive("groups.max")? as usize,
+            offsets_retention_ms: positive("offsets.retention.minutes")?.saturating_mul(60_000)
+                as i64,
+            offsets_retention_check_interval_ms: positive("offsets.retention.check.interval.ms")?,
+            offset_metadata_max_bytes: positive("offset.metadata.max.bytes")? as usize,
             auto_create_topics,
             num_partitions: i32::try_from(positive("num.partitions")?)
                 .context("num.partitions out of range")?,

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod group;
 pub mod handlers;
 pub mod http;
 pub mod log;

@@ -28,6 +28,17 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
 ];
 
 pub fn supported_range(api_key: ApiKey) -> Option<(i16, i16)> {
@@ -81,7 +92,11 @@ impl Frame {
 
 /// Handles one request. `Ok(None)` sends nothing (acks=0 produce); `Err` closes the
 /// connection (the caller logs the reason with the peer).
-pub async fn handle(broker: &Arc<Broker>, frame: Frame) -> Result<Option<Bytes>, FrameError> {
+pub async fn handle(
+    broker: &Arc<Broker>,
+    peer: std::net::SocketAddr,
+    frame: Frame,
+) -> Result<Option<Bytes>, FrameError> {
     let api =
         ApiKey::try_from(frame.api_key).map_err(|_| FrameError::UnknownApiKey(frame.api_key))?;
     let range = supported_range(api);
@@ -111,7 +126,7 @@ pub async fn handle(broker: &Arc<Broker>, frame: Frame) -> Result<Option<Bytes>,
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     let request = RequestKind::decode(api, &mut body, frame.api_version)
         .map_err(|e| FrameError::Decode(format!("{api:?} v{}: {e}", frame.api_version)))?;
-    let response = handlers::dispatch(broker, &header, request).await;
+    let response = handlers::dispatch(broker, &header, peer, request).await;
     match response {
         Some(r) => encode(frame.correlation_id, api, frame.api_version, &r).map(Some),
         None => Ok(None),

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import create_topic, producer, unique_topic
 from test_bad_input import (API_METADATA, API_PRODUCE, API_VERSIONS, ERR_NONE, Reader, TAGS,
-                            api_versions, compact_string, connect, frame, i8, i16, i32, i64,
+                            api_versions, compact_string, connect, frame, i8, i32, i64,
                             produce_partition_error, produce_request, record_batch_v2, recv_frame,
                             request_header, string, uvarint)
 

@@ -235,7 +235,7 @@ def test_repeated_kill9_with_cache_loss_under_load(broker_factory, tmp_path):
 
         history = []
         for rnd in range(ROUNDS):
-            time.sleep(rng.uniform(0.2, 2.5))
+            time.sleep(rng.uniform(0.05, 2.5))
             assert proc.poll() is None, f"producer died in round {rnd}:\n{producer_log()}"
             before = watermarks(b.bootstrap, topic, PARTITIONS)
             acked = read_acks(ack_path)

@@ -2,9 +2,11 @@
 //! returns the response; errors reach clients as Kafka error codes (see [`errors`]).
 
 pub mod api_versions;
+pub mod commits;
 pub mod configs;
 pub mod errors;
 pub mod fetch;
+pub mod groups;
 pub mod metadata;
 pub mod offsets;
 pub mod produce;
@@ -21,9 +23,16 @@ use crate::broker::Broker;
 pub async fn dispatch(
     broker: &Arc<Broker>,
     header: &RequestHeader,
+    peer: std::net::SocketAddr,
     request: RequestKind,
 ) -> Option<ResponseKind> {
     let v = header.request_api_version;
+    let client_id = header
+        .client_id
+        .as_ref()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    let client_host = format!("/{}", peer.ip());
     Some(match request {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions::response()),
         RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::metadata(broker, r, v).await),
@@ -66,6 +75,35 @@ pub async fn dispatch(
         RequestKind::IncrementalAlterConfigs(r) => ResponseKind::IncrementalAlterConfigs(
             configs::incremental_alter_configs(broker, r).await,
         ),
+        RequestKind::FindCoordinator(r) => {
+            ResponseKind::FindCoordinator(groups::find_coordinator(broker, r, v))
+        }
+        RequestKind::JoinGroup(r) => ResponseKind::JoinGroup(
+            groups::join_group(broker, r, v, &client_id, &client_host).await,
+        ),
+        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync_group(broker, r).await),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(broker, r).await),
+        RequestKind::LeaveGroup(r) => {
+            ResponseKind::LeaveGroup(groups::leave_group(broker, r, v).await)
+        }
+        RequestKind::ListGroups(r) => {
+            ResponseKind::ListGroups(groups::list_groups(broker, r).await)
+        }
+        RequestKind::DescribeGroups(r) => {
+            ResponseKind::DescribeGroups(groups::describe_groups(broker, r).await)
+        }
+        RequestKind::DeleteGroups(r) => {
+            ResponseKind::DeleteGroups(groups::delete_groups(broker, r).await)
+        }
+        RequestKind::OffsetCommit(r) => {
+            ResponseKind::OffsetCommit(commits::offset_commit(broker, r).await)
+        }
+        RequestKind::OffsetFetch(r) => {
+            ResponseKind::OffsetFetch(commits::offset_fetch(broker, r, v).await)
+        }
+        RequestKind::OffsetDelete(r) => {
+            ResponseKind::OffsetDelete(commits::offset_delete(broker, r).await)
+        }
         // Only the APIs in `protocol::SUPPORTED` reach dispatch.
         other => unreachable_api(other),
     })

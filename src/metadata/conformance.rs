@@ -11,15 +11,22 @@
 //! - a `commit_wal` naming a partition that does not exist (its topic was deleted)
 //!   reports it as `Fenced`, like a stale epoch, so the rest can be retried without it;
 //! - `set_partition_count` with a count at or below the current one is an `Ok` no-op;
-//! - a `commit_wal` with no partitions still records its object (as garbage).
+//! - a `commit_wal` with no partitions still records its object (as garbage);
+//! - committed offsets are stored as given: a lower offset than the stored one replaces
+//!   it (judging commits is the group coordinator's job), and a topic need not exist;
+//! - committed offsets are independent of topics: `delete_topic` leaves them;
+//! - `commit_offsets` with no offsets is a no-op (the group does not appear);
+//! - `fetch_offsets` sorts topics by name as Rust's `String` order does (bytewise);
+//! - `delete_offsets` and `expire_offsets` count only rows that existed; expiry is
+//!   strict (`commit_timestamp_ms < before_ms`) and never touches unlisted groups.
 
 use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
 use super::{
-    MetaError, MetadataStore, PartitionCommit, PartitionKey, PartitionState, ProducerBatch,
-    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    CommittedOffset, MetaError, MetadataStore, PartitionCommit, PartitionKey, PartitionState,
+    ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
 /// Generates one `#[tokio::test]` per check, each against a fresh store made by
@@ -40,7 +47,15 @@ macro_rules! metadata_store_conformance {
             check_wal_object_gc,
             check_producer_ids,
             check_broker_sessions,
-            check_large_commit
+            check_large_commit,
+            check_offset_commit_and_fetch,
+            check_offset_overwrite,
+            check_offset_groups_isolated,
+            check_offset_delete,
+            check_offset_groups_listed,
+            check_offset_expiry,
+            check_offsets_independent_of_topics,
+            check_large_offset_commit
         );
     };
     (@tests $make_store:expr; $($check:ident),+ $(,)?) => {
@@ -70,6 +85,14 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_producer_ids(store).await;
     check_broker_sessions(store).await;
     check_large_commit(store).await;
+    check_offset_commit_and_fetch(store).await;
+    check_offset_overwrite(store).await;
+    check_offset_groups_isolated(store).await;
+    check_offset_delete(store).await;
+    check_offset_groups_listed(store).await;
+    check_offset_expiry(store).await;
+    check_offsets_independent_of_topics(store).await;
+    check_large_offset_commit(store).await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -236,6 +259,51 @@ fn assert_topic_not_found<T: std::fmt::Debug>(result: Result<T, MetaError>, what
         matches!(result, Err(MetaError::TopicNotFound)),
         "{what}: expected TopicNotFound, got {result:?}"
     );
+}
+
+fn committed(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    commit_timestamp_ms: i64,
+) -> CommittedOffset {
+    CommittedOffset {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        leader_epoch: 4,
+        metadata: format!("meta {topic}/{partition}@{offset}"),
+        commit_timestamp_ms,
+    }
+}
+
+/// What `fetch_offsets` must return for these offsets: sorted by topic, then partition.
+fn sorted_offsets(offsets: &[CommittedOffset]) -> Vec<CommittedOffset> {
+    let mut offsets = offsets.to_vec();
+    offsets.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    offsets
+}
+
+async fn commit_offsets(store: &dyn MetadataStore, group: &str, offsets: &[CommittedOffset]) {
+    store
+        .commit_offsets(group, offsets)
+        .await
+        .expect("commit offsets");
+}
+
+async fn fetch_offsets(store: &dyn MetadataStore, group: &str) -> Vec<CommittedOffset> {
+    store.fetch_offsets(group).await.expect("fetch offsets")
+}
+
+/// The groups with offsets whose names start with `prefix` (other checks may share the store).
+async fn offset_groups_with(store: &dyn MetadataStore, prefix: &str) -> Vec<String> {
+    store
+        .offset_groups()
+        .await
+        .expect("list offset groups")
+        .into_iter()
+        .filter(|g| g.starts_with(prefix))
+        .collect()
 }
 
 fn sorted_producers(mut producers: Vec<ProducerStateRecord>) -> Vec<ProducerStateRecord> {
@@ -841,4 +909,446 @@ pub(crate) async fn check_large_commit(store: &dyn MetadataStore) {
             vec![producer(100 + i64::from(partition), 1, 19)]
         );
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Consumer group offsets
+// ---------------------------------------------------------------------------------
+
+/// Committed offsets read back field for field, sorted by topic (bytewise) and then
+/// partition (numerically), whatever the commit order.
+pub(crate) async fn check_offset_commit_and_fetch(store: &dyn MetadataStore) {
+    let group = unique("group");
+    let base = unique("offsets");
+    // Bytewise, "B" sorts before "a"; partition 10 sorts after 2 (numerically).
+    let (upper, lower) = (format!("{base}-B"), format!("{base}-a"));
+    let offsets = vec![
+        CommittedOffset {
+            topic: lower.clone(),
+            partition: 10,
+            offset: 1 << 40,
+            leader_epoch: -1,
+            metadata: String::new(),
+            commit_timestamp_ms: 1_700_000_000_000,
+        },
+        CommittedOffset {
+            topic: upper.clone(),
+            partition: 3,
+            offset: 0,
+            leader_epoch: 7,
+            metadata: "ünïcode \u{1f600} 'quoted'".to_owned(),
+            commit_timestamp_ms: 1_700_000_000_001,
+        },
+        CommittedOffset {
+            topic: lower.clone(),
+            partition: 2,
+            offset: 42,
+            leader_epoch: i32::MAX,
+            metadata: "m".repeat(4096),
+            commit_timestamp_ms: i64::MAX,
+        },
+        committed(&upper, 0, 5, 1),
+        committed(&lower, 0, 9, 2),
+    ];
+    commit_offsets(store, &group, &offsets).await;
+
+    let fetched = fetch_offsets(store, &group).await;
+    assert_eq!(
+        fetched,
+        sorted_offsets(&offsets),
+        "every field read back, sorted by topic then partition"
+    );
+    let order: Vec<(&str, i32)> = fetched
+        .iter()
+        .map(|o| (o.topic.as_str(), o.partition))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (upper.as_str(), 0),
+            (upper.as_str(), 3),
+            (lower.as_str(), 0),
+            (lower.as_str(), 2),
+            (lower.as_str(), 10),
+        ],
+        "topics bytewise, partitions numerically"
+    );
+
+    assert!(
+        fetch_offsets(store, &unique("group")).await.is_empty(),
+        "a group that never committed has no offsets"
+    );
+}
+
+/// A new commit of a partition replaces the stored one entirely, even with a lower
+/// offset (the store does not judge), and leaves the group's other partitions alone.
+pub(crate) async fn check_offset_overwrite(store: &dyn MetadataStore) {
+    let group = unique("group");
+    let topic = unique("offsets");
+    let first = CommittedOffset {
+        topic: topic.clone(),
+        partition: 0,
+        offset: 100,
+        leader_epoch: 3,
+        metadata: "first".to_owned(),
+        commit_timestamp_ms: 1_000,
+    };
+    let other = committed(&topic, 1, 7, 1_000);
+    commit_offsets(store, &group, &[first.clone(), other.clone()]).await;
+
+    let higher = CommittedOffset {
+        offset: 150,
+        leader_epoch: 4,
+        metadata: "higher".to_owned(),
+        commit_timestamp_ms: 2_000,
+        ..first.clone()
+    };
+    commit_offsets(store, &group, std::slice::from_ref(&higher)).await;
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        vec![higher, other.clone()],
+        "a commit replaces every field of the partition's offset"
+    );
+
+    let lower = CommittedOffset {
+        offset: 50,
+        leader_epoch: -1,
+        metadata: String::new(),
+        commit_timestamp_ms: 3_000,
+        ..first
+    };
+    commit_offsets(store, &group, std::slice::from_ref(&lower)).await;
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        vec![lower, other],
+        "a lower offset replaces a higher one: the store does not judge"
+    );
+}
+
+/// Groups never see or change each other's offsets, also for the same partitions and
+/// for names that are prefixes of each other.
+pub(crate) async fn check_offset_groups_isolated(store: &dyn MetadataStore) {
+    let a = unique("group");
+    let b = format!("{a}-b");
+    let topic = unique("offsets");
+    let a_offsets = vec![committed(&topic, 0, 10, 1), committed(&topic, 1, 11, 1)];
+    let b_offsets = vec![committed(&topic, 0, 20, 2)];
+    commit_offsets(store, &a, &a_offsets).await;
+    commit_offsets(store, &b, &b_offsets).await;
+    assert_eq!(fetch_offsets(store, &a).await, a_offsets);
+    assert_eq!(fetch_offsets(store, &b).await, b_offsets);
+
+    let b_new = vec![committed(&topic, 0, 25, 3), committed(&topic, 1, 26, 3)];
+    commit_offsets(store, &b, &b_new).await;
+    assert_eq!(
+        fetch_offsets(store, &a).await,
+        a_offsets,
+        "another group's commit of the same partitions changes nothing here"
+    );
+
+    let deleted = store
+        .delete_offsets(&a, Some(&[(topic.clone(), 0)]))
+        .await
+        .expect("delete one offset");
+    assert_eq!(deleted, 1);
+    assert_eq!(
+        fetch_offsets(store, &b).await,
+        b_new,
+        "deleting one group's partition leaves other groups"
+    );
+    let deleted = store.delete_offsets(&a, None).await.expect("delete all");
+    assert_eq!(deleted, 1);
+    assert_eq!(
+        fetch_offsets(store, &b).await,
+        b_new,
+        "deleting a group leaves other groups"
+    );
+    assert_eq!(
+        store
+            .expire_offsets(std::slice::from_ref(&a), i64::MAX)
+            .await
+            .expect("expire"),
+        0
+    );
+    assert_eq!(fetch_offsets(store, &b).await, b_new, "expiry is per group");
+}
+
+/// Deleting the listed partitions or all of a group's offsets, with exact counts.
+pub(crate) async fn check_offset_delete(store: &dyn MetadataStore) {
+    let group = unique("group");
+    let other_group = unique("group");
+    let base = unique("offsets");
+    let (t1, t2) = (format!("{base}-1"), format!("{base}-2"));
+    let offsets = vec![
+        committed(&t1, 0, 1, 1),
+        committed(&t1, 1, 2, 1),
+        committed(&t1, 2, 3, 1),
+        committed(&t2, 0, 4, 1),
+        committed(&t2, 1, 5, 1),
+    ];
+    commit_offsets(store, &group, &offsets).await;
+    commit_offsets(store, &other_group, &offsets).await;
+
+    let deleted = store
+        .delete_offsets(
+            &group,
+            Some(&[
+                (t1.clone(), 0),
+                (t2.clone(), 1),
+                (t2.clone(), 9),        // never committed
+                (unique("offsets"), 0), // unknown topic
+                (t1.clone(), 0),        // listed twice
+            ]),
+        )
+        .await
+        .expect("delete some offsets");
+    assert_eq!(deleted, 2, "only offsets that existed are counted");
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        vec![offsets[1].clone(), offsets[2].clone(), offsets[3].clone()],
+        "exactly the listed partitions are gone"
+    );
+    assert_eq!(
+        fetch_offsets(store, &other_group).await,
+        offsets,
+        "the same partitions of another group stay"
+    );
+
+    let deleted = store
+        .delete_offsets(&group, Some(&[]))
+        .await
+        .expect("delete an empty list");
+    assert_eq!(deleted, 0);
+    assert_eq!(fetch_offsets(store, &group).await.len(), 3);
+
+    let deleted = store
+        .delete_offsets(&group, None)
+        .await
+        .expect("delete all offsets");
+    assert_eq!(deleted, 3, "deleting all counts every remaining offset");
+    assert!(fetch_offsets(store, &group).await.is_empty());
+    let deleted = store
+        .delete_offsets(&group, None)
+        .await
+        .expect("delete all again");
+    assert_eq!(deleted, 0, "nothing left to delete");
+    assert_eq!(
+        store
+            .delete_offsets(&unique("group"), None)
+            .await
+            .expect("delete an unknown group"),
+        0
+    );
+    assert_eq!(fetch_offsets(store, &other_group).await, offsets);
+}
+
+/// `offset_groups` lists exactly the groups that have offsets, once each, sorted.
+pub(crate) async fn check_offset_groups_listed(store: &dyn MetadataStore) {
+    let prefix = unique("group");
+    let topic = unique("offsets");
+    let (a, b, c, empty) = (
+        format!("{prefix}-a"),
+        format!("{prefix}-b"),
+        format!("{prefix}-c"),
+        format!("{prefix}-empty"),
+    );
+    // Committed out of name order, several offsets per group.
+    commit_offsets(store, &c, &[committed(&topic, 0, 1, 1)]).await;
+    commit_offsets(
+        store,
+        &a,
+        &[committed(&topic, 0, 1, 1), committed(&topic, 1, 1, 1)],
+    )
+    .await;
+    commit_offsets(store, &b, &[committed(&topic, 0, 1, 1)]).await;
+    commit_offsets(store, &b, &[committed(&topic, 5, 1, 1)]).await;
+    commit_offsets(store, &empty, &[]).await;
+    assert!(
+        fetch_offsets(store, &empty).await.is_empty(),
+        "committing nothing stores nothing"
+    );
+
+    assert_eq!(
+        offset_groups_with(store, &prefix).await,
+        vec![a.clone(), b.clone(), c.clone()],
+        "each group with offsets once, sorted; no group for an empty commit"
+    );
+    let all = store.offset_groups().await.expect("list offset groups");
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "the whole list is sorted without duplicates"
+    );
+
+    store
+        .delete_offsets(&b, None)
+        .await
+        .expect("delete group b");
+    store
+        .delete_offsets(&a, Some(&[(topic.clone(), 0)]))
+        .await
+        .expect("delete one of group a's offsets");
+    assert_eq!(
+        offset_groups_with(store, &prefix).await,
+        vec![a.clone(), c.clone()],
+        "a group without offsets is no longer listed"
+    );
+    store
+        .expire_offsets(std::slice::from_ref(&c), i64::MAX)
+        .await
+        .expect("expire group c");
+    assert_eq!(offset_groups_with(store, &prefix).await, vec![a]);
+}
+
+/// Expiry deletes the listed groups' offsets committed strictly before the cutoff,
+/// and nothing of other groups.
+pub(crate) async fn check_offset_expiry(store: &dyn MetadataStore) {
+    let (a, b, unlisted) = (unique("group"), unique("group"), unique("group"));
+    let topic = unique("offsets");
+    let a_offsets = vec![
+        committed(&topic, 0, 10, 100),
+        committed(&topic, 1, 11, 200),
+        committed(&topic, 2, 12, 300),
+    ];
+    let b_offsets = vec![committed(&topic, 0, 20, 100), committed(&topic, 1, 21, 300)];
+    let unlisted_offsets = vec![committed(&topic, 0, 30, 100)];
+    commit_offsets(store, &a, &a_offsets).await;
+    commit_offsets(store, &b, &b_offsets).await;
+    commit_offsets(store, &unlisted, &unlisted_offsets).await;
+
+    let expired = store
+        .expire_offsets(&[a.clone(), b.clone(), unique("group")], 200)
+        .await
+        .expect("expire before 200");
+    assert_eq!(
+        expired, 2,
+        "one offset of each listed group is older than 200"
+    );
+    assert_eq!(
+        fetch_offsets(store, &a).await,
+        a_offsets[1..].to_vec(),
+        "an offset committed exactly at the cutoff stays"
+    );
+    assert_eq!(fetch_offsets(store, &b).await, b_offsets[1..].to_vec());
+    assert_eq!(
+        fetch_offsets(store, &unlisted).await,
+        unlisted_offsets,
+        "groups that are not listed are never expired"
+    );
+
+    assert_eq!(
+        store
+            .expire_offsets(&[], i64::MAX)
+            .await
+            .expect("expire no groups"),
+        0
+    );
+    assert_eq!(
+        store
+            .expire_offsets(std::slice::from_ref(&a), 200)
+            .await
+            .expect("expire again"),
+        0,
+        "nothing older is left"
+    );
+
+    // A later commit renews the timestamp, so the offset survives a later cutoff.
+    let renewed = committed(&topic, 1, 11, 1_000);
+    commit_offsets(store, &a, std::slice::from_ref(&renewed)).await;
+    let expired = store
+        .expire_offsets(std::slice::from_ref(&a), 500)
+        .await
+        .expect("expire before 500");
+    assert_eq!(
+        expired, 1,
+        "only the offset committed at 300 is older than 500"
+    );
+    assert_eq!(fetch_offsets(store, &a).await, vec![renewed]);
+    assert_eq!(fetch_offsets(store, &unlisted).await, unlisted_offsets);
+}
+
+/// Offsets are keyed by topic name and independent of the store's topics: they may
+/// name a topic that does not exist, and deleting a topic leaves them.
+pub(crate) async fn check_offsets_independent_of_topics(store: &dyn MetadataStore) {
+    let group = unique("group");
+    let topic = new_topic(store, 2).await;
+    let offsets = vec![
+        committed(&topic.name, 0, 3, 1),
+        committed(&topic.name, 1, 4, 1),
+        committed(&topic.name, 7, 5, 1), // past the partition count
+        committed(&unique("missing"), 0, 6, 1), // no such topic
+    ];
+    commit_offsets(store, &group, &offsets).await;
+    assert_eq!(fetch_offsets(store, &group).await, sorted_offsets(&offsets));
+
+    store.delete_topic(&topic.name).await.expect("delete topic");
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        sorted_offsets(&offsets),
+        "deleting a topic leaves its committed offsets (the broker removes them)"
+    );
+    assert!(offset_groups_with(store, &group).await.contains(&group));
+
+    let recreated = TopicRecord {
+        id: Uuid::new_v4(),
+        ..topic
+    };
+    store.create_topic(&recreated).await.expect("re-create");
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        sorted_offsets(&offsets),
+        "creating a topic does not touch offsets either"
+    );
+}
+
+/// A thousand partitions commit and read back in one call each, and overwrite as a whole.
+pub(crate) async fn check_large_offset_commit(store: &dyn MetadataStore) {
+    const TOPICS: usize = 4;
+    const PARTITIONS_PER_TOPIC: i32 = 250;
+    let group = unique("group");
+    let topics: Vec<String> = (0..TOPICS).map(|_| unique("offsets")).collect();
+    let make = |round: i64| {
+        let mut offsets: Vec<CommittedOffset> = topics
+            .iter()
+            .flat_map(|topic| {
+                (0..PARTITIONS_PER_TOPIC).map(move |partition| {
+                    committed(
+                        topic,
+                        partition,
+                        round * 1_000_000 + i64::from(partition),
+                        1_700_000_000_000 + round,
+                    )
+                })
+            })
+            .collect();
+        // Committed in no particular order.
+        offsets.reverse();
+        let third = offsets.len() / 3;
+        offsets.rotate_left(third);
+        offsets
+    };
+
+    let first = make(1);
+    assert_eq!(first.len(), 1000);
+    commit_offsets(store, &group, &first).await;
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        sorted_offsets(&first),
+        "all 1000 offsets round trip, sorted"
+    );
+
+    let second = make(2);
+    commit_offsets(store, &group, &second).await;
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        sorted_offsets(&second),
+        "a second large commit replaces every offset"
+    );
+
+    assert_eq!(
+        store
+            .delete_offsets(&group, None)
+            .await
+            .expect("delete all"),
+        1000
+    );
 }

@@ -135,6 +135,19 @@ pub struct WalCommit {
     pub partitions: Vec<PartitionCommit>,
 }
 
+/// A consumer group's committed offset for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Leader epoch of the last consumed record, -1 if unknown.
+    pub leader_epoch: i32,
+    /// Client-supplied metadata string (bounded by the caller).
+    pub metadata: String,
+    pub commit_timestamp_ms: i64,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     /// `TopicExists` if the name is taken. Creates its partitions (epoch 0, empty logs).
@@ -186,6 +199,23 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()>;
     /// Allocates a new, never reused producer id.
     async fn next_producer_id(&self) -> MetaResult<i64>;
+    /// Stores committed offsets of one group in one transaction (replacing earlier
+    /// commits of the same partitions).
+    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()>;
+    /// Every committed offset of a group, sorted by topic and partition.
+    async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>>;
+    /// Deletes a group's committed offsets: all of them (`None`) or the listed
+    /// (topic, partition) pairs. Returns how many were deleted.
+    async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> MetaResult<usize>;
+    /// Names of all groups that have committed offsets, sorted.
+    async fn offset_groups(&self) -> MetaResult<Vec<String>>;
+    /// Deletes every committed offset older than `before_ms` of the listed groups
+    /// (offset retention for groups without members). Returns how many were deleted.
+    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize>;
     /// Starts a broker session: returns a number higher than any before for this broker,
     /// used in object names so objects are never overwritten.
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;

@@ -16,7 +16,8 @@
 //! configs (a string-to-string object) and of producer states (the serde form of
 //! [`ProducerStateRecord`]), and the counter names are all stored on disk and **must be
 //! kept stable**. Any change needs a new schema version and a migration step in
-//! [`migrate`]; the `schema_version` table records what a file holds.
+//! [`migrate`]; the `schema_version` table records what a file holds (one row per
+//! applied version: a file at version 2 holds the rows 1 and 2).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,18 +30,19 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use uuid::Uuid;
 
 use super::{
-    MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState, ProducerStateRecord,
-    SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState,
+    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
 /// How long a statement waits for a lock held by another connection to the same file
 /// before the operation fails as unavailable (and may be retried).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Prepared statements kept per connection: more than the distinct statements we run,
-/// so the hot ones (`commit_wal`'s) are parsed once per connection, not per call.
+/// so the hot ones (`commit_wal`'s, `commit_offsets`') are parsed once per connection,
+/// not per call.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// The first producer id handed out. Persisted in the `counters` row below; stable.
 const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
@@ -119,6 +121,26 @@ CREATE TABLE broker_sessions (
     broker_id INTEGER NOT NULL PRIMARY KEY,
     session   INTEGER NOT NULL
 );
+";
+
+/// Schema version 2: consumer-group committed offsets. Persisted names, keep them stable
+/// like [`SCHEMA_V1`]'s.
+///
+/// One row per (group, topic, partition). Offsets are keyed by topic *name*, as Kafka
+/// clients commit them, and are independent of the `topics` table: deleting a topic
+/// leaves its offsets (the broker removes them). `leader_epoch` is -1 when unknown;
+/// `metadata` is the client's string; `commit_timestamp_ms` drives offset expiry.
+const SCHEMA_V2: &str = "
+CREATE TABLE group_offsets (
+    group_id            TEXT    NOT NULL,
+    topic               TEXT    NOT NULL,
+    partition           INTEGER NOT NULL,
+    offset              INTEGER NOT NULL,
+    leader_epoch        INTEGER NOT NULL,
+    metadata            TEXT    NOT NULL,
+    commit_timestamp_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+) WITHOUT ROWID;
 ";
 
 /// The embedded metadata store: one SQLite file (or an in-memory database for tests).
@@ -238,7 +260,15 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
         tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])
             .db()?;
     }
-    // Later versions: `if current < 2 { ... }`, each step in this same transaction.
+    if current < 2 {
+        tx.execute_batch(SCHEMA_V2).db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (2)", [])
+            .db()?;
+        if current == 1 {
+            tracing::info!("migrated sqlite metadata schema from version 1 to 2");
+        }
+    }
+    // Later versions: `if current < 3 { ... }`, each step in this same transaction.
     tx.commit().db()
 }
 
@@ -509,6 +539,8 @@ impl MetadataStore for SqliteStore {
             let id = topic.id.as_bytes();
             // wal_objects rows stay: they become unreferenced once no range points at
             // them, and garbage collection deletes the objects and then the rows.
+            // group_offsets rows stay too: committed offsets are the broker's to
+            // remove (the store keys them by topic name, independent of topics).
             for table in [
                 "partitions",
                 "epoch_history",
@@ -883,6 +915,153 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
+    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let group = group.to_owned();
+        let offsets = offsets.to_vec();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO group_offsets (group_id, topic, partition, offset,
+                         leader_epoch, metadata, commit_timestamp_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                         offset = excluded.offset,
+                         leader_epoch = excluded.leader_epoch,
+                         metadata = excluded.metadata,
+                         commit_timestamp_ms = excluded.commit_timestamp_ms",
+                )
+                .db()?;
+            for o in &offsets {
+                upsert
+                    .execute(params![
+                        group,
+                        o.topic,
+                        o.partition,
+                        o.offset,
+                        o.leader_epoch,
+                        o.metadata,
+                        o.commit_timestamp_ms
+                    ])
+                    .db()?;
+            }
+            drop(upsert);
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
+        let group = group.to_owned();
+        self.run(move |conn| {
+            let tx = conn.transaction().db()?;
+            let offsets = tx
+                .prepare_cached(
+                    "SELECT topic, partition, offset, leader_epoch, metadata, commit_timestamp_ms
+                     FROM group_offsets WHERE group_id = ?1 ORDER BY topic, partition",
+                )
+                .db()?
+                .query_map(params![group], |row| {
+                    Ok(CommittedOffset {
+                        topic: row.get(0)?,
+                        partition: row.get(1)?,
+                        offset: row.get(2)?,
+                        leader_epoch: row.get(3)?,
+                        metadata: row.get(4)?,
+                        commit_timestamp_ms: row.get(5)?,
+                    })
+                })
+                .db()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()?;
+            Ok(offsets)
+        })
+        .await
+    }
+
+    async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> MetaResult<usize> {
+        let group = group.to_owned();
+        let partitions = partitions.map(<[(String, i32)]>::to_vec);
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let deleted = match &partitions {
+                None => tx
+                    .prepare_cached("DELETE FROM group_offsets WHERE group_id = ?1")
+                    .db()?
+                    .execute(params![group])
+                    .db()?,
+                Some(partitions) => {
+                    let mut delete = tx
+                        .prepare_cached(
+                            "DELETE FROM group_offsets
+                             WHERE group_id = ?1 AND topic = ?2 AND partition = ?3",
+                        )
+                        .db()?;
+                    let mut deleted = 0;
+                    for (topic, partition) in partitions {
+                        deleted += delete.execute(params![group, topic, partition]).db()?;
+                    }
+                    deleted
+                }
+            };
+            tx.commit().db()?;
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn offset_groups(&self) -> MetaResult<Vec<String>> {
+        self.run(|conn| {
+            let tx = conn.transaction().db()?;
+            let groups = tx
+                .prepare_cached("SELECT DISTINCT group_id FROM group_offsets ORDER BY group_id")
+                .db()?
+                .query_map([], |row| row.get(0))
+                .db()?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .db()?;
+            Ok(groups)
+        })
+        .await
+    }
+
+    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        let groups = groups.to_vec();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let mut delete = tx
+                .prepare_cached(
+                    "DELETE FROM group_offsets
+                     WHERE group_id = ?1 AND commit_timestamp_ms < ?2",
+                )
+                .db()?;
+            let mut deleted = 0;
+            for group in &groups {
+                deleted += delete.execute(params![group, before_ms]).db()?;
+            }
+            drop(delete);
+            tx.commit().db()?;
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
         self.run(move |conn| {
             let tx = conn
@@ -922,6 +1101,55 @@ mod tests {
         Connection::open(path).expect("open the file directly")
     }
 
+    fn schema_versions(conn: &Connection) -> Vec<i64> {
+        conn.prepare("SELECT version FROM schema_version ORDER BY version")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("versions")
+    }
+
+    /// Writes a file as a version-1 broker left it: WAL mode, the version-1 schema
+    /// (`SCHEMA_V1` is frozen, so it is the shipped text) and one topic with its
+    /// partition rows.
+    fn write_version_1_file(path: &Path, topic: &TopicRecord) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("create dir");
+        let mut conn = raw(path);
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .expect("wal");
+        assert_eq!(mode, "wal");
+        let tx = conn.transaction().expect("begin");
+        tx.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+            .expect("version table");
+        tx.execute_batch(SCHEMA_V1).expect("version 1 schema");
+        tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])
+            .expect("version row");
+        tx.execute(
+            "INSERT INTO topics (name, id, partitions, configs, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                topic.name,
+                topic.id.as_bytes(),
+                topic.partitions,
+                encode_json(&topic.configs, "configs").expect("json"),
+                topic.created_ms
+            ],
+        )
+        .expect("topic row");
+        for partition in 0..topic.partitions {
+            tx.execute(
+                "INSERT INTO partitions (topic_id, partition, leader_epoch,
+                     log_start_offset, high_watermark, owner_broker)
+                 VALUES (?1, ?2, 0, 0, 0, NULL)",
+                params![topic.id.as_bytes(), partition],
+            )
+            .expect("partition row");
+        }
+        tx.commit().expect("commit");
+    }
+
     #[tokio::test]
     async fn conformance_suite_on_one_file_store() {
         let (_dir, path) = temp_db();
@@ -930,7 +1158,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn open_creates_the_file_in_wal_mode_at_schema_version_1() {
+    async fn open_creates_the_file_in_wal_mode_at_the_current_schema_version() {
         let (_dir, path) = temp_db();
         let store = SqliteStore::open(&path).expect("open store");
         assert!(
@@ -942,17 +1170,110 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("journal mode");
         assert_eq!(mode, "wal");
-        let versions: Vec<i64> = conn
-            .prepare("SELECT version FROM schema_version")
-            .expect("prepare")
-            .query_map([], |r| r.get(0))
-            .expect("query")
-            .collect::<rusqlite::Result<_>>()
-            .expect("versions");
-        assert_eq!(versions, vec![1]);
+        assert_eq!(schema_versions(&conn), vec![1, 2]);
+        assert_eq!(SCHEMA_VERSION, 2);
         drop(store);
         // Opening again finds the schema in place and changes nothing.
         SqliteStore::open(&path).expect("reopen store");
+        assert_eq!(schema_versions(&conn), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn migrates_a_version_1_file_to_version_2() {
+        let (_dir, path) = temp_db();
+        let topic = TopicRecord {
+            name: "orders".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 2,
+            configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
+            created_ms: 42,
+        };
+        write_version_1_file(&path, &topic);
+        assert_eq!(schema_versions(&raw(&path)), vec![1]);
+
+        let offsets = vec![
+            CommittedOffset {
+                topic: "orders".to_owned(),
+                partition: 0,
+                offset: 17,
+                leader_epoch: 1,
+                metadata: "m".to_owned(),
+                commit_timestamp_ms: 1_700_000_000_000,
+            },
+            CommittedOffset {
+                topic: "orders".to_owned(),
+                partition: 1,
+                offset: 3,
+                leader_epoch: -1,
+                metadata: String::new(),
+                commit_timestamp_ms: 1_700_000_000_001,
+            },
+        ];
+        {
+            let store = SqliteStore::open(&path).expect("open the version 1 file");
+            assert_eq!(schema_versions(&raw(&path)), vec![1, 2]);
+            assert_eq!(
+                store.list_topics().await.expect("list"),
+                vec![topic.clone()],
+                "version 1 data is kept"
+            );
+            let key = PartitionKey {
+                topic_id: topic.id,
+                partition: 1,
+            };
+            assert_eq!(
+                store
+                    .claim_partition(key, 1)
+                    .await
+                    .expect("claim")
+                    .leader_epoch,
+                1
+            );
+            store
+                .commit_offsets("group", &offsets)
+                .await
+                .expect("commit offsets after the migration");
+            assert_eq!(store.fetch_offsets("group").await.expect("fetch"), offsets);
+        }
+
+        let store = SqliteStore::open(&path).expect("reopen the migrated file");
+        assert_eq!(schema_versions(&raw(&path)), vec![1, 2], "migrated once");
+        assert_eq!(
+            store.fetch_offsets("group").await.expect("fetch"),
+            offsets,
+            "offsets survive reopening"
+        );
+        assert_eq!(
+            store.offset_groups().await.expect("groups"),
+            vec!["group".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_migration_leaves_the_file_at_its_version() {
+        let (_dir, path) = temp_db();
+        let topic = TopicRecord {
+            name: "t".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 1,
+            configs: BTreeMap::new(),
+            created_ms: 0,
+        };
+        write_version_1_file(&path, &topic);
+        // Something the version 2 step cannot create over.
+        raw(&path)
+            .execute_batch("CREATE TABLE group_offsets (x INTEGER)")
+            .expect("squat the table name");
+        let result = SqliteStore::open(&path);
+        assert!(
+            matches!(result, Err(MetaError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert_eq!(
+            schema_versions(&raw(&path)),
+            vec![1],
+            "the failed step rolled back as a whole"
+        );
     }
 
     #[tokio::test]
@@ -1157,7 +1478,10 @@ mod tests {
         let (_dir, path) = temp_db();
         drop(SqliteStore::open(&path).expect("open store"));
         raw(&path)
-            .execute("INSERT INTO schema_version (version) VALUES (2)", [])
+            .execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                params![SCHEMA_VERSION + 1],
+            )
             .expect("pretend a newer broker migrated the file");
         match SqliteStore::open(&path) {
             Err(MetaError::Unavailable(msg)) => assert!(msg.contains("upgrade"), "{msg}"),

@@ -89,7 +89,7 @@ pub async fn run(
         tokio::spawn(async move {
             let api_key = frame.api_key;
             let version = frame.api_version;
-            match protocol::handle(&broker, frame).await {
+            match protocol::handle(&broker, peer, frame).await {
                 Ok(response) => {
                     let _ = done_tx.send(response);
                 }

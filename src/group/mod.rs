@@ -1,0 +1,348 @@
+//! The group coordinator: one task per consumer group, each owning its group's state
+//! machine ([`classic::Group`]); committed offsets live in the metadata store.
+//!
+//! This broker coordinates every group (FindCoordinator answers with itself); the fleet
+//! work will split groups across brokers by lease. Membership is memory only: after a
+//! restart members simply rejoin, while committed offsets survive in the metadata store.
+
+pub mod classic;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::ResponseError;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::clock::now_ms;
+use crate::metadata::{CommittedOffset, MetadataStore};
+use classic::{Event, Group, GroupLimits, GroupState, Reply};
+
+/// Settings of the coordinator.
+#[derive(Debug, Clone, Copy)]
+pub struct CoordinatorConfig {
+    pub limits: GroupLimits,
+    pub max_groups: usize,
+    pub offset_metadata_max_bytes: usize,
+    pub offsets_retention_ms: i64,
+    pub offsets_retention_check_interval: Duration,
+}
+
+/// A snapshot for DescribeGroups and ListGroups.
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    pub state: GroupState,
+    pub protocol_type: String,
+    pub protocol_name: String,
+    pub generation: i32,
+    /// (member id, instance id, client id, client host, metadata, assignment)
+    pub members: Vec<MemberSummary>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberSummary {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub metadata: Bytes,
+    pub assignment: Bytes,
+}
+
+/// Why a commit was refused as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitError {
+    Group(ResponseError),
+    Store(ResponseError),
+}
+
+enum GroupCmd {
+    Event(Event, oneshot::Sender<Reply>),
+    Commit {
+        member_id: String,
+        instance_id: Option<String>,
+        generation: i32,
+        offsets: Vec<CommittedOffset>,
+        reply: oneshot::Sender<Result<(), CommitError>>,
+    },
+    Describe(oneshot::Sender<GroupSummary>),
+    /// Deletes the group if it has no members; the task then ends.
+    Delete(oneshot::Sender<Result<(), ResponseError>>),
+}
+
+#[derive(Debug)]
+pub struct Coordinator {
+    groups: Mutex<HashMap<String, mpsc::Sender<GroupCmd>>>,
+    meta: Arc<dyn MetadataStore>,
+    pub config: CoordinatorConfig,
+    tokens: AtomicU64,
+}
+
+impl std::fmt::Debug for GroupCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupCmd")
+    }
+}
+
+impl Coordinator {
+    pub fn new(meta: Arc<dyn MetadataStore>, config: CoordinatorConfig) -> Arc<Coordinator> {
+        let c = Arc::new(Coordinator {
+            groups: Mutex::new(HashMap::new()),
+            meta,
+            config,
+            tokens: AtomicU64::new(1),
+        });
+        c.spawn_offset_expiry();
+        c
+    }
+
+    pub fn token(&self) -> u64 {
+        self.tokens.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn handle(
+        &self,
+        group_id: &str,
+        create: bool,
+    ) -> Result<Option<mpsc::Sender<GroupCmd>>, ResponseError> {
+        let mut groups = self.groups.lock().expect("groups lock poisoned");
+        if let Some(tx) = groups.get(group_id).filter(|tx| !tx.is_closed()) {
+            return Ok(Some(tx.clone()));
+        }
+        if !create {
+            return Ok(None);
+        }
+        if groups.len() >= self.config.max_groups {
+            groups.retain(|_, tx| !tx.is_closed());
+            if groups.len() >= self.config.max_groups {
+                return Err(ResponseError::CoordinatorNotAvailable);
+            }
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let group = Group::new(group_id, self.config.limits);
+        tokio::spawn(run_group(group, rx, self.meta.clone()));
+        groups.insert(group_id.to_string(), tx.clone());
+        Ok(Some(tx))
+    }
+
+    /// Sends a join/sync/heartbeat/leave event and waits for its reply.
+    pub async fn request(&self, group_id: &str, event: Event) -> Result<Reply, ResponseError> {
+        let tx = self
+            .handle(group_id, true)?
+            .ok_or(ResponseError::CoordinatorNotAvailable)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(GroupCmd::Event(event, reply))
+            .await
+            .map_err(|_| ResponseError::CoordinatorNotAvailable)?;
+        rx.await.map_err(|_| ResponseError::CoordinatorNotAvailable)
+    }
+
+    /// Validates membership and stores offsets, serialized with the group's other events.
+    pub async fn commit(
+        &self,
+        group_id: &str,
+        member_id: String,
+        instance_id: Option<String>,
+        generation: i32,
+        offsets: Vec<CommittedOffset>,
+    ) -> Result<(), CommitError> {
+        let tx = self
+            .handle(group_id, true)
+            .map_err(CommitError::Group)?
+            .ok_or(CommitError::Group(ResponseError::CoordinatorNotAvailable))?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = GroupCmd::Commit {
+            member_id,
+            instance_id,
+            generation,
+            offsets,
+            reply,
+        };
+        tx.send(cmd)
+            .await
+            .map_err(|_| CommitError::Group(ResponseError::CoordinatorNotAvailable))?;
+        rx.await
+            .map_err(|_| CommitError::Group(ResponseError::CoordinatorNotAvailable))?
+    }
+
+    /// The group's live state, or `None` when no task runs for it.
+    pub async fn describe(&self, group_id: &str) -> Option<GroupSummary> {
+        let tx = self.handle(group_id, false).ok()??;
+        let (reply, rx) = oneshot::channel();
+        tx.send(GroupCmd::Describe(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub fn live_groups(&self) -> Vec<String> {
+        let groups = self.groups.lock().expect("groups lock poisoned");
+        let mut v: Vec<String> = groups
+            .iter()
+            .filter(|(_, tx)| !tx.is_closed())
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Deletes a group with no members, and its committed offsets.
+    pub async fn delete(&self, group_id: &str) -> Result<(), ResponseError> {
+        let live = self.handle(group_id, false)?;
+        if let Some(tx) = live {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(GroupCmd::Delete(reply)).await.is_ok() {
+                rx.await
+                    .map_err(|_| ResponseError::CoordinatorNotAvailable)??;
+            }
+            self.groups
+                .lock()
+                .expect("groups lock poisoned")
+                .remove(group_id);
+            self.meta
+                .delete_offsets(group_id, None)
+                .await
+                .map_err(|_| ResponseError::CoordinatorNotAvailable)?;
+            return Ok(());
+        }
+        match self.meta.delete_offsets(group_id, None).await {
+            Ok(0) => Err(ResponseError::GroupIdNotFound),
+            Ok(_) => Ok(()),
+            Err(_) => Err(ResponseError::CoordinatorNotAvailable),
+        }
+    }
+
+    /// Offset retention: offsets of groups without members expire
+    /// `offsets.retention.minutes` after their last commit.
+    fn spawn_offset_expiry(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = self.config.offsets_retention_check_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(c) = weak.upgrade() else { return };
+                let Ok(groups) = c.meta.offset_groups().await else {
+                    continue;
+                };
+                let mut idle = Vec::new();
+                for g in groups {
+                    let active = match c.describe(&g).await {
+                        Some(s) => !s.members.is_empty(),
+                        None => false,
+                    };
+                    if !active {
+                        idle.push(g);
+                    }
+                }
+                if idle.is_empty() {
+                    continue;
+                }
+                match c
+                    .meta
+                    .expire_offsets(&idle, now_ms() - c.config.offsets_retention_ms)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => info!(
+                        offsets = n,
+                        "expired committed offsets past offsets.retention.minutes"
+                    ),
+                    Err(e) => warn!(error = %e, "offset expiry failed"),
+                }
+            }
+        });
+    }
+}
+
+async fn run_group(
+    mut group: Group,
+    mut rx: mpsc::Receiver<GroupCmd>,
+    meta: Arc<dyn MetadataStore>,
+) {
+    let mut waiters: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
+    loop {
+        let sleep = match group.next_deadline() {
+            Some(d) => Duration::from_millis((d - now_ms()).max(0) as u64),
+            None => Duration::from_secs(3600),
+        };
+        let replies = tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(GroupCmd::Event(event, reply)) => {
+                    waiters.insert(event_token(&event), reply);
+                    group.handle(event, now_ms())
+                }
+                Some(GroupCmd::Commit { member_id, instance_id, generation, offsets, reply }) => {
+                    let result = match group.validate_commit(&member_id, instance_id.as_deref(), generation) {
+                        Err(e) => Err(CommitError::Group(e)),
+                        Ok(()) => meta.commit_offsets(&group.id, &offsets).await.map_err(|e| {
+                            warn!(group = %group.id, error = %e, "offset commit failed");
+                            CommitError::Store(ResponseError::CoordinatorNotAvailable)
+                        }),
+                    };
+                    let _ = reply.send(result);
+                    Vec::new()
+                }
+                Some(GroupCmd::Describe(reply)) => {
+                    let _ = reply.send(summary(&group));
+                    Vec::new()
+                }
+                Some(GroupCmd::Delete(reply)) => {
+                    if group.members.is_empty() {
+                        group.state = GroupState::Dead;
+                        let _ = reply.send(Ok(()));
+                        debug!(group = %group.id, "group deleted");
+                        return;
+                    }
+                    let _ = reply.send(Err(ResponseError::NonEmptyGroup));
+                    Vec::new()
+                }
+            },
+            _ = tokio::time::sleep(sleep) => group.handle(Event::Tick, now_ms()),
+        };
+        for (token, reply) in replies {
+            if let Some(w) = waiters.remove(&token) {
+                let _ = w.send(reply);
+            }
+        }
+        // Requests whose caller gave up (connection closed) free their slot.
+        waiters.retain(|_, w| !w.is_closed());
+    }
+}
+
+fn event_token(e: &Event) -> u64 {
+    match e {
+        Event::Join(j) => j.token,
+        Event::Sync(s) => s.token,
+        Event::Heartbeat { token, .. } | Event::Leave { token, .. } => *token,
+        Event::Tick => 0,
+    }
+}
+
+fn summary(g: &Group) -> GroupSummary {
+    let protocol = g.protocol_name.clone().unwrap_or_default();
+    GroupSummary {
+        state: g.state,
+        protocol_type: g.protocol_type.clone().unwrap_or_default(),
+        protocol_name: protocol.clone(),
+        generation: g.generation,
+        members: g
+            .members
+            .values()
+            .map(|m| MemberSummary {
+                member_id: m.member_id.clone(),
+                instance_id: m.instance_id.clone(),
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                metadata: m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == protocol)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default(),
+                assignment: m.assignment.clone(),
+            })
+            .collect(),
+    }
+}
