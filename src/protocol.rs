@@ -62,6 +62,24 @@ pub enum FrameError {
     Decode(String),
 }
 
+/// Where a request came from and what it must wait for.
+#[derive(Debug)]
+pub struct RequestContext {
+    pub peer: std::net::SocketAddr,
+    /// Set for Produce: the order in which its batches reach the partitions.
+    pub order: Option<ProduceOrder>,
+}
+
+/// Produce requests of one connection enqueue their batches one after another, in the
+/// order they arrived, then wait for their answers concurrently.
+#[derive(Debug)]
+pub struct ProduceOrder {
+    /// Fires when the previous produce request of the connection has enqueued.
+    pub after: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Fire once this request has enqueued (dropping it counts).
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
 /// A request frame with its routing fields read; the body is decoded by [`handle`].
 #[derive(Debug)]
 pub struct Frame {
@@ -94,7 +112,7 @@ impl Frame {
 /// connection (the caller logs the reason with the peer).
 pub async fn handle(
     broker: &Arc<Broker>,
-    peer: std::net::SocketAddr,
+    ctx: RequestContext,
     frame: Frame,
 ) -> Result<Option<Bytes>, FrameError> {
     let api =
@@ -126,7 +144,7 @@ pub async fn handle(
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     let request = RequestKind::decode(api, &mut body, frame.api_version)
         .map_err(|e| FrameError::Decode(format!("{api:?} v{}: {e}", frame.api_version)))?;
-    let response = handlers::dispatch(broker, &header, peer, request).await;
+    let response = handlers::dispatch(broker, &header, ctx, request).await;
     match response {
         Some(r) => encode(frame.correlation_id, api, frame.api_version, &r).map(Some),
         None => Ok(None),

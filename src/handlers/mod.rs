@@ -23,9 +23,10 @@ use crate::broker::Broker;
 pub async fn dispatch(
     broker: &Arc<Broker>,
     header: &RequestHeader,
-    peer: std::net::SocketAddr,
+    ctx: crate::protocol::RequestContext,
     request: RequestKind,
 ) -> Option<ResponseKind> {
+    let peer = ctx.peer;
     let v = header.request_api_version;
     let client_id = header
         .client_id
@@ -49,7 +50,7 @@ pub async fn dispatch(
             ResponseKind::CreatePartitions(topics::create_partitions(broker, r).await)
         }
         RequestKind::Produce(r) => {
-            return produce::produce(broker, r, v)
+            return produce::produce(broker, r, v, ctx.order)
                 .await
                 .map(ResponseKind::Produce)
         }

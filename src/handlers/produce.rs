@@ -11,6 +11,7 @@ use futures::future::join_all;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
     InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId,
+    TopicName,
 };
 use kafka_protocol::ResponseError;
 use tokio::sync::oneshot;
@@ -18,109 +19,172 @@ use tokio::sync::oneshot;
 use super::{errors, str_bytes};
 use crate::broker::Broker;
 use crate::log::batch::validate_record_set;
-use crate::log::partition::PartitionCmd;
+use crate::log::batch::ValidBatch;
+use crate::log::partition::{AppendError, AppendOk, PartitionCmd, PartitionHandle};
+use crate::protocol::ProduceOrder;
 
 /// Longest an `acks=all` produce waits, whatever timeout the client asks for.
 const MAX_PRODUCE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One partition of a produce request on its way: refused at once, or queued to its
+/// owner with the channel its answer comes back on.
+enum Prepared {
+    Refused(PartitionProduceResponse),
+    Ready(i32, PartitionHandle, Vec<ValidBatch>),
+    Queued(i32, oneshot::Receiver<Result<AppendOk, AppendError>>),
+}
+
+fn refused(index: i32, e: ResponseError, msg: Option<String>) -> PartitionProduceResponse {
+    PartitionProduceResponse::default()
+        .with_index(index)
+        .with_error_code(e.code())
+        .with_base_offset(-1)
+        .with_log_append_time_ms(-1)
+        .with_log_start_offset(-1)
+        .with_error_message(msg.map(str_bytes))
+}
 
 pub async fn produce(
     broker: &Arc<Broker>,
     req: ProduceRequest,
     _version: i16,
+    mut order: Option<ProduceOrder>,
 ) -> Option<ProduceResponse> {
     let acks = req.acks;
     let timeout = Duration::from_millis(req.timeout_ms.max(0) as u64).min(MAX_PRODUCE_TIMEOUT);
     let transactional = req.transactional_id.is_some();
-    let mut topics = Vec::with_capacity(req.topic_data.len());
+    // 1. Check every partition's batches (headers and CRCs) — concurrently with other
+    //    requests of the connection.
+    let mut topics: Vec<(TopicName, Vec<Prepared>)> = Vec::with_capacity(req.topic_data.len());
     for td in req.topic_data {
-        let name = td.name.clone();
-        let topic = match broker.topic(&name.0) {
+        let topic = match broker.topic(&td.name.0) {
             Some(t) => Some(t),
-            None if broker.config.auto_create_topics => broker.auto_create(&name.0).await.ok(),
+            None if broker.config.auto_create_topics => broker.auto_create(&td.name.0).await.ok(),
             None => None,
         };
-        let parts = td.partition_data.into_iter().map(|pd| {
-            let topic = topic.clone();
-            async move {
-                let fail = |e: ResponseError, msg: Option<String>| {
-                    PartitionProduceResponse::default()
-                        .with_index(pd.index)
-                        .with_error_code(e.code())
-                        .with_base_offset(-1)
-                        .with_log_append_time_ms(-1)
-                        .with_log_start_offset(-1)
-                        .with_error_message(msg.map(str_bytes))
-                };
+        let parts = td
+            .partition_data
+            .into_iter()
+            .map(|pd| {
+                let index = pd.index;
                 if !matches!(acks, -1..=1) {
-                    return fail(ResponseError::InvalidRequiredAcks, None);
+                    return Prepared::Refused(refused(
+                        index,
+                        ResponseError::InvalidRequiredAcks,
+                        None,
+                    ));
                 }
                 if transactional {
-                    return fail(
+                    let msg = Some("transactions are not supported yet".into());
+                    return Prepared::Refused(refused(
+                        index,
                         ResponseError::TransactionalIdAuthorizationFailed,
-                        Some("transactions are not supported yet".into()),
-                    );
+                        msg,
+                    ));
                 }
-                let Some(handle) = topic.as_ref().and_then(|t| {
-                    usize::try_from(pd.index)
+                let Some((t, handle)) = topic.as_ref().and_then(|t| {
+                    usize::try_from(index)
                         .ok()
                         .and_then(|i| t.partitions.get(i))
+                        .map(|h| (t, h))
                 }) else {
-                    return fail(ResponseError::UnknownTopicOrPartition, None);
+                    return Prepared::Refused(refused(
+                        index,
+                        ResponseError::UnknownTopicOrPartition,
+                        None,
+                    ));
                 };
                 let Some(records) = pd.records else {
-                    return fail(ResponseError::CorruptMessage, Some("no records".into()));
+                    return Prepared::Refused(refused(
+                        index,
+                        ResponseError::CorruptMessage,
+                        Some("no records".into()),
+                    ));
                 };
-                let max = topic
-                    .as_ref()
-                    .map_or(1 << 20, |t| t.config.max_message_bytes);
-                let batches = match validate_record_set(&records, max) {
-                    Ok(b) => b,
-                    Err(e) => return fail(errors::batch_error(&e), Some(e.to_string())),
-                };
-                if batches
-                    .iter()
-                    .any(|b| b.header.is_transactional() || b.header.is_control())
-                {
-                    return fail(
-                        ResponseError::TransactionalIdAuthorizationFailed,
-                        Some("transactional batches are not supported yet".into()),
-                    );
+                match validate_record_set(&records, t.config.max_message_bytes) {
+                    Err(e) => Prepared::Refused(refused(
+                        index,
+                        errors::batch_error(&e),
+                        Some(e.to_string()),
+                    )),
+                    Ok(b)
+                        if b.iter()
+                            .any(|b| b.header.is_transactional() || b.header.is_control()) =>
+                    {
+                        let msg = Some("transactional batches are not supported yet".into());
+                        Prepared::Refused(refused(
+                            index,
+                            ResponseError::TransactionalIdAuthorizationFailed,
+                            msg,
+                        ))
+                    }
+                    Ok(b) => Prepared::Ready(index, handle.clone(), b),
                 }
+            })
+            .collect();
+        topics.push((td.name, parts));
+    }
+    // 2. Hand the batches to the partitions in the order the requests arrived.
+    if let Some(after) = order.as_mut().and_then(|o| o.after.take()) {
+        let _ = after.await;
+    }
+    for (_, parts) in &mut topics {
+        for p in parts.iter_mut() {
+            if let Prepared::Ready(..) = p {
+                let Prepared::Ready(index, handle, batches) =
+                    std::mem::replace(p, Prepared::Refused(Default::default()))
+                else {
+                    continue;
+                };
                 let (tx, rx) = oneshot::channel();
                 let cmd = PartitionCmd::Append {
                     batches,
                     acks,
                     reply: tx,
                 };
-                if handle.cmd.send(cmd).await.is_err() {
-                    return fail(ResponseError::NotLeaderOrFollower, None);
-                }
-                let answer = match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(a)) => a,
-                    Ok(Err(_)) => return fail(ResponseError::NotLeaderOrFollower, None),
-                    Err(_) => return fail(ResponseError::RequestTimedOut, None),
+                *p = if handle.cmd.send(cmd).await.is_ok() {
+                    Prepared::Queued(index, rx)
+                } else {
+                    Prepared::Refused(refused(index, ResponseError::NotLeaderOrFollower, None))
                 };
-                match answer {
-                    Ok(ok) => PartitionProduceResponse::default()
-                        .with_index(pd.index)
+            }
+        }
+    }
+    if let Some(o) = order {
+        let _ = o.done.send(());
+    }
+    // 3. Wait for the answers `acks` asks for.
+    let mut responses = Vec::with_capacity(topics.len());
+    for (name, parts) in topics {
+        let answers = join_all(parts.into_iter().map(|p| async move {
+            match p {
+                Prepared::Refused(r) => r,
+                Prepared::Ready(index, ..) => {
+                    refused(index, ResponseError::UnknownServerError, None)
+                }
+                Prepared::Queued(index, rx) => match tokio::time::timeout(timeout, rx).await {
+                    Ok(Ok(Ok(ok))) => PartitionProduceResponse::default()
+                        .with_index(index)
                         .with_base_offset(ok.base_offset)
                         .with_log_append_time_ms(-1)
                         .with_log_start_offset(ok.log_start_offset),
-                    Err(e) => fail(errors::append_error(&e), Some(e.to_string())),
-                }
+                    Ok(Ok(Err(e))) => refused(index, errors::append_error(&e), Some(e.to_string())),
+                    Ok(Err(_)) => refused(index, ResponseError::NotLeaderOrFollower, None),
+                    Err(_) => refused(index, ResponseError::RequestTimedOut, None),
+                },
             }
-        });
-        let responses = join_all(parts).await;
-        topics.push(
+        }))
+        .await;
+        responses.push(
             TopicProduceResponse::default()
                 .with_name(name)
-                .with_partition_responses(responses),
+                .with_partition_responses(answers),
         );
     }
     if acks == 0 {
         return None;
     }
-    Some(ProduceResponse::default().with_responses(topics))
+    Some(ProduceResponse::default().with_responses(responses))
 }
 
 pub async fn init_producer_id(

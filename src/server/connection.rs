@@ -18,6 +18,8 @@ use tracing::{debug, info, warn};
 use crate::broker::Broker;
 use crate::protocol::{self, Frame};
 
+const PRODUCE: i16 = 0;
+
 pub async fn run(
     broker: Arc<Broker>,
     socket: TcpStream,
@@ -46,6 +48,7 @@ pub async fn run(
         let _ = wr.shutdown().await;
     });
     let max_frame = broker.config.request_max_bytes;
+    let mut produce_chain: Option<oneshot::Receiver<()>> = None;
     let reason: String = loop {
         let mut len_buf = [0u8; 4];
         let read = tokio::select! {
@@ -85,11 +88,21 @@ pub async fn run(
         if tx.send(done_rx).await.is_err() {
             break "writer stopped".into();
         }
+        // Produce requests hand their batches to the partitions in request order (a
+        // pipelining idempotent producer depends on it); the rest runs concurrently.
+        let order = (frame.api_key == PRODUCE).then(|| {
+            let (done, next) = oneshot::channel();
+            protocol::ProduceOrder {
+                after: produce_chain.replace(next),
+                done,
+            }
+        });
+        let ctx = protocol::RequestContext { peer, order };
         let broker = broker.clone();
         tokio::spawn(async move {
             let api_key = frame.api_key;
             let version = frame.api_version;
-            match protocol::handle(&broker, peer, frame).await {
+            match protocol::handle(&broker, ctx, frame).await {
                 Ok(response) => {
                     let _ = done_tx.send(response);
                 }
