@@ -48,6 +48,7 @@ pub fn command() -> Command {
         .subcommand_required(true)
         .subcommand(serve_command())
         .subcommand(crate::perf::command())
+        .subcommand(crate::groups_cli::command())
 }
 
 /// Builds the configuration from a file, the environment and flags.
@@ -74,6 +75,7 @@ pub fn main() -> ExitCode {
     let result = match matches.subcommand() {
         Some(("serve", m)) => config_from(m).and_then(run_serve),
         Some(("perf", m)) => crate::perf::run(m),
+        Some(("groups", m)) => crate::groups_cli::run(m),
         _ => Ok(()),
     };
     match result {

@@ -8,9 +8,11 @@
 
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod group;
+pub mod groups_cli;
 pub mod handlers;
 pub mod http;
 pub mod log;
