@@ -64,7 +64,7 @@ pub const SETTINGS: &[SettingDef] = &[
         "",
         "address clients are told to connect to (HOST:PORT); defaults to --listen",
     ),
-    def("http", "127.0.0.1:9644", "operator HTTP address (HOST:PORT): /healthz and /readyz"),
+    def("http", "127.0.0.1:9644", "operator HTTP address (HOST:PORT): /healthz, /readyz and /metrics"),
     def(
         "data-dir",
         "./data",

@@ -1,7 +1,8 @@
-//! The operator HTTP endpoint (`--http`): `/healthz` (the process is alive) and
-//! `/readyz` (the broker recovered its partitions and its metadata store answers).
-//! It starts before recovery, so orchestrators see "alive, not ready" while a broker
-//! rebuilds its partitions.
+//! The operator HTTP endpoint (`--http`): `/healthz` (the process is alive),
+//! `/readyz` (the broker recovered its partitions and its metadata store answers) and
+//! `/metrics` (Prometheus text format, see `crate::metrics`). It starts before
+//! recovery, so orchestrators see "alive, not ready" while a broker rebuilds its
+//! partitions.
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -66,9 +67,21 @@ async fn route(
                 }
             }
         },
+        "/metrics" => match slot.get() {
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
+            Some(broker) => {
+                let body = crate::metrics::render(broker).await;
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz or /readyz\n",
+            "not found: try /healthz, /readyz or /metrics\n",
         ),
     })
 }

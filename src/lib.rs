@@ -17,6 +17,7 @@ pub mod handlers;
 pub mod http;
 pub mod log;
 pub mod metadata;
+pub mod metrics;
 pub mod perf;
 pub mod protocol;
 pub mod server;

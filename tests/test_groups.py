@@ -19,7 +19,8 @@ from conftest import admin_client, create_topic, producer, unique_topic
 from group_helpers import (ERR_FENCED_INSTANCE_ID, ERR_GROUP_ID_NOT_FOUND,
                            ERR_ILLEGAL_GENERATION, ERR_INCONSISTENT_GROUP_PROTOCOL,
                            ERR_INVALID_GROUP_ID, ERR_INVALID_SESSION_TIMEOUT, ERR_NONE,
-                           ERR_OFFSET_METADATA_TOO_LARGE, ERR_UNKNOWN_MEMBER_ID, GROUP_ENV,
+                           ERR_OFFSET_METADATA_TOO_LARGE, ERR_REBALANCE_IN_PROGRESS,
+                           ERR_UNKNOWN_MEMBER_ID, ERR_UNKNOWN_TOPIC_OR_PARTITION, GROUP_ENV,
                            GroupConsumer, MemberProcess, RawClient, assert_disjoint_cover,
                            produce_values, raw_single_member_group, settle, wait_until)
 
@@ -375,6 +376,30 @@ def test_static_member_restart_keeps_assignment_without_rebalance(gbroker, consu
         wait_until(lambda: sorted(x for x in m.record_values() if x.startswith(b"st-")) == want,
                    30, lambda: f"{m.name} reads its partitions' new records: {m}")
 
+    # a static member that is gone for good is removed by its session timeout ...
+    c_parts = c.partitions()
+    c.stop()
+    wait_until(lambda: a.partitions() | b2.partitions() == set(range(6)), 30,
+               lambda: f"the static member's partitions {sorted(c_parts)} reassigned after its "
+                       f"session timeout: {a}, {b2}")
+    # ... or at once by an admin LeaveGroup naming its group.instance.id (KIP-345)
+    from kafka import KafkaAdminClient
+    from kafka.admin import MemberToRemove
+    b2.stop()
+    kp = KafkaAdminClient(bootstrap_servers=bs, request_timeout_ms=30000)
+    try:
+        res = kp.remove_group_members(group, [MemberToRemove(group_instance_id="inst-b")])
+        assert [e.__name__ for e in res.values()] == ["NoError"], res
+        res = kp.remove_group_members(group, [MemberToRemove(group_instance_id="inst-nobody")])
+        assert [e.__name__ for e in res.values()] == ["UnknownMemberIdError"], res
+    finally:
+        kp.close()
+    d = describe_group(bs, group)
+    assert [m.group_instance_id for m in d.members] == ["inst-a"], \
+        f"after removing inst-b: {[(m.member_id, m.group_instance_id) for m in d.members]}"
+    wait_until(lambda: a.partitions() == set(range(6)), 15,
+               lambda: f"the last member owns all partitions: {a}")
+
 
 def test_duplicate_instance_id_fences_old_member(gbroker, consumers):
     bs = gbroker.bootstrap
@@ -428,7 +453,7 @@ def test_committed_offsets_survive_broker_kill9(gbroker, consumers):
     assert {tp.partition: tp.offset for tp in got} == want, got
     assert {tp.partition: tp.metadata for tp in got} == meta, got
 
-    c2 = consumers("c2", bs, group, [topic])
+    c2 = consumers("c2", bs, group, [topic], commit_each=True)
     settle([c2])
     produce_values(bs, topic, 3, 1, "late")  # partition 2 was fully consumed
     wait_until(lambda: {r[2] for r in c2.snapshot()[2]} == {0, 1, 2}, 30,
@@ -437,6 +462,28 @@ def test_committed_offsets_survive_broker_kill9(gbroker, consumers):
     for _, _, p, o, _ in c2.snapshot()[2]:
         firsts.setdefault(p, o)
     assert firsts == want, f"resumed at {firsts}, committed {want}"
+
+    # kill -9 under a live member that commits every record: it rejoins the restarted
+    # broker and goes on from its commits, skipping nothing
+    ends = {0: 21, 1: 21, 2: 21}
+    wait_until(lambda: {p: max(o for _, _, pp, o, _ in c2.snapshot()[2] if pp == p) + 1
+                        for p in range(3)} == ends, 30, lambda: f"c2 read to the end: {c2}")
+    a = admin_client(bs)
+
+    def committed():
+        r = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                          request_timeout=30)[group].result(30)
+        return {tp.partition: tp.offset for tp in r.topic_partitions}
+    wait_until(lambda: committed() == ends, 15, lambda: f"c2 committed {ends}: {committed()}")
+    gbroker.kill9()
+    gbroker.start()
+    produce_values(bs, topic, 3, 5, "after-crash")
+    wait_until(lambda: {p: max(o for _, _, pp, o, _ in c2.snapshot()[2] if pp == p) + 1
+                        for p in range(3)} == {p: 26 for p in range(3)}, 60,
+               lambda: f"the live member reads on after the broker's restart: {c2}")
+    for p in range(3):
+        offs = sorted({o for _, _, pp, o, _ in c2.snapshot()[2] if pp == p})
+        assert offs == list(range(want[p], 26)), f"partition {p}: read offsets {offs}"
 
 
 # ---------------------------------------------------------------------------
@@ -750,6 +797,15 @@ def test_raw_group_errors(gbroker):
         assert top == ERR_NONE
         assert fetched == {(topic, 0): (5, "five", ERR_NONE), (topic, 1): (12, "y" * 4096, ERR_NONE)}, \
             {k: (o, (m or "")[:10], e) for k, (o, m, e) in fetched.items()}
+        # commits for partitions that do not exist
+        assert rc.commit(group, gen, member, {("no-such-topic", 0): (1, None),
+                                              (topic, 99): (1, None)}) == \
+            {("no-such-topic", 0): ERR_UNKNOWN_TOPIC_OR_PARTITION,
+             (topic, 99): ERR_UNKNOWN_TOPIC_OR_PARTITION}
+        # a partition without a commit: offset -1, no error
+        top, fetched = rc.fetch_offsets(unique_group("never"), {topic: [0]})
+        assert top == ERR_NONE and fetched[(topic, 0)][0] == -1 and fetched[(topic, 0)][2] == ERR_NONE, \
+            fetched
 
         # heartbeats
         assert rc.heartbeat(group, gen, "no-such-member") == ERR_UNKNOWN_MEMBER_ID
@@ -777,6 +833,22 @@ def test_raw_group_errors(gbroker):
         # none of this disturbed the member
         assert rc.heartbeat(group, gen, member) == ERR_NONE
 
+        # a static member: its group.instance.id with another member id is fenced
+        sgroup = unique_group("raw-static")
+        with RawClient(gbroker.host, gbroker.port) as rs:
+            j = rs.join(sgroup, [topic], instance_id="inst-1")
+            assert j.error_code == ERR_NONE, j.error_code
+            s_ = rs.sync(sgroup, j.generation_id, j.member_id,
+                         {j.member_id: RawClient.assignment_bytes({topic: [0, 1]})},
+                         instance_id="inst-1", protocol_name=j.protocol_name)
+            assert s_.error_code == ERR_NONE, s_.error_code
+            assert rs.heartbeat(sgroup, j.generation_id, j.member_id, "inst-1") == ERR_NONE
+            assert rs.heartbeat(sgroup, j.generation_id, "impostor", "inst-1") == ERR_FENCED_INSTANCE_ID
+            assert rs.commit(sgroup, j.generation_id, "impostor", {(topic, 0): (1, None)},
+                             instance_id="inst-1") == {(topic, 0): ERR_FENCED_INSTANCE_ID}
+            assert rs.commit(sgroup, j.generation_id, j.member_id, {(topic, 0): (1, None)},
+                             instance_id="inst-1") == {(topic, 0): ERR_NONE}
+
         # after LeaveGroup the member is unknown, the group empty: admin-style commits work
         lv = rc.leave(group, member)
         assert lv.error_code == ERR_NONE
@@ -784,6 +856,132 @@ def test_raw_group_errors(gbroker):
         assert rc.commit(group, -1, "", {(topic, 0): (2, None)}) == {(topic, 0): ERR_NONE}
         top, fetched = rc.fetch_offsets(group, {topic: [0]})
         assert fetched[(topic, 0)][0] == 2
+
+
+def in_thread(fn, *args, **kwargs):
+    """Run fn in a daemon thread; returns (thread, box) with box["r"] or box["e"] set."""
+    box = {}
+
+    def run():
+        try:
+            box["r"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["e"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def result(t, box, timeout=30):
+    t.join(timeout)
+    assert not t.is_alive(), f"no answer within {timeout}s"
+    if "e" in box:
+        raise box["e"]
+    return box["r"]
+
+
+def test_raw_rebalance_protocol(gbroker):
+    """Two members by hand: rebalance signalled by heartbeats, the leader's assignment
+    handed to the follower through SyncGroup, commits refused while the assignment is
+    pending, and a member that does not rejoin within the rebalance timeout dropped."""
+    bs = gbroker.bootstrap
+    topic, group = unique_topic("grb"), unique_group("rb")
+    create_topic(bs, topic, 4)
+    kw = dict(session_timeout_ms=30000, rebalance_timeout_ms=3000)
+    with RawClient(gbroker.host, gbroker.port) as ra, RawClient(gbroker.host, gbroker.port) as rb, \
+            RawClient(gbroker.host, gbroker.port) as rc:
+        j = ra.join(group, [topic], **kw)
+        assert j.error_code == ERR_NONE and j.leader == j.member_id, (j.error_code, j.leader)
+        gen1, ma = j.generation_id, j.member_id
+        assert ra.sync(group, gen1, ma, {ma: RawClient.assignment_bytes({topic: [0, 1, 2, 3]})},
+                       protocol_name=j.protocol_name).error_code == ERR_NONE
+
+        # B joins: its JoinGroup waits until A has rejoined
+        tb, bb = in_thread(rb.join, group, [topic], **kw)
+        wait_until(lambda: ra.heartbeat(group, gen1, ma) == ERR_REBALANCE_IN_PROGRESS, 10,
+                   "A's heartbeat to answer REBALANCE_IN_PROGRESS")
+        assert tb.is_alive(), "B's JoinGroup answered before A rejoined"
+        # members of the current generation may still commit while the group prepares
+        assert ra.commit(group, gen1, ma, {(topic, 0): (1, None)}) == {(topic, 0): ERR_NONE}
+
+        ja = ra.join(group, [topic], member_id=ma, **kw)
+        jb = result(tb, bb)
+        assert ja.error_code == ERR_NONE and jb.error_code == ERR_NONE, (ja.error_code, jb.error_code)
+        mb = jb.member_id
+        gen2 = ja.generation_id
+        assert jb.generation_id == gen2 == gen1 + 1, (gen1, ja.generation_id, jb.generation_id)
+        assert ja.leader == jb.leader == ma, "the existing member stays the leader"
+        assert ja.protocol_name == jb.protocol_name == "range"
+        assert sorted(m.member_id for m in ja.members) == sorted([ma, mb])
+        assert jb.members == [], "only the leader gets the member list"
+        for m in ja.members:
+            assert RawClient.subscription([topic]) == bytes(m.metadata), "member metadata relayed as sent"
+
+        # assignment pending (CompletingRebalance): commits are refused
+        assert ra.commit(group, gen2, ma, {(topic, 0): (2, None)}) == \
+            {(topic, 0): ERR_REBALANCE_IN_PROGRESS}
+
+        # the follower's SyncGroup waits for the leader's
+        ts, bs_ = in_thread(rb.sync, group, gen2, mb, {}, protocol_name="range")
+        time.sleep(0.5)
+        assert ts.is_alive(), "the follower's SyncGroup was answered before the leader's"
+        want_a = RawClient.assignment_bytes({topic: [0, 1]})
+        want_b = RawClient.assignment_bytes({topic: [2, 3]})
+        sa = ra.sync(group, gen2, ma, {ma: want_a, mb: want_b}, protocol_name="range")
+        sb = result(ts, bs_)
+        assert (sa.error_code, sb.error_code) == (ERR_NONE, ERR_NONE)
+        assert bytes(sa.assignment) == want_a and bytes(sb.assignment) == want_b
+        assert rb.commit(group, gen2, mb, {(topic, 2): (3, None)}) == {(topic, 2): ERR_NONE}
+        assert ra.heartbeat(group, gen2, ma) == ERR_NONE
+
+        # C joins; B rejoins, A never does: after the rebalance timeout (3 s) A is out
+        tc, bc = in_thread(rc.join, group, [topic], **kw)
+        wait_until(lambda: rb.heartbeat(group, gen2, mb) == ERR_REBALANCE_IN_PROGRESS, 10,
+                   "B's heartbeat to answer REBALANCE_IN_PROGRESS")
+        jb3 = rb.join(group, [topic], member_id=mb, **kw)
+        jc = result(tc, bc)
+        assert jb3.error_code == ERR_NONE and jc.error_code == ERR_NONE
+        assert jb3.generation_id == jc.generation_id == gen2 + 1
+        members3 = sorted(m.member_id for m in (jb3.members or jc.members))
+        assert members3 == sorted([mb, jc.member_id]), f"members after the timeout: {members3}"
+        assert ra.heartbeat(group, gen2, ma) == ERR_UNKNOWN_MEMBER_ID
+
+        # the offsets committed along the way
+        _, fetched = ra.fetch_offsets(group, {topic: [0, 2]})
+        assert {k: v[0] for k, v in fetched.items()} == {(topic, 0): 1, (topic, 2): 3}
+
+
+def test_initial_rebalance_delay_applies_to_new_groups(broker_factory):
+    b = broker_factory(env={**GROUP_ENV, "STRATA_GROUP_INITIAL_REBALANCE_DELAY_MS": "1500"})
+    topic = unique_topic("gdelay")
+    create_topic(b.bootstrap, topic, 1)
+    with RawClient(b.host, b.port) as rc:
+        t0 = time.monotonic()
+        j = rc.join(unique_group("delay"), [topic])
+        elapsed = time.monotonic() - t0
+        assert j.error_code == ERR_NONE, j.error_code
+        assert elapsed >= 1.4, \
+            f"first JoinGroup of a new group answered after {elapsed:.2f}s (delay is 1.5s)"
+
+
+def test_partitions_added_trigger_rebalance(gbroker, consumers):
+    from confluent_kafka.admin import NewPartitions
+    bs = gbroker.bootstrap
+    topic, group = unique_topic("ggrow"), unique_group()
+    create_topic(bs, topic, 2)
+    conf = {"topic.metadata.refresh.interval.ms": 1000}
+    cs = [consumers(f"m{i}", bs, group, [topic], conf=conf) for i in range(2)]
+    settle(cs)
+    assert_disjoint_cover(cs, topic, 2)
+    admin_client(bs).create_partitions([NewPartitions(topic, 4)],
+                                       operation_timeout=30)[topic].result(30)
+
+    def covered():
+        parts = [c.partitions() for c in cs]
+        return parts[0] | parts[1] == {0, 1, 2, 3}
+    wait_until(covered, 30, lambda: f"the group to rebalance onto 4 partitions: {cs}")
+    settle(cs)
+    assert_disjoint_cover(cs, topic, 4)
 
 
 def test_heartbeat_flood_does_not_disturb_other_groups(gbroker, consumers):

@@ -76,3 +76,43 @@ def test_groups_cli(broker_factory, strata_bin):
     strata(strata_bin, "delete", group, "--bootstrap", b.bootstrap)
     assert group not in strata(strata_bin, "list", "--bootstrap", b.bootstrap).stdout
     assert committed(b.bootstrap, group, topic, 2) == {0: -1001, 1: -1001}
+
+
+def scrape(port):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(text, name, **labels):
+    """Value of the series `name` whose labels include `labels`, or None."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+def test_consumer_group_lag_metrics(broker_factory):
+    b = broker_factory(env=GROUP_ENV)
+    topic, group = unique_topic("lag"), unique_topic("laggroup")
+    create_topic(b.bootstrap, topic, 2)
+    p = producer(b.bootstrap)
+    for i in range(30):
+        p.produce(topic, value=str(i).encode(), partition=i % 2)
+    assert p.flush(30) == 0
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        c.commit(offsets=[TopicPartition(topic, 0, 5), TopicPartition(topic, 1, 15)], asynchronous=False)
+    finally:
+        c.close()
+    text = scrape(b.http_port)
+    assert metric(text, "kafka_consumergroup_lag", consumergroup=group, topic=topic, partition="0") == 10
+    assert metric(text, "kafka_consumergroup_lag", consumergroup=group, topic=topic, partition="1") == 0
+    assert metric(text, "kafka_consumergroup_lag_sum", consumergroup=group, topic=topic) == 10
+    assert metric(text, "kafka_consumergroup_current_offset", consumergroup=group, topic=topic, partition="0") == 5
+    assert metric(text, "kafka_consumergroup_members", consumergroup=group) == 0
+    assert metric(text, "strata_consumergroup_lag_seconds", consumergroup=group, topic=topic, partition="0") >= 0
+    assert metric(text, "strata_consumergroup_lag_seconds", consumergroup=group, topic=topic, partition="1") == 0
