@@ -620,8 +620,10 @@ def test_kafka_python_group_and_admin(gbroker):
         assert {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic} == \
             {p: 10 for p in range(4)}, offsets
 
-        res = admin.delete_groups([group])
-        assert res == {group: "NonEmptyGroupError"}, f"deleting a live group: {res}"
+        unknown = unique_group("kp-unknown")
+        res = admin.delete_groups([group, unknown])
+        assert res == {group: "NonEmptyGroupError", unknown: "GroupIdNotFoundError"}, \
+            f"deleting a live and an unknown group: {res}"
 
         for k in ks:
             k.stop()
@@ -757,6 +759,19 @@ def test_confluent_admin_group_apis(gbroker, consumers):
     with pytest.raises(KafkaException) as ei:
         a.delete_consumer_groups([group], request_timeout=30)[group].result(30)
     assert kafka_error_code(ei.value) == KafkaError.GROUP_ID_NOT_FOUND, ei.value
+
+    # a group that only ever had offsets set by an admin is a "simple" (protocol-less) group
+    simple = unique_group("simple")
+    r = a.alter_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(simple, [TopicPartition(topic, 0, 4)])],
+        request_timeout=30)[simple].result(30)
+    assert all(tp.error is None for tp in r.topic_partitions), r.topic_partitions
+    g = listed().get(simple)
+    assert g is not None, f"group {simple} created by an offset commit is not listed"
+    assert g.is_simple_consumer_group and g.state == ConsumerGroupState.EMPTY, (g.is_simple_consumer_group, g.state)
+    d = describe_group(bs, simple)
+    assert d.state == ConsumerGroupState.EMPTY and d.members == [], (d.state, d.members)
+    a.delete_consumer_groups([simple], request_timeout=30)[simple].result(30)
 
 
 # ---------------------------------------------------------------------------
