@@ -112,6 +112,11 @@ impl Broker {
                     initial_rebalance_delay_ms: config.group_initial_rebalance_delay_ms,
                     max_members: config.group_max_size,
                 },
+                consumer_limits: crate::group::consumer::ConsumerLimits {
+                    session_timeout_ms: config.group_consumer_session_timeout_ms,
+                    heartbeat_interval_ms: config.group_consumer_heartbeat_interval_ms,
+                    max_members: config.group_max_size,
+                },
                 max_groups: config.groups_max,
                 offset_metadata_max_bytes: config.offset_metadata_max_bytes,
                 offsets_retention_ms: config.offsets_retention_ms,

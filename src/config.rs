@@ -170,6 +170,16 @@ pub const SETTINGS: &[SettingDef] = &[
     ),
     def("group.max.size", "1000", "members one consumer group may have"),
     def(
+        "group.consumer.session.timeout.ms",
+        "45000",
+        "session timeout of consumer-protocol (KIP-848) group members",
+    ),
+    def(
+        "group.consumer.heartbeat.interval.ms",
+        "5000",
+        "heartbeat interval the coordinator gives consumer-protocol (KIP-848) members",
+    ),
+    def(
         "groups.max",
         "100000",
         "consumer groups the coordinator keeps in memory at once",
@@ -356,6 +366,8 @@ pub struct Config {
     pub group_min_session_timeout_ms: i32,
     pub group_max_session_timeout_ms: i32,
     pub group_max_size: usize,
+    pub group_consumer_session_timeout_ms: i64,
+    pub group_consumer_heartbeat_interval_ms: i32,
     pub groups_max: usize,
     pub offsets_retention_ms: i64,
     pub offsets_retention_check_interval_ms: u64,
@@ -465,6 +477,12 @@ impl Config {
             group_max_session_timeout_ms: i32::try_from(positive("group.max.session.timeout.ms")?)
                 .context("group.max.session.timeout.ms out of range")?,
             group_max_size: positive("group.max.size")? as usize,
+            group_consumer_session_timeout_ms: positive("group.consumer.session.timeout.ms")?
+                as i64,
+            group_consumer_heartbeat_interval_ms: i32::try_from(positive(
+                "group.consumer.heartbeat.interval.ms",
+            )?)
+            .context("group.consumer.heartbeat.interval.ms out of range")?,
             groups_max: positive("groups.max")? as usize,
             offsets_retention_ms: positive("offsets.retention.minutes")?.saturating_mul(60_000)
                 as i64,

@@ -6,6 +6,7 @@
 //! restart members simply rejoin, while committed offsets survive in the metadata store.
 
 pub mod classic;
+pub mod consumer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,12 +20,14 @@ use tracing::{debug, info, warn};
 
 use crate::clock::now_ms;
 use crate::metadata::{CommittedOffset, MetadataStore};
-use classic::{Event, Group, GroupLimits, GroupState, Reply};
+use classic::{Event, Group, GroupLimits, GroupState, JoinResult, Reply, SyncResult};
+use consumer::{ConsumerGroup, ConsumerLimits, Heartbeat, HeartbeatReply};
 
 /// Settings of the coordinator.
 #[derive(Debug, Clone, Copy)]
 pub struct CoordinatorConfig {
     pub limits: GroupLimits,
+    pub consumer_limits: ConsumerLimits,
     pub max_groups: usize,
     pub offset_metadata_max_bytes: usize,
     pub offsets_retention_ms: i64,
@@ -34,6 +37,10 @@ pub struct CoordinatorConfig {
 /// A snapshot for DescribeGroups and ListGroups.
 #[derive(Debug, Clone)]
 pub struct GroupSummary {
+    /// "classic" or "consumer" (KIP-848).
+    pub group_type: &'static str,
+    /// Kafka's state name for the group's type.
+    pub state_name: &'static str,
     pub state: GroupState,
     pub protocol_type: String,
     pub protocol_name: String,
@@ -69,6 +76,8 @@ enum GroupCmd {
         reply: oneshot::Sender<Result<(), CommitError>>,
     },
     Describe(oneshot::Sender<GroupSummary>),
+    ConsumerHeartbeat(Box<Heartbeat>, oneshot::Sender<HeartbeatReply>),
+    ConsumerDescribe(oneshot::Sender<Option<ConsumerGroup>>),
     /// Deletes the group if it has no members; the task then ends.
     Delete(oneshot::Sender<Result<(), ResponseError>>),
 }
@@ -123,7 +132,8 @@ impl Coordinator {
         }
         let (tx, rx) = mpsc::channel(256);
         let group = Group::new(group_id, self.config.limits);
-        tokio::spawn(run_group(group, rx, self.meta.clone()));
+        let consumer = ConsumerGroup::new(group_id, self.config.consumer_limits);
+        tokio::spawn(run_group(group, consumer, rx, self.meta.clone()));
         groups.insert(group_id.to_string(), tx.clone());
         Ok(Some(tx))
     }
@@ -166,6 +176,30 @@ impl Coordinator {
             .map_err(|_| CommitError::Group(ResponseError::CoordinatorNotAvailable))?;
         rx.await
             .map_err(|_| CommitError::Group(ResponseError::CoordinatorNotAvailable))?
+    }
+
+    /// A KIP-848 ConsumerGroupHeartbeat.
+    pub async fn consumer_heartbeat(
+        &self,
+        group_id: &str,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatReply, ResponseError> {
+        let tx = self
+            .handle(group_id, true)?
+            .ok_or(ResponseError::CoordinatorNotAvailable)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(GroupCmd::ConsumerHeartbeat(Box::new(hb), reply))
+            .await
+            .map_err(|_| ResponseError::CoordinatorNotAvailable)?;
+        rx.await.map_err(|_| ResponseError::CoordinatorNotAvailable)
+    }
+
+    /// The KIP-848 group's state, if the group is one.
+    pub async fn consumer_describe(&self, group_id: &str) -> Option<ConsumerGroup> {
+        let tx = self.handle(group_id, false).ok()??;
+        let (reply, rx) = oneshot::channel();
+        tx.send(GroupCmd::ConsumerDescribe(reply)).await.ok()?;
+        rx.await.ok()?
     }
 
     /// The group's live state, or `None` when no task runs for it.
@@ -255,14 +289,26 @@ impl Coordinator {
     }
 }
 
+/// Which protocol a group speaks; a group without members may switch.
+enum Kind {
+    Classic,
+    Consumer,
+}
+
 async fn run_group(
     mut group: Group,
+    mut consumer: ConsumerGroup,
     mut rx: mpsc::Receiver<GroupCmd>,
     meta: Arc<dyn MetadataStore>,
 ) {
+    let mut kind = Kind::Classic;
     let mut waiters: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
     loop {
-        let sleep = match group.next_deadline() {
+        let deadline = match kind {
+            Kind::Classic => group.next_deadline(),
+            Kind::Consumer => consumer.next_deadline(),
+        };
+        let sleep = match deadline {
             Some(d) => Duration::from_millis((d - now_ms()).max(0) as u64),
             None => Duration::from_secs(3600),
         };
@@ -270,11 +316,48 @@ async fn run_group(
             cmd = rx.recv() => match cmd {
                 None => break,
                 Some(GroupCmd::Event(event, reply)) => {
-                    waiters.insert(event_token(&event), reply);
-                    group.handle(event, now_ms())
+                    if matches!(kind, Kind::Consumer) && consumer.members.is_empty() {
+                        kind = Kind::Classic;
+                    }
+                    match kind {
+                        Kind::Classic => {
+                            waiters.insert(event_token(&event), reply);
+                            group.handle(event, now_ms())
+                        }
+                        Kind::Consumer => {
+                            // The group speaks the consumer protocol: classic members cannot join.
+                            let _ = reply.send(refusal(&event, ResponseError::InconsistentGroupProtocol));
+                            Vec::new()
+                        }
+                    }
+                }
+                Some(GroupCmd::ConsumerHeartbeat(hb, reply)) => {
+                    if matches!(kind, Kind::Classic) && group.members.is_empty() {
+                        kind = Kind::Consumer;
+                    }
+                    let answer = match kind {
+                        Kind::Consumer => consumer.heartbeat(*hb, now_ms()),
+                        Kind::Classic => HeartbeatReply {
+                            error: Some((ResponseError::GroupIdNotFound, "the group uses the classic protocol")),
+                            member_id: hb.member_id.clone(),
+                            member_epoch: -1,
+                            heartbeat_interval_ms: 0,
+                            assignment: None,
+                        },
+                    };
+                    let _ = reply.send(answer);
+                    Vec::new()
+                }
+                Some(GroupCmd::ConsumerDescribe(reply)) => {
+                    let _ = reply.send(matches!(kind, Kind::Consumer).then(|| consumer.clone()));
+                    Vec::new()
                 }
                 Some(GroupCmd::Commit { member_id, instance_id, generation, offsets, reply }) => {
-                    let result = match group.validate_commit(&member_id, instance_id.as_deref(), generation) {
+                    let valid = match kind {
+                        Kind::Classic => group.validate_commit(&member_id, instance_id.as_deref(), generation),
+                        Kind::Consumer => consumer.validate_commit(&member_id, generation),
+                    };
+                    let result = match valid {
                         Err(e) => Err(CommitError::Group(e)),
                         Ok(()) => meta.commit_offsets(&group.id, &offsets).await.map_err(|e| {
                             warn!(group = %group.id, error = %e, "offset commit failed");
@@ -285,11 +368,14 @@ async fn run_group(
                     Vec::new()
                 }
                 Some(GroupCmd::Describe(reply)) => {
-                    let _ = reply.send(summary(&group));
+                    let _ = reply.send(match kind {
+                        Kind::Classic => summary(&group),
+                        Kind::Consumer => consumer_summary(&consumer),
+                    });
                     Vec::new()
                 }
                 Some(GroupCmd::Delete(reply)) => {
-                    if group.members.is_empty() {
+                    if group.members.is_empty() && consumer.members.is_empty() {
                         group.state = GroupState::Dead;
                         let _ = reply.send(Ok(()));
                         debug!(group = %group.id, "group deleted");
@@ -299,7 +385,13 @@ async fn run_group(
                     Vec::new()
                 }
             },
-            _ = tokio::time::sleep(sleep) => group.handle(Event::Tick, now_ms()),
+            _ = tokio::time::sleep(sleep) => match kind {
+                Kind::Classic => group.handle(Event::Tick, now_ms()),
+                Kind::Consumer => {
+                    consumer.tick(now_ms());
+                    Vec::new()
+                }
+            },
         };
         for (token, reply) in replies {
             if let Some(w) = waiters.remove(&token) {
@@ -308,6 +400,62 @@ async fn run_group(
         }
         // Requests whose caller gave up (connection closed) free their slot.
         waiters.retain(|_, w| !w.is_closed());
+    }
+}
+
+/// The error answer to a classic request the group cannot take.
+fn refusal(event: &Event, error: ResponseError) -> Reply {
+    match event {
+        Event::Join(j) => Reply::Join(JoinResult {
+            error: Some(error),
+            generation: -1,
+            protocol_type: None,
+            protocol_name: None,
+            leader: String::new(),
+            member_id: j.member_id.clone(),
+            members: Vec::new(),
+            skip_assignment: false,
+        }),
+        Event::Sync(_) => Reply::Sync(SyncResult {
+            error: Some(error),
+            protocol_type: None,
+            protocol_name: None,
+            assignment: bytes::Bytes::new(),
+        }),
+        Event::Heartbeat { .. } | Event::Tick => Reply::Heartbeat(Some(error)),
+        Event::Leave { members, .. } => Reply::Leave(
+            members
+                .iter()
+                .map(|(m, i)| (m.clone(), i.clone(), Some(error)))
+                .collect(),
+        ),
+    }
+}
+
+fn consumer_summary(g: &ConsumerGroup) -> GroupSummary {
+    GroupSummary {
+        group_type: "consumer",
+        state_name: g.state(),
+        state: if g.members.is_empty() {
+            GroupState::Empty
+        } else {
+            GroupState::Stable
+        },
+        protocol_type: "consumer".to_string(),
+        protocol_name: g.assignor.name().to_string(),
+        generation: g.epoch,
+        members: g
+            .members
+            .values()
+            .map(|m| MemberSummary {
+                member_id: m.member_id.clone(),
+                instance_id: m.instance_id.clone(),
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                metadata: Bytes::new(),
+                assignment: Bytes::new(),
+            })
+            .collect(),
     }
 }
 
@@ -323,6 +471,8 @@ fn event_token(e: &Event) -> u64 {
 fn summary(g: &Group) -> GroupSummary {
     let protocol = g.protocol_name.clone().unwrap_or_default();
     GroupSummary {
+        group_type: "classic",
+        state_name: g.state.name(),
         state: g.state,
         protocol_type: g.protocol_type.clone().unwrap_or_default(),
         protocol_name: protocol.clone(),

@@ -22,8 +22,19 @@ use kafka_protocol::ResponseError;
 use super::metadata::host_port;
 use super::str_bytes;
 use crate::broker::Broker;
-use crate::group::classic::GroupState;
 use crate::group::classic::{Event, JoinRequest, Reply, SyncRequest};
+use crate::group::consumer::Heartbeat;
+use kafka_protocol::messages::consumer_group_describe_response::{
+    Assignment as DescribeAssignment, DescribedGroup as ConsumerDescribedGroup,
+    Member as ConsumerDescribedMember, TopicPartitions as DescribeTopicPartitions,
+};
+use kafka_protocol::messages::consumer_group_heartbeat_response::{
+    Assignment as ConsumerAssignment, TopicPartitions as HeartbeatTopicPartitions,
+};
+use kafka_protocol::messages::{
+    ConsumerGroupDescribeRequest, ConsumerGroupDescribeResponse, ConsumerGroupHeartbeatRequest,
+    ConsumerGroupHeartbeatResponse, TopicName,
+};
 
 const KEY_TYPE_GROUP: i8 = 0;
 
@@ -269,34 +280,35 @@ pub async fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGr
     let mut seen = std::collections::BTreeMap::new();
     for g in broker.groups.live_groups() {
         if let Some(s) = broker.groups.describe(&g).await {
-            if s.state != GroupState::Dead {
-                seen.insert(g, (s.state.name(), s.protocol_type));
+            if s.state_name != "Dead" {
+                seen.insert(g, (s.state_name, s.protocol_type, s.group_type));
             }
         }
     }
     match broker.meta.offset_groups().await {
         Ok(groups) => {
             for g in groups {
-                seen.entry(g).or_insert(("Empty", "consumer".to_string()));
+                seen.entry(g)
+                    .or_insert(("Empty", "consumer".to_string(), "classic"));
             }
         }
         Err(_) => resp.error_code = ResponseError::CoordinatorLoadInProgress.code(),
     }
     resp.groups = seen
         .into_iter()
-        .filter(|(_, (state, _))| {
+        .filter(|(_, (state, _, _))| {
             req.states_filter.is_empty()
                 || req
                     .states_filter
                     .iter()
                     .any(|f| f.as_str().eq_ignore_ascii_case(state))
         })
-        .map(|(id, (state, protocol_type))| {
+        .map(|(id, (state, protocol_type, group_type))| {
             ListedGroup::default()
                 .with_group_id(GroupId(str_bytes(id)))
                 .with_protocol_type(str_bytes(protocol_type))
                 .with_group_state(str_bytes(state))
-                .with_group_type(str_bytes("classic"))
+                .with_group_type(str_bytes(group_type))
         })
         .collect();
     resp
@@ -318,7 +330,7 @@ pub async fn describe_groups(
         match broker.groups.describe(&id.0).await {
             Some(s) => {
                 g = g
-                    .with_group_state(str_bytes(s.state.name()))
+                    .with_group_state(str_bytes(s.state_name))
                     .with_protocol_type(str_bytes(s.protocol_type))
                     .with_protocol_data(str_bytes(s.protocol_name))
                     .with_members(
@@ -367,6 +379,175 @@ pub async fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> De
                 .with_group_id(id)
                 .with_error_code(code(error)),
         );
+    }
+    resp
+}
+
+/// KIP-848: the consumer protocol's single request.
+pub async fn consumer_group_heartbeat(
+    broker: &Arc<Broker>,
+    req: ConsumerGroupHeartbeatRequest,
+    client_id: &str,
+    client_host: &str,
+) -> ConsumerGroupHeartbeatResponse {
+    let fail = |e: ResponseError, msg: &str| {
+        ConsumerGroupHeartbeatResponse::default()
+            .with_error_code(e.code())
+            .with_error_message(Some(str_bytes(msg)))
+            .with_member_epoch(-1)
+    };
+    if !valid_group(&req.group_id) {
+        return fail(ResponseError::InvalidGroupId, "group id must not be empty");
+    }
+    if req
+        .subscribed_topic_regex
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+    {
+        return fail(
+            ResponseError::InvalidRequest,
+            "regular-expression subscriptions are not supported yet",
+        );
+    }
+    // Topic ids to names for the owned partitions, and the partition counts of every
+    // topic (the group picks the ones its members subscribe to).
+    let topics: crate::group::consumer::TopicsSnapshot = broker
+        .topics()
+        .iter()
+        .map(|t| (t.name.to_string(), (t.id, t.partitions.len() as i32)))
+        .collect();
+    let hb = Heartbeat {
+        member_id: req.member_id.to_string(),
+        member_epoch: req.member_epoch,
+        instance_id: opt(&req.instance_id),
+        rack_id: opt(&req.rack_id),
+        client_id: client_id.to_string(),
+        client_host: client_host.to_string(),
+        rebalance_timeout_ms: req.rebalance_timeout_ms,
+        subscribed: req
+            .subscribed_topic_names
+            .as_ref()
+            .map(|ts| ts.iter().map(|t| t.0.to_string()).collect()),
+        assignor: opt(&req.server_assignor),
+        owned: req.topic_partitions.as_ref().map(|tps| {
+            tps.iter()
+                .flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic_id, *p)))
+                .collect()
+        }),
+        new_member_id: uuid::Uuid::new_v4().to_string(),
+        topics,
+    };
+    match broker.groups.consumer_heartbeat(&req.group_id.0, hb).await {
+        Ok(r) => {
+            let mut resp = ConsumerGroupHeartbeatResponse::default()
+                .with_member_id(Some(str_bytes(r.member_id)))
+                .with_member_epoch(r.member_epoch)
+                .with_heartbeat_interval_ms(r.heartbeat_interval_ms);
+            if let Some((e, msg)) = r.error {
+                resp = resp
+                    .with_error_code(e.code())
+                    .with_error_message(Some(str_bytes(msg)));
+            }
+            if let Some(parts) = r.assignment {
+                resp.assignment = Some(
+                    ConsumerAssignment::default().with_topic_partitions(group_by_topic(&parts)),
+                );
+            }
+            resp
+        }
+        Err(e) => fail(e, "coordinator unavailable"),
+    }
+}
+
+fn group_by_topic(parts: &[(uuid::Uuid, i32)]) -> Vec<HeartbeatTopicPartitions> {
+    let mut by: std::collections::BTreeMap<uuid::Uuid, Vec<i32>> =
+        std::collections::BTreeMap::new();
+    for (t, p) in parts {
+        by.entry(*t).or_default().push(*p);
+    }
+    by.into_iter()
+        .map(|(t, ps)| {
+            HeartbeatTopicPartitions::default()
+                .with_topic_id(t)
+                .with_partitions(ps)
+        })
+        .collect()
+}
+
+pub async fn consumer_group_describe(
+    broker: &Arc<Broker>,
+    req: ConsumerGroupDescribeRequest,
+) -> ConsumerGroupDescribeResponse {
+    let names: std::collections::HashMap<uuid::Uuid, String> = broker
+        .topics()
+        .iter()
+        .map(|t| (t.id, t.name.to_string()))
+        .collect();
+    let described = |parts: &std::collections::BTreeSet<(uuid::Uuid, i32)>| {
+        let mut by: std::collections::BTreeMap<uuid::Uuid, Vec<i32>> =
+            std::collections::BTreeMap::new();
+        for (t, p) in parts {
+            by.entry(*t).or_default().push(*p);
+        }
+        DescribeAssignment::default().with_topic_partitions(
+            by.into_iter()
+                .map(|(t, ps)| {
+                    DescribeTopicPartitions::default()
+                        .with_topic_id(t)
+                        .with_topic_name(TopicName(str_bytes(
+                            names.get(&t).cloned().unwrap_or_default(),
+                        )))
+                        .with_partitions(ps)
+                })
+                .collect(),
+        )
+    };
+    let mut resp = ConsumerGroupDescribeResponse::default();
+    for id in req.group_ids {
+        let mut out = ConsumerDescribedGroup::default()
+            .with_group_id(id.clone())
+            .with_authorized_operations(i32::MIN);
+        match broker.groups.consumer_describe(&id.0).await {
+            Some(g) => {
+                out = out
+                    .with_group_state(str_bytes(g.state()))
+                    .with_group_epoch(g.epoch)
+                    .with_assignment_epoch(g.assignment_epoch)
+                    .with_assignor_name(str_bytes(g.assignor.name()))
+                    .with_members(
+                        g.members
+                            .values()
+                            .map(|m| {
+                                ConsumerDescribedMember::default()
+                                    .with_member_id(str_bytes(m.member_id.clone()))
+                                    .with_instance_id(m.instance_id.clone().map(str_bytes))
+                                    .with_rack_id(m.rack_id.clone().map(str_bytes))
+                                    .with_member_epoch(m.epoch)
+                                    .with_client_id(str_bytes(m.client_id.clone()))
+                                    .with_client_host(str_bytes(m.client_host.clone()))
+                                    .with_subscribed_topic_names(
+                                        m.subscribed
+                                            .iter()
+                                            .map(|t| TopicName(str_bytes(t.clone())))
+                                            .collect(),
+                                    )
+                                    .with_assignment(described(&m.assigned))
+                                    .with_target_assignment(described(
+                                        &g.target.get(&m.member_id).cloned().unwrap_or_default(),
+                                    ))
+                                    .with_member_type(1)
+                            })
+                            .collect(),
+                    );
+            }
+            None => {
+                out = out
+                    .with_error_code(ResponseError::GroupIdNotFound.code())
+                    .with_error_message(Some(str_bytes("no consumer-protocol group with this id")))
+                    .with_group_state(str_bytes("Dead"));
+            }
+        }
+        resp.groups.push(out);
     }
     resp
 }

@@ -102,6 +102,12 @@ pub async fn dispatch(
         RequestKind::OffsetFetch(r) => {
             ResponseKind::OffsetFetch(commits::offset_fetch(broker, r, v).await)
         }
+        RequestKind::ConsumerGroupHeartbeat(r) => ResponseKind::ConsumerGroupHeartbeat(
+            groups::consumer_group_heartbeat(broker, r, &client_id, &client_host).await,
+        ),
+        RequestKind::ConsumerGroupDescribe(r) => {
+            ResponseKind::ConsumerGroupDescribe(groups::consumer_group_describe(broker, r).await)
+        }
         RequestKind::OffsetDelete(r) => {
             ResponseKind::OffsetDelete(commits::offset_delete(broker, r).await)
         }
