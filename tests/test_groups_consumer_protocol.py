@@ -53,7 +53,7 @@ def wait_for(cond, timeout=60, what="condition"):
         if cond():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def disjoint_cover(members, n):
@@ -75,7 +75,8 @@ def test_consumer_protocol_group(broker_factory):
     try:
         wait_for(lambda: disjoint_cover(members, 6) and all(len(m.parts()) == 2 for m in members),
                  what="three members with two partitions each")
-        groups = admin_client(b.bootstrap).list_consumer_groups().result(10)
+        admin = admin_client(b.bootstrap)
+        groups = admin.list_consumer_groups().result(10)
         listed = {g.group_id: g for g in groups.valid}
         assert group in listed, (groups.valid, groups.errors)
         # A member leaves: the remaining two take over all six partitions.
@@ -107,7 +108,7 @@ def test_consumer_protocol_range_assignor(broker_factory):
         m.start()
     try:
         wait_for(lambda: disjoint_cover(members, 4) and all(len(m.parts()) == 2 for m in members),
-                 what="range assignment")
+                 what=lambda: f"range assignment: {[m.parts() for m in members]} {[m.errors for m in members]}")
         # Range hands out contiguous partitions.
         for m in members:
             parts = sorted(m.parts())

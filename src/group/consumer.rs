@@ -213,13 +213,20 @@ impl ConsumerGroup {
                 assignment: None,
             };
         }
-        let Some(assignor) = Assignor::parse(hb.assignor.as_deref()) else {
-            return fail(
-                ResponseError::UnsupportedAssignor,
-                "supported assignors: uniform, range",
-                &hb.member_id,
-                hb.member_epoch,
-            );
+        // A null assignor means "unchanged": the group keeps the one last asked for.
+        let assignor = match hb.assignor.as_deref() {
+            None => self.assignor,
+            Some(name) => match Assignor::parse(Some(name)) {
+                Some(a) => a,
+                None => {
+                    return fail(
+                        ResponseError::UnsupportedAssignor,
+                        "supported assignors: uniform, range",
+                        &hb.member_id,
+                        hb.member_epoch,
+                    )
+                }
+            },
         };
         let member_id = if hb.member_id.is_empty() {
             hb.new_member_id.clone()
@@ -615,6 +622,21 @@ mod tests {
             kept.iter().all(|tp| a.contains(tp)),
             "a keeps a subset of what it had"
         );
+    }
+
+    #[test]
+    fn unchanged_fields_do_not_bump_the_epoch() {
+        let (_, topics) = topic();
+        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut h = hb("a", 0, Some(vec![]), &topics);
+        h.assignor = Some("range".into());
+        let r = g.heartbeat(h, 0);
+        let epoch = g.epoch;
+        // Later heartbeats leave subscription and assignor null: nothing changes.
+        g.heartbeat(hb("a", r.member_epoch, r.assignment, &topics), 1);
+        g.heartbeat(hb("a", epoch, None, &topics), 2);
+        assert_eq!(g.epoch, epoch);
+        assert_eq!(g.assignor, Assignor::Range);
     }
 
     #[test]

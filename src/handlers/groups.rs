@@ -437,8 +437,15 @@ pub async fn consumer_group_heartbeat(
         new_member_id: uuid::Uuid::new_v4().to_string(),
         topics,
     };
+    let (asked_epoch, owned_count) = (
+        req.member_epoch,
+        req.topic_partitions
+            .as_ref()
+            .map(|t| t.iter().map(|x| x.partitions.len()).sum::<usize>()),
+    );
     match broker.groups.consumer_heartbeat(&req.group_id.0, hb).await {
         Ok(r) => {
+            tracing::debug!(group = %req.group_id.0.as_str(), member = %r.member_id, asked_epoch, ?owned_count, epoch = r.member_epoch, assignment = ?r.assignment, error = ?r.error, "consumer group heartbeat");
             let mut resp = ConsumerGroupHeartbeatResponse::default()
                 .with_member_id(Some(str_bytes(r.member_id)))
                 .with_member_epoch(r.member_epoch)
