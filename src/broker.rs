@@ -343,6 +343,16 @@ impl Broker {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
+        // Groups' committed offsets for the topic go with it, so a topic re-created under
+        // the same name starts with no committed position (as in Kafka).
+        let partitions: Vec<(String, i32)> = (0..record.partitions)
+            .map(|p| (name.to_string(), p))
+            .collect();
+        for group in self.meta.offset_groups().await.unwrap_or_default() {
+            if let Err(e) = self.meta.delete_offsets(&group, Some(&partitions)).await {
+                warn!(group, topic = name, error = %e, "could not delete a deleted topic's committed offsets");
+            }
+        }
         // Segment objects go now; write-ahead objects when no other range needs them.
         let store = self.store.clone();
         let id = record.id;

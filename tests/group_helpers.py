@@ -501,6 +501,13 @@ class RawClient:
         return self.request(self.heartbeat_request(group, generation, member_id,
                                                    instance_id)).error_code
 
+    def describe(self, group: str):
+        """DescribeGroups for one group; returns its DescribedGroup."""
+        from kafka.protocol.admin import DescribeGroupsRequest
+        r = self.request(DescribeGroupsRequest(groups=[group], include_authorized_operations=False))
+        assert [g.group_id for g in r.groups] == [group], r
+        return r.groups[0]
+
     def leave(self, group: str, member_id: str):
         from kafka.protocol.consumer import LeaveGroupRequest
         M = LeaveGroupRequest.MemberIdentity

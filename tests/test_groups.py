@@ -300,6 +300,7 @@ def test_cooperative_sticky_incremental_rebalance(gbroker, consumers):
             assert during, (f"{m.name} consumed nothing from its kept partitions {sorted(final)} "
                             f"during the {window:.1f}s rebalance")
     assert moved == c.partitions(), f"moved {sorted(moved)}, new member has {sorted(c.partitions())}"
+    assert describe_group(bs, group).partition_assignor == "cooperative-sticky"
 
 
 @pytest.mark.parametrize("strategies,selected", [
@@ -327,6 +328,8 @@ def test_assignor_strategies(gbroker, consumers, strategies, selected):
         f"group protocol {d.partition_assignor!r}, expected {selected!r} (members offered {strategies})"
     assert d.state == ConsumerGroupState.STABLE, d.state
     assert not d.is_simple_consumer_group
+    for m in d.members:
+        assert "127.0.0.1" in m.host, (m.member_id, m.client_id, m.host)
     by_client = {m.client_id: {tp.partition for tp in m.assignment.topic_partitions}
                  for m in d.members}
     assert by_client == {c.name: c.partitions() for c in cs}, \
@@ -486,6 +489,44 @@ def test_committed_offsets_survive_broker_kill9(gbroker, consumers):
         assert offs == list(range(want[p], 26)), f"partition {p}: read offsets {offs}"
 
 
+def test_deleting_a_topic_deletes_its_committed_offsets(gbroker, consumers):
+    """Kafka drops every group's offsets of a deleted topic: a topic re-created under the
+    same name must not inherit them (a group would skip the new topic's first records)."""
+    bs = gbroker.bootstrap
+    a = admin_client(bs)
+    topic, keep, group = unique_topic("gdel"), unique_topic("gkeep"), unique_group("del")
+    create_topic(bs, topic, 2)
+    create_topic(bs, keep, 1)
+    r = a.alter_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, 5),
+                                              TopicPartition(topic, 1, 7),
+                                              TopicPartition(keep, 0, 3)])],
+        request_timeout=30)[group].result(30)
+    assert all(tp.error is None for tp in r.topic_partitions), r.topic_partitions
+
+    def offsets():
+        r = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                          request_timeout=30)[group].result(30)
+        return {(tp.topic, tp.partition): tp.offset for tp in r.topic_partitions if tp.offset >= 0}
+
+    a.delete_topics([topic], operation_timeout=30)[topic].result(30)
+    wait_until(lambda: offsets() == {(keep, 0): 3}, 15,
+               lambda: f"the deleted topic's offsets to be dropped, the other topic's kept: "
+                       f"{offsets()}")
+
+    create_topic(bs, topic, 2)
+    with RawClient(gbroker.host, gbroker.port) as rc:
+        _, fetched = rc.fetch_offsets(group, {topic: [0, 1]})
+    assert {k: v[0] for k, v in fetched.items()} == {(topic, 0): -1, (topic, 1): -1}, \
+        f"the re-created topic inherited offsets: {fetched}"
+    values = produce_values(bs, topic, 2, 10, "new")
+    c = consumers("after", bs, group, [topic])
+    settle([c])
+    want = sorted(v.encode() for vs in values.values() for v in vs)
+    wait_until(lambda: sorted(c.record_values()) == want, 30,
+               lambda: f"the group reads the re-created topic from its start: {c}")
+
+
 # ---------------------------------------------------------------------------
 # kafka-python: consumer group and admin
 # ---------------------------------------------------------------------------
@@ -592,7 +633,7 @@ def test_kafka_python_group_and_admin(gbroker):
             assert {p for p, _, _ in k.records} <= k.partitions(), f"{k.name} read foreign partitions"
             k.commit_requested.set()
         for k in ks:
-            assert k.committed.wait(30), f"{k.name} did not commit"
+            assert k.committed.wait(30), f"{k.name} did not commit: {k}"
 
         listed = admin.list_groups()
         mine = [g for g in listed if g["group_id"] == group]
@@ -619,6 +660,15 @@ def test_kafka_python_group_and_admin(gbroker):
         offsets = admin.list_group_offsets(group)[group]
         assert {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic} == \
             {p: 10 for p in range(4)}, offsets
+        # several groups in one OffsetFetch (v8)
+        from kafka import TopicPartition as KTP
+        from kafka.structs import OffsetAndMetadata
+        other = unique_group("kp-other")
+        res = admin.alter_group_offsets(other, {KTP(topic, 3): OffsetAndMetadata(2, "m", None)})
+        assert [e.__name__ for e in res.values()] == ["NoError"], res
+        both = admin.list_group_offsets([group, other])
+        assert {g: {(tp.partition, om.offset) for tp, om in offs.items()} for g, offs in both.items()} == \
+            {group: {(p, 10) for p in range(4)}, other: {(3, 2)}}, both
 
         unknown = unique_group("kp-unknown")
         res = admin.delete_groups([group, unknown])
@@ -717,6 +767,14 @@ def test_confluent_admin_group_apis(gbroker, consumers):
         res = kp.delete_group_offsets(group, [KTP(topic, 1)])
         assert [e.__name__ for e in res.values()] == ["GroupSubscribedToTopicError"], res
         assert offsets() == {0: 10, 1: 10, 2: 10}
+        # ... but the offsets of a topic it does not subscribe to may go
+        other = unique_topic("gadm-other")
+        create_topic(bs, other, 1)
+        res = c.call(lambda cons: cons.commit(offsets=[TopicPartition(other, 0, 0)],
+                                              asynchronous=False))
+        assert all(tp.error is None for tp in res), res
+        res = kp.delete_group_offsets(group, [KTP(other, 0)])
+        assert [e.__name__ for e in res.values()] == ["NoError"], res
 
         # the member leaves: the group is Empty
         c.stop()
@@ -788,6 +846,18 @@ def test_raw_group_errors(gbroker):
 
         gen, member = raw_single_member_group(rc, group, topic, 2)
         assert rc.heartbeat(group, gen, member) == ERR_NONE
+
+        # DescribeGroups hands back the member's metadata and assignment bytes as sent
+        d = rc.describe(group)
+        assert (d.error_code, d.group_state, d.protocol_type, d.protocol_data) == \
+            (ERR_NONE, "Stable", "consumer", "range"), d
+        assert [m.member_id for m in d.members] == [member]
+        assert bytes(d.members[0].member_metadata) == RawClient.subscription([topic])
+        assert bytes(d.members[0].member_assignment) == \
+            RawClient.assignment_bytes({topic: [0, 1]})
+        d = rc.describe(unique_group("nobody"))
+        assert d.error_code == ERR_GROUP_ID_NOT_FOUND or \
+            (d.error_code == ERR_NONE and d.group_state == "Dead" and not d.members), d
 
         ok = rc.commit(group, gen, member, {(topic, 0): (5, "five"), (topic, 1): (6, None)})
         assert ok == {(topic, 0): ERR_NONE, (topic, 1): ERR_NONE}
@@ -966,17 +1036,146 @@ def test_raw_rebalance_protocol(gbroker):
         assert {k: v[0] for k, v in fetched.items()} == {(topic, 0): 1, (topic, 2): 3}
 
 
-def test_initial_rebalance_delay_applies_to_new_groups(broker_factory):
-    b = broker_factory(env={**GROUP_ENV, "STRATA_GROUP_INITIAL_REBALANCE_DELAY_MS": "1500"})
-    topic = unique_topic("gdelay")
+def test_raw_join_while_sync_pending_restarts_rebalance(gbroker):
+    """A member joining while the followers wait for the leader's SyncGroup: the
+    pending SyncGroups are answered REBALANCE_IN_PROGRESS and everyone rejoins."""
+    bs = gbroker.bootstrap
+    topic, group = unique_topic("gpend"), unique_group("pend")
+    create_topic(bs, topic, 3)
+    kw = dict(session_timeout_ms=30000, rebalance_timeout_ms=5000)
+    with RawClient(gbroker.host, gbroker.port) as ra, RawClient(gbroker.host, gbroker.port) as rb, \
+            RawClient(gbroker.host, gbroker.port) as rc:
+        gen1, ma = raw_single_member_group(ra, group, topic, 3)
+        tb, bb = in_thread(rb.join, group, [topic], **kw)
+        wait_until(lambda: ra.heartbeat(group, gen1, ma) == ERR_REBALANCE_IN_PROGRESS, 10,
+                   "REBALANCE_IN_PROGRESS for A")
+        ja = ra.join(group, [topic], member_id=ma, **kw)
+        jb = result(tb, bb)
+        gen2, mb = ja.generation_id, jb.member_id
+        assert (ja.error_code, jb.error_code) == (ERR_NONE, ERR_NONE) and ja.leader == ma
+
+        ts, sbox = in_thread(rb.sync, group, gen2, mb, {}, protocol_name=ja.protocol_name)
+        time.sleep(0.3)
+        tc, cbox = in_thread(rc.join, group, [topic], **kw)
+        sb = result(ts, sbox, timeout=15)
+        assert sb.error_code == ERR_REBALANCE_IN_PROGRESS, \
+            f"a follower's pending SyncGroup when a new member joins: error {sb.error_code}"
+        sa = ra.sync(group, gen2, ma, {ma: RawClient.assignment_bytes({topic: [0, 1, 2]})},
+                     protocol_name=ja.protocol_name)
+        assert sa.error_code == ERR_REBALANCE_IN_PROGRESS, sa.error_code
+
+        ta, abox = in_thread(ra.join, group, [topic], member_id=ma, **kw)
+        jb2 = rb.join(group, [topic], member_id=mb, **kw)
+        ja2, jc = result(ta, abox), result(tc, cbox)
+        assert {j.error_code for j in (ja2, jb2, jc)} == {ERR_NONE}
+        assert ja2.generation_id == jb2.generation_id == jc.generation_id > gen2
+        leader = next(j for j in (ja2, jb2, jc) if j.members)
+        assert sorted(m.member_id for m in leader.members) == sorted([ma, mb, jc.member_id])
+
+
+def raw_two_member_group(ra, rb, group, topic, **kw):
+    """A joins alone and syncs, then B joins: returns (generation, A's id, B's id) of the
+    two-member generation, both synced (A leader, with partition 0; B with the rest)."""
+    gen1, ma = raw_single_member_group(ra, group, topic, 2)
+    tb, bb = in_thread(rb.join, group, [topic], **kw)
+    wait_until(lambda: ra.heartbeat(group, gen1, ma) == ERR_REBALANCE_IN_PROGRESS, 10,
+               "REBALANCE_IN_PROGRESS for A")
+    ja = ra.join(group, [topic], member_id=ma, **kw)
+    jb = result(tb, bb)
+    assert (ja.error_code, jb.error_code) == (ERR_NONE, ERR_NONE) and ja.leader == ma
+    gen2, mb = ja.generation_id, jb.member_id
+    ts, sbox = in_thread(rb.sync, group, gen2, mb, {}, protocol_name=ja.protocol_name)
+    sa = ra.sync(group, gen2, ma, {ma: RawClient.assignment_bytes({topic: [0]}),
+                                   mb: RawClient.assignment_bytes({topic: [1]})},
+                 protocol_name=ja.protocol_name)
+    assert (sa.error_code, result(ts, sbox).error_code) == (ERR_NONE, ERR_NONE)
+    return gen2, ma, mb
+
+
+def test_raw_rejoin_rebalances_only_on_changed_metadata(gbroker):
+    bs = gbroker.bootstrap
+    topic, topic2, group = unique_topic("gmeta"), unique_topic("gmeta2"), unique_group("meta")
+    create_topic(bs, topic, 2)
+    create_topic(bs, topic2, 1)
+    kw = dict(session_timeout_ms=30000, rebalance_timeout_ms=5000)
+    with RawClient(gbroker.host, gbroker.port) as ra, RawClient(gbroker.host, gbroker.port) as rb:
+        gen, ma, mb = raw_two_member_group(ra, rb, group, topic, **kw)
+        # a follower rejoining with unchanged metadata: answered at once, same generation
+        j = rb.join(group, [topic], member_id=mb, **kw)
+        assert (j.error_code, j.generation_id, j.leader) == (ERR_NONE, gen, ma), \
+            (j.error_code, j.generation_id, j.leader)
+        assert ra.heartbeat(group, gen, ma) == ERR_NONE, "no rebalance for an unchanged rejoin"
+        assert rb.heartbeat(group, gen, mb) == ERR_NONE
+        # a changed subscription: rebalance
+        tb, bb = in_thread(rb.join, group, [topic, topic2], member_id=mb, **kw)
+        wait_until(lambda: ra.heartbeat(group, gen, ma) == ERR_REBALANCE_IN_PROGRESS, 10,
+                   "REBALANCE_IN_PROGRESS after a member changed its subscription")
+        ja = ra.join(group, [topic], member_id=ma, **kw)
+        jb = result(tb, bb)
+        assert ja.generation_id == jb.generation_id == gen + 1
+        metas = {m.member_id: bytes(m.metadata) for m in ja.members}
+        assert metas == {ma: RawClient.subscription([topic]),
+                         mb: RawClient.subscription([topic, topic2])}
+
+
+def test_raw_leader_that_never_syncs_is_dropped(gbroker):
+    """The leader vanishes after JoinGroup: the follower's pending SyncGroup is not left
+    hanging; it is told to rejoin and the group goes on without the leader."""
+    bs = gbroker.bootstrap
+    topic, group = unique_topic("gnosync"), unique_group("nosync")
+    create_topic(bs, topic, 2)
+    with RawClient(gbroker.host, gbroker.port) as ra, RawClient(gbroker.host, gbroker.port) as rb:
+        gen1, ma = raw_single_member_group(ra, group, topic, 2, session_timeout_ms=2000)
+        tb, bb = in_thread(rb.join, group, [topic], session_timeout_ms=30000,
+                           rebalance_timeout_ms=5000)
+        wait_until(lambda: ra.heartbeat(group, gen1, ma) == ERR_REBALANCE_IN_PROGRESS, 10,
+                   "REBALANCE_IN_PROGRESS for A")
+        ja = ra.join(group, [topic], member_id=ma, session_timeout_ms=2000,
+                     rebalance_timeout_ms=2000)
+        jb = result(tb, bb)
+        assert ja.leader == ma and jb.generation_id == ja.generation_id
+        mb = jb.member_id
+        # B waits for the leader's assignment, which never comes; A sends nothing more
+        sb = rb.sync(group, jb.generation_id, mb, {}, protocol_name=jb.protocol_name)
+        assert sb.error_code == ERR_REBALANCE_IN_PROGRESS, sb.error_code
+        j = rb.join(group, [topic], member_id=mb, session_timeout_ms=30000,
+                    rebalance_timeout_ms=5000)
+        assert j.error_code == ERR_NONE and j.leader == mb, (j.error_code, j.leader)
+        assert [m.member_id for m in j.members] == [mb]
+        assert ra.heartbeat(group, ja.generation_id, ma) == ERR_UNKNOWN_MEMBER_ID
+
+
+def test_group_settings_are_applied(broker_factory):
+    b = broker_factory(env={"STRATA_GROUP_INITIAL_REBALANCE_DELAY_MS": "1500",
+                            "STRATA_GROUP_MIN_SESSION_TIMEOUT_MS": "2000",
+                            "STRATA_GROUP_MAX_SESSION_TIMEOUT_MS": "50000",
+                            "STRATA_OFFSET_METADATA_MAX_BYTES": "100"})
+    topic = unique_topic("gconf")
     create_topic(b.bootstrap, topic, 1)
     with RawClient(b.host, b.port) as rc:
+        assert rc.join(unique_group("st"), [topic], session_timeout_ms=1999).error_code == \
+            ERR_INVALID_SESSION_TIMEOUT
+        assert rc.join(unique_group("st"), [topic], session_timeout_ms=50001).error_code == \
+            ERR_INVALID_SESSION_TIMEOUT
+
+        # group.initial.rebalance.delay.ms holds back the first rebalance of a new group
+        group = unique_group("delay")
         t0 = time.monotonic()
-        j = rc.join(unique_group("delay"), [topic])
+        j = rc.join(group, [topic], session_timeout_ms=50000)
         elapsed = time.monotonic() - t0
         assert j.error_code == ERR_NONE, j.error_code
         assert elapsed >= 1.4, \
             f"first JoinGroup of a new group answered after {elapsed:.2f}s (delay is 1.5s)"
+        s_ = rc.sync(group, j.generation_id, j.member_id,
+                     {j.member_id: RawClient.assignment_bytes({topic: [0]})},
+                     protocol_name=j.protocol_name)
+        assert s_.error_code == ERR_NONE
+
+        # offset.metadata.max.bytes
+        assert rc.commit(group, j.generation_id, j.member_id, {(topic, 0): (1, "m" * 101)}) == \
+            {(topic, 0): ERR_OFFSET_METADATA_TOO_LARGE}
+        assert rc.commit(group, j.generation_id, j.member_id, {(topic, 0): (1, "m" * 100)}) == \
+            {(topic, 0): ERR_NONE}
 
 
 def test_partitions_added_trigger_rebalance(gbroker, consumers):
@@ -988,8 +1187,8 @@ def test_partitions_added_trigger_rebalance(gbroker, consumers):
     cs = [consumers(f"m{i}", bs, group, [topic], conf=conf) for i in range(2)]
     settle(cs)
     assert_disjoint_cover(cs, topic, 2)
-    admin_client(bs).create_partitions([NewPartitions(topic, 4)],
-                                       operation_timeout=30)[topic].result(30)
+    a = admin_client(bs)  # keep the client alive until the future resolves
+    a.create_partitions([NewPartitions(topic, 4)], operation_timeout=30)[topic].result(30)
 
     def covered():
         parts = [c.partitions() for c in cs]
