@@ -75,8 +75,12 @@ impl Broker {
     pub async fn start(config: Config) -> anyhow::Result<Arc<Broker>> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let store = tiering::store::open_object_store(&config.object_store_url)
-            .with_context(|| format!("opening object store {}", config.object_store_url))?;
+        let store_options = tiering::store::StoreOptions {
+            fsync: config.object_store_fsync,
+        };
+        let store =
+            tiering::store::open_object_store_with(&config.object_store_url, &store_options)
+                .with_context(|| format!("opening object store {}", config.object_store_url))?;
         let meta = crate::metadata::open(&config.metadata_url).await?;
         let session = meta.start_broker_session(config.broker_id).await?;
         let (flush_tx, flush_rx) = mpsc::channel(4096);

@@ -76,6 +76,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "object store URL (file:///path, memory://); defaults to file://DATA_DIR/objects",
     ),
     def(
+        "object-store.fsync",
+        "false",
+        "file:// object stores only: fsync every object so acknowledged data survives a machine crash, not just a broker crash",
+    ),
+    def(
         "metadata",
         "",
         "metadata store URL (sqlite://PATH); defaults to sqlite://DATA_DIR/metadata.db",
@@ -344,6 +349,7 @@ pub struct Config {
     pub http: String,
     pub data_dir: PathBuf,
     pub object_store_url: String,
+    pub object_store_fsync: bool,
     pub metadata_url: String,
     pub broker_id: i32,
     pub zone: Option<String>,
@@ -432,13 +438,14 @@ impl Config {
             "json" => true,
             other => bail!("setting log-format must be text or json, got {other:?}"),
         };
-        let auto_create_topics = match text("auto.create.topics.enable").as_str() {
-            "true" => true,
-            "false" => false,
-            other => {
-                bail!("setting auto.create.topics.enable must be true or false, got {other:?}")
+        let boolean = |name: &str| -> anyhow::Result<bool> {
+            match values[name].as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => bail!("setting {name} must be true or false, got {other:?}"),
             }
         };
+        let auto_create_topics = boolean("auto.create.topics.enable")?;
         let broker_id = i32::try_from(num("broker-id")?).context("broker-id out of range")?;
         if broker_id < 0 {
             bail!("broker-id must not be negative");
@@ -453,6 +460,7 @@ impl Config {
             http: text("http"),
             data_dir,
             object_store_url,
+            object_store_fsync: boolean("object-store.fsync")?,
             metadata_url,
             broker_id,
             zone: Some(text("zone")).filter(|z| !z.is_empty()),

@@ -38,7 +38,7 @@ pub fn command() -> Command {
         .arg(Arg::new("batch-records").long("batch-records").default_value("64").value_parser(value_parser!(usize)).help("records per batch"))
         .arg(Arg::new("seconds").long("seconds").default_value("10").value_parser(value_parser!(u64)).help("duration of the throughput phase"))
         .arg(Arg::new("connections").long("connections").default_value("4").value_parser(value_parser!(usize)).help("producer connections"))
-        .arg(Arg::new("inflight").long("inflight").default_value("8").value_parser(value_parser!(usize)).help("requests in flight per connection"))
+        .arg(Arg::new("inflight").long("inflight").default_value("16").value_parser(value_parser!(usize)).help("requests in flight per connection"))
         .arg(Arg::new("acks").long("acks").default_value("-1").value_parser(value_parser!(i16)).help("acks for the throughput phase (-1 = all)"))
         .arg(Arg::new("latency-rate").long("latency-rate").default_value("1000").value_parser(value_parser!(u64)).help("produce requests per second in the latency phase (one batch each)"))
         .arg(Arg::new("latency-seconds").long("latency-seconds").default_value("10").value_parser(value_parser!(u64)).help("duration of the latency phase"))
@@ -70,7 +70,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         batch_records: *m.get_one("batch-records").unwrap_or(&64),
         seconds: *m.get_one("seconds").unwrap_or(&10),
         connections: *m.get_one("connections").unwrap_or(&4),
-        inflight: *m.get_one("inflight").unwrap_or(&8),
+        inflight: *m.get_one("inflight").unwrap_or(&16),
         acks: *m.get_one("acks").unwrap_or(&-1),
         latency_rate: *m.get_one("latency-rate").unwrap_or(&1000),
         latency_seconds: *m.get_one("latency-seconds").unwrap_or(&10),

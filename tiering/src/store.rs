@@ -25,13 +25,29 @@ use crate::Error;
 ///
 /// * `file:///abs/path` — objects are files under `/abs/path`, which is
 ///   created if missing. The path is taken literally (no percent-decoding).
-///   Writes are fsynced (file and directory) before they return, matching the
-///   durability of a remote object store, and directories left empty by
-///   deletes are removed.
+///   Writes are fsynced (file and directory) before they return when
+///   [`StoreOptions::fsync`] is set; directories left empty by deletes are
+///   removed.
 /// * `memory://` — a fresh, empty in-process store.
 ///
 /// Any other scheme is [`Error::UnsupportedUrl`].
 pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>, Error> {
+    open_object_store_with(url, &StoreOptions::default())
+}
+
+/// How a store is opened beyond its URL.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreOptions {
+    /// `file://` stores: fsync every object (and its directory) before a write returns,
+    /// so acknowledged data also survives a machine crash, not only a process crash.
+    pub fsync: bool,
+}
+
+/// [`open_object_store`] with options.
+pub fn open_object_store_with(
+    url: &str,
+    options: &StoreOptions,
+) -> Result<Arc<dyn ObjectStore>, Error> {
     let invalid = |reason| Error::InvalidUrl {
         url: url.to_owned(),
         reason,
@@ -67,7 +83,7 @@ pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>, Error> {
                     location: rest.to_owned(),
                     source,
                 })?
-                .with_fsync(true)
+                .with_fsync(options.fsync)
                 .with_automatic_cleanup(true);
             Ok(Arc::new(store))
         }
