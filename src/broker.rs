@@ -70,6 +70,15 @@ pub struct Broker {
     admin: tokio::sync::Mutex<()>,
 }
 
+impl Topic {
+    /// The partition with this index, if the topic has it.
+    pub fn partition(&self, index: i32) -> Option<&PartitionHandle> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.partitions.get(i))
+    }
+}
+
 impl Broker {
     /// Opens the stores, starts the flusher, and claims and recovers every partition.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Broker>> {
@@ -250,10 +259,7 @@ impl Broker {
     }
 
     pub fn partition(&self, topic: &str, partition: i32) -> Option<PartitionHandle> {
-        let t = self.topic(topic)?;
-        usize::try_from(partition)
-            .ok()
-            .and_then(|p| t.partitions.get(p).cloned())
+        self.topic(topic)?.partition(partition).cloned()
     }
 
     /// Validates and creates a topic. `partitions`: -1 means `num.partitions`.

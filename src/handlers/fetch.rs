@@ -49,11 +49,7 @@ pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, _version: i16) -> Fe
                     .with_last_stable_offset(-1)
                     .with_log_start_offset(-1)
                     .with_preferred_read_replica(BrokerId(-1));
-                let Some(handle) = topic.as_ref().and_then(|t| {
-                    usize::try_from(p.partition)
-                        .ok()
-                        .and_then(|i| t.partitions.get(i))
-                }) else {
+                let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition)) else {
                     any_error = true;
                     parts.push(data.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
                     continue;

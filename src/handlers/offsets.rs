@@ -50,11 +50,8 @@ pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> List
                     .with_timestamp(-1)
                     .with_offset(-1)
                     .with_leader_epoch(-1);
-                let Some(handle) = topic.as_ref().and_then(|t| {
-                    usize::try_from(p.partition_index)
-                        .ok()
-                        .and_then(|i| t.partitions.get(i))
-                }) else {
+                let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition_index))
+                else {
                     return out.with_error_code(ResponseError::UnknownTopicOrPartition.code());
                 };
                 let shared = &handle.shared;
@@ -121,11 +118,7 @@ pub fn offset_for_leader_epoch(
                 .with_partition(p.partition)
                 .with_leader_epoch(-1)
                 .with_end_offset(-1);
-            let Some(handle) = topic.as_ref().and_then(|t| {
-                usize::try_from(p.partition)
-                    .ok()
-                    .and_then(|i| t.partitions.get(i))
-            }) else {
+            let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition)) else {
                 result
                     .partitions
                     .push(out.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
@@ -165,11 +158,8 @@ pub async fn delete_records(
                 let out = DeleteRecordsPartitionResult::default()
                     .with_partition_index(p.partition_index)
                     .with_low_watermark(-1);
-                let Some(handle) = topic.as_ref().and_then(|t| {
-                    usize::try_from(p.partition_index)
-                        .ok()
-                        .and_then(|i| t.partitions.get(i))
-                }) else {
+                let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition_index))
+                else {
                     return out.with_error_code(ResponseError::UnknownTopicOrPartition.code());
                 };
                 let (tx, rx) = oneshot::channel();

@@ -82,12 +82,10 @@ pub async fn produce(
                         msg,
                     ));
                 }
-                let Some((t, handle)) = topic.as_ref().and_then(|t| {
-                    usize::try_from(index)
-                        .ok()
-                        .and_then(|i| t.partitions.get(i))
-                        .map(|h| (t, h))
-                }) else {
+                let Some((t, handle)) = topic
+                    .as_ref()
+                    .and_then(|t| t.partition(index).map(|h| (t, h)))
+                else {
                     return Prepared::Refused(refused(
                         index,
                         ResponseError::UnknownTopicOrPartition,

@@ -524,15 +524,21 @@ impl Owner {
                 return;
             }
         };
-        let sealed_base = active.base_offset;
         view.local.push(next);
         let sealed = &view.local[view.local.len() - 2];
-        let job = UploadJob {
+        let job = self.upload_job(sealed);
+        self.uploading = true;
+        tokio::spawn(job.run());
+    }
+
+    /// The upload of one sealed local segment.
+    fn upload_job(&self, sealed: &LocalSegment) -> UploadJob {
+        UploadJob {
             ctx: self.ctx.clone(),
             key: self.key,
             stream: self.stream.clone(),
             leader_epoch: self.shared.leader_epoch,
-            base_offset: sealed_base,
+            base_offset: sealed.base_offset,
             end_offset: sealed.end_offset,
             max_timestamp: sealed.max_timestamp,
             entries: sealed.entries.clone(),
@@ -540,9 +546,7 @@ impl Owner {
             size: sealed.size,
             index_interval_bytes: self.config.index_interval_bytes,
             notify: self.notice_tx.clone(),
-        };
-        self.uploading = true;
-        tokio::spawn(job.run());
+        }
     }
 
     fn on_uploaded(&mut self, result: Result<SegmentRecord, String>) {
@@ -601,20 +605,7 @@ impl Owner {
         let Some(sealed) = view.local.first().filter(|_| view.local.len() > 1) else {
             return;
         };
-        let job = UploadJob {
-            ctx: self.ctx.clone(),
-            key: self.key,
-            stream: self.stream.clone(),
-            leader_epoch: self.shared.leader_epoch,
-            base_offset: sealed.base_offset,
-            end_offset: sealed.end_offset,
-            max_timestamp: sealed.max_timestamp,
-            entries: sealed.entries.clone(),
-            file: sealed.file.clone(),
-            size: sealed.size,
-            index_interval_bytes: self.config.index_interval_bytes,
-            notify: self.notice_tx.clone(),
-        };
+        let job = self.upload_job(sealed);
         drop(view);
         self.uploading = true;
         tokio::spawn(async move {
