@@ -77,7 +77,7 @@ pub const SETTINGS: &[SettingDef] = &[
     ),
     def(
         "object-store.fsync",
-        "false",
+        "true",
         "file:// object stores only: fsync every object so acknowledged data survives a machine crash, not just a broker crash",
     ),
     def(
