@@ -1,4 +1,7 @@
-//! Metrics: one `prometheus` registry for the broker, rendered at `/metrics`.
+//! Metrics: one `prometheus` registry for the broker, rendered at `/metrics`, in base
+//! units. Requests per API, bytes and records per topic (also under the names popular
+//! Kafka dashboards query), the write-ahead flush, the object store (from `tiering`),
+//! connections and request bytes against their limits.
 //!
 //! Consumer-group lag is computed at scrape time from the committed offsets and the
 //! partitions' high watermarks, under the names of the widely used lag exporter
@@ -9,7 +12,10 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use prometheus::{Encoder, GaugeVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::broker::Broker;
 use crate::clock::now_ms;
@@ -24,7 +30,50 @@ pub struct Metrics {
     group_current_offset_sum: IntGaugeVec,
     group_members: IntGaugeVec,
     group_lag_seconds: GaugeVec,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub partition_errors: IntCounterVec,
+    pub bytes_in: IntCounterVec,
+    pub bytes_out: IntCounterVec,
+    pub messages_in: IntCounterVec,
+    pub flushes: IntCounterVec,
+    pub flush_bytes: Histogram,
+    pub flush_write_seconds: Histogram,
+    pub flush_commit_seconds: Histogram,
+    pub connections: IntGauge,
+    pub connections_max: IntGauge,
+    pub request_bytes_in_flight: IntGauge,
+    pub request_bytes_max: IntGauge,
+    partitions: IntGauge,
+    groups: IntGauge,
 }
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric definition is valid");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn seconds_histogram(r: &Registry, name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+        .expect("valid");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+/// Seconds, from 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
@@ -54,7 +103,46 @@ pub fn metrics() -> &'static Metrics {
         )
         .expect("valid");
         registry.register(Box::new(lag_seconds.clone())).expect("metric registered once");
+        tiering::metrics::register(&registry).expect("object-store metrics registered once");
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new("strata_request_duration_seconds", "time from a request's arrival to its response, per Kafka API")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        )
+        .expect("valid");
+        registry.register(Box::new(request_seconds.clone())).expect("metric registered once");
+        let flush_bytes = Histogram::with_opts(
+            HistogramOpts::new("strata_wal_flush_bytes", "bytes of record batches in one write-ahead object")
+                .buckets(prometheus::exponential_buckets(1024.0, 4.0, 10).expect("valid buckets")),
+        )
+        .expect("valid");
+        registry.register(Box::new(flush_bytes.clone())).expect("metric registered once");
         Metrics {
+            requests: counter_vec(&registry, "strata_requests_total", "requests handled, per Kafka API", &["api"]),
+            request_seconds,
+            partition_errors: counter_vec(
+                &registry,
+                "strata_partition_errors_total",
+                "per-partition errors answered, per Kafka API and error",
+                &["api", "error"],
+            ),
+            bytes_in: counter_vec(&registry, "kafka_server_brokertopicmetrics_bytesin_total", "record bytes produced, per topic", &["topic"]),
+            bytes_out: counter_vec(&registry, "kafka_server_brokertopicmetrics_bytesout_total", "record bytes fetched, per topic", &["topic"]),
+            messages_in: counter_vec(&registry, "kafka_server_brokertopicmetrics_messagesin_total", "records produced, per topic", &["topic"]),
+            flushes: counter_vec(&registry, "strata_wal_flushes_total", "write-ahead flushes by outcome", &["outcome"]),
+            flush_bytes,
+            flush_write_seconds: seconds_histogram(&registry, "strata_wal_flush_write_seconds", "time to write one write-ahead object"),
+            flush_commit_seconds: seconds_histogram(
+                &registry,
+                "strata_wal_flush_commit_seconds",
+                "time to commit one write-ahead object's ranges to the metadata store",
+            ),
+            connections: gauge(&registry, "strata_connections", "open client connections"),
+            connections_max: gauge(&registry, "strata_connections_max", "max.connections"),
+            request_bytes_in_flight: gauge(&registry, "strata_request_bytes_in_flight", "request bytes being handled"),
+            request_bytes_max: gauge(&registry, "strata_request_bytes_max", "queued.max.request.bytes"),
+            partitions: gauge(&registry, "strata_partitions", "partitions this broker owns"),
+            groups: gauge(&registry, "strata_groups", "consumer groups with a coordinator task on this broker"),
             started: Instant::now(),
             uptime_seconds,
             group_lag: gauge_vec(&registry, "kafka_consumergroup_lag", "log end offset minus committed offset", &partition),
@@ -77,6 +165,14 @@ pub fn metrics() -> &'static Metrics {
 pub async fn render(broker: &Broker) -> String {
     let m = metrics();
     m.uptime_seconds.set(m.started.elapsed().as_secs() as i64);
+    m.partitions.set(
+        broker
+            .topics()
+            .iter()
+            .map(|t| t.partitions.len() as i64)
+            .sum(),
+    );
+    m.groups.set(broker.groups.live_groups().len() as i64);
     refresh_group_lag(broker, m).await;
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut out) {

@@ -11,43 +11,61 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 use crate::broker::Broker;
 use crate::handlers;
 
-/// (api key, min version, max version) this broker implements fully.
-pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
-    (ApiKey::Produce, 3, 9),
-    (ApiKey::Fetch, 4, 12),
-    (ApiKey::ListOffsets, 1, 7),
-    (ApiKey::Metadata, 0, 12),
-    (ApiKey::ApiVersions, 0, 3),
-    (ApiKey::CreateTopics, 2, 7),
-    (ApiKey::DeleteTopics, 1, 6),
-    (ApiKey::DeleteRecords, 0, 2),
-    (ApiKey::InitProducerId, 0, 4),
-    (ApiKey::OffsetForLeaderEpoch, 2, 4),
-    (ApiKey::DescribeConfigs, 1, 4),
-    (ApiKey::AlterConfigs, 0, 2),
-    (ApiKey::CreatePartitions, 0, 3),
-    (ApiKey::IncrementalAlterConfigs, 0, 1),
-    (ApiKey::DescribeCluster, 0, 1),
-    (ApiKey::FindCoordinator, 0, 4),
-    (ApiKey::JoinGroup, 0, 9),
-    (ApiKey::SyncGroup, 0, 5),
-    (ApiKey::Heartbeat, 0, 4),
-    (ApiKey::LeaveGroup, 0, 5),
-    (ApiKey::OffsetCommit, 2, 9),
-    (ApiKey::OffsetFetch, 1, 9),
-    (ApiKey::ListGroups, 0, 4),
-    (ApiKey::DescribeGroups, 0, 5),
-    (ApiKey::DeleteGroups, 0, 2),
-    (ApiKey::OffsetDelete, 0, 0),
-    (ApiKey::ConsumerGroupHeartbeat, 0, 1),
-    (ApiKey::ConsumerGroupDescribe, 0, 1),
+/// (api key, name, min version, max version) this broker implements fully.
+pub const SUPPORTED: &[(ApiKey, &str, i16, i16)] = &[
+    (ApiKey::Produce, "Produce", 3, 9),
+    (ApiKey::Fetch, "Fetch", 4, 12),
+    (ApiKey::ListOffsets, "ListOffsets", 1, 7),
+    (ApiKey::Metadata, "Metadata", 0, 12),
+    (ApiKey::ApiVersions, "ApiVersions", 0, 3),
+    (ApiKey::CreateTopics, "CreateTopics", 2, 7),
+    (ApiKey::DeleteTopics, "DeleteTopics", 1, 6),
+    (ApiKey::DeleteRecords, "DeleteRecords", 0, 2),
+    (ApiKey::InitProducerId, "InitProducerId", 0, 4),
+    (ApiKey::OffsetForLeaderEpoch, "OffsetForLeaderEpoch", 2, 4),
+    (ApiKey::DescribeConfigs, "DescribeConfigs", 1, 4),
+    (ApiKey::AlterConfigs, "AlterConfigs", 0, 2),
+    (ApiKey::CreatePartitions, "CreatePartitions", 0, 3),
+    (
+        ApiKey::IncrementalAlterConfigs,
+        "IncrementalAlterConfigs",
+        0,
+        1,
+    ),
+    (ApiKey::DescribeCluster, "DescribeCluster", 0, 1),
+    (ApiKey::FindCoordinator, "FindCoordinator", 0, 4),
+    (ApiKey::JoinGroup, "JoinGroup", 0, 9),
+    (ApiKey::SyncGroup, "SyncGroup", 0, 5),
+    (ApiKey::Heartbeat, "Heartbeat", 0, 4),
+    (ApiKey::LeaveGroup, "LeaveGroup", 0, 5),
+    (ApiKey::OffsetCommit, "OffsetCommit", 2, 9),
+    (ApiKey::OffsetFetch, "OffsetFetch", 1, 9),
+    (ApiKey::ListGroups, "ListGroups", 0, 4),
+    (ApiKey::DescribeGroups, "DescribeGroups", 0, 5),
+    (ApiKey::DeleteGroups, "DeleteGroups", 0, 2),
+    (ApiKey::OffsetDelete, "OffsetDelete", 0, 0),
+    (
+        ApiKey::ConsumerGroupHeartbeat,
+        "ConsumerGroupHeartbeat",
+        0,
+        1,
+    ),
+    (ApiKey::ConsumerGroupDescribe, "ConsumerGroupDescribe", 0, 1),
 ];
+
+/// The API's name as a metric label (`Produce`, `Fetch`, ...).
+pub fn api_name(api_key: i16) -> &'static str {
+    SUPPORTED
+        .iter()
+        .find(|(k, ..)| *k as i16 == api_key)
+        .map_or("Unsupported", |(_, name, ..)| name)
+}
 
 pub fn supported_range(api_key: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED
         .iter()
-        .find(|(k, _, _)| *k == api_key)
-        .map(|&(_, min, max)| {
+        .find(|(k, ..)| *k == api_key)
+        .map(|&(_, _, min, max)| {
             // Never advertise beyond what the codec knows.
             let codec = api_key.valid_versions();
             (min.max(codec.min), max.min(codec.max))

@@ -10,7 +10,7 @@ pub fn response() -> ApiVersionsResponse {
     let mut r = ApiVersionsResponse::default();
     r.api_keys = SUPPORTED
         .iter()
-        .filter_map(|(k, _, _)| {
+        .filter_map(|(k, ..)| {
             let (min, max) = supported_range(*k)?;
             Some(
                 ApiVersion::default()

@@ -18,7 +18,37 @@ use crate::log::read;
 
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, _version: i16) -> FetchResponse {
+pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
+    let resp = fetch_until_ready(broker, req, version).await;
+    let m = crate::metrics::metrics();
+    for t in &resp.responses {
+        let bytes: usize = t
+            .partitions
+            .iter()
+            .filter_map(|p| p.records.as_ref())
+            .map(|r| r.len())
+            .sum();
+        if bytes > 0 {
+            m.bytes_out
+                .with_label_values(&[t.topic.0.as_str()])
+                .inc_by(bytes as u64);
+        }
+        for p in t.partitions.iter().filter(|p| p.error_code != 0) {
+            let error = ResponseError::try_from_code(p.error_code)
+                .map_or_else(|| "unknown".to_string(), |e| format!("{e:?}"));
+            m.partition_errors
+                .with_label_values(&["Fetch", &error])
+                .inc();
+        }
+    }
+    resp
+}
+
+async fn fetch_until_ready(
+    broker: &Arc<Broker>,
+    req: FetchRequest,
+    _version: i16,
+) -> FetchResponse {
     let mut resp = FetchResponse::default();
     if req.session_id != 0 {
         resp.error_code = ResponseError::FetchSessionIdNotFound.code();
@@ -90,6 +120,7 @@ pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, _version: i16) -> Fe
                 {
                     Ok(r) => {
                         total += r.records.len();
+
                         data = data
                             .with_high_watermark(r.high_watermark)
                             .with_last_stable_offset(r.high_watermark)

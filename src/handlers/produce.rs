@@ -31,7 +31,12 @@ const MAX_PRODUCE_TIMEOUT: Duration = Duration::from_secs(300);
 enum Prepared {
     Refused(PartitionProduceResponse),
     Ready(i32, PartitionHandle, Vec<ValidBatch>),
-    Queued(i32, oneshot::Receiver<Result<AppendOk, AppendError>>),
+    /// Waiting for the owner's answer; (bytes, records) are counted once it succeeds.
+    Queued(
+        i32,
+        oneshot::Receiver<Result<AppendOk, AppendError>>,
+        (u64, u64),
+    ),
 }
 
 fn refused(index: i32, e: ResponseError, msg: Option<String>) -> PartitionProduceResponse {
@@ -134,6 +139,12 @@ pub async fn produce(
                 else {
                     continue;
                 };
+                let counts = batches.iter().fold((0u64, 0u64), |(b, r), v| {
+                    (
+                        b + v.bytes.len() as u64,
+                        r + v.header.record_count.max(0) as u64,
+                    )
+                });
                 let (tx, rx) = oneshot::channel();
                 let cmd = PartitionCmd::Append {
                     batches,
@@ -141,7 +152,7 @@ pub async fn produce(
                     reply: tx,
                 };
                 *p = if handle.cmd.send(cmd).await.is_ok() {
-                    Prepared::Queued(index, rx)
+                    Prepared::Queued(index, rx, counts)
                 } else {
                     Prepared::Refused(refused(index, ResponseError::NotLeaderOrFollower, None))
                 };
@@ -154,28 +165,50 @@ pub async fn produce(
     // 3. Wait for the answers `acks` asks for.
     let mut responses = Vec::with_capacity(topics.len());
     for (name, parts) in topics {
+        let name = &name;
         let answers = join_all(parts.into_iter().map(|p| async move {
             match p {
                 Prepared::Refused(r) => r,
                 Prepared::Ready(index, ..) => {
                     refused(index, ResponseError::UnknownServerError, None)
                 }
-                Prepared::Queued(index, rx) => match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(Ok(ok))) => PartitionProduceResponse::default()
-                        .with_index(index)
-                        .with_base_offset(ok.base_offset)
-                        .with_log_append_time_ms(-1)
-                        .with_log_start_offset(ok.log_start_offset),
-                    Ok(Ok(Err(e))) => refused(index, errors::append_error(&e), Some(e.to_string())),
-                    Ok(Err(_)) => refused(index, ResponseError::NotLeaderOrFollower, None),
-                    Err(_) => refused(index, ResponseError::RequestTimedOut, None),
-                },
+                Prepared::Queued(index, rx, (bytes, records)) => {
+                    match tokio::time::timeout(timeout, rx).await {
+                        Ok(Ok(Ok(ok))) => {
+                            let m = crate::metrics::metrics();
+                            m.bytes_in
+                                .with_label_values(&[name.0.as_str()])
+                                .inc_by(bytes);
+                            m.messages_in
+                                .with_label_values(&[name.0.as_str()])
+                                .inc_by(records);
+                            PartitionProduceResponse::default()
+                                .with_index(index)
+                                .with_base_offset(ok.base_offset)
+                                .with_log_append_time_ms(-1)
+                                .with_log_start_offset(ok.log_start_offset)
+                        }
+                        Ok(Ok(Err(e))) => {
+                            refused(index, errors::append_error(&e), Some(e.to_string()))
+                        }
+                        Ok(Err(_)) => refused(index, ResponseError::NotLeaderOrFollower, None),
+                        Err(_) => refused(index, ResponseError::RequestTimedOut, None),
+                    }
+                }
             }
         }))
         .await;
+        let m = crate::metrics::metrics();
+        for a in answers.iter().filter(|a| a.error_code != 0) {
+            let error = ResponseError::try_from_code(a.error_code)
+                .map_or_else(|| "unknown".to_string(), |e| format!("{e:?}"));
+            m.partition_errors
+                .with_label_values(&["Produce", &error])
+                .inc();
+        }
         responses.push(
             TopicProduceResponse::default()
-                .with_name(name)
+                .with_name(name.clone())
                 .with_partition_responses(answers),
         );
     }

@@ -28,6 +28,8 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     debug!(%peer, "connection opened");
+    let metrics = crate::metrics::metrics();
+    metrics.connections.inc();
     let (mut rd, mut wr) = socket.into_split();
     let max_inflight = broker.config.max_inflight_per_connection;
     let (tx, mut rx) = mpsc::channel::<oneshot::Receiver<Option<Bytes>>>(max_inflight);
@@ -76,8 +78,11 @@ pub async fn run(
             Ok(p) => p,
             Err(_) => break "shutting down".into(),
         };
+        let started = std::time::Instant::now();
+        metrics.request_bytes_in_flight.add(len as i64);
         let mut buf = BytesMut::zeroed(len);
         if let Err(e) = rd.read_exact(&mut buf).await {
+            metrics.request_bytes_in_flight.sub(len as i64);
             break format!("truncated frame: {e}");
         }
         let frame = match Frame::parse(buf.freeze()) {
@@ -102,8 +107,14 @@ pub async fn run(
         tokio::spawn(async move {
             let api_key = frame.api_key;
             let version = frame.api_version;
+            let api = protocol::api_name(api_key);
             match protocol::handle(&broker, ctx, frame).await {
                 Ok(response) => {
+                    metrics.requests.with_label_values(&[api]).inc();
+                    metrics
+                        .request_seconds
+                        .with_label_values(&[api])
+                        .observe(started.elapsed().as_secs_f64());
                     let _ = done_tx.send(response);
                 }
                 Err(e) => {
@@ -111,6 +122,7 @@ pub async fn run(
                     drop(done_tx);
                 }
             }
+            metrics.request_bytes_in_flight.sub(len as i64);
             drop(permit);
         });
     };
@@ -119,4 +131,5 @@ pub async fn run(
     }
     drop(tx);
     let _ = writer.await;
+    metrics.connections.dec();
 }

@@ -18,6 +18,13 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(broker.config.max_connections));
     let request_bytes = Arc::new(Semaphore::new(broker.config.queued_max_request_bytes));
+    let metrics = crate::metrics::metrics();
+    metrics
+        .connections_max
+        .set(broker.config.max_connections as i64);
+    metrics
+        .request_bytes_max
+        .set(broker.config.queued_max_request_bytes as i64);
     info!(addr = %broker.config.listen, advertise = %broker.config.advertise, "kafka listener ready");
     loop {
         let permit = tokio::select! {

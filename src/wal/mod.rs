@@ -281,10 +281,16 @@ impl FlushJob {
                 (*k, range)
             })
             .collect();
+        let metrics = crate::metrics::metrics();
+        metrics.flush_bytes.observe(payload.content_length() as f64);
         let written = !partitions.is_empty() && self.write(&key, payload, deadline).await;
+        metrics
+            .flush_write_seconds
+            .observe(started.elapsed().as_secs_f64());
         // Commits go in flush order; a failed predecessor has marked what it abandoned.
         let _ = prev_turn.await;
         if !written {
+            metrics.flushes.with_label_values(&["write_failed"]).inc();
             self.abandon(partitions.drain(..), false);
             let _ = turn.send(());
             return;
@@ -320,8 +326,14 @@ impl FlushJob {
                     })
                     .collect(),
             };
-            match self.commit(&commit, deadline).await {
+            let commit_started = Instant::now();
+            let committed = self.commit(&commit, deadline).await;
+            metrics
+                .flush_commit_seconds
+                .observe(commit_started.elapsed().as_secs_f64());
+            match committed {
                 Ok(()) => {
+                    metrics.flushes.with_label_values(&["committed"]).inc();
                     debug!(object = %key, partitions = partitions.len(), elapsed_ms = started.elapsed().as_millis() as u64, "write-ahead object committed");
                     for p in partitions.values() {
                         let _ = p.notify.send(Notice::Flushed {

@@ -14,6 +14,7 @@
 mod codec;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod segment;
 pub mod store;
 pub mod wal;

@@ -106,7 +106,16 @@ pub async fn put_new(
         mode: PutMode::Create,
         ..Default::default()
     };
-    match store.put_opts(key, payload, options).await {
+    let started = std::time::Instant::now();
+    let len = payload.content_length() as u64;
+    let result = store.put_opts(key, payload, options).await;
+    crate::metrics::record(
+        "put",
+        started,
+        result.is_ok(),
+        if result.is_ok() { len } else { 0 },
+    );
+    match result {
         Ok(_) => Ok(()),
         Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists {
             key: key.to_string(),
@@ -140,23 +149,36 @@ pub async fn get_range(
     if range.is_empty() {
         return Ok(Bytes::new());
     }
-    store
-        .get_range(key, range)
-        .await
-        .map_err(|source| match source {
-            object_store::Error::NotFound { .. } => Error::NotFound {
-                key: key.to_string(),
-            },
-            source => Error::ObjectStore {
-                location: key.to_string(),
-                source,
-            },
-        })
+    let started = std::time::Instant::now();
+    let result = store.get_range(key, range).await;
+    crate::metrics::record(
+        "get",
+        started,
+        result.is_ok(),
+        result.as_ref().map_or(0, |b| b.len() as u64),
+    );
+    result.map_err(|source| match source {
+        object_store::Error::NotFound { .. } => Error::NotFound {
+            key: key.to_string(),
+        },
+        source => Error::ObjectStore {
+            location: key.to_string(),
+            source,
+        },
+    })
 }
 
 /// Deletes the object at `key`; deleting a missing object succeeds.
 pub async fn delete(store: &dyn ObjectStore, key: &Path) -> Result<(), Error> {
-    match store.delete(key).await {
+    let started = std::time::Instant::now();
+    let result = store.delete(key).await;
+    crate::metrics::record(
+        "delete",
+        started,
+        matches!(result, Ok(()) | Err(object_store::Error::NotFound { .. })),
+        0,
+    );
+    match result {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(source) => Err(Error::ObjectStore {
             location: key.to_string(),
