@@ -104,6 +104,7 @@ pub fn metrics() -> &'static Metrics {
         .expect("valid");
         registry.register(Box::new(lag_seconds.clone())).expect("metric registered once");
         tiering::metrics::register(&registry).expect("object-store metrics registered once");
+        crate::metadata::instrumented::register(&registry).expect("metadata-store metrics registered once");
         let request_seconds = HistogramVec::new(
             HistogramOpts::new("strata_request_duration_seconds", "time from a request's arrival to its response, per Kafka API")
                 .buckets(LATENCY_BUCKETS.to_vec()),

@@ -50,3 +50,5 @@ def test_metrics_follow_traffic(broker):
     assert series(text, "strata_connections_max") == 10000
     assert series(text, "strata_partitions") == 2
     assert series(text, "strata_request_duration_seconds_count", api="Produce") >= 1
+    assert series(text, "strata_metadata_store_duration_seconds_count", op="commit_wal") >= 1
+    assert series(text, "strata_wal_flush_bytes_count") >= 1

@@ -10,6 +10,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod instrumented;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -226,7 +227,9 @@ pub async fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
         let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??;
-        return Ok(std::sync::Arc::new(store));
+        return Ok(std::sync::Arc::new(instrumented::Instrumented::new(
+            std::sync::Arc::new(store),
+        )));
     }
     anyhow::bail!("unsupported metadata URL {url:?}: expected sqlite://PATH")
 }

@@ -1,0 +1,193 @@
+//! A decorator that measures every metadata-store operation (latency and errors by
+//! operation), whatever the backend. `metadata::open` wraps every store in it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use super::{
+    CommittedOffset, MetaResult, MetadataStore, PartitionKey, PartitionState, SegmentRecord,
+    TopicRecord, WalCommit,
+};
+
+struct StoreMetrics {
+    seconds: HistogramVec,
+    errors: IntCounterVec,
+}
+
+fn metrics() -> &'static StoreMetrics {
+    static M: OnceLock<StoreMetrics> = OnceLock::new();
+    M.get_or_init(|| StoreMetrics {
+        seconds: HistogramVec::new(
+            HistogramOpts::new(
+                "strata_metadata_store_duration_seconds",
+                "metadata-store operation latency",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["op"],
+        )
+        .expect("valid metric"),
+        errors: IntCounterVec::new(
+            Opts::new(
+                "strata_metadata_store_errors_total",
+                "failed metadata-store operations (fencing included)",
+            ),
+            &["op"],
+        )
+        .expect("valid metric"),
+    })
+}
+
+/// Adds the metadata-store metrics to a registry (once per process).
+pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
+    registry.register(Box::new(metrics().seconds.clone()))?;
+    registry.register(Box::new(metrics().errors.clone()))?;
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct Instrumented {
+    inner: Arc<dyn MetadataStore>,
+}
+
+impl Instrumented {
+    pub fn new(inner: Arc<dyn MetadataStore>) -> Self {
+        Instrumented { inner }
+    }
+}
+
+async fn timed<T>(op: &str, f: impl std::future::Future<Output = MetaResult<T>>) -> MetaResult<T> {
+    let started = Instant::now();
+    let result = f.await;
+    let m = metrics();
+    m.seconds
+        .with_label_values(&[op])
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        m.errors.with_label_values(&[op]).inc();
+    }
+    result
+}
+
+#[async_trait]
+impl MetadataStore for Instrumented {
+    async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
+        timed("create_topic", self.inner.create_topic(topic)).await
+    }
+    async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord> {
+        timed("delete_topic", self.inner.delete_topic(name)).await
+    }
+    async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
+        timed("list_topics", self.inner.list_topics()).await
+    }
+    async fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> MetaResult<()> {
+        timed(
+            "set_topic_configs",
+            self.inner.set_topic_configs(name, configs),
+        )
+        .await
+    }
+    async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
+        timed(
+            "set_partition_count",
+            self.inner.set_partition_count(name, count),
+        )
+        .await
+    }
+    async fn claim_partition(
+        &self,
+        key: PartitionKey,
+        broker_id: i32,
+    ) -> MetaResult<PartitionState> {
+        timed(
+            "claim_partition",
+            self.inner.claim_partition(key, broker_id),
+        )
+        .await
+    }
+    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
+        timed("commit_wal", self.inner.commit_wal(commit)).await
+    }
+    async fn commit_segment(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        segment: &SegmentRecord,
+    ) -> MetaResult<()> {
+        timed(
+            "commit_segment",
+            self.inner.commit_segment(key, leader_epoch, segment),
+        )
+        .await
+    }
+    async fn trim_log(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        log_start_offset: i64,
+        drop: &[i64],
+    ) -> MetaResult<()> {
+        timed(
+            "trim_log",
+            self.inner
+                .trim_log(key, leader_epoch, log_start_offset, drop),
+        )
+        .await
+    }
+    async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
+        timed(
+            "unreferenced_wal_objects",
+            self.inner.unreferenced_wal_objects(),
+        )
+        .await
+    }
+    async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
+        timed("forget_wal_objects", self.inner.forget_wal_objects(keys)).await
+    }
+    async fn next_producer_id(&self) -> MetaResult<i64> {
+        timed("next_producer_id", self.inner.next_producer_id()).await
+    }
+    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+        timed("commit_offsets", self.inner.commit_offsets(group, offsets)).await
+    }
+    async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
+        timed("fetch_offsets", self.inner.fetch_offsets(group)).await
+    }
+    async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> MetaResult<usize> {
+        timed(
+            "delete_offsets",
+            self.inner.delete_offsets(group, partitions),
+        )
+        .await
+    }
+    async fn offset_groups(&self) -> MetaResult<Vec<String>> {
+        timed("offset_groups", self.inner.offset_groups()).await
+    }
+    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
+        timed(
+            "expire_offsets",
+            self.inner.expire_offsets(groups, before_ms),
+        )
+        .await
+    }
+    async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
+        timed(
+            "start_broker_session",
+            self.inner.start_broker_session(broker_id),
+        )
+        .await
+    }
+}
