@@ -41,7 +41,6 @@ pub struct GroupSummary {
     pub group_type: &'static str,
     /// Kafka's state name for the group's type.
     pub state_name: &'static str,
-    pub state: GroupState,
     pub protocol_type: String,
     pub protocol_name: String,
     pub generation: i32,
@@ -436,11 +435,6 @@ fn consumer_summary(g: &ConsumerGroup) -> GroupSummary {
     GroupSummary {
         group_type: "consumer",
         state_name: g.state(),
-        state: if g.members.is_empty() {
-            GroupState::Empty
-        } else {
-            GroupState::Stable
-        },
         protocol_type: "consumer".to_string(),
         protocol_name: g.assignor.name().to_string(),
         generation: g.epoch,
@@ -473,7 +467,6 @@ fn summary(g: &Group) -> GroupSummary {
     GroupSummary {
         group_type: "classic",
         state_name: g.state.name(),
-        state: g.state,
         protocol_type: g.protocol_type.clone().unwrap_or_default(),
         protocol_name: protocol.clone(),
         generation: g.generation,
