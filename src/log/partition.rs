@@ -206,6 +206,9 @@ pub async fn start(
     ))
 }
 
+/// Write-ahead range reads one partition's recovery keeps in flight.
+const RECOVERY_READS_IN_FLIGHT: usize = 32;
+
 /// Downloads the write-ahead ranges after the last sealed segment into a fresh local
 /// segment. The local directory is always rebuilt: it may hold batches that were never
 /// committed, and it may be gone entirely.
@@ -225,14 +228,22 @@ async fn rebuild_local_tail(
         .unwrap_or(state.log_start_offset)
         .max(state.segments.last().map_or(0, |s| s.end_offset));
     let mut seg = LocalSegment::create(dir, base, now_ms())?;
-    for range in &state.wal_ranges {
-        let key = object_store::path::Path::from(range.object_key.as_str());
-        let data = tiering::store::get_range(
-            ctx.store.as_ref(),
-            &key,
-            range.position..range.position + range.len,
-        )
-        .await?;
+    // Several ranged GETs in flight (a busy partition has a range per flush), appended
+    // in offset order.
+    use futures::StreamExt;
+    let mut reads = futures::stream::iter(state.wal_ranges.clone())
+        .map(|range| {
+            let store = ctx.store.clone();
+            async move {
+                let key = object_store::path::Path::from(range.object_key.as_str());
+                let span = range.position..range.position + range.len;
+                let data = tiering::store::get_range(store.as_ref(), &key, span).await;
+                (range, data)
+            }
+        })
+        .buffered(RECOVERY_READS_IN_FLIGHT);
+    while let Some((range, data)) = reads.next().await {
+        let data = data?;
         let batches: Vec<Bytes> = batch::walk(&data)
             .map(|(pos, h)| data.slice(pos..pos + h.total_len))
             .collect();
