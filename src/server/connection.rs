@@ -80,8 +80,20 @@ pub async fn run(
         };
         let started = std::time::Instant::now();
         metrics.request_bytes_in_flight.add(len as i64);
-        let mut buf = BytesMut::zeroed(len);
-        if let Err(e) = rd.read_exact(&mut buf).await {
+        // Read straight into uninitialised capacity, never past this frame.
+        let mut buf = BytesMut::with_capacity(len);
+        let read = {
+            let mut body = (&mut rd).take(len as u64);
+            loop {
+                match body.read_buf(&mut buf).await {
+                    Ok(0) => break Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) if buf.len() == len => break Ok(()),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+        };
+        if let Err(e) = read {
             metrics.request_bytes_in_flight.sub(len as i64);
             break format!("truncated frame: {e}");
         }
