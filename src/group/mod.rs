@@ -75,6 +75,12 @@ enum GroupCmd {
         reply: oneshot::Sender<Result<(), CommitError>>,
     },
     Describe(oneshot::Sender<GroupSummary>),
+    /// OffsetFetch v9: is this member of a consumer-protocol group at this epoch?
+    CheckMemberEpoch {
+        member_id: String,
+        epoch: i32,
+        reply: oneshot::Sender<Result<(), ResponseError>>,
+    },
     ConsumerHeartbeat(Box<Heartbeat>, oneshot::Sender<HeartbeatReply>),
     ConsumerDescribe(oneshot::Sender<Option<ConsumerGroup>>),
     /// Deletes the group if it has no members; the task then ends.
@@ -191,6 +197,29 @@ impl Coordinator {
             .await
             .map_err(|_| ResponseError::CoordinatorNotAvailable)?;
         rx.await.map_err(|_| ResponseError::CoordinatorNotAvailable)
+    }
+
+    /// OffsetFetch v9 from a member: refuses a stale or unknown member epoch of a
+    /// consumer-protocol group (a group with no task has nothing to check).
+    pub async fn check_member_epoch(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        epoch: i32,
+    ) -> Result<(), ResponseError> {
+        let Some(tx) = self.handle(group_id, false)? else {
+            return Ok(());
+        };
+        let (reply, rx) = oneshot::channel();
+        let cmd = GroupCmd::CheckMemberEpoch {
+            member_id: member_id.to_string(),
+            epoch,
+            reply,
+        };
+        if tx.send(cmd).await.is_err() {
+            return Ok(());
+        }
+        rx.await.unwrap_or(Ok(()))
     }
 
     /// The KIP-848 group's state, if the group is one.
@@ -364,6 +393,14 @@ async fn run_group(
                         }),
                     };
                     let _ = reply.send(result);
+                    Vec::new()
+                }
+                Some(GroupCmd::CheckMemberEpoch { member_id, epoch, reply }) => {
+                    let _ = reply.send(match kind {
+                        Kind::Consumer => consumer.validate_commit(&member_id, epoch),
+                        // Classic groups have no member epochs: nothing to check.
+                        Kind::Classic => Ok(()),
+                    });
                     Vec::new()
                 }
                 Some(GroupCmd::Describe(reply)) => {

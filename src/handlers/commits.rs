@@ -174,6 +174,18 @@ pub async fn offset_fetch(
                     .collect()
             });
             let mut out = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
+            // v9: a consumer-protocol member proves its epoch (STALE_MEMBER_EPOCH otherwise).
+            if let Some(member) = g.member_id.as_ref().filter(|m| !m.is_empty()) {
+                if let Err(e) = broker
+                    .groups
+                    .check_member_epoch(&g.group_id.0, member, g.member_epoch)
+                    .await
+                {
+                    out.error_code = e.code();
+                    resp.groups.push(out);
+                    continue;
+                }
+            }
             match group_offsets(broker, &g.group_id.0, wanted).await {
                 Ok(topics) => {
                     out.topics = topics
