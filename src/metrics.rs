@@ -130,7 +130,7 @@ pub fn metrics() -> &'static Metrics {
             bytes_in: counter_vec(&registry, "kafka_server_brokertopicmetrics_bytesin_total", "record bytes produced, per topic", &["topic"]),
             bytes_out: counter_vec(&registry, "kafka_server_brokertopicmetrics_bytesout_total", "record bytes fetched, per topic", &["topic"]),
             messages_in: counter_vec(&registry, "kafka_server_brokertopicmetrics_messagesin_total", "records produced, per topic", &["topic"]),
-            flushes: counter_vec(&registry, "strata_wal_flushes_total", "write-ahead flushes by outcome", &["outcome"]),
+            flushes: counter_vec(&registry, "strata_wal_flushes_total", "write-ahead flushes by outcome: committed, write_failed, commit_failed", &["outcome"]),
             flush_bytes,
             flush_write_seconds: seconds_histogram(&registry, "strata_wal_flush_write_seconds", "time to write one write-ahead object"),
             flush_commit_seconds: seconds_histogram(

@@ -130,6 +130,11 @@ pub async fn run(
                     let _ = done_tx.send(response);
                 }
                 Err(e) => {
+                    metrics.requests.with_label_values(&[api]).inc();
+                    metrics
+                        .request_seconds
+                        .with_label_values(&[api])
+                        .observe(started.elapsed().as_secs_f64());
                     warn!(%peer, api_key, version, error = %e, "closing connection: request could not be handled");
                     drop(done_tx);
                 }

@@ -352,6 +352,7 @@ impl FlushJob {
                         .collect();
                     if fenced.is_empty() {
                         warn!("write-ahead commit fenced without naming a partition of this flush");
+                        metrics.flushes.with_label_values(&["commit_failed"]).inc();
                         self.abandon(partitions.drain(..), false);
                         break;
                     }
@@ -359,6 +360,7 @@ impl FlushJob {
                 }
                 Err(e) => {
                     warn!(error = %e, object = %key, "write-ahead commit failed past the flush timeout");
+                    metrics.flushes.with_label_values(&["commit_failed"]).inc();
                     self.abandon(partitions.drain(..), false);
                     break;
                 }

@@ -55,7 +55,7 @@ pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     Ok(())
 }
 
-/// Records one request: `op` is put, get, delete or list.
+/// Records one request: `op` is put, get or delete.
 pub(crate) fn record(op: &str, started: Instant, ok: bool, bytes: u64) {
     let m = store_metrics();
     m.requests
