@@ -83,7 +83,7 @@ pub const SETTINGS: &[SettingDef] = &[
     def(
         "metadata",
         "",
-        "metadata store URL (sqlite://PATH); defaults to sqlite://DATA_DIR/metadata.db",
+        "metadata store URL (sqlite://PATH or postgres://USER@HOST:PORT/DB); defaults to sqlite://DATA_DIR/metadata.db",
     ),
     def("broker-id", "0", "this broker's id (node id in Kafka metadata)"),
     def("zone", "", "availability zone (rack) of this broker"),

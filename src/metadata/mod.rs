@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod instrumented;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -222,7 +223,7 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;
 }
 
-/// Opens the metadata store named by a URL (`sqlite://PATH`).
+/// Opens the metadata store named by a URL (`sqlite://PATH` or `postgres://...`).
 pub async fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
@@ -231,5 +232,11 @@ pub async fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>
             std::sync::Arc::new(store),
         )));
     }
-    anyhow::bail!("unsupported metadata URL {url:?}: expected sqlite://PATH")
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = postgres::PostgresStore::connect(url).await?;
+        return Ok(std::sync::Arc::new(instrumented::Instrumented::new(
+            std::sync::Arc::new(store),
+        )));
+    }
+    anyhow::bail!("unsupported metadata URL {url:?}: expected sqlite://PATH or postgres://...")
 }

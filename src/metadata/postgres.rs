@@ -1,0 +1,1790 @@
+//! The PostgreSQL backend of [`MetadataStore`]: the shared metadata store for several
+//! brokers.
+//!
+//! It owns a small pool of `tokio-postgres` connections to one database and the schema
+//! inside it (the first schema on the connections' `search_path`). It exists so that
+//! brokers on different machines can share one transactional source of truth; the
+//! SQLite backend serves a single broker. Tables, columns and their meaning are the
+//! SQLite backend's (see [`super::sqlite`]), with PostgreSQL types: topic ids are
+//! `UUID`, offsets, sizes and timestamps `BIGINT`, epochs and partitions `INTEGER`, and
+//! the JSON of topic configs and producer states is stored as `TEXT`, byte for byte
+//! what the SQLite backend writes. Names, group ids and object keys use the `"C"`
+//! collation so that every `ORDER BY` is bytewise, like Rust's `String` order.
+//!
+//! Concurrency: every trait method is one transaction (a lone statement is its own).
+//! Writes that belong to a partition first lock its `partitions` row (`FOR UPDATE`, in
+//! key order when there are several) and check the caller's leader epoch under that
+//! lock, so a claim by another broker (an `UPDATE ... SET leader_epoch = leader_epoch +
+//! 1 ... RETURNING`) either happens before the check and fences the write, or waits
+//! for it. Producer ids and broker sessions are `INSERT ... ON CONFLICT DO UPDATE ...
+//! RETURNING` on one row, atomic across brokers. Connecting creates or migrates the
+//! schema in one transaction under a transaction-scoped advisory lock, so brokers
+//! starting together do not race.
+//!
+//! Errors: anything the server or the connection reports is `Unavailable` (retriable);
+//! a stored value that does not decode is `Corrupt`.
+//!
+//! Persisted format: like SQLite's, every name in [`SCHEMA_V1`] and [`SCHEMA_V2`], the
+//! JSON forms and the counter names are stored and **must be kept stable**; a change
+//! needs a new schema version and a step in [`migrate`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
+use uuid::Uuid;
+
+use super::{
+    CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState,
+    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+};
+
+/// The schema version this code reads and writes.
+const SCHEMA_VERSION: i64 = 2;
+/// The first producer id handed out. Persisted in the `counters` row below; stable.
+const FIRST_PRODUCER_ID: i64 = 1000;
+/// Name of the `counters` row that allocates producer ids. Persisted; stable.
+const PRODUCER_ID_COUNTER: &str = "producer_id";
+/// Most connections one store opens; more concurrent operations wait for one.
+const POOL_SIZE: usize = 16;
+/// Connect timeout when the URL does not set `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Key of the transaction-scoped advisory lock that serialises schema migrations
+/// ("StrataMD" in ASCII). Stable: brokers of different versions must agree on it.
+const MIGRATION_LOCK_KEY: i64 = 0x5374_7261_7461_4d44;
+
+/// Schema version 1: the SQLite backend's version 1 in PostgreSQL types. Every name
+/// here is persisted: keep them stable, add a new version with a migration instead.
+const SCHEMA_V1: &str = r#"
+CREATE TABLE topics (
+    name        TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    id          UUID    NOT NULL UNIQUE,
+    partitions  INTEGER NOT NULL,
+    configs     TEXT    NOT NULL,
+    created_ms  BIGINT  NOT NULL
+);
+CREATE TABLE partitions (
+    topic_id         UUID    NOT NULL,
+    partition        INTEGER NOT NULL,
+    leader_epoch     INTEGER NOT NULL,
+    log_start_offset BIGINT  NOT NULL,
+    high_watermark   BIGINT  NOT NULL,
+    owner_broker     INTEGER,
+    PRIMARY KEY (topic_id, partition)
+);
+CREATE TABLE epoch_history (
+    topic_id     UUID    NOT NULL,
+    partition    INTEGER NOT NULL,
+    epoch        INTEGER NOT NULL,
+    start_offset BIGINT  NOT NULL,
+    PRIMARY KEY (topic_id, partition, epoch)
+);
+CREATE TABLE segments (
+    topic_id      UUID    NOT NULL,
+    partition     INTEGER NOT NULL,
+    base_offset   BIGINT  NOT NULL,
+    end_offset    BIGINT  NOT NULL,
+    object_key    TEXT COLLATE "C" NOT NULL,
+    size_bytes    BIGINT  NOT NULL,
+    data_bytes    BIGINT  NOT NULL,
+    max_timestamp BIGINT  NOT NULL,
+    created_ms    BIGINT  NOT NULL,
+    PRIMARY KEY (topic_id, partition, base_offset)
+);
+CREATE TABLE wal_ranges (
+    topic_id      UUID    NOT NULL,
+    partition     INTEGER NOT NULL,
+    base_offset   BIGINT  NOT NULL,
+    end_offset    BIGINT  NOT NULL,
+    object_key    TEXT COLLATE "C" NOT NULL,
+    position      BIGINT  NOT NULL,
+    len           BIGINT  NOT NULL,
+    max_timestamp BIGINT  NOT NULL,
+    PRIMARY KEY (topic_id, partition, base_offset)
+);
+CREATE INDEX wal_ranges_by_object ON wal_ranges (object_key);
+CREATE TABLE wal_objects (
+    object_key TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE producers (
+    topic_id    UUID    NOT NULL,
+    partition   INTEGER NOT NULL,
+    producer_id BIGINT  NOT NULL,
+    state       TEXT    NOT NULL,
+    PRIMARY KEY (topic_id, partition, producer_id)
+);
+CREATE TABLE counters (
+    name  TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+CREATE TABLE broker_sessions (
+    broker_id INTEGER NOT NULL PRIMARY KEY,
+    session   BIGINT  NOT NULL
+);
+"#;
+
+/// Schema version 2: consumer-group committed offsets (see the SQLite backend's
+/// version 2 for the meaning). `offset` is a reserved word here, hence the quotes.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE group_offsets (
+    group_id            TEXT COLLATE "C" NOT NULL,
+    topic               TEXT COLLATE "C" NOT NULL,
+    partition           INTEGER NOT NULL,
+    "offset"            BIGINT  NOT NULL,
+    leader_epoch        INTEGER NOT NULL,
+    metadata            TEXT    NOT NULL,
+    commit_timestamp_ms BIGINT  NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+);
+"#;
+
+const SELECT_TOPIC_FOR_UPDATE: &str =
+    "SELECT name, id, partitions, configs, created_ms FROM topics WHERE name = $1 FOR UPDATE";
+const INSERT_PARTITIONS: &str = "INSERT INTO partitions
+         (topic_id, partition, leader_epoch, log_start_offset, high_watermark, owner_broker)
+     SELECT $1, p, 0, 0, 0, NULL FROM generate_series($2::INTEGER, $3::INTEGER - 1) AS p";
+const LOCK_EPOCH: &str = "SELECT leader_epoch FROM partitions
+     WHERE topic_id = $1 AND partition = $2 FOR UPDATE";
+
+/// One pooled connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// A fixed-size pool: idle connections plus a semaphore that caps how many exist.
+struct Pool {
+    config: Config,
+    idle: Mutex<Vec<Conn>>,
+    permits: Semaphore,
+}
+
+/// A connection checked out of the pool; it goes back when dropped, unless closed.
+struct PooledConn<'a> {
+    conn: Option<Conn>,
+    pool: &'a Pool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Drop for PooledConn<'_> {
+    fn drop(&mut self) {
+        // A transaction dropped without commit already queued its ROLLBACK on the
+        // connection, ahead of anything the next user sends: the connection is clean.
+        if let Some(conn) = self.conn.take().filter(|c| !c.client.is_closed()) {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
+        }
+    }
+}
+
+impl Pool {
+    async fn get(&self) -> MetaResult<PooledConn<'_>> {
+        let permit =
+            self.permits.acquire().await.map_err(|_| {
+                MetaError::Unavailable("postgres connection pool is closed".to_owned())
+            })?;
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut found = None;
+            while let Some(conn) = idle.pop() {
+                if !conn.client.is_closed() {
+                    found = Some(conn);
+                    break;
+                }
+            }
+            found
+        };
+        let conn = match reused {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        Ok(PooledConn {
+            conn: Some(conn),
+            pool: self,
+            _permit: permit,
+        })
+    }
+
+    async fn connect(&self) -> MetaResult<Conn> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+            MetaError::Unavailable(format!("cannot connect to postgres metadata store: {e}"))
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "postgres metadata connection failed");
+            }
+        });
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+}
+
+impl PooledConn<'_> {
+    fn conn(&mut self) -> MetaResult<&mut Conn> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| MetaError::Unavailable("postgres connection was returned".to_owned()))
+    }
+
+    /// Starts a transaction; its statements are prepared once per connection.
+    async fn begin(&mut self) -> MetaResult<Tx<'_>> {
+        let conn = self.conn()?;
+        let tx = conn.client.transaction().await.db()?;
+        Ok(Tx {
+            tx,
+            statements: &mut conn.statements,
+        })
+    }
+
+    /// A prepared statement for a lone (autocommitted) statement.
+    async fn statement(&mut self, sql: &'static str) -> MetaResult<Statement> {
+        let conn = self.conn()?;
+        if let Some(statement) = conn.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = conn.client.prepare(sql).await.db()?;
+        conn.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs one statement on its own (its own transaction) and returns its rows.
+    async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> MetaResult<Vec<Row>> {
+        let statement = self.statement(sql).await?;
+        self.conn()?.client.query(&statement, params).await.db()
+    }
+
+    /// Runs one statement on its own (its own transaction); returns the rows changed.
+    async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> MetaResult<u64> {
+        let statement = self.statement(sql).await?;
+        self.conn()?.client.execute(&statement, params).await.db()
+    }
+}
+
+/// An open transaction with the connection's statement cache.
+struct Tx<'a> {
+    tx: Transaction<'a>,
+    statements: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl Tx<'_> {
+    async fn statement(&mut self, sql: &'static str) -> MetaResult<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.tx.prepare(sql).await.db()?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> MetaResult<Vec<Row>> {
+        let statement = self.statement(sql).await?;
+        self.tx.query(&statement, params).await.db()
+    }
+
+    async fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> MetaResult<Option<Row>> {
+        let statement = self.statement(sql).await?;
+        self.tx.query_opt(&statement, params).await.db()
+    }
+
+    async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> MetaResult<u64> {
+        let statement = self.statement(sql).await?;
+        self.tx.execute(&statement, params).await.db()
+    }
+
+    async fn commit(self) -> MetaResult<()> {
+        self.tx.commit().await.db()
+    }
+}
+
+/// The shared metadata store: a pool of connections to one PostgreSQL database.
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the password.
+        f.debug_struct("PostgresStore")
+            .field("hosts", &self.pool.config.get_hosts())
+            .field("ports", &self.pool.config.get_ports())
+            .field("dbname", &self.pool.config.get_dbname())
+            .field("user", &self.pool.config.get_user())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database named by `url` (`postgres://user[:password]@host:port/db`,
+    /// libpq-style query parameters allowed) and creates or migrates the schema.
+    pub async fn connect(url: &str) -> MetaResult<PostgresStore> {
+        let config: Config = url
+            .parse()
+            .map_err(|e| MetaError::Unavailable(format!("invalid postgres metadata URL: {e}")))?;
+        PostgresStore::connect_with(config).await
+    }
+
+    /// Like [`PostgresStore::connect`], from a parsed configuration.
+    pub async fn connect_with(mut config: Config) -> MetaResult<PostgresStore> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let store = PostgresStore {
+            pool: Pool {
+                config,
+                idle: Mutex::new(Vec::new()),
+                permits: Semaphore::new(POOL_SIZE),
+            },
+        };
+        let mut conn = store.pool.get().await?;
+        migrate(&mut conn.conn()?.client).await?;
+        drop(conn);
+        tracing::info!(store = ?store, "opened postgres metadata store");
+        Ok(store)
+    }
+}
+
+/// Creates the schema in an empty database, or upgrades an older one, in one
+/// transaction that holds the migration advisory lock.
+async fn migrate(client: &mut Client) -> MetaResult<()> {
+    let tx = client.transaction().await.db()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .db()?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL PRIMARY KEY)",
+    )
+    .await
+    .db()?;
+    let row = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .await
+        .db()?;
+    let current: i64 = get(&row, 0)?;
+    if current > SCHEMA_VERSION {
+        return Err(MetaError::Unavailable(format!(
+            "metadata schema version {current} is newer than this broker supports \
+             ({SCHEMA_VERSION}); upgrade the broker"
+        )));
+    }
+    if current < 1 {
+        tx.batch_execute(SCHEMA_V1).await.db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (1)", &[])
+            .await
+            .db()?;
+    }
+    if current < 2 {
+        tx.batch_execute(SCHEMA_V2).await.db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (2)", &[])
+            .await
+            .db()?;
+        if current == 1 {
+            tracing::info!("migrated postgres metadata schema from version 1 to 2");
+        }
+    }
+    // Later versions: `if current < 3 { ... }`, each step in this same transaction.
+    tx.commit().await.db()
+}
+
+/// `?`-friendly mapping of driver errors: the server or the connection failed.
+trait PgResultExt<T> {
+    fn db(self) -> MetaResult<T>;
+}
+
+impl<T> PgResultExt<T> for Result<T, tokio_postgres::Error> {
+    fn db(self) -> MetaResult<T> {
+        self.map_err(|e| match e.as_db_error() {
+            // The driver's `Display` says only "db error": name the server's reason.
+            Some(db) => MetaError::Unavailable(format!(
+                "postgres: {} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            )),
+            None => MetaError::Unavailable(format!("postgres: {e}")),
+        })
+    }
+}
+
+/// Reads a column; a value that does not decode is corruption, not unavailability.
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> MetaResult<T> {
+    row.try_get(idx)
+        .map_err(|e| MetaError::Corrupt(format!("postgres value does not decode: {e}")))
+}
+
+/// Reads a non-negative `BIGINT` column; a negative value is corruption.
+fn get_u64(row: &Row, idx: usize) -> MetaResult<u64> {
+    let value: i64 = get(row, idx)?;
+    u64::try_from(value).map_err(|_| {
+        MetaError::Corrupt(format!(
+            "stored value {value} in column {idx} must not be negative"
+        ))
+    })
+}
+
+/// Sizes and positions are `u64` in the API and `BIGINT` in the database.
+fn u64_to_sql(value: u64, what: &str) -> MetaResult<i64> {
+    i64::try_from(value)
+        .map_err(|_| MetaError::Corrupt(format!("{what} {value} does not fit in a bigint")))
+}
+
+fn count(rows: u64) -> MetaResult<usize> {
+    usize::try_from(rows)
+        .map_err(|_| MetaError::Unavailable(format!("row count {rows} does not fit in usize")))
+}
+
+fn encode_json<T: serde::Serialize>(value: &T, what: &str) -> MetaResult<String> {
+    serde_json::to_string(value)
+        .map_err(|e| MetaError::Unavailable(format!("cannot encode {what} as json: {e}")))
+}
+
+fn decode_topic(row: &Row) -> MetaResult<TopicRecord> {
+    let configs: String = get(row, 3)?;
+    Ok(TopicRecord {
+        name: get(row, 0)?,
+        id: get(row, 1)?,
+        partitions: get(row, 2)?,
+        configs: serde_json::from_str(&configs).map_err(|e| {
+            MetaError::Corrupt(format!("stored topic configs are not valid json: {e}"))
+        })?,
+        created_ms: get(row, 4)?,
+    })
+}
+
+/// The epoch check of single-partition writes; locks the partition row until commit.
+async fn require_epoch(tx: &mut Tx<'_>, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
+    let row = tx
+        .query_opt(LOCK_EPOCH, &[&key.topic_id, &key.partition])
+        .await?
+        .ok_or(MetaError::PartitionNotFound)?;
+    let stored: i32 = get(&row, 0)?;
+    if stored != leader_epoch {
+        tracing::debug!(?key, stored, leader_epoch, "fenced partition write");
+        return Err(MetaError::Fenced(vec![key]));
+    }
+    Ok(())
+}
+
+/// Reads everything a new owner recovers from; the scalar columns come from the caller.
+/// The four reads are pipelined on the connection.
+async fn load_partition_state(
+    tx: &mut Tx<'_>,
+    key: PartitionKey,
+    leader_epoch: i32,
+    log_start_offset: i64,
+    high_watermark: i64,
+) -> MetaResult<PartitionState> {
+    let segments_sql = tx
+        .statement(
+            "SELECT base_offset, end_offset, object_key, size_bytes, data_bytes,
+                    max_timestamp, created_ms
+             FROM segments WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset",
+        )
+        .await?;
+    let ranges_sql = tx
+        .statement(
+            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp
+             FROM wal_ranges WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset",
+        )
+        .await?;
+    let producers_sql = tx
+        .statement(
+            "SELECT producer_id, state FROM producers
+             WHERE topic_id = $1 AND partition = $2 ORDER BY producer_id",
+        )
+        .await?;
+    let history_sql = tx
+        .statement(
+            "SELECT epoch, start_offset FROM epoch_history
+             WHERE topic_id = $1 AND partition = $2 ORDER BY epoch",
+        )
+        .await?;
+    let params: [&(dyn ToSql + Sync); 2] = [&key.topic_id, &key.partition];
+    let (segment_rows, range_rows, producer_rows, history_rows) = tokio::try_join!(
+        tx.tx.query(&segments_sql, &params),
+        tx.tx.query(&ranges_sql, &params),
+        tx.tx.query(&producers_sql, &params),
+        tx.tx.query(&history_sql, &params),
+    )
+    .db()?;
+
+    let segments = segment_rows
+        .iter()
+        .map(|row| {
+            Ok(SegmentRecord {
+                base_offset: get(row, 0)?,
+                end_offset: get(row, 1)?,
+                object_key: get(row, 2)?,
+                size_bytes: get_u64(row, 3)?,
+                data_bytes: get_u64(row, 4)?,
+                max_timestamp: get(row, 5)?,
+                created_ms: get(row, 6)?,
+            })
+        })
+        .collect::<MetaResult<Vec<_>>>()?;
+    let wal_ranges = range_rows
+        .iter()
+        .map(|row| {
+            Ok(WalRangeRecord {
+                base_offset: get(row, 0)?,
+                end_offset: get(row, 1)?,
+                object_key: get(row, 2)?,
+                position: get_u64(row, 3)?,
+                len: get_u64(row, 4)?,
+                max_timestamp: get(row, 5)?,
+            })
+        })
+        .collect::<MetaResult<Vec<_>>>()?;
+    let mut producers = Vec::with_capacity(producer_rows.len());
+    for row in &producer_rows {
+        let producer_id: i64 = get(row, 0)?;
+        let json: &str = get(row, 1)?;
+        let state: ProducerStateRecord = serde_json::from_str(json).map_err(|e| {
+            MetaError::Corrupt(format!(
+                "stored state of producer {producer_id} is not valid json: {e}"
+            ))
+        })?;
+        if state.producer_id != producer_id {
+            return Err(MetaError::Corrupt(format!(
+                "producer row {producer_id} holds the state of producer {}",
+                state.producer_id
+            )));
+        }
+        producers.push(state);
+    }
+    let epoch_history = history_rows
+        .iter()
+        .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+        .collect::<MetaResult<Vec<_>>>()?;
+
+    Ok(PartitionState {
+        leader_epoch,
+        log_start_offset,
+        high_watermark,
+        segments,
+        wal_ranges,
+        producers,
+        epoch_history,
+    })
+}
+
+/// A write-ahead commit flattened into column arrays for `unnest`.
+#[derive(Default)]
+struct WalColumns {
+    topic_ids: Vec<Uuid>,
+    partitions: Vec<i32>,
+    base_offsets: Vec<i64>,
+    end_offsets: Vec<i64>,
+    positions: Vec<i64>,
+    lens: Vec<i64>,
+    max_timestamps: Vec<i64>,
+    producer_topic_ids: Vec<Uuid>,
+    producer_partitions: Vec<i32>,
+    producer_ids: Vec<i64>,
+    producer_states: Vec<String>,
+}
+
+impl WalColumns {
+    fn new(commit: &WalCommit) -> MetaResult<WalColumns> {
+        let mut columns = WalColumns::default();
+        // The last state of a producer wins, like consecutive upserts would.
+        let mut producers = BTreeMap::new();
+        for part in &commit.partitions {
+            let range = &part.range;
+            columns.topic_ids.push(part.key.topic_id);
+            columns.partitions.push(part.key.partition);
+            columns.base_offsets.push(range.base_offset);
+            columns.end_offsets.push(range.end_offset);
+            columns
+                .positions
+                .push(u64_to_sql(range.position, "wal range position")?);
+            columns
+                .lens
+                .push(u64_to_sql(range.len, "wal range length")?);
+            columns.max_timestamps.push(range.max_timestamp);
+            for producer in &part.producers {
+                producers.insert(
+                    (part.key, producer.producer_id),
+                    encode_json(producer, "producer state")?,
+                );
+            }
+        }
+        for ((key, producer_id), json) in producers {
+            columns.producer_topic_ids.push(key.topic_id);
+            columns.producer_partitions.push(key.partition);
+            columns.producer_ids.push(producer_id);
+            columns.producer_states.push(json);
+        }
+        Ok(columns)
+    }
+}
+
+#[async_trait]
+impl MetadataStore for PostgresStore {
+    async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
+        let configs = encode_json(&topic.configs, "topic configs")?;
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO topics (name, id, partitions, configs, created_ms)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                &[
+                    &topic.name,
+                    &topic.id,
+                    &topic.partitions,
+                    &configs,
+                    &topic.created_ms,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(MetaError::TopicExists);
+        }
+        tx.execute(INSERT_PARTITIONS, &[&topic.id, &0_i32, &topic.partitions])
+            .await?;
+        tx.commit().await
+    }
+
+    async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord> {
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        let row = tx
+            .query_opt(SELECT_TOPIC_FOR_UPDATE, &[&name])
+            .await?
+            .ok_or(MetaError::TopicNotFound)?;
+        let topic = decode_topic(&row)?;
+        // wal_objects rows stay (garbage collection removes them once unreferenced) and
+        // group_offsets rows stay (the broker removes them), as in the SQLite backend.
+        for sql in [
+            "DELETE FROM partitions WHERE topic_id = $1",
+            "DELETE FROM epoch_history WHERE topic_id = $1",
+            "DELETE FROM segments WHERE topic_id = $1",
+            "DELETE FROM wal_ranges WHERE topic_id = $1",
+            "DELETE FROM producers WHERE topic_id = $1",
+        ] {
+            tx.execute(sql, &[&topic.id]).await?;
+        }
+        tx.execute("DELETE FROM topics WHERE name = $1", &[&name])
+            .await?;
+        tx.commit().await?;
+        Ok(topic)
+    }
+
+    async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT name, id, partitions, configs, created_ms FROM topics ORDER BY name",
+                &[],
+            )
+            .await?;
+        rows.iter().map(decode_topic).collect()
+    }
+
+    async fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> MetaResult<()> {
+        let configs = encode_json(configs, "topic configs")?;
+        let mut conn = self.pool.get().await?;
+        let changed = conn
+            .execute(
+                "UPDATE topics SET configs = $2 WHERE name = $1",
+                &[&name, &configs],
+            )
+            .await?;
+        if changed == 0 {
+            return Err(MetaError::TopicNotFound);
+        }
+        Ok(())
+    }
+
+    /// A count at or below the current one changes nothing and returns `Ok`.
+    async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        let row = tx
+            .query_opt(SELECT_TOPIC_FOR_UPDATE, &[&name])
+            .await?
+            .ok_or(MetaError::TopicNotFound)?;
+        let topic = decode_topic(&row)?;
+        if count <= topic.partitions {
+            return Ok(());
+        }
+        tx.execute(INSERT_PARTITIONS, &[&topic.id, &topic.partitions, &count])
+            .await?;
+        tx.execute(
+            "UPDATE topics SET partitions = $2 WHERE name = $1",
+            &[&name, &count],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    async fn claim_partition(
+        &self,
+        key: PartitionKey,
+        broker_id: i32,
+    ) -> MetaResult<PartitionState> {
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        // Atomic against other claimers: the row lock is held until commit.
+        let claimed = tx
+            .query_opt(
+                "UPDATE partitions SET leader_epoch = leader_epoch + 1, owner_broker = $3
+                 WHERE topic_id = $1 AND partition = $2 AND leader_epoch < 2147483647
+                 RETURNING leader_epoch, log_start_offset, high_watermark",
+                &[&key.topic_id, &key.partition, &broker_id],
+            )
+            .await?;
+        let Some(row) = claimed else {
+            return match tx
+                .query_opt(LOCK_EPOCH, &[&key.topic_id, &key.partition])
+                .await?
+            {
+                None => Err(MetaError::PartitionNotFound),
+                Some(row) => {
+                    let epoch: i32 = get(&row, 0)?;
+                    Err(MetaError::Corrupt(format!(
+                        "leader epoch of {key:?} cannot grow past {epoch}"
+                    )))
+                }
+            };
+        };
+        let new_epoch: i32 = get(&row, 0)?;
+        let log_start_offset: i64 = get(&row, 1)?;
+        let high_watermark: i64 = get(&row, 2)?;
+        tx.execute(
+            "INSERT INTO epoch_history (topic_id, partition, epoch, start_offset)
+             VALUES ($1, $2, $3, $4)",
+            &[&key.topic_id, &key.partition, &new_epoch, &high_watermark],
+        )
+        .await?;
+        let state =
+            load_partition_state(&mut tx, key, new_epoch, log_start_offset, high_watermark).await?;
+        tx.commit().await?;
+        tracing::debug!(
+            ?key,
+            broker_id,
+            leader_epoch = new_epoch,
+            "claimed partition"
+        );
+        Ok(state)
+    }
+
+    /// A partition that no longer exists (its topic was deleted) is reported as fenced
+    /// with the stale ones, as in the SQLite backend.
+    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
+        let columns = WalColumns::new(commit)?;
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+
+        if !commit.partitions.is_empty() {
+            // Lock every partition row in key order (no deadlock between two commits)
+            // and check the epochs under the locks.
+            let rows = tx
+                .query(
+                    "SELECT p.topic_id, p.partition, p.leader_epoch
+                     FROM partitions AS p
+                     JOIN unnest($1::UUID[], $2::INTEGER[]) AS k (topic_id, partition)
+                       ON p.topic_id = k.topic_id AND p.partition = k.partition
+                     ORDER BY p.topic_id, p.partition
+                     FOR UPDATE OF p",
+                    &[&columns.topic_ids, &columns.partitions],
+                )
+                .await?;
+            let mut stored = HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let key = PartitionKey {
+                    topic_id: get(row, 0)?,
+                    partition: get(row, 1)?,
+                };
+                stored.insert(key, get::<i32>(row, 2)?);
+            }
+            let fenced: Vec<PartitionKey> = commit
+                .partitions
+                .iter()
+                .filter(|part| stored.get(&part.key) != Some(&part.leader_epoch))
+                .map(|part| part.key)
+                .collect();
+            if !fenced.is_empty() {
+                // Dropping `tx` rolls back; nothing was written anyway.
+                tracing::debug!(object_key = %commit.object_key, ?fenced, "fenced wal commit");
+                return Err(MetaError::Fenced(fenced));
+            }
+        }
+
+        let insert_ranges = tx
+            .statement(
+                "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
+                     object_key, position, len, max_timestamp)
+                 SELECT k.topic_id, k.partition, k.base_offset, k.end_offset, $8,
+                        k.position, k.len, k.max_timestamp
+                 FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[], $4::BIGINT[],
+                             $5::BIGINT[], $6::BIGINT[], $7::BIGINT[])
+                      AS k (topic_id, partition, base_offset, end_offset, position, len,
+                            max_timestamp)",
+            )
+            .await?;
+        let raise_hw = tx
+            .statement(
+                "UPDATE partitions AS p SET high_watermark = GREATEST(p.high_watermark, k.end_offset)
+                 FROM (SELECT topic_id, partition, MAX(end_offset) AS end_offset
+                       FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[])
+                            AS u (topic_id, partition, end_offset)
+                       GROUP BY topic_id, partition) AS k
+                 WHERE p.topic_id = k.topic_id AND p.partition = k.partition",
+            )
+            .await?;
+        let upsert_producers = tx
+            .statement(
+                "INSERT INTO producers (topic_id, partition, producer_id, state)
+                 SELECT * FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[], $4::TEXT[])
+                 ON CONFLICT (topic_id, partition, producer_id)
+                 DO UPDATE SET state = excluded.state",
+            )
+            .await?;
+        let remember_object = tx
+            .statement(
+                "INSERT INTO wal_objects (object_key, created_ms) VALUES ($1, $2)
+                 ON CONFLICT (object_key) DO NOTHING",
+            )
+            .await?;
+        let range_params: [&(dyn ToSql + Sync); 8] = [
+            &columns.topic_ids,
+            &columns.partitions,
+            &columns.base_offsets,
+            &columns.end_offsets,
+            &columns.positions,
+            &columns.lens,
+            &columns.max_timestamps,
+            &commit.object_key,
+        ];
+        let hw_params: [&(dyn ToSql + Sync); 3] = [
+            &columns.topic_ids,
+            &columns.partitions,
+            &columns.end_offsets,
+        ];
+        let producer_params: [&(dyn ToSql + Sync); 4] = [
+            &columns.producer_topic_ids,
+            &columns.producer_partitions,
+            &columns.producer_ids,
+            &columns.producer_states,
+        ];
+        let object_params: [&(dyn ToSql + Sync); 2] = [&commit.object_key, &commit.created_ms];
+        // Independent statements of one transaction: pipelined, one round trip.
+        let t = &tx.tx;
+        tokio::try_join!(
+            t.execute(&insert_ranges, &range_params),
+            t.execute(&raise_hw, &hw_params),
+            t.execute(&upsert_producers, &producer_params),
+            t.execute(&remember_object, &object_params),
+        )
+        .db()?;
+        tx.commit().await
+    }
+
+    async fn commit_segment(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        segment: &SegmentRecord,
+    ) -> MetaResult<()> {
+        let size_bytes = u64_to_sql(segment.size_bytes, "segment size")?;
+        let data_bytes = u64_to_sql(segment.data_bytes, "segment data size")?;
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        require_epoch(&mut tx, key, leader_epoch).await?;
+        tx.execute(
+            "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
+                 object_key, size_bytes, data_bytes, max_timestamp, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &key.topic_id,
+                &key.partition,
+                &segment.base_offset,
+                &segment.end_offset,
+                &segment.object_key,
+                &size_bytes,
+                &data_bytes,
+                &segment.max_timestamp,
+                &segment.created_ms,
+            ],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM wal_ranges
+             WHERE topic_id = $1 AND partition = $2 AND end_offset <= $3",
+            &[&key.topic_id, &key.partition, &segment.end_offset],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    async fn trim_log(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        log_start_offset: i64,
+        drop_segment_base_offsets: &[i64],
+    ) -> MetaResult<()> {
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        require_epoch(&mut tx, key, leader_epoch).await?;
+        tx.execute(
+            "UPDATE partitions SET log_start_offset = GREATEST(log_start_offset, $3)
+             WHERE topic_id = $1 AND partition = $2",
+            &[&key.topic_id, &key.partition, &log_start_offset],
+        )
+        .await?;
+        if !drop_segment_base_offsets.is_empty() {
+            tx.execute(
+                "DELETE FROM segments
+                 WHERE topic_id = $1 AND partition = $2 AND base_offset = ANY($3::BIGINT[])",
+                &[&key.topic_id, &key.partition, &drop_segment_base_offsets],
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT object_key FROM wal_objects AS o
+                 WHERE NOT EXISTS (SELECT 1 FROM wal_ranges AS r
+                                   WHERE r.object_key = o.object_key)
+                 ORDER BY created_ms, object_key",
+                &[],
+            )
+            .await?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
+    async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pool.get().await?;
+        conn.execute(
+            "DELETE FROM wal_objects WHERE object_key = ANY($1::TEXT[])",
+            &[&keys],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn next_producer_id(&self) -> MetaResult<i64> {
+        let mut conn = self.pool.get().await?;
+        // One statement, atomic across brokers: the row lock serialises increments.
+        let rows = conn
+            .query(
+                "INSERT INTO counters (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = counters.value + 1
+                 RETURNING value",
+                &[&PRODUCER_ID_COUNTER, &FIRST_PRODUCER_ID],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            MetaError::Unavailable("producer id allocation returned no row".to_owned())
+        })?;
+        get(row, 0)
+    }
+
+    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        // The last commit of a partition wins, like consecutive upserts would.
+        let mut latest = BTreeMap::new();
+        for o in offsets {
+            latest.insert((o.topic.as_str(), o.partition), o);
+        }
+        let mut topics = Vec::with_capacity(latest.len());
+        let mut partitions = Vec::with_capacity(latest.len());
+        let mut committed = Vec::with_capacity(latest.len());
+        let mut epochs = Vec::with_capacity(latest.len());
+        let mut metadata = Vec::with_capacity(latest.len());
+        let mut timestamps = Vec::with_capacity(latest.len());
+        for o in latest.into_values() {
+            topics.push(o.topic.as_str());
+            partitions.push(o.partition);
+            committed.push(o.offset);
+            epochs.push(o.leader_epoch);
+            metadata.push(o.metadata.as_str());
+            timestamps.push(o.commit_timestamp_ms);
+        }
+        let mut conn = self.pool.get().await?;
+        conn.execute(
+            r#"INSERT INTO group_offsets (group_id, topic, partition, "offset",
+                   leader_epoch, metadata, commit_timestamp_ms)
+               SELECT $1, k.* FROM unnest($2::TEXT[], $3::INTEGER[], $4::BIGINT[],
+                                         $5::INTEGER[], $6::TEXT[], $7::BIGINT[]) AS k
+               ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                   "offset" = excluded."offset",
+                   leader_epoch = excluded.leader_epoch,
+                   metadata = excluded.metadata,
+                   commit_timestamp_ms = excluded.commit_timestamp_ms"#,
+            &[
+                &group,
+                &topics,
+                &partitions,
+                &committed,
+                &epochs,
+                &metadata,
+                &timestamps,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                r#"SELECT topic, partition, "offset", leader_epoch, metadata, commit_timestamp_ms
+                   FROM group_offsets WHERE group_id = $1 ORDER BY topic, partition"#,
+                &[&group],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(CommittedOffset {
+                    topic: get(row, 0)?,
+                    partition: get(row, 1)?,
+                    offset: get(row, 2)?,
+                    leader_epoch: get(row, 3)?,
+                    metadata: get(row, 4)?,
+                    commit_timestamp_ms: get(row, 5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> MetaResult<usize> {
+        let mut conn = self.pool.get().await?;
+        let deleted = match partitions {
+            None => {
+                conn.execute("DELETE FROM group_offsets WHERE group_id = $1", &[&group])
+                    .await?
+            }
+            Some([]) => 0,
+            Some(partitions) => {
+                let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+                let numbers: Vec<i32> = partitions.iter().map(|&(_, p)| p).collect();
+                conn.execute(
+                    "DELETE FROM group_offsets AS g
+                     USING unnest($2::TEXT[], $3::INTEGER[]) AS k (topic, partition)
+                     WHERE g.group_id = $1 AND g.topic = k.topic AND g.partition = k.partition",
+                    &[&group, &topics, &numbers],
+                )
+                .await?
+            }
+        };
+        count(deleted)
+    }
+
+    async fn offset_groups(&self) -> MetaResult<Vec<String>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT DISTINCT group_id FROM group_offsets ORDER BY group_id",
+                &[],
+            )
+            .await?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
+    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.pool.get().await?;
+        let deleted = conn
+            .execute(
+                "DELETE FROM group_offsets
+                 WHERE group_id = ANY($1::TEXT[]) AND commit_timestamp_ms < $2",
+                &[&groups, &before_ms],
+            )
+            .await?;
+        count(deleted)
+    }
+
+    async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "INSERT INTO broker_sessions (broker_id, session) VALUES ($1, 1)
+                 ON CONFLICT (broker_id) DO UPDATE SET session = broker_sessions.session + 1
+                 RETURNING session",
+                &[&broker_id],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            MetaError::Unavailable("broker session allocation returned no row".to_owned())
+        })?;
+        get(row, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::conformance::{self, metadata_store_conformance};
+    use crate::metadata::{PartitionCommit, ProducerBatch};
+
+    /// Set to a database URL (see `start-postgres.sh`) to run these tests.
+    const URL_ENV: &str = "STRATA_TEST_POSTGRES_URL";
+
+    /// The test database's configuration, or `None` (test skipped) when unset.
+    fn test_config() -> Option<Config> {
+        let Ok(url) = std::env::var(URL_ENV) else {
+            eprintln!(
+                "skipping PostgreSQL metadata test: {URL_ENV} is not set \
+                 (eval \"$(./start-postgres.sh)\" starts a throwaway server)"
+            );
+            return None;
+        };
+        Some(
+            url.parse()
+                .expect("STRATA_TEST_POSTGRES_URL is a postgres URL"),
+        )
+    }
+
+    /// A client of the test database outside any store, for set-up and inspection.
+    async fn raw(config: &Config) -> Client {
+        let (client, connection) = config.connect(NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A fresh, empty schema of the test database and a configuration whose connections
+    /// use it (each test sees an empty "database" of its own).
+    async fn fresh_schema() -> Option<(Config, String)> {
+        let mut config = test_config()?;
+        let schema = format!("strata_test_{}", Uuid::new_v4().simple());
+        raw(&config)
+            .await
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .expect("create schema");
+        config.options(format!("-c search_path={schema}"));
+        Some((config, schema))
+    }
+
+    /// A store on a fresh schema, or `None` when PostgreSQL is not configured.
+    async fn fresh_store() -> Option<PostgresStore> {
+        let (config, _) = fresh_schema().await?;
+        Some(
+            PostgresStore::connect_with(config)
+                .await
+                .expect("connect store"),
+        )
+    }
+
+    metadata_store_conformance!(match fresh_store().await {
+        Some(store) => store,
+        None => return,
+    });
+
+    async fn schema_versions(config: &Config) -> Vec<i64> {
+        raw(config)
+            .await
+            .query("SELECT version FROM schema_version ORDER BY version", &[])
+            .await
+            .expect("versions")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn conformance_suite_on_one_shared_store() {
+        let Some(store) = fresh_store().await else {
+            return;
+        };
+        conformance::run_all(&store).await;
+        // And once more on the same, now well-filled schema.
+        conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn connect_via_url_and_open() {
+        let Some(config) = test_config() else {
+            return;
+        };
+        drop(config);
+        let url = std::env::var(URL_ENV).expect("set");
+        let store = crate::metadata::open(&url).await.expect("open by url");
+        store.list_topics().await.expect("list");
+    }
+
+    #[tokio::test]
+    async fn connect_creates_the_schema_once_at_the_current_version() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let store = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("connect");
+        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+        assert_eq!(SCHEMA_VERSION, 2);
+        drop(store);
+        PostgresStore::connect_with(config.clone())
+            .await
+            .expect("reconnect");
+        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn brokers_starting_together_do_not_race_on_the_schema() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let connects = (0..8).map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move { PostgresStore::connect_with(config).await })
+        });
+        for handle in connects.collect::<Vec<_>>() {
+            handle
+                .await
+                .expect("task")
+                .expect("every concurrent connect succeeds");
+        }
+        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn migrates_a_version_1_schema_to_version_2() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let topic = TopicRecord {
+            name: "orders".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 2,
+            configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
+            created_ms: 42,
+        };
+        {
+            let mut client = raw(&config).await;
+            let tx = client.transaction().await.expect("begin");
+            tx.batch_execute("CREATE TABLE schema_version (version BIGINT NOT NULL PRIMARY KEY)")
+                .await
+                .expect("version table");
+            tx.batch_execute(SCHEMA_V1).await.expect("v1");
+            tx.batch_execute("INSERT INTO schema_version VALUES (1)")
+                .await
+                .expect("version row");
+            tx.execute(
+                "INSERT INTO topics (name, id, partitions, configs, created_ms)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &topic.name,
+                    &topic.id,
+                    &topic.partitions,
+                    &encode_json(&topic.configs, "configs").expect("json"),
+                    &topic.created_ms,
+                ],
+            )
+            .await
+            .expect("topic");
+            tx.execute(INSERT_PARTITIONS, &[&topic.id, &0_i32, &topic.partitions])
+                .await
+                .expect("partitions");
+            tx.commit().await.expect("commit");
+        }
+        let store = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("migrate");
+        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+        assert_eq!(
+            store.list_topics().await.expect("list"),
+            vec![topic.clone()]
+        );
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 1,
+        };
+        assert_eq!(
+            store
+                .claim_partition(key, 1)
+                .await
+                .expect("claim")
+                .leader_epoch,
+            1
+        );
+        let offsets = vec![CommittedOffset {
+            topic: "orders".to_owned(),
+            partition: 0,
+            offset: 17,
+            leader_epoch: 1,
+            metadata: "m".to_owned(),
+            commit_timestamp_ms: 1,
+        }];
+        store.commit_offsets("g", &offsets).await.expect("commit");
+        assert_eq!(store.fetch_offsets("g").await.expect("fetch"), offsets);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_newer_schema() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        drop(
+            PostgresStore::connect_with(config.clone())
+                .await
+                .expect("connect"),
+        );
+        raw(&config)
+            .await
+            .execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&(SCHEMA_VERSION + 1)],
+            )
+            .await
+            .expect("pretend a newer broker migrated");
+        match PostgresStore::connect_with(config).await {
+            Err(MetaError::Unavailable(msg)) => assert!(msg.contains("upgrade"), "{msg}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn counters_start_at_documented_values() {
+        let Some(store) = fresh_store().await else {
+            return;
+        };
+        assert_eq!(store.next_producer_id().await.expect("id"), 1000);
+        assert_eq!(store.next_producer_id().await.expect("id"), 1001);
+        assert_eq!(store.start_broker_session(3).await.expect("session"), 1);
+        assert_eq!(store.start_broker_session(3).await.expect("session"), 2);
+        assert_eq!(store.start_broker_session(4).await.expect("session"), 1);
+    }
+
+    /// Two brokers (two stores, two pools) allocating at once never share a value.
+    #[tokio::test]
+    async fn counters_are_atomic_across_brokers() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let a = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("a");
+        let b = PostgresStore::connect_with(config).await.expect("b");
+        let run = async |store: &PostgresStore| {
+            let mut ids = Vec::new();
+            let mut sessions = Vec::new();
+            for _ in 0..50 {
+                ids.push(store.next_producer_id().await.expect("id"));
+                sessions.push(store.start_broker_session(7).await.expect("session"));
+            }
+            (ids, sessions)
+        };
+        let ((ia, sa), (ib, sb), (ic, sc)) = tokio::join!(run(&a), run(&b), run(&a));
+        let mut ids = [ia, ib, ic].concat();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 150);
+        assert_eq!(ids.first(), Some(&1000));
+        let mut sessions = [sa, sb, sc].concat();
+        sessions.sort_unstable();
+        assert_eq!(sessions, (1..=150).collect::<Vec<i64>>());
+    }
+
+    /// Concurrent claimers on two brokers each get their own epoch, and every claim is
+    /// in the history.
+    #[tokio::test]
+    async fn concurrent_claims_are_serialised() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let a = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("a");
+        let b = PostgresStore::connect_with(config).await.expect("b");
+        let topic = TopicRecord {
+            name: "claimed".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 1,
+            configs: BTreeMap::new(),
+            created_ms: 0,
+        };
+        a.create_topic(&topic).await.expect("create");
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 0,
+        };
+        let claims = async |store: &PostgresStore, broker: i32| {
+            let mut epochs = Vec::new();
+            for _ in 0..10 {
+                epochs.push(
+                    store
+                        .claim_partition(key, broker)
+                        .await
+                        .expect("claim")
+                        .leader_epoch,
+                );
+            }
+            epochs
+        };
+        let (ea, eb, ec, ed) =
+            tokio::join!(claims(&a, 1), claims(&b, 2), claims(&a, 3), claims(&b, 4));
+        let mut epochs = [ea, eb, ec, ed].concat();
+        epochs.sort_unstable();
+        assert_eq!(epochs, (1..=40).collect::<Vec<i32>>());
+        let state = a.claim_partition(key, 5).await.expect("claim");
+        assert_eq!(state.leader_epoch, 41);
+        assert_eq!(
+            state.epoch_history,
+            (1..=41).map(|e| (e, 0)).collect::<Vec<_>>()
+        );
+    }
+
+    /// A commit racing a claim either lands before it (and is in the claimed state) or
+    /// is fenced: never half applied, never applied after the claim.
+    #[tokio::test]
+    async fn commits_racing_a_claim_are_applied_whole_or_fenced() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let old = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("old owner");
+        let new = PostgresStore::connect_with(config)
+            .await
+            .expect("new owner");
+        let topic = TopicRecord {
+            name: "raced".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 4,
+            configs: BTreeMap::new(),
+            created_ms: 0,
+        };
+        old.create_topic(&topic).await.expect("create");
+        let keys: Vec<PartitionKey> = (0..4)
+            .map(|partition| PartitionKey {
+                topic_id: topic.id,
+                partition,
+            })
+            .collect();
+        let mut epochs = Vec::new();
+        for &key in &keys {
+            epochs.push(
+                old.claim_partition(key, 1)
+                    .await
+                    .expect("claim")
+                    .leader_epoch,
+            );
+        }
+        let committer = async {
+            let mut acknowledged = 0_i64;
+            for round in 0..200_i64 {
+                let object_key = format!("wal-{round}");
+                let commit = WalCommit {
+                    object_key: object_key.clone(),
+                    created_ms: round,
+                    partitions: keys
+                        .iter()
+                        .zip(&epochs)
+                        .map(|(&key, &leader_epoch)| PartitionCommit {
+                            key,
+                            leader_epoch,
+                            range: WalRangeRecord {
+                                base_offset: round,
+                                end_offset: round + 1,
+                                object_key: object_key.clone(),
+                                position: 0,
+                                len: 1,
+                                max_timestamp: round,
+                            },
+                            producers: vec![],
+                        })
+                        .collect(),
+                };
+                match old.commit_wal(&commit).await {
+                    Ok(()) => acknowledged = round + 1,
+                    Err(MetaError::Fenced(_)) => break,
+                    Err(e) => panic!("unexpected {e:?}"),
+                }
+            }
+            acknowledged
+        };
+        let claimer = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            new.claim_partition(keys[2], 2).await.expect("take over")
+        };
+        let (acknowledged, claimed) = tokio::join!(committer, claimer);
+        assert!(acknowledged < 200, "the claim fenced the running commits");
+        assert_eq!(
+            claimed.high_watermark, acknowledged,
+            "the new owner sees exactly the acknowledged commits"
+        );
+        for &key in &keys {
+            let state = new.claim_partition(key, 2).await.expect("claim");
+            assert_eq!(
+                state.high_watermark, acknowledged,
+                "{key:?} whole commits only"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn state_survives_reconnecting() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let topic = TopicRecord {
+            name: "orders".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 2,
+            configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
+            created_ms: 42,
+        };
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 1,
+        };
+        let producer = ProducerStateRecord {
+            producer_id: 1000,
+            epoch: 0,
+            batches: vec![ProducerBatch {
+                first_seq: 0,
+                last_seq: 9,
+                base_offset: 10,
+                last_offset: 19,
+                timestamp: 7,
+            }],
+            last_update_ms: 8,
+        };
+        let segment = SegmentRecord {
+            base_offset: 0,
+            end_offset: 10,
+            object_key: "seg-0".to_owned(),
+            size_bytes: 1 << 40,
+            data_bytes: 1 << 39,
+            max_timestamp: 5,
+            created_ms: 9,
+        };
+        let range = |base: i64, end: i64, object: &str| WalRangeRecord {
+            base_offset: base,
+            end_offset: end,
+            object_key: object.to_owned(),
+            position: 0,
+            len: 64,
+            max_timestamp: 7,
+        };
+        {
+            let store = PostgresStore::connect_with(config.clone())
+                .await
+                .expect("connect");
+            store.create_topic(&topic).await.expect("create");
+            let epoch = store
+                .claim_partition(key, 1)
+                .await
+                .expect("claim")
+                .leader_epoch;
+            for (object, base, end) in [("wal-a", 0, 10), ("wal-b", 10, 20)] {
+                store
+                    .commit_wal(&WalCommit {
+                        object_key: object.to_owned(),
+                        created_ms: 3,
+                        partitions: vec![PartitionCommit {
+                            key,
+                            leader_epoch: epoch,
+                            range: range(base, end, object),
+                            producers: vec![producer.clone()],
+                        }],
+                    })
+                    .await
+                    .expect("commit");
+            }
+            store
+                .commit_segment(key, epoch, &segment)
+                .await
+                .expect("segment");
+            store.trim_log(key, epoch, 3, &[]).await.expect("trim");
+        }
+        let store = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("reconnect");
+        let state = store.claim_partition(key, 2).await.expect("claim again");
+        assert_eq!(
+            state,
+            PartitionState {
+                leader_epoch: 2,
+                log_start_offset: 3,
+                high_watermark: 20,
+                segments: vec![segment],
+                wal_ranges: vec![range(10, 20, "wal-b")],
+                producers: vec![producer.clone()],
+                epoch_history: vec![(1, 0), (2, 20)],
+            }
+        );
+        // The stored JSON is byte for byte the SQLite backend's.
+        let stored: String = raw(&config)
+            .await
+            .query_one("SELECT state FROM producers", &[])
+            .await
+            .expect("state")
+            .get(0);
+        assert_eq!(stored, encode_json(&producer, "producer").expect("json"));
+        assert_eq!(
+            store.unreferenced_wal_objects().await.expect("garbage"),
+            vec!["wal-a".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn undecodable_rows_are_corrupt() {
+        let Some((config, _)) = fresh_schema().await else {
+            return;
+        };
+        let store = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("connect");
+        let topic = TopicRecord {
+            name: "t".to_owned(),
+            id: Uuid::new_v4(),
+            partitions: 2,
+            configs: BTreeMap::new(),
+            created_ms: 0,
+        };
+        store.create_topic(&topic).await.expect("create");
+        let client = raw(&config).await;
+        client
+            .execute(
+                "INSERT INTO producers (topic_id, partition, producer_id, state)
+                 VALUES ($1, 0, 5, 'not json')",
+                &[&topic.id],
+            )
+            .await
+            .expect("broken producer row");
+        client
+            .execute(
+                "INSERT INTO segments VALUES ($1, 1, 0, 10, 'k', -1, 0, 0, 0)",
+                &[&topic.id],
+            )
+            .await
+            .expect("negative size");
+        for partition in [0, 1] {
+            let key = PartitionKey {
+                topic_id: topic.id,
+                partition,
+            };
+            let result = store.claim_partition(key, 1).await;
+            assert!(matches!(result, Err(MetaError::Corrupt(_))), "{result:?}");
+        }
+        client
+            .execute("UPDATE topics SET configs = '[1]'", &[])
+            .await
+            .expect("broken configs");
+        let result = store.list_topics().await;
+        assert!(matches!(result, Err(MetaError::Corrupt(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        // A loopback port nobody listens on (bound, then released).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let result =
+            PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{port}/x")).await;
+        assert!(
+            matches!(result, Err(MetaError::Unavailable(_))),
+            "{result:?}"
+        );
+        let result = PostgresStore::connect("not a url").await;
+        assert!(
+            matches!(result, Err(MetaError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+
+    /// A server that drops the store's connections: operations fail as `Unavailable`
+    /// (retriable) and the pool replaces the dead connections.
+    #[tokio::test]
+    async fn dropped_connections_are_unavailable_then_replaced() {
+        let Some((mut config, schema)) = fresh_schema().await else {
+            return;
+        };
+        // Only this store's connections are terminated, not other tests'.
+        config.application_name(&schema);
+        let store = PostgresStore::connect_with(config.clone())
+            .await
+            .expect("connect");
+        store.list_topics().await.expect("list");
+        let terminated: i64 = raw(&config)
+            .await
+            .query_one(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1 AND pid <> pg_backend_pid()) AS t",
+                &[&schema],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        assert!(terminated >= 1, "the store had an open connection");
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            let result = store.list_topics().await;
+            let ok = result.is_ok();
+            results.push(result);
+            if ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Ok(_) | Err(MetaError::Unavailable(_)))),
+            "{results:?}"
+        );
+        assert!(
+            results.last().is_some_and(Result::is_ok),
+            "a new connection replaces the dead one: {results:?}"
+        );
+    }
+}
