@@ -82,6 +82,9 @@ impl Topic {
 impl Broker {
     /// Opens the stores, starts the flusher, and claims and recovers every partition.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Broker>> {
+        if config.metrics_partition_labels {
+            crate::metrics::metrics().enable_partition_labels();
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let store_options = tiering::store::StoreOptions {

@@ -94,6 +94,11 @@ pub const SETTINGS: &[SettingDef] = &[
     ),
     def("log-format", "text", "log line format: text or json"),
     def(
+        "metrics.partition.labels",
+        "false",
+        "also export per-partition byte counters (series grow with partitions)",
+    ),
+    def(
         "wal.flush.interval.ms",
         "25",
         "longest time a produced batch waits before its write-ahead object is written",
@@ -355,6 +360,7 @@ pub struct Config {
     pub zone: Option<String>,
     pub cluster_id: String,
     pub log_json: bool,
+    pub metrics_partition_labels: bool,
     pub wal_flush_interval_ms: u64,
     pub wal_flush_bytes: usize,
     pub wal_flush_timeout_ms: u64,
@@ -466,6 +472,7 @@ impl Config {
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
             cluster_id: text("cluster-id"),
             log_json,
+            metrics_partition_labels: boolean("metrics.partition.labels")?,
             wal_flush_interval_ms: positive("wal.flush.interval.ms")?,
             wal_flush_bytes: positive("wal.flush.bytes")? as usize,
             wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,

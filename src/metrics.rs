@@ -46,6 +46,33 @@ pub struct Metrics {
     pub request_bytes_max: IntGauge,
     partitions: IntGauge,
     groups: IntGauge,
+    /// Per-partition byte counters, registered only with `metrics.partition.labels`
+    /// (cardinality is a cost).
+    pub partition_bytes_in: IntCounterVec,
+    pub partition_bytes_out: IntCounterVec,
+    partition_labels: std::sync::atomic::AtomicBool,
+}
+
+impl Metrics {
+    /// Turns on the per-partition series (once; later calls do nothing).
+    pub fn enable_partition_labels(&self) {
+        if self
+            .partition_labels
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        for c in [&self.partition_bytes_in, &self.partition_bytes_out] {
+            self.registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+        }
+    }
+
+    pub fn partition_labels(&self) -> bool {
+        self.partition_labels
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -144,6 +171,17 @@ pub fn metrics() -> &'static Metrics {
             request_bytes_max: gauge(&registry, "strata_request_bytes_max", "queued.max.request.bytes"),
             partitions: gauge(&registry, "strata_partitions", "partitions this broker owns"),
             groups: gauge(&registry, "strata_groups", "consumer groups with a coordinator task on this broker"),
+            partition_bytes_in: IntCounterVec::new(
+                Opts::new("strata_partition_bytes_in_total", "record bytes produced, per partition"),
+                &["topic", "partition"],
+            )
+            .expect("valid"),
+            partition_bytes_out: IntCounterVec::new(
+                Opts::new("strata_partition_bytes_out_total", "record bytes fetched, per partition"),
+                &["topic", "partition"],
+            )
+            .expect("valid"),
+            partition_labels: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             uptime_seconds,
             group_lag: gauge_vec(&registry, "kafka_consumergroup_lag", "log end offset minus committed offset", &partition),

@@ -52,3 +52,19 @@ def test_metrics_follow_traffic(broker):
     assert series(text, "strata_request_duration_seconds_count", api="Produce") >= 1
     assert series(text, "strata_metadata_store_duration_seconds_count", op="commit_wal") >= 1
     assert series(text, "strata_wal_flush_bytes_count") >= 1
+
+
+def test_partition_labels_are_opt_in(broker_factory):
+    from conftest import consume_all, create_topic, producer, unique_topic
+    b = broker_factory(env={"STRATA_METRICS_PARTITION_LABELS": "true"})
+    topic = unique_topic("plabels")
+    create_topic(b.bootstrap, topic, 2)
+    p = producer(b.bootstrap)
+    for i in range(10):
+        p.produce(topic, value=b"y" * 50, partition=1)
+    assert p.flush(30) == 0
+    assert len(consume_all(b.bootstrap, topic, 2)) == 10
+    _, text = get(b.http_port, "/metrics")
+    assert series(text, "strata_partition_bytes_in_total", topic=topic, partition="1") > 500
+    assert series(text, "strata_partition_bytes_out_total", topic=topic, partition="1") > 500
+    assert series(text, "strata_partition_bytes_in_total", topic=topic, partition="0") is None

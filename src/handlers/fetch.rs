@@ -33,6 +33,15 @@ pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fet
                 .with_label_values(&[t.topic.0.as_str()])
                 .inc_by(bytes as u64);
         }
+        if m.partition_labels() {
+            for p in &t.partitions {
+                if let Some(r) = p.records.as_ref().filter(|r| !r.is_empty()) {
+                    m.partition_bytes_out
+                        .with_label_values(&[t.topic.0.as_str(), &p.partition_index.to_string()])
+                        .inc_by(r.len() as u64);
+                }
+            }
+        }
         for p in t.partitions.iter().filter(|p| p.error_code != 0) {
             let error = ResponseError::try_from_code(p.error_code)
                 .map_or_else(|| "unknown".to_string(), |e| format!("{e:?}"));

@@ -182,6 +182,11 @@ pub async fn produce(
                             m.messages_in
                                 .with_label_values(&[name.0.as_str()])
                                 .inc_by(records);
+                            if m.partition_labels() {
+                                m.partition_bytes_in
+                                    .with_label_values(&[name.0.as_str(), &index.to_string()])
+                                    .inc_by(bytes);
+                            }
                             PartitionProduceResponse::default()
                                 .with_index(index)
                                 .with_base_offset(ok.base_offset)
