@@ -142,22 +142,53 @@ async fn group_offsets(
             }
             Ok(by_topic.into_iter().collect())
         }
-        Some(topics) => Ok(topics
-            .into_iter()
-            .map(|(topic, partitions)| {
-                let parts = partitions
-                    .into_iter()
-                    .map(
-                        |p| match stored.iter().find(|o| o.topic == topic && o.partition == p) {
+        Some(topics) => {
+            // One lookup per requested partition, not a scan of every stored offset.
+            let by_partition: std::collections::HashMap<(&str, i32), &CommittedOffset> = stored
+                .iter()
+                .map(|o| ((o.topic.as_str(), o.partition), o))
+                .collect();
+            Ok(topics
+                .into_iter()
+                .map(|(topic, partitions)| {
+                    let parts = partitions
+                        .into_iter()
+                        .map(|p| match by_partition.get(&(topic.as_str(), p)) {
                             Some(o) => (p, o.offset, o.leader_epoch, o.metadata.clone()),
                             None => (p, -1, -1, String::new()),
-                        },
-                    )
-                    .collect();
-                (topic, parts)
-            })
-            .collect()),
+                        })
+                        .collect();
+                    (topic, parts)
+                })
+                .collect())
+        }
     }
+}
+
+/// Builds OffsetFetch topic results; v8+ and older versions use generated types of
+/// different names but the same fields.
+macro_rules! offset_topics {
+    ($topics:expr, $topic:ident, $partition:ident) => {
+        $topics
+            .into_iter()
+            .map(|(name, parts)| {
+                $topic::default()
+                    .with_name(TopicName(str_bytes(name)))
+                    .with_partitions(
+                        parts
+                            .into_iter()
+                            .map(|(p, o, e, m)| {
+                                $partition::default()
+                                    .with_partition_index(p)
+                                    .with_committed_offset(o)
+                                    .with_committed_leader_epoch(e)
+                                    .with_metadata(Some(str_bytes(m)))
+                            })
+                            .collect(),
+                    )
+            })
+            .collect()
+    };
 }
 
 pub async fn offset_fetch(
@@ -188,25 +219,11 @@ pub async fn offset_fetch(
             }
             match group_offsets(broker, &g.group_id.0, wanted).await {
                 Ok(topics) => {
-                    out.topics = topics
-                        .into_iter()
-                        .map(|(name, parts)| {
-                            OffsetFetchResponseTopics::default()
-                                .with_name(TopicName(str_bytes(name)))
-                                .with_partitions(
-                                    parts
-                                        .into_iter()
-                                        .map(|(p, o, e, m)| {
-                                            OffsetFetchResponsePartitions::default()
-                                                .with_partition_index(p)
-                                                .with_committed_offset(o)
-                                                .with_committed_leader_epoch(e)
-                                                .with_metadata(Some(str_bytes(m)))
-                                        })
-                                        .collect(),
-                                )
-                        })
-                        .collect();
+                    out.topics = offset_topics!(
+                        topics,
+                        OffsetFetchResponseTopics,
+                        OffsetFetchResponsePartitions
+                    );
                 }
                 Err(e) => out.error_code = e.code(),
             }
@@ -221,25 +238,11 @@ pub async fn offset_fetch(
     });
     match group_offsets(broker, &req.group_id.0, wanted).await {
         Ok(topics) => {
-            resp.topics = topics
-                .into_iter()
-                .map(|(name, parts)| {
-                    OffsetFetchResponseTopic::default()
-                        .with_name(TopicName(str_bytes(name)))
-                        .with_partitions(
-                            parts
-                                .into_iter()
-                                .map(|(p, o, e, m)| {
-                                    OffsetFetchResponsePartition::default()
-                                        .with_partition_index(p)
-                                        .with_committed_offset(o)
-                                        .with_committed_leader_epoch(e)
-                                        .with_metadata(Some(str_bytes(m)))
-                                })
-                                .collect(),
-                        )
-                })
-                .collect();
+            resp.topics = offset_topics!(
+                topics,
+                OffsetFetchResponseTopic,
+                OffsetFetchResponsePartition
+            );
         }
         Err(e) => resp.error_code = e.code(),
     }
