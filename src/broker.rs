@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use object_store::ObjectStore;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -60,10 +59,12 @@ pub enum TopicError {
 #[derive(Debug)]
 pub struct Broker {
     pub config: Config,
-    pub store: Arc<dyn ObjectStore>,
+    pub store: Arc<tiering::Store>,
     pub meta: Arc<dyn MetadataStore>,
     pub log: Arc<LogContext>,
     pub indexes: IndexCache,
+    /// Object-store blocks in memory and on local disk, for reads of sealed segments.
+    pub blocks: Arc<tiering::BlockCache>,
     pub groups: Arc<crate::group::Coordinator>,
     registry: RwLock<Registry>,
     /// Serializes topic creation and deletion (rare, and simpler to reason about).
@@ -87,13 +88,28 @@ impl Broker {
         }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let store_options = tiering::store::StoreOptions {
-            fsync: config.object_store_fsync,
-        };
-        let store =
-            tiering::store::open_object_store_with(&config.object_store_url, &store_options)
-                .with_context(|| format!("opening object store {}", config.object_store_url))?;
-        let meta = crate::metadata::open(&config.metadata_url).await?;
+        let store = Arc::new(
+            tiering::Store::open(&config.object_store_url, &config.object_store).with_context(
+                || {
+                    format!(
+                        "opening object store {}",
+                        tiering::store::redact(&config.object_store_url)
+                    )
+                },
+            )?,
+        );
+        store
+            .check_conditional_create()
+            .await
+            .with_context(|| format!("checking object store {}", store.name()))?;
+        let blocks = tiering::BlockCache::open(
+            store.clone(),
+            &config.cache,
+            Some(&crate::metrics::metrics().registry),
+        )
+        .await
+        .context("opening the block cache")?;
+        let meta = crate::metadata::open(&config.metadata_url, &store).await?;
         let session = meta.start_broker_session(config.broker_id).await?;
         let (flush_tx, flush_rx) = mpsc::channel(4096);
         let flusher = Flusher::new(
@@ -111,6 +127,7 @@ impl Broker {
         tokio::spawn(flusher.run(flush_rx));
         let log = Arc::new(LogContext {
             store: store.clone(),
+            blocks: blocks.clone(),
             meta: meta.clone(),
             flusher: flush_tx,
             cache_dir: config.data_dir.join("cache"),
@@ -148,6 +165,7 @@ impl Broker {
             meta,
             log,
             indexes: IndexCache::new(10_000),
+            blocks,
             registry: RwLock::new(Registry::default()),
             admin: tokio::sync::Mutex::new(()),
         });
@@ -158,6 +176,7 @@ impl Broker {
             broker.insert(topic);
         }
         broker.spawn_wal_gc();
+        broker.spawn_orphan_collector();
         Ok(broker)
     }
 
@@ -175,6 +194,24 @@ impl Broker {
                         "deleted write-ahead objects covered by segments"
                     ),
                     Err(e) => warn!(error = %e, "write-ahead garbage collection failed"),
+                }
+            }
+        });
+    }
+
+    fn spawn_orphan_collector(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = Duration::from_millis(self.config.orphan_check_interval_ms);
+        let grace = Duration::from_millis(self.config.orphan_grace_ms);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(b) = weak.upgrade() else { return };
+                let now = crate::clock::now_ms();
+                match crate::orphans::collect(b.store.as_ref(), b.meta.as_ref(), grace, now).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(objects = n, "deleted orphaned objects"),
+                    Err(e) => warn!(error = %e, "orphan collection failed"),
                 }
             }
         });
@@ -373,7 +410,7 @@ impl Broker {
         tokio::spawn(async move {
             for p in 0..count {
                 let prefix = tiering::keys::stream_prefix(&format!("{id}/{p}"));
-                if let Err(e) = tiering::store::delete_prefix(store.as_ref(), &prefix).await {
+                if let Err(e) = store.delete_prefix(&prefix).await {
                     warn!(topic_id = %id, error = %e, "could not delete a deleted topic's segments");
                 }
             }
@@ -483,5 +520,6 @@ impl Broker {
                 let _ = p.cmd.send(PartitionCmd::Stop).await;
             }
         }
+        self.blocks.close().await;
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -73,7 +74,7 @@ pub const SETTINGS: &[SettingDef] = &[
     def(
         "object-store",
         "",
-        "object store URL (file:///path, memory://); defaults to file://DATA_DIR/objects",
+        "object store URL: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (credentials and endpoint from the standard environment, options as ?key=value), file:///path or memory://; defaults to file://DATA_DIR/objects",
     ),
     def(
         "object-store.fsync",
@@ -81,9 +82,54 @@ pub const SETTINGS: &[SettingDef] = &[
         "file:// object stores only: fsync every object so acknowledged data survives a machine crash, not just a broker crash",
     ),
     def(
+        "object-store.request.timeout.ms",
+        "10000",
+        "longest one object-store request attempt may take before it is abandoned and retried",
+    ),
+    def(
+        "object-store.retry.timeout.ms",
+        "30000",
+        "longest an object-store request keeps retrying (writes of the write-ahead log use wal.flush.timeout.ms)",
+    ),
+    def(
+        "object-store.write.concurrency",
+        "64",
+        "object-store writes and deletes in flight at once",
+    ),
+    def(
+        "object-store.read.concurrency",
+        "64",
+        "object-store reads for fetches, recovery and indexes in flight at once",
+    ),
+    def(
+        "object-store.replay.concurrency",
+        "16",
+        "object-store read-ahead requests of sequential replay in flight at once (kept apart so replay never delays tail reads)",
+    ),
+    def(
+        "cache.memory.bytes",
+        "268435456",
+        "memory the block cache of object-store data may use",
+    ),
+    def(
+        "cache.disk.bytes",
+        "1073741824",
+        "local disk (NVMe) the block cache may use under DATA_DIR/cache/blocks; 0 keeps the cache in memory only",
+    ),
+    def(
+        "cache.block.bytes",
+        "1048576",
+        "size of one cached block, and of one object-store GET on a cache miss",
+    ),
+    def(
+        "cache.readahead.blocks",
+        "4",
+        "blocks fetched ahead after a cache miss, so sequential replay keeps several GETs in flight",
+    ),
+    def(
         "metadata",
         "",
-        "metadata store URL (sqlite://PATH or postgres://USER@HOST:PORT/DB); defaults to sqlite://DATA_DIR/metadata.db",
+        "metadata store URL: sqlite://PATH, postgres://USER@HOST:PORT/DB, or bucket:// (in the object store itself); defaults to bucket:// when the object store is s3://, gs:// or az://, else sqlite://DATA_DIR/metadata.db",
     ),
     def("broker-id", "0", "this broker's id (node id in Kafka metadata)"),
     def("zone", "", "availability zone (rack) of this broker"),
@@ -122,6 +168,16 @@ pub const SETTINGS: &[SettingDef] = &[
         "wal.gc.interval.ms",
         "30000",
         "how often write-ahead objects fully covered by segments are deleted",
+    ),
+    def(
+        "orphan.check.interval.ms",
+        "3600000",
+        "how often objects that no manifest references are looked for (crashed uploads, cut-short topic deletions)",
+    ),
+    def(
+        "orphan.grace.ms",
+        "3600000",
+        "an unreferenced object is deleted only once it is this old, so objects written and not yet committed are never taken",
     ),
     def(
         "log.retention.check.interval.ms",
@@ -354,7 +410,10 @@ pub struct Config {
     pub http: String,
     pub data_dir: PathBuf,
     pub object_store_url: String,
-    pub object_store_fsync: bool,
+    /// How the object store is opened and how its requests are retried and limited.
+    pub object_store: tiering::StoreOptions,
+    /// The block cache of object-store data.
+    pub cache: tiering::CacheOptions,
     pub metadata_url: String,
     pub broker_id: i32,
     pub zone: Option<String>,
@@ -366,6 +425,8 @@ pub struct Config {
     pub wal_flush_timeout_ms: u64,
     pub wal_flush_concurrency: usize,
     pub wal_gc_interval_ms: u64,
+    pub orphan_check_interval_ms: u64,
+    pub orphan_grace_ms: u64,
     pub retention_check_interval_ms: u64,
     pub segment_upload_concurrency: usize,
     pub request_max_bytes: usize,
@@ -427,7 +488,12 @@ impl Config {
             }
             s => s,
         };
+        let remote = ["s3://", "gs://", "az://"]
+            .iter()
+            .any(|p| object_store_url.to_ascii_lowercase().starts_with(p));
         let metadata_url = match text("metadata") {
+            // A broker on a remote store keeps nothing it needs on local disk.
+            s if s.is_empty() && remote => "bucket://".to_owned(),
             s if s.is_empty() => format!(
                 "sqlite://{}",
                 absolute(&data_dir.join("metadata.db"))?.display()
@@ -460,13 +526,30 @@ impl Config {
         if positive("socket.request.max.bytes")? > positive("queued.max.request.bytes")? {
             bail!("socket.request.max.bytes must not exceed queued.max.request.bytes (one request must fit the budget)");
         }
+        let blocks_dir = data_dir.join("cache").join("blocks");
         Ok(Config {
             listen,
             advertise,
             http: text("http"),
             data_dir,
             object_store_url,
-            object_store_fsync: boolean("object-store.fsync")?,
+            object_store: tiering::StoreOptions {
+                fsync: boolean("object-store.fsync")?,
+                request_timeout: Duration::from_millis(positive(
+                    "object-store.request.timeout.ms",
+                )?),
+                retry_timeout: Duration::from_millis(positive("object-store.retry.timeout.ms")?),
+                write_concurrency: positive("object-store.write.concurrency")? as usize,
+                read_concurrency: positive("object-store.read.concurrency")? as usize,
+                replay_concurrency: positive("object-store.replay.concurrency")? as usize,
+            },
+            cache: tiering::CacheOptions {
+                memory_bytes: positive("cache.memory.bytes")? as usize,
+                disk_bytes: num("cache.disk.bytes")?.max(0) as usize,
+                dir: blocks_dir,
+                block_bytes: positive("cache.block.bytes")?.max(4096),
+                readahead_blocks: num("cache.readahead.blocks")?.max(0) as u64,
+            },
             metadata_url,
             broker_id,
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
@@ -478,6 +561,8 @@ impl Config {
             wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,
             wal_flush_concurrency: positive("wal.flush.concurrency")? as usize,
             wal_gc_interval_ms: positive("wal.gc.interval.ms")?,
+            orphan_check_interval_ms: positive("orphan.check.interval.ms")?,
+            orphan_grace_ms: num("orphan.grace.ms")?.max(0) as u64,
             retention_check_interval_ms: positive("log.retention.check.interval.ms")?,
             segment_upload_concurrency: positive("segment.upload.concurrency")? as usize,
             request_max_bytes: positive("socket.request.max.bytes")? as usize,

@@ -18,6 +18,7 @@ pub mod http;
 pub mod log;
 pub mod metadata;
 pub mod metrics;
+pub mod orphans;
 pub mod perf;
 pub mod protocol;
 pub mod server;

@@ -24,6 +24,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
+# Where brokers keep their log: "file" (a directory under the data dir) or "s3" (a
+# bucket of a real S3-compatible server on loopback, see s3.py). tests/run runs the
+# core suites both ways.
+OBJECT_STORE = os.environ.get("STRATA_TEST_OBJECT_STORE", "file")
 
 
 # ---------------------------------------------------------------------------
@@ -105,7 +109,7 @@ class Broker:
     instances: list["Broker"] = []
 
     def __init__(self, base_dir, env: dict | None = None, zero_config: bool = False,
-                 name: str = "broker", binary: Path | None = None):
+                 name: str = "broker", binary: Path | None = None, store: str | None = None):
         self.binary = Path(binary) if binary else strata_binary()
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +127,12 @@ class Broker:
             self.cwd = self.base_dir
             self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / f"{name}.stderr.log"
+        self.s3 = None
+        self.bucket = None
+        if (store or OBJECT_STORE) == "s3" and not zero_config:
+            from s3 import s3_server
+            self.s3 = s3_server()
+            self.bucket = self.s3.new_bucket()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.closed = False
@@ -146,6 +156,24 @@ class Broker:
     def objects_dir(self) -> Path:
         return self.data_dir / "objects"
 
+    @property
+    def object_store_url(self) -> str:
+        if self.s3:
+            return f"s3://{self.bucket}/strata"
+        return f"file://{self.data_dir}/objects"
+
+    def objects(self, sub: str, suffix: str = "") -> dict[str, int]:
+        """key (relative to the store's root) -> size of the stored objects under sub/."""
+        if self.s3:
+            found = self.s3.objects(self.bucket, f"strata/{sub}/")
+            return {k[len("strata/"):]: v for k, v in found.items() if k.endswith(suffix)}
+        root = self.objects_dir
+        d = root / sub
+        if not d.exists():
+            return {}
+        return {str(f.relative_to(root)): f.stat().st_size
+                for f in d.rglob(f"*{suffix}") if f.is_file()}
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -159,8 +187,9 @@ class Broker:
             "--advertise", f"{self.host}:{self.port}",
             "--http", f"{self.host}:{self.http_port}",
             "--data-dir", d,
-            "--object-store", f"file://{d}/objects",
-            "--metadata", f"sqlite://{d}/metadata.db",
+            "--object-store", self.object_store_url,
+            # On S3 the metadata lives in the bucket too, so the data dir is only a cache.
+            "--metadata", "bucket://" if self.s3 else f"sqlite://{d}/metadata.db",
             "--broker-id", "0",
         ]
 
@@ -171,6 +200,8 @@ class Broker:
                if not k.startswith("STRATA_") or k == "STRATA_LOG"}
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("NO_COLOR", "1")  # plain log files
+        if self.s3:
+            env.update(self.s3.environment())
         env.update({k: str(v) for k, v in self.extra_env.items()})
         return env
 
@@ -249,15 +280,19 @@ class Broker:
         except Exception:
             pass
 
-    def restart(self, hard: bool = False, wipe_cache: bool = False,
+    def restart(self, hard: bool = False, wipe_cache: bool = False, wipe_data: bool = False,
                 timeout: float = READY_TIMEOUT_S) -> "Broker":
-        """Stop (SIGTERM, or SIGKILL when hard) and start again on the same ports/dirs."""
+        """Stop (SIGTERM, or SIGKILL when hard) and start again on the same ports/dirs;
+        wipe_cache deletes the local cache, wipe_data the whole data directory (a lost
+        disk: only meaningful when everything durable is in the bucket)."""
         if hard:
             self.kill9()
         else:
             self.stop()
         if wipe_cache:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
+        if wipe_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
         return self.start(timeout)
 
     def close(self) -> None:
@@ -327,9 +362,10 @@ def broker_factory(tmp_path, strata_bin):
     made: list[Broker] = []
 
     def make(env: dict | None = None, name: str | None = None, zero_config: bool = False,
-             start: bool = True) -> Broker:
+             start: bool = True, store: str | None = None) -> Broker:
         n = name or f"broker{len(made)}"
-        b = Broker(tmp_path / n, env=env, zero_config=zero_config, name=n, binary=strata_bin)
+        b = Broker(tmp_path / n, env=env, zero_config=zero_config, name=n, binary=strata_bin,
+                   store=store)
         made.append(b)
         if start:
             b.start()

@@ -174,6 +174,38 @@ def test_kill9_keeps_acknowledged_data(broker_factory, wipe_cache):
     check_numbered(b.bootstrap, topic, 3, 3030)
 
 
+def test_losing_the_whole_disk_loses_nothing_on_s3(broker_factory):
+    """On S3 with the metadata in the bucket (the default there), kill -9 plus the loss
+    of the entire data directory loses nothing acknowledged: topics, configs, data and
+    committed offsets all come back, and the offsets carry on."""
+    b = broker_factory(env=BROKER_ENV, store="s3")
+    assert "bucket://" in b.args()
+    topic = unique_topic("disk-lost")
+    create_topic(b.bootstrap, topic, 3, config={"retention.ms": "5400000"})
+    produce_numbered(b.bootstrap, topic, 3, 0, 3000)
+    group = unique_topic("g")
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group,
+                  "enable.auto.commit": False})
+    c.commit(offsets=[TopicPartition(topic, p, 100 + p) for p in range(3)], asynchronous=False)
+    c.close()
+    before = watermarks(b.bootstrap, topic, 3)
+
+    b.restart(hard=True, wipe_data=True)
+    assert not (b.data_dir / "metadata.db").exists()
+
+    assert watermarks(b.bootstrap, topic, 3) == before
+    check_numbered(b.bootstrap, topic, 3, 3000)
+    a = admin_client(b.bootstrap)
+    desc = ConfigResource(ResourceType.TOPIC, topic)
+    assert a.describe_configs([desc], request_timeout=30)[desc].result(30)["retention.ms"].value == "5400000"
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": group})
+    committed = c.committed([TopicPartition(topic, p) for p in range(3)], timeout=30)
+    c.close()
+    assert [tp.offset for tp in committed] == [100, 101, 102]
+    produce_numbered(b.bootstrap, topic, 3, 3000, 30)
+    check_numbered(b.bootstrap, topic, 3, 3030)
+
+
 def test_metadata_survives_kill9(broker_factory):
     b = broker_factory(env=BROKER_ENV)
     a = admin_client(b.bootstrap)

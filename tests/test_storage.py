@@ -30,11 +30,6 @@ def produce_numbered(bootstrap, topic, n, partition=0, size=1000, ts0=1_700_000_
     assert not errors, errors[:3]
 
 
-def files(root, sub, suffix):
-    d = root / sub
-    return sorted(d.rglob(f"*{suffix}")) if d.exists() else []
-
-
 def wait_until(cond, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,9 +46,9 @@ def test_segments_upload_and_serve_old_offsets_after_cache_loss(broker_factory):
     create_topic(b.bootstrap, topic, 1, config={"retention.ms": "-1"})
     n = 1500  # ~1.5 MB: many 64 KiB segments
     produce_numbered(b.bootstrap, topic, n)
-    wait_until(lambda: len(files(b.objects_dir, "segments", ".seg")) >= 10, what="segment objects")
+    wait_until(lambda: len(b.objects("segments", ".seg")) >= 10, what="segment objects")
     # Write-ahead objects covered by segments are deleted.
-    wait_until(lambda: len(files(b.objects_dir, "wal", ".wal")) <= 5, what="write-ahead garbage collection")
+    wait_until(lambda: len(b.objects("wal", ".wal")) <= 5, what="write-ahead garbage collection")
     b.restart(hard=True, wipe_cache=True)
     msgs = consume_all(b.bootstrap, topic, 1, timeout=60)
     assert [m.offset() for m in msgs] == list(range(n))
@@ -94,7 +89,7 @@ def test_retention_bytes_deletes_whole_oldest_segments(broker_factory):
     assert [m.offset() for m in msgs] == list(range(msgs[0].offset(), n))
     assert msgs[0].offset() >= lo
     # Deleted segments are gone from the object store: retained sealed data stays near the limit.
-    wait_until(lambda: sum(f.stat().st_size for f in files(b.objects_dir, "segments", ".seg")) < 400_000,
+    wait_until(lambda: sum(b.objects("segments", ".seg").values()) < 400_000,
                what="segment objects deleted")
 
 

@@ -331,7 +331,12 @@ async fn run_group(
 ) {
     let mut kind = Kind::Classic;
     let mut waiters: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
+    let rebalances = crate::metrics::metrics()
+        .group_rebalances
+        .with_label_values(&[group.id.as_str()]);
     loop {
+        // A new generation (classic) or group epoch (consumer protocol) is a rebalance.
+        let generations = (group.generation, consumer.epoch);
         let deadline = match kind {
             Kind::Classic => group.next_deadline(),
             Kind::Consumer => consumer.next_deadline(),
@@ -429,6 +434,9 @@ async fn run_group(
                 }
             },
         };
+        if (group.generation, consumer.epoch) != generations {
+            rebalances.inc();
+        }
         for (token, reply) in replies {
             if let Some(w) = waiters.remove(&token) {
                 let _ = w.send(reply);

@@ -120,7 +120,7 @@ async fn fetch_until_ready(
                 }
                 match read::read(
                     shared,
-                    broker.store.as_ref(),
+                    &broker.blocks,
                     &broker.indexes,
                     p.fetch_offset,
                     budget as u64,

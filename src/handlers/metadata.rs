@@ -68,21 +68,22 @@ pub async fn metadata(
     };
     let allow_auto =
         broker.config.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let node = broker.config.broker_id;
     match requested {
         None => {
             resp.topics = broker
                 .topics()
                 .iter()
-                .map(|t| describe(t, topic_ops))
+                .map(|t| describe(t, topic_ops, node))
                 .collect();
         }
         Some(topics) => {
             for rt in topics {
                 let entry = match rt.name.as_ref().map(|n| n.0.to_string()) {
                     Some(name) => match broker.topic(&name) {
-                        Some(t) => describe(&t, topic_ops),
+                        Some(t) => describe(&t, topic_ops, node),
                         None if allow_auto => match broker.auto_create(&name).await {
-                            Ok(t) => describe(&t, topic_ops),
+                            Ok(t) => describe(&t, topic_ops, node),
                             Err(e) => missing(Some(name), Uuid::nil(), errors::topic_error(&e)),
                         },
                         None => {
@@ -98,7 +99,7 @@ pub async fn metadata(
                     None => {
                         let id = rt.topic_id;
                         match broker.topic_by_id(&id) {
-                            Some(t) => describe(&t, topic_ops),
+                            Some(t) => describe(&t, topic_ops, node),
                             None => missing(None, id, ResponseError::UnknownTopicId),
                         }
                     }
@@ -118,7 +119,8 @@ fn missing(name: Option<String>, id: Uuid, error: ResponseError) -> MetadataResp
         .with_topic_authorized_operations(OPERATIONS_NOT_REQUESTED)
 }
 
-fn describe(t: &Topic, ops: i32) -> MetadataResponseTopic {
+/// `node` is this broker: the leader of every partition it serves.
+fn describe(t: &Topic, ops: i32, node: i32) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(str_bytes(t.name.to_string()))))
         .with_topic_id(t.id)
@@ -127,7 +129,7 @@ fn describe(t: &Topic, ops: i32) -> MetadataResponseTopic {
             t.partitions
                 .iter()
                 .map(|p| {
-                    let leader = BrokerId(if p.shared.is_fenced() { -1 } else { 0 });
+                    let leader = BrokerId(if p.shared.is_fenced() { -1 } else { node });
                     MetadataResponsePartition::default()
                         .with_error_code(if p.shared.is_fenced() {
                             ResponseError::LeaderNotAvailable.code()

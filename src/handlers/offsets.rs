@@ -63,16 +63,11 @@ pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> List
                     LATEST => Ok(Some((shared.high_watermark(), -1))),
                     EARLIEST => Ok(Some((shared.log_start_offset(), -1))),
                     MAX_TIMESTAMP => {
-                        read::max_timestamp(shared, broker.store.as_ref(), &broker.indexes).await
+                        read::max_timestamp(shared, &broker.blocks, &broker.indexes).await
                     }
                     ts if ts >= 0 => {
-                        read::offset_for_timestamp(
-                            shared,
-                            broker.store.as_ref(),
-                            &broker.indexes,
-                            ts,
-                        )
-                        .await
+                        read::offset_for_timestamp(shared, &broker.blocks, &broker.indexes, ts)
+                            .await
                     }
                     _ => return out.with_error_code(ResponseError::InvalidRequest.code()),
                 };

@@ -14,7 +14,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::ObjectStore;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -31,7 +30,8 @@ use crate::wal::FlushItem;
 /// Broker-wide parts every partition task uses.
 #[derive(Debug)]
 pub struct LogContext {
-    pub store: Arc<dyn ObjectStore>,
+    pub store: Arc<tiering::Store>,
+    pub blocks: Arc<tiering::BlockCache>,
     pub meta: Arc<dyn MetadataStore>,
     pub flusher: mpsc::Sender<FlushItem>,
     pub cache_dir: PathBuf,
@@ -237,7 +237,9 @@ async fn rebuild_local_tail(
             async move {
                 let key = object_store::path::Path::from(range.object_key.as_str());
                 let span = range.position..range.position + range.len;
-                let data = tiering::store::get_range(store.as_ref(), &key, span).await;
+                let data = store
+                    .get_range(&key, span, tiering::Class::Read, None)
+                    .await;
                 (range, data)
             }
         })
@@ -680,7 +682,10 @@ impl Owner {
         }
         for seg in drop {
             let key = object_store::path::Path::from(seg.object_key.as_str());
-            if let Err(e) = tiering::store::delete(self.ctx.store.as_ref(), &key).await {
+            self.ctx
+                .blocks
+                .forget_object(&seg.object_key, seg.size_bytes);
+            if let Err(e) = self.ctx.store.delete(&key).await {
                 warn!(object = %seg.object_key, error = %e, "could not delete a dropped segment; the orphan collector will");
             }
         }
@@ -764,12 +769,15 @@ impl UploadJob {
             self.index_interval_bytes,
         );
         let object_size = payload.content_length() as u64;
+        let parts: Vec<Bytes> = payload.iter().cloned().collect();
         let key =
             tiering::keys::segment_object_key(&self.stream, self.base_offset, self.leader_epoch);
-        match tiering::store::put_new(self.ctx.store.as_ref(), &key, payload).await {
+        match self.ctx.store.put_new(&key, payload, None).await {
             Ok(()) | Err(tiering::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(format!("uploading segment: {e}")),
         }
+        // Just sealed, so still hot: readers slightly behind the tail hit the cache.
+        self.ctx.blocks.insert_object(key.as_ref(), &parts);
         let record = SegmentRecord {
             base_offset: self.base_offset,
             end_offset: self.end_offset,

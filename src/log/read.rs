@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use object_store::ObjectStore;
 use tiering::segment::SegmentIndex;
+use tiering::BlockCache;
 
 use super::batch::{self, BatchHeader};
 use super::local::read_at;
@@ -46,7 +46,7 @@ impl IndexCache {
 
     async fn get(
         &self,
-        store: &dyn ObjectStore,
+        blocks: &Arc<BlockCache>,
         seg: &SegmentRecord,
     ) -> Result<Arc<SegmentIndex>, ReadError> {
         if let Some(i) = self
@@ -57,8 +57,12 @@ impl IndexCache {
         {
             return Ok(i.clone());
         }
-        let key = object_store::path::Path::from(seg.object_key.as_str());
-        let bytes = tiering::store::get_range(store, &key, seg.data_bytes..seg.size_bytes)
+        let bytes = blocks
+            .read(
+                &seg.object_key,
+                seg.size_bytes,
+                seg.data_bytes..seg.size_bytes,
+            )
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?;
         let index =
@@ -87,7 +91,7 @@ enum Plan {
 /// first batch is returned whole even when larger, as Kafka does).
 pub async fn read(
     part: &PartitionShared,
-    store: &dyn ObjectStore,
+    blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
     offset: i64,
     max_bytes: u64,
@@ -132,7 +136,7 @@ pub async fn read(
                 .map_err(|e| ReadError::Storage(e.to_string()))?
                 .map_err(|e| ReadError::Storage(e.to_string()))?
         }
-        Plan::Remote(seg) => read_remote(store, indexes, &seg, offset, max_bytes).await?,
+        Plan::Remote(seg) => read_remote(blocks, indexes, &seg, offset, max_bytes).await?,
     };
     Ok(ReadResult {
         records,
@@ -142,25 +146,22 @@ pub async fn read(
 }
 
 async fn read_remote(
-    store: &dyn ObjectStore,
+    blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
     seg: &SegmentRecord,
     offset: i64,
     max_bytes: u64,
 ) -> Result<Bytes, ReadError> {
-    let index = indexes.get(store, seg).await?;
+    let index = indexes.get(blocks, seg).await?;
     let start = index.position_for_offset(offset);
     // Read a window past the requested size: batches before `offset` within one index
     // interval are skipped, and the last batch may need completing.
     let window = (max_bytes.max(64 * 1024) + 64 * 1024).min(seg.data_bytes - start);
-    let key = object_store::path::Path::from(seg.object_key.as_str());
-    let get = |from: u64, len: u64| {
-        let key = key.clone();
-        async move {
-            tiering::store::get_range(store, &key, from..from + len)
-                .await
-                .map_err(|e| ReadError::Storage(e.to_string()))
-        }
+    let get = |from: u64, len: u64| async move {
+        blocks
+            .read(&seg.object_key, seg.size_bytes, from..from + len)
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))
     };
     let data = get(start, window).await?;
     let mut first: Option<usize> = None;
@@ -209,7 +210,7 @@ async fn read_remote(
 /// The first record at or after `ts`: (offset, timestamp). `None` if there is none.
 pub async fn offset_for_timestamp(
     part: &PartitionShared,
-    store: &dyn ObjectStore,
+    blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
     ts: i64,
 ) -> Result<Option<(i64, i64)>, ReadError> {
@@ -228,17 +229,18 @@ pub async fn offset_for_timestamp(
         (remote, local)
     };
     let batch_bytes = if let Some(seg) = remote {
-        let index = indexes.get(store, &seg).await?;
+        let index = indexes.get(blocks, &seg).await?;
         let Some(pos) = index.position_for_timestamp(ts) else {
             return Ok(None);
         };
-        let data = tiering::store::get_range(
-            store,
-            &object_store::path::Path::from(seg.object_key.as_str()),
-            pos..seg.data_bytes.min(pos + 256 * 1024),
-        )
-        .await
-        .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let data = blocks
+            .read(
+                &seg.object_key,
+                seg.size_bytes,
+                pos..seg.data_bytes.min(pos + 256 * 1024),
+            )
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
         let found = batch::walk(&data)
             .find(|(_, h)| h.max_timestamp >= ts)
             .map(|(p, h)| (p, h.total_len));
@@ -260,7 +262,7 @@ pub async fn offset_for_timestamp(
 /// The record with the largest timestamp (the earliest one on ties): (offset, timestamp).
 pub async fn max_timestamp(
     part: &PartitionShared,
-    store: &dyn ObjectStore,
+    blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
 ) -> Result<Option<(i64, i64)>, ReadError> {
     let max = {
@@ -280,7 +282,7 @@ pub async fn max_timestamp(
     };
     let Some(max) = max else { return Ok(None) };
     // The first batch whose max timestamp reaches the maximum holds the record.
-    let found = offset_for_timestamp(part, store, indexes, max).await?;
+    let found = offset_for_timestamp(part, blocks, indexes, max).await?;
     Ok(found.filter(|(_, t)| *t == max))
 }
 

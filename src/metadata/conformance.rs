@@ -45,6 +45,7 @@ macro_rules! metadata_store_conformance {
             check_commit_segment_drops_covered_ranges,
             check_trim_log,
             check_wal_object_gc,
+            check_known_objects,
             check_producer_ids,
             check_broker_sessions,
             check_large_commit,
@@ -82,6 +83,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_commit_segment_drops_covered_ranges(store).await;
     check_trim_log(store).await;
     check_wal_object_gc(store).await;
+    check_known_objects(store).await;
     check_producer_ids(store).await;
     check_broker_sessions(store).await;
     check_large_commit(store).await;
@@ -809,6 +811,41 @@ pub(crate) async fn check_wal_object_gc(store: &dyn MetadataStore) {
     let garbage = unreferenced(store).await;
     assert!(!garbage.contains(&referenced) && !garbage.contains(&empty));
     store.forget_wal_objects(&[]).await.expect("forget nothing");
+}
+
+/// Every segment and write-ahead object the store references or remembers is known;
+/// forgotten write-ahead objects and dropped segments are not.
+pub(crate) async fn check_known_objects(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+    let epoch = claim(store, p).await.leader_epoch;
+    let wal = commit_one(store, p, epoch, 0, 10).await;
+    let seg = segment(0, 10);
+    store
+        .commit_segment(p, epoch, &seg)
+        .await
+        .expect("segment covering the object");
+    let known = store.known_objects().await.expect("known objects");
+    assert!(
+        known.contains(&wal),
+        "a remembered write-ahead object is known"
+    );
+    assert!(known.contains(&seg.object_key), "a segment object is known");
+
+    store
+        .forget_wal_objects(std::slice::from_ref(&wal))
+        .await
+        .expect("forget");
+    store.trim_log(p, epoch, 10, &[0]).await.expect("trim");
+    let known = store.known_objects().await.expect("known objects");
+    assert!(
+        !known.contains(&wal),
+        "a forgotten write-ahead object is not known"
+    );
+    assert!(
+        !known.contains(&seg.object_key),
+        "a dropped segment is not known"
+    );
 }
 
 // ---------------------------------------------------------------------------------

@@ -150,6 +150,9 @@ impl MetadataStore for Instrumented {
         )
         .await
     }
+    async fn known_objects(&self) -> MetaResult<Vec<String>> {
+        timed("known_objects", self.inner.known_objects()).await
+    }
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
         timed("forget_wal_objects", self.inner.forget_wal_objects(keys)).await
     }

@@ -8,6 +8,7 @@
 //! Every write that belongs to a partition is conditional on the caller's leader epoch,
 //! so a former owner can never commit after its successor claimed the partition.
 
+pub mod bucket;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod instrumented;
@@ -39,7 +40,7 @@ pub enum MetaError {
 pub type MetaResult<T> = Result<T, MetaError>;
 
 /// A topic as the metadata store keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicRecord {
     pub name: String,
     pub id: Uuid,
@@ -50,14 +51,16 @@ pub struct TopicRecord {
 }
 
 /// Identifies one partition. Topic ids (not names) so a re-created topic never sees old data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct PartitionKey {
     pub topic_id: Uuid,
     pub partition: i32,
 }
 
 /// A sealed, uploaded segment object of one partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentRecord {
     pub base_offset: i64,
     /// Exclusive: the offset after the last record in the segment.
@@ -72,7 +75,7 @@ pub struct SegmentRecord {
 }
 
 /// A contiguous run of one partition's batches inside a write-ahead object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WalRangeRecord {
     pub base_offset: i64,
     /// Exclusive.
@@ -120,7 +123,7 @@ pub struct PartitionState {
 }
 
 /// One partition's part of a write-ahead commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionCommit {
     pub key: PartitionKey,
     pub leader_epoch: i32,
@@ -130,7 +133,7 @@ pub struct PartitionCommit {
 }
 
 /// All partitions' new ranges from one write-ahead object, committed atomically.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WalCommit {
     pub object_key: String,
     pub created_ms: i64,
@@ -138,7 +141,7 @@ pub struct WalCommit {
 }
 
 /// A consumer group's committed offset for one partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommittedOffset {
     pub topic: String,
     pub partition: i32,
@@ -197,6 +200,10 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> MetaResult<()>;
     /// Write-ahead objects no partition range references any more (garbage).
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>>;
+    /// Every object the metadata references or remembers: the segment objects of every
+    /// partition and every write-ahead object not yet forgotten (referenced or awaiting
+    /// garbage collection). Anything else under `segments/` or `wal/` is an orphan.
+    async fn known_objects(&self) -> MetaResult<Vec<String>>;
     /// Forgets write-ahead objects after they were deleted from the object store.
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()>;
     /// Allocates a new, never reused producer id.
@@ -223,8 +230,18 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;
 }
 
-/// Opens the metadata store named by a URL (`sqlite://PATH` or `postgres://...`).
-pub async fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
+/// Opens the metadata store named by a URL: `sqlite://PATH`, `postgres://...`, or
+/// `bucket://` (kept in `objects`, the broker's object store, under `meta/`).
+pub async fn open(
+    url: &str,
+    objects: &std::sync::Arc<tiering::Store>,
+) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
+    if url == "bucket://" {
+        let store = bucket::BucketStore::open(objects.clone()).await?;
+        return Ok(std::sync::Arc::new(instrumented::Instrumented::new(
+            std::sync::Arc::new(store),
+        )));
+    }
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
         let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??;
@@ -238,5 +255,7 @@ pub async fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>
             std::sync::Arc::new(store),
         )));
     }
-    anyhow::bail!("unsupported metadata URL {url:?}: expected sqlite://PATH or postgres://...")
+    anyhow::bail!(
+        "unsupported metadata URL {url:?}: expected sqlite://PATH, postgres://... or bucket://"
+    )
 }

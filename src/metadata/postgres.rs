@@ -994,6 +994,17 @@ impl MetadataStore for PostgresStore {
         rows.iter().map(|row| get(row, 0)).collect()
     }
 
+    async fn known_objects(&self) -> MetaResult<Vec<String>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT object_key FROM segments UNION SELECT object_key FROM wal_objects",
+                &[],
+            )
+            .await?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
         if keys.is_empty() {
             return Ok(());
@@ -1253,7 +1264,13 @@ mod tests {
         };
         drop(config);
         let url = std::env::var(URL_ENV).expect("set");
-        let store = crate::metadata::open(&url).await.expect("open by url");
+        let objects = std::sync::Arc::new(
+            tiering::Store::open("memory://", &tiering::StoreOptions::default())
+                .expect("memory store"),
+        );
+        let store = crate::metadata::open(&url, &objects)
+            .await
+            .expect("open by url");
         store.list_topics().await.expect("list");
     }
 

@@ -875,6 +875,24 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
+    async fn known_objects(&self) -> MetaResult<Vec<String>> {
+        self.run(|conn| {
+            let tx = conn.transaction().db()?;
+            let keys = tx
+                .prepare_cached(
+                    "SELECT object_key FROM segments
+                     UNION SELECT object_key FROM wal_objects",
+                )
+                .db()?
+                .query_map([], |row| row.get(0))
+                .db()?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .db()?;
+            Ok(keys)
+        })
+        .await
+    }
+
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
         let keys = keys.to_vec();
         self.run(move |conn| {

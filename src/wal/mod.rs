@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
-use object_store::ObjectStore;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -101,7 +100,7 @@ type Abandoned = Arc<Mutex<HashMap<PartitionKey, u64>>>;
 
 pub struct Flusher {
     config: FlusherConfig,
-    store: Arc<dyn ObjectStore>,
+    store: Arc<tiering::Store>,
     meta: Arc<dyn MetadataStore>,
     seq: u64,
     abandoned: Abandoned,
@@ -110,7 +109,7 @@ pub struct Flusher {
 impl Flusher {
     pub fn new(
         config: FlusherConfig,
-        store: Arc<dyn ObjectStore>,
+        store: Arc<tiering::Store>,
         meta: Arc<dyn MetadataStore>,
     ) -> Self {
         Flusher {
@@ -146,6 +145,7 @@ impl Flusher {
             let due =
                 buffer.bytes >= self.config.max_bytes || (!open && !buffer.partitions.is_empty());
             if can_start && due {
+                observe_interval(last_flush);
                 last_flush = Some(Instant::now());
                 prev_turn = self.start_flush(&mut buffer, &permits, prev_turn, &done_tx);
                 continue;
@@ -159,6 +159,7 @@ impl Flusher {
                     None => open = false,
                 },
                 _ = sleep_until(deadline), if can_start && deadline.is_some() => {
+                    observe_interval(last_flush);
                     last_flush = Some(Instant::now());
                     prev_turn = self.start_flush(&mut buffer, &permits, prev_turn, &done_tx);
                 }
@@ -211,6 +212,11 @@ impl Flusher {
         done: &mpsc::UnboundedSender<()>,
     ) -> oneshot::Receiver<()> {
         let taken = std::mem::take(buffer);
+        if let Some(opened) = taken.opened {
+            crate::metrics::metrics()
+                .flush_wait_seconds
+                .observe(opened.elapsed().as_secs_f64());
+        }
         let (turn_tx, turn_rx) = oneshot::channel();
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             // Callers check for a free permit first; keep the order chain intact anyway.
@@ -238,7 +244,7 @@ impl Flusher {
 /// One flush: write the object, wait for the previous flush's commit, commit.
 struct FlushJob {
     config: FlusherConfig,
-    store: Arc<dyn ObjectStore>,
+    store: Arc<tiering::Store>,
     meta: Arc<dyn MetadataStore>,
     abandoned: Abandoned,
     seq: u64,
@@ -377,20 +383,15 @@ impl FlushJob {
         payload: object_store::PutPayload,
         deadline: Instant,
     ) -> bool {
-        let mut attempt = 0u32;
-        loop {
-            match tiering::store::put_new(self.store.as_ref(), key, payload.clone()).await {
-                Ok(()) => return true,
-                Err(tiering::Error::AlreadyExists { .. }) if attempt > 0 => return true,
-                Err(e) if Instant::now() < deadline => {
-                    warn!(error = %e, object = %key, attempt, "write-ahead object write failed; retrying");
-                    attempt += 1;
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) => {
-                    warn!(error = %e, object = %key, "write-ahead object write failed past the flush timeout");
-                    return false;
-                }
+        match self
+            .store
+            .put_new(key, payload, Some(deadline.into_std()))
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, object = %key, "write-ahead object write failed past the flush timeout");
+                false
             }
         }
     }
@@ -422,6 +423,15 @@ impl FlushJob {
     }
 }
 
+/// Records the time since the previous flush started (none before the first).
+fn observe_interval(previous: Option<Instant>) {
+    if let Some(previous) = previous {
+        crate::metrics::metrics()
+            .flush_interval_seconds
+            .observe(previous.elapsed().as_secs_f64());
+    }
+}
+
 /// Exponential backoff from 50 ms to 2 s.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6)).min(2_000))
@@ -436,7 +446,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Deletes write-ahead objects that no partition range references any more.
 pub async fn collect_garbage(
-    store: &dyn ObjectStore,
+    store: &tiering::Store,
     meta: &dyn MetadataStore,
 ) -> Result<usize, anyhow::Error> {
     let keys = meta.unreferenced_wal_objects().await?;
@@ -444,7 +454,9 @@ pub async fn collect_garbage(
         return Ok(0);
     }
     for key in &keys {
-        tiering::store::delete(store, &object_store::path::Path::from(key.as_str())).await?;
+        store
+            .delete(&object_store::path::Path::from(key.as_str()))
+            .await?;
     }
     meta.forget_wal_objects(&keys).await?;
     Ok(keys.len())

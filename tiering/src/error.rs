@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// The object store URL has a scheme this build cannot open.
-    #[error("unsupported object store url scheme {scheme:?} in {url:?} (supported: file:///abs/path, memory://)")]
+    #[error("unsupported object store url scheme {scheme:?} in {url:?} (supported: s3://, gs://, az://, file:///abs/path, memory://)")]
     UnsupportedUrl {
         /// The URL as given.
         url: String,
@@ -62,6 +62,26 @@ pub enum Error {
         start: u64,
         /// Requested end (exclusive).
         end: u64,
+    },
+
+    /// The block cache failed (its disk tier, or a fetch through it).
+    #[error("block cache: {0}")]
+    Cache(String),
+
+    /// A request kept timing out until its deadline.
+    #[error("object store {op} of {key} timed out")]
+    TimedOut {
+        /// The operation: put, get, delete or list.
+        op: &'static str,
+        /// The key or prefix involved.
+        key: String,
+    },
+
+    /// The store accepted a second create of one key; Strata needs create-only puts.
+    #[error("object store {store} does not refuse a second create of one key (conditional create, If-None-Match: *); Strata cannot use it")]
+    NoConditionalCreate {
+        /// The store's redacted URL.
+        store: String,
     },
 
     /// `delete_prefix` was asked to delete the whole store.

@@ -11,6 +11,7 @@
 //! magic and a version byte and is pinned by golden tests; `README.md` next to
 //! this crate's `Cargo.toml` is the byte-by-byte specification.
 
+pub mod cache;
 mod codec;
 pub mod error;
 pub mod keys;
@@ -19,8 +20,9 @@ pub mod segment;
 pub mod store;
 pub mod wal;
 
+pub use cache::{BlockCache, CacheOptions};
 pub use error::Error;
 pub use keys::{segment_object_key, stream_prefix, wal_object_key};
 pub use segment::{build_segment_object, BatchEntry, SegmentIndex, SEGMENT_FOOTER_LEN};
-pub use store::{delete, delete_prefix, get_range, open_object_store, put_new};
+pub use store::{Class, Store, StoreOptions};
 pub use wal::{build_wal_object, decode_wal_footer, WalChunk, WalChunkLocation, WAL_TRAILER_LEN};

@@ -1,221 +1,647 @@
-//! Opening an object store from a URL and the handful of operations the
-//! broker performs on it, with errors mapped to [`Error`].
+//! The broker's one door to object storage: [`Store`] opens a store from a URL and
+//! wraps every request in the policy a remote store needs.
 //!
-//! Everything Strata persists is written once and never overwritten, so
-//! writes go through [`put_new`], a create-only put: a second writer of the
-//! same key fails with [`Error::AlreadyExists`] instead of silently replacing
-//! data. Deletes are idempotent because garbage collection may be retried.
-//! Supported stores today: `file:///abs/path` (a local directory, for
-//! development and single-node setups) and `memory://` (tests); S3 comes
-//! later behind the same functions.
+//! Requests cost money, take tens of milliseconds, fail and time out, so each call
+//! here gets:
+//! * a per-attempt timeout ([`StoreOptions::request_timeout`]) and retries with
+//!   exponential backoff and full jitter on retriable errors, until a total deadline
+//!   (the caller's, or [`StoreOptions::retry_timeout`]);
+//! * a concurrency limit per [`Class`], so replay reads of old data queue behind each
+//!   other and never in front of writes or tail reads;
+//! * instrumentation: requests, bytes, latency, retries and in-flight requests by
+//!   operation and outcome (`crate::metrics`, the cost meter).
+//!
+//! Everything Strata persists is written once and never overwritten, so writes go
+//! through [`Store::put_new`], a create-only put (`PutMode::Create`): a second writer
+//! of the same key fails with [`Error::AlreadyExists`] instead of silently replacing
+//! data. A write whose attempt timed out may still have landed; when its retry finds
+//! the key taken, the object is read back and compared, so the write is recognised as
+//! ours (no duplicate, no false failure) or reported as a conflict. Deletes are
+//! idempotent because garbage collection may be retried. The object store's own
+//! client retries are switched off: one policy, in one place, with its own metrics.
 
+use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::prefix::PrefixStore;
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+use tokio::sync::Semaphore;
 
+use crate::metrics::{self, Outcome};
 use crate::Error;
 
-/// Opens the object store named by `url`.
-///
-/// * `file:///abs/path` — objects are files under `/abs/path`, which is
-///   created if missing. The path is taken literally (no percent-decoding).
-///   Writes are fsynced (file and directory) before they return when
-///   [`StoreOptions::fsync`] is set; directories left empty by deletes are
-///   removed.
-/// * `memory://` — a fresh, empty in-process store.
-///
-/// Any other scheme is [`Error::UnsupportedUrl`].
-pub fn open_object_store(url: &str) -> Result<Arc<dyn ObjectStore>, Error> {
-    open_object_store_with(url, &StoreOptions::default())
+/// Why a request is made; each class has its own concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Writes and deletes: write-ahead objects, segment uploads, garbage collection.
+    Write,
+    /// Reads someone is waiting on now: fetches, recovery, indexes, metadata.
+    Read,
+    /// Read-ahead of sequential replay; bounded separately so it never delays the rest.
+    Replay,
+}
+
+impl Class {
+    /// The metric label of this class.
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Write => "write",
+            Class::Read => "read",
+            Class::Replay => "replay",
+        }
+    }
 }
 
 /// How a store is opened beyond its URL.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
     /// `file://` stores: fsync every object (and its directory) before a write returns,
     /// so acknowledged data also survives a machine crash, not only a process crash.
     pub fsync: bool,
+    /// Longest one attempt of one request may take before it is abandoned and retried.
+    pub request_timeout: Duration,
+    /// Longest a request keeps retrying when its caller gives no deadline.
+    pub retry_timeout: Duration,
+    /// Requests of [`Class::Write`] in flight at once.
+    pub write_concurrency: usize,
+    /// Requests of [`Class::Read`] in flight at once.
+    pub read_concurrency: usize,
+    /// Requests of [`Class::Replay`] in flight at once.
+    pub replay_concurrency: usize,
 }
 
-/// [`open_object_store`] with options.
-pub fn open_object_store_with(
-    url: &str,
-    options: &StoreOptions,
-) -> Result<Arc<dyn ObjectStore>, Error> {
-    let invalid = |reason| Error::InvalidUrl {
-        url: url.to_owned(),
-        reason,
-    };
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| invalid("missing scheme (expected file:///abs/path or memory://)"))?;
-    if scheme.is_empty() {
-        return Err(invalid(
-            "missing scheme (expected file:///abs/path or memory://)",
-        ));
-    }
-    match scheme.to_ascii_lowercase().as_str() {
-        "memory" => {
-            if !rest.is_empty() && rest != "/" {
-                return Err(invalid("memory:// takes no host or path"));
-            }
-            Ok(Arc::new(InMemory::new()))
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            fsync: false,
+            request_timeout: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(30),
+            write_concurrency: 64,
+            read_concurrency: 64,
+            replay_concurrency: 16,
         }
-        "file" => {
-            if !rest.starts_with('/') {
-                return Err(invalid(
-                    "file urls need an absolute path and no host: file:///abs/path",
-                ));
-            }
-            let dir = std::path::Path::new(rest);
-            std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
-                path: dir.to_owned(),
-                source,
+    }
+}
+
+/// An object store with Strata's request policy around it. Cheap to share behind an
+/// `Arc`; every method may be called concurrently.
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    name: String,
+    options: StoreOptions,
+    writes: Semaphore,
+    reads: Semaphore,
+    replay: Semaphore,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("name", &self.name).finish()
+    }
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// One failed attempt: the store's error, or our own timeout.
+enum Failure {
+    Store(object_store::Error),
+    TimedOut,
+}
+
+/// Errors worth another attempt: transport failures, 5xx and throttling (all of which
+/// object_store reports as `Generic`). Answers about the object itself are final.
+fn retriable(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+    )
+}
+
+/// Full-jitter exponential backoff: a random wait up to 50 ms × 2^attempt, capped at 2 s.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let cap = 50u64.saturating_mul(1 << attempt.min(6)).min(2_000);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    Duration::from_millis(1 + h.finish() % cap)
+}
+
+impl Store {
+    /// Opens the object store named by `url`:
+    ///
+    /// * `s3://bucket[/prefix][?key=value&...]` — Amazon S3 or any S3-compatible
+    ///   store. Credentials, region and endpoint come from the standard `AWS_*`
+    ///   environment (and the instance/container credential chain); query pairs are
+    ///   object_store's S3 options (`endpoint`, `region`, `allow_http`,
+    ///   `virtual_hosted_style_request`, ...) and override the environment.
+    /// * `gs://bucket[/prefix][?...]` — Google Cloud Storage (`GOOGLE_*` environment).
+    /// * `az://container[/prefix][?...]` — Azure Blob Storage (`AZURE_*` environment).
+    /// * `file:///abs/path` — objects are files under `/abs/path`, created if
+    ///   missing, taken literally (no percent-decoding). Writes are fsynced (file and
+    ///   directory) when [`StoreOptions::fsync`] is set; directories left empty by
+    ///   deletes are removed.
+    /// * `memory://` — a fresh, empty in-process store.
+    ///
+    /// Any other scheme is [`Error::UnsupportedUrl`].
+    pub fn open(url: &str, options: &StoreOptions) -> Result<Store, Error> {
+        let invalid = |reason| Error::InvalidUrl {
+            url: redact(url),
+            reason,
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .filter(|(s, _)| !s.is_empty())
+            .ok_or_else(|| {
+                invalid("missing scheme (expected s3://, gs://, az://, file:// or memory://)")
             })?;
-            let store = LocalFileSystem::new_with_prefix(dir)
-                .map_err(|source| Error::ObjectStore {
-                    location: rest.to_owned(),
+        let scheme = scheme.to_ascii_lowercase();
+        let store: Arc<dyn ObjectStore> = match scheme.as_str() {
+            "memory" => {
+                if !rest.is_empty() && rest != "/" {
+                    return Err(invalid("memory:// takes no host or path"));
+                }
+                Arc::new(InMemory::new())
+            }
+            "file" => {
+                if !rest.starts_with('/') {
+                    return Err(invalid(
+                        "file urls need an absolute path and no host: file:///abs/path",
+                    ));
+                }
+                let dir = std::path::Path::new(rest);
+                std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+                    path: dir.to_owned(),
                     source,
-                })?
-                .with_fsync(options.fsync)
-                .with_automatic_cleanup(true);
-            Ok(Arc::new(store))
+                })?;
+                let store = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|source| Error::ObjectStore {
+                        location: rest.to_owned(),
+                        source,
+                    })?
+                    .with_fsync(options.fsync)
+                    .with_automatic_cleanup(true);
+                Arc::new(store)
+            }
+            "s3" | "gs" | "az" => {
+                let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+                if bucket.is_empty() {
+                    return Err(invalid("the url names no bucket"));
+                }
+                let pairs = query_pairs(query).map_err(invalid)?;
+                let base = format!("{scheme}://{bucket}");
+                let configure = |e: object_store::Error| Error::ObjectStore {
+                    location: redact(url),
+                    source: e,
+                };
+                let cloud = cloud_store(&scheme, &base, &pairs, options).map_err(configure)?;
+                let prefix = prefix.trim_matches('/');
+                if prefix.is_empty() {
+                    cloud
+                } else {
+                    Arc::new(PrefixStore::new(cloud, prefix))
+                }
+            }
+            other => {
+                return Err(Error::UnsupportedUrl {
+                    url: redact(url),
+                    scheme: other.to_owned(),
+                })
+            }
+        };
+        Ok(Store::new(store, redact(url), options))
+    }
+
+    /// Wraps an already built object store (tests and fault injection use this).
+    pub fn new(inner: Arc<dyn ObjectStore>, name: String, options: &StoreOptions) -> Store {
+        for (class, limit) in [
+            (Class::Write, options.write_concurrency),
+            (Class::Read, options.read_concurrency),
+            (Class::Replay, options.replay_concurrency),
+        ] {
+            metrics::set_limit(class, limit);
         }
-        other => Err(Error::UnsupportedUrl {
-            url: url.to_owned(),
-            scheme: other.to_owned(),
-        }),
+        Store {
+            inner,
+            name,
+            options: *options,
+            writes: Semaphore::new(options.write_concurrency.max(1)),
+            reads: Semaphore::new(options.read_concurrency.max(1)),
+            replay: Semaphore::new(options.replay_concurrency.max(1)),
+        }
+    }
+
+    /// The store's URL without its query (which may hold credentials).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The default deadline of a request that starts now.
+    pub fn default_deadline(&self) -> Instant {
+        Instant::now() + self.options.retry_timeout
+    }
+
+    fn limit(&self, class: Class) -> &Semaphore {
+        match class {
+            Class::Write => &self.writes,
+            Class::Read => &self.reads,
+            Class::Replay => &self.replay,
+        }
+    }
+
+    /// Runs `f` under the class's concurrency limit and the per-attempt timeout,
+    /// retrying retriable failures with backoff until `deadline`. Each attempt is
+    /// recorded; `bytes` measures a successful result for the byte counters.
+    async fn run<T, F, Fut>(
+        &self,
+        op: &'static str,
+        class: Class,
+        deadline: Instant,
+        bytes: impl Fn(&T) -> u64,
+        mut f: F,
+    ) -> Result<T, (Failure, u32)>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let result = {
+                let _permit = self
+                    .limit(class)
+                    .acquire()
+                    .await
+                    .expect("store semaphores are never closed");
+                let _inflight = metrics::InFlight::new(class);
+                let started = Instant::now();
+                let budget = self
+                    .options
+                    .request_timeout
+                    .min(deadline.saturating_duration_since(started))
+                    .max(Duration::from_millis(1));
+                match tokio::time::timeout(budget, f()).await {
+                    Ok(Ok(v)) => {
+                        metrics::record(op, started, Outcome::Ok, bytes(&v));
+                        Ok(v)
+                    }
+                    Ok(Err(e)) => {
+                        let outcome = match e {
+                            object_store::Error::NotFound { .. } => Outcome::NotFound,
+                            object_store::Error::AlreadyExists { .. }
+                            | object_store::Error::Precondition { .. } => Outcome::Conflict,
+                            _ => Outcome::Error,
+                        };
+                        metrics::record(op, started, outcome, 0);
+                        Err(Failure::Store(e))
+                    }
+                    Err(_) => {
+                        metrics::record(op, started, Outcome::Timeout, 0);
+                        Err(Failure::TimedOut)
+                    }
+                }
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(failure) => {
+                    let again = match &failure {
+                        Failure::Store(e) => retriable(e),
+                        Failure::TimedOut => true,
+                    };
+                    let wait = backoff(attempt);
+                    if !again || Instant::now() + wait >= deadline {
+                        return Err((failure, attempt));
+                    }
+                    attempt += 1;
+                    metrics::retried(op);
+                    tracing::debug!(op, attempt, store = %self.name, "object-store request failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    fn error(&self, op: &'static str, key: &Path, failure: Failure) -> Error {
+        match failure {
+            Failure::Store(object_store::Error::NotFound { .. }) => Error::NotFound {
+                key: key.to_string(),
+            },
+            Failure::Store(object_store::Error::AlreadyExists { .. }) => Error::AlreadyExists {
+                key: key.to_string(),
+            },
+            Failure::Store(source) => Error::ObjectStore {
+                location: key.to_string(),
+                source,
+            },
+            Failure::TimedOut => Error::TimedOut {
+                op,
+                key: key.to_string(),
+            },
+        }
+    }
+
+    /// Writes `payload` to `key` only if no object exists there yet, retrying until
+    /// `deadline` (the default deadline if `None`). An object found at the key after
+    /// a failed attempt is read back: if it holds exactly `payload`, the earlier
+    /// attempt landed and this is a success; otherwise (and whenever the first
+    /// attempt finds the key taken) it is [`Error::AlreadyExists`], and the existing
+    /// object is left untouched.
+    pub async fn put_new(
+        &self,
+        key: &Path,
+        payload: PutPayload,
+        deadline: Option<Instant>,
+    ) -> Result<(), Error> {
+        let deadline = deadline.unwrap_or_else(|| self.default_deadline());
+        let len = payload.content_length() as u64;
+        let result = self
+            .run(
+                "put",
+                Class::Write,
+                deadline,
+                |_| len,
+                || {
+                    let options = PutOptions {
+                        mode: PutMode::Create,
+                        ..Default::default()
+                    };
+                    self.inner.put_opts(key, payload.clone(), options)
+                },
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err((Failure::Store(object_store::Error::AlreadyExists { .. }), attempts))
+                if attempts > 0 =>
+            {
+                self.recognise(key, &payload, deadline).await
+            }
+            Err((failure, _)) => Err(self.error("put", key, failure)),
+        }
+    }
+
+    /// After a retried create found `key` taken: ours if it holds exactly `payload`.
+    async fn recognise(
+        &self,
+        key: &Path,
+        payload: &PutPayload,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let len = payload.content_length() as u64;
+        let stored = self
+            .get_range(key, 0..len + 1, Class::Write, Some(deadline))
+            .await?;
+        let mut rest = &stored[..];
+        let same = stored.len() as u64 == len
+            && payload
+                .iter()
+                .all(|chunk| match rest.split_at_checked(chunk.len()) {
+                    Some((head, tail)) if head == &chunk[..] => {
+                        rest = tail;
+                        true
+                    }
+                    _ => false,
+                });
+        if same {
+            tracing::info!(%key, store = %self.name, "a timed-out write had landed; recognised on retry");
+            metrics::recognised();
+            Ok(())
+        } else {
+            Err(Error::AlreadyExists {
+                key: key.to_string(),
+            })
+        }
+    }
+
+    /// Reads bytes `range` of the object at `key`.
+    ///
+    /// As with object stores generally, an end beyond the object's size is clamped
+    /// (fewer bytes come back) while a start at or beyond it is an error. An empty
+    /// range returns no bytes without touching the store; a start after the end is
+    /// [`Error::InvalidRange`]; a missing object is [`Error::NotFound`].
+    pub async fn get_range(
+        &self,
+        key: &Path,
+        range: Range<u64>,
+        class: Class,
+        deadline: Option<Instant>,
+    ) -> Result<Bytes, Error> {
+        if range.start > range.end {
+            return Err(Error::InvalidRange {
+                key: key.to_string(),
+                start: range.start,
+                end: range.end,
+            });
+        }
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let deadline = deadline.unwrap_or_else(|| self.default_deadline());
+        self.run(
+            "get",
+            class,
+            deadline,
+            |b: &Bytes| b.len() as u64,
+            || self.inner.get_range(key, range.clone()),
+        )
+        .await
+        .map_err(|(failure, _)| self.error("get", key, failure))
+    }
+
+    /// Reads a whole object; `None` if it does not exist.
+    pub async fn get(&self, key: &Path) -> Result<Option<Bytes>, Error> {
+        let result = self
+            .run(
+                "get",
+                Class::Read,
+                self.default_deadline(),
+                |b: &Bytes| b.len() as u64,
+                || async { self.inner.get(key).await?.bytes().await },
+            )
+            .await;
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err((Failure::Store(object_store::Error::NotFound { .. }), _)) => Ok(None),
+            Err((failure, _)) => Err(self.error("get", key, failure)),
+        }
+    }
+
+    /// The size and version of the object at `key`; [`Error::NotFound`] if missing.
+    pub async fn head(&self, key: &Path) -> Result<ObjectMeta, Error> {
+        self.run(
+            "head",
+            Class::Read,
+            self.default_deadline(),
+            |_| 0,
+            || self.inner.head(key),
+        )
+        .await
+        .map_err(|(failure, _)| self.error("head", key, failure))
+    }
+
+    /// Deletes the object at `key`; deleting a missing object succeeds.
+    pub async fn delete(&self, key: &Path) -> Result<(), Error> {
+        let result = self
+            .run(
+                "delete",
+                Class::Write,
+                self.default_deadline(),
+                |_| 0,
+                || self.inner.delete(key),
+            )
+            .await;
+        match result {
+            Ok(()) | Err((Failure::Store(object_store::Error::NotFound { .. }), _)) => Ok(()),
+            Err((failure, _)) => Err(self.error("delete", key, failure)),
+        }
+    }
+
+    /// Every object under `prefix` (matched by whole path parts), with its size and
+    /// last-modified time. One attempt per page is retried as a whole listing.
+    pub async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>, Error> {
+        let prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
+        self.run(
+            "list",
+            Class::Read,
+            self.default_deadline(),
+            |_| 0,
+            || self.inner.list(prefix).try_collect::<Vec<_>>(),
+        )
+        .await
+        .map_err(|(failure, _)| self.error("list", prefix.unwrap_or(&Path::ROOT), failure))
+    }
+
+    /// Deletes every object under `prefix` (matched by whole path parts, so
+    /// `segments/a` does not cover `segments/ab`) and returns how many objects this
+    /// call deleted. Objects that vanish concurrently are not errors. The empty (root)
+    /// prefix is refused with [`Error::RootPrefix`].
+    pub async fn delete_prefix(&self, prefix: &Path) -> Result<usize, Error> {
+        if prefix.as_ref().is_empty() {
+            return Err(Error::RootPrefix);
+        }
+        let keys = self.list(prefix).await?;
+        let mut deletes = futures::stream::iter(keys)
+            .map(|meta| async move { self.delete(&meta.location).await })
+            .buffer_unordered(16);
+        let mut deleted = 0;
+        while let Some(result) = deletes.next().await {
+            result?;
+            deleted += 1;
+        }
+        tracing::debug!(%prefix, deleted, "deleted objects by prefix");
+        Ok(deleted)
+    }
+
+    /// Checks that the store refuses a second create of one key, which every write
+    /// of Strata relies on, by creating a probe object twice and deleting it.
+    pub async fn check_conditional_create(&self) -> Result<(), Error> {
+        use std::hash::{BuildHasher, Hasher};
+        let nonce = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let key = Path::from(format!("probe/{nonce:016x}"));
+        self.put_new(&key, PutPayload::from_static(b"probe"), None)
+            .await?;
+        let second = self
+            .put_new(&key, PutPayload::from_static(b"again"), None)
+            .await;
+        self.delete(&key).await?;
+        match second {
+            Err(Error::AlreadyExists { .. }) => Ok(()),
+            Ok(()) => Err(Error::NoConditionalCreate {
+                store: self.name.clone(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 }
 
-/// Writes `payload` to `key` only if no object exists there yet
-/// ([`PutMode::Create`]); an existing object is [`Error::AlreadyExists`]
-/// and is left untouched.
-pub async fn put_new(
-    store: &dyn ObjectStore,
-    key: &Path,
-    payload: PutPayload,
-) -> Result<(), Error> {
-    let options = PutOptions {
-        mode: PutMode::Create,
+/// The store of an `s3://`, `gs://` or `az://` URL, from the environment plus `pairs`,
+/// with object_store's own retries off (ours apply) and its timeouts set from ours
+/// (the URL's options may still override them).
+fn cloud_store(
+    scheme: &str,
+    base: &str,
+    pairs: &[(String, String)],
+    options: &StoreOptions,
+) -> object_store::Result<Arc<dyn ObjectStore>> {
+    let retry = RetryConfig {
+        max_retries: 0,
         ..Default::default()
     };
-    let started = std::time::Instant::now();
-    let len = payload.content_length() as u64;
-    let result = store.put_opts(key, payload, options).await;
-    crate::metrics::record(
-        "put",
-        started,
-        result.is_ok(),
-        if result.is_ok() { len } else { 0 },
-    );
-    match result {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists {
-            key: key.to_string(),
-        }),
-        Err(source) => Err(Error::ObjectStore {
-            location: key.to_string(),
-            source,
-        }),
-    }
-}
-
-/// Reads bytes `range` of the object at `key`.
-///
-/// As with object stores generally, an end beyond the object's size is
-/// clamped (fewer bytes come back) while a start at or beyond it is an
-/// error. An empty range returns no bytes without touching the store; a start
-/// after the end is [`Error::InvalidRange`]; a missing object is
-/// [`Error::NotFound`].
-pub async fn get_range(
-    store: &dyn ObjectStore,
-    key: &Path,
-    range: Range<u64>,
-) -> Result<Bytes, Error> {
-    if range.start > range.end {
-        return Err(Error::InvalidRange {
-            key: key.to_string(),
-            start: range.start,
-            end: range.end,
-        });
-    }
-    if range.is_empty() {
-        return Ok(Bytes::new());
-    }
-    let started = std::time::Instant::now();
-    let result = store.get_range(key, range).await;
-    crate::metrics::record(
-        "get",
-        started,
-        result.is_ok(),
-        result.as_ref().map_or(0, |b| b.len() as u64),
-    );
-    result.map_err(|source| match source {
-        object_store::Error::NotFound { .. } => Error::NotFound {
-            key: key.to_string(),
-        },
-        source => Error::ObjectStore {
-            location: key.to_string(),
-            source,
-        },
+    let timeouts = [
+        (
+            "timeout".to_owned(),
+            format!("{}ms", options.request_timeout.as_millis()),
+        ),
+        (
+            "connect_timeout".to_owned(),
+            format!(
+                "{}ms",
+                options
+                    .request_timeout
+                    .min(Duration::from_secs(5))
+                    .as_millis()
+            ),
+        ),
+    ];
+    let all = timeouts.iter().chain(pairs);
+    Ok(match scheme {
+        "s3" => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(base);
+            for (k, v) in all {
+                b = b.with_config(k.parse()?, v);
+            }
+            Arc::new(b.with_retry(retry).build()?)
+        }
+        "gs" => {
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(base);
+            for (k, v) in all {
+                b = b.with_config(k.parse()?, v);
+            }
+            Arc::new(b.with_retry(retry).build()?)
+        }
+        _ => {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(base);
+            for (k, v) in all {
+                b = b.with_config(k.parse()?, v);
+            }
+            Arc::new(b.with_retry(retry).build()?)
+        }
     })
 }
 
-/// Deletes the object at `key`; deleting a missing object succeeds.
-pub async fn delete(store: &dyn ObjectStore, key: &Path) -> Result<(), Error> {
-    let started = std::time::Instant::now();
-    let result = store.delete(key).await;
-    crate::metrics::record(
-        "delete",
-        started,
-        matches!(result, Ok(()) | Err(object_store::Error::NotFound { .. })),
-        0,
-    );
-    match result {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(source) => Err(Error::ObjectStore {
-            location: key.to_string(),
-            source,
-        }),
-    }
+/// `key=value&key=value` (no percent-decoding; values may contain `:` and `/`).
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, &'static str> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or("a url option is not key=value")
+        })
+        .collect()
 }
 
-/// Deletes every object under `prefix` (matched by whole path parts, so
-/// `segments/a` does not cover `segments/ab`) and returns how many objects
-/// this call deleted. Objects that vanish concurrently are not errors. The
-/// empty (root) prefix is refused with [`Error::RootPrefix`].
-pub async fn delete_prefix(store: &dyn ObjectStore, prefix: &Path) -> Result<usize, Error> {
-    if prefix.as_ref().is_empty() {
-        return Err(Error::RootPrefix);
+/// The URL without its query string, which may carry secrets.
+pub fn redact(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
     }
-    let store_error = |source| Error::ObjectStore {
-        location: prefix.to_string(),
-        source,
-    };
-    let keys: Vec<Path> = store
-        .list(Some(prefix))
-        .map_ok(|meta| meta.location)
-        .try_collect()
-        .await
-        .map_err(store_error)?;
-    let mut results = store.delete_stream(futures::stream::iter(keys.into_iter().map(Ok)).boxed());
-    let mut deleted = 0;
-    while let Some(result) = results.next().await {
-        match result {
-            Ok(_) => deleted += 1,
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(source) => return Err(store_error(source)),
-        }
-    }
-    tracing::debug!(%prefix, deleted, "deleted objects by prefix");
-    Ok(deleted)
 }
 
 #[cfg(test)]
@@ -223,7 +649,11 @@ mod tests {
     use super::*;
 
     /// Both store kinds; the temp dir must outlive the file store.
-    fn stores() -> Vec<(Arc<dyn ObjectStore>, Option<tempfile::TempDir>)> {
+    fn open_object_store(url: &str) -> Result<Store, Error> {
+        Store::open(url, &StoreOptions::default())
+    }
+
+    fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("file://{}/store", dir.path().display());
         let file = open_object_store(&url).expect("file store");
@@ -239,17 +669,22 @@ mod tests {
     async fn put_new_refuses_to_overwrite() {
         for (store, _dir) in stores() {
             let key = Path::from("wal/1/a.wal");
-            put_new(store.as_ref(), &key, multi_part(&[b"hello ", b"world"]))
+            store
+                .put_new(&key, multi_part(&[b"hello ", b"world"]), None)
                 .await
                 .expect("first put");
-            let err = put_new(store.as_ref(), &key, multi_part(&[b"other"]))
+            let err = store
+                .put_new(&key, multi_part(&[b"other"]), None)
                 .await
                 .expect_err("second put must fail");
             assert!(
                 matches!(err, Error::AlreadyExists { ref key } if key == "wal/1/a.wal"),
                 "{store}: {err}"
             );
-            let all = get_range(store.as_ref(), &key, 0..11).await.expect("read");
+            let all = store
+                .get_range(&key, 0..11, Class::Read, None)
+                .await
+                .expect("read");
             assert_eq!(&all[..], b"hello world", "{store}");
         }
     }
@@ -258,10 +693,11 @@ mod tests {
     async fn ranged_reads() {
         for (store, _dir) in stores() {
             let key = Path::from("segments/s/1/x.seg");
-            put_new(store.as_ref(), &key, multi_part(&[b"0123", b"456789"]))
+            store
+                .put_new(&key, multi_part(&[b"0123", b"456789"]), None)
                 .await
                 .expect("put");
-            let read = |r: Range<u64>| get_range(store.as_ref(), &key, r);
+            let read = |r: Range<u64>| store.get_range(&key, r, Class::Read, None);
             assert_eq!(&read(2..7).await.expect("middle")[..], b"23456");
             assert_eq!(&read(0..1).await.expect("first")[..], b"0");
             assert_eq!(&read(9..10).await.expect("last")[..], b"9");
@@ -276,7 +712,9 @@ mod tests {
                 })
             ));
             assert!(read(10..12).await.is_err(), "{store}: start past the end");
-            let missing = get_range(store.as_ref(), &Path::from("nope"), 0..1).await;
+            let missing = store
+                .get_range(&Path::from("nope"), 0..1, Class::Read, None)
+                .await;
             assert!(
                 matches!(missing, Err(Error::NotFound { .. })),
                 "{store}: {missing:?}"
@@ -288,16 +726,18 @@ mod tests {
     async fn delete_is_idempotent() {
         for (store, _dir) in stores() {
             let key = Path::from("wal/1/b.wal");
-            delete(store.as_ref(), &key).await.expect("delete missing");
-            put_new(store.as_ref(), &key, multi_part(&[b"x"]))
+            store.delete(&key).await.expect("delete missing");
+            store
+                .put_new(&key, multi_part(&[b"x"]), None)
                 .await
                 .expect("put");
-            delete(store.as_ref(), &key).await.expect("delete");
-            delete(store.as_ref(), &key).await.expect("delete again");
-            let gone = get_range(store.as_ref(), &key, 0..1).await;
+            store.delete(&key).await.expect("delete");
+            store.delete(&key).await.expect("delete again");
+            let gone = store.get_range(&key, 0..1, Class::Read, None).await;
             assert!(matches!(gone, Err(Error::NotFound { .. })), "{store}");
             // The key is free again.
-            put_new(store.as_ref(), &key, multi_part(&[b"y"]))
+            store
+                .put_new(&key, multi_part(&[b"y"]), None)
                 .await
                 .expect("put again");
         }
@@ -313,29 +753,29 @@ mod tests {
                 "segments/t/10/a.seg",
                 "segments/t/2/a.seg",
             ] {
-                put_new(store.as_ref(), &Path::from(key), multi_part(&[b"z"]))
+                store
+                    .put_new(&Path::from(key), multi_part(&[b"z"]), None)
                     .await
                     .expect("put");
             }
             let prefix = Path::from("segments/t/1");
             assert_eq!(
-                delete_prefix(store.as_ref(), &prefix)
-                    .await
-                    .expect("delete"),
+                store.delete_prefix(&prefix).await.expect("delete"),
                 3,
                 "{store}"
             );
             assert_eq!(
-                delete_prefix(store.as_ref(), &prefix).await.expect("again"),
+                store.delete_prefix(&prefix).await.expect("again"),
                 0,
                 "{store}"
             );
             let left: Vec<String> = store
-                .list(Some(&Path::from("segments")))
-                .map_ok(|m| m.location.to_string())
-                .try_collect()
+                .list(&Path::from("segments"))
                 .await
-                .expect("list");
+                .expect("list")
+                .into_iter()
+                .map(|m| m.location.to_string())
+                .collect();
             let mut left = left;
             left.sort();
             assert_eq!(
@@ -344,13 +784,14 @@ mod tests {
                 "{store}"
             );
             assert_eq!(
-                delete_prefix(store.as_ref(), &Path::from("never/was"))
+                store
+                    .delete_prefix(&Path::from("never/was"))
                     .await
                     .expect("missing"),
                 0
             );
             assert!(matches!(
-                delete_prefix(store.as_ref(), &Path::ROOT).await,
+                store.delete_prefix(&Path::ROOT).await,
                 Err(Error::RootPrefix)
             ));
         }
@@ -367,17 +808,213 @@ mod tests {
         assert!(open_object_store("memory://").is_ok());
         assert!(open_object_store("memory:///").is_ok());
 
-        let err = open_object_store("s3://bucket/prefix").err();
+        // Cloud URLs parse without network access; options come from the query.
+        let s3 = open_object_store(
+            "s3://bucket/some/prefix?endpoint=http://127.0.0.1:1&region=us-east-1&allow_http=true&access_key_id=a&secret_access_key=b",
+        )
+        .expect("s3 url");
+        assert_eq!(s3.name(), "s3://bucket/some/prefix?…", "query redacted");
+        let err = open_object_store("s3://bucket?no_such_option=1").err();
+        assert!(matches!(err, Some(Error::ObjectStore { .. })), "{err:?}");
+        assert!(matches!(
+            open_object_store("s3:///prefix"),
+            Err(Error::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            open_object_store("s3://bucket?novalue"),
+            Err(Error::InvalidUrl { .. })
+        ));
+        let err = open_object_store("ftp://host/x").err();
         assert!(
-            matches!(&err, Some(Error::UnsupportedUrl { scheme, .. }) if scheme == "s3"),
+            matches!(&err, Some(Error::UnsupportedUrl { scheme, .. }) if scheme == "ftp"),
             "{err:?}"
         );
-        assert!(err.is_some_and(|e| e.to_string().contains("\"s3\"")));
         for bad in ["/tmp/x", "file://relative/x", "memory://x", "://x", ""] {
             assert!(
                 matches!(open_object_store(bad), Err(Error::InvalidUrl { .. })),
                 "{bad}"
             );
+        }
+    }
+
+    /// An object store that fails or stalls the first `faults` puts (optionally after
+    /// storing the object, as a server that accepted a write whose reply was lost).
+    #[derive(Debug)]
+    struct Flaky {
+        inner: InMemory,
+        faults: std::sync::atomic::AtomicUsize,
+        land_then_fail: bool,
+        stall: bool,
+    }
+
+    impl std::fmt::Display for Flaky {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("flaky")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Flaky {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            use std::sync::atomic::Ordering;
+            if self.faults.load(Ordering::SeqCst) > 0 {
+                self.faults.fetch_sub(1, Ordering::SeqCst);
+                if self.land_then_fail {
+                    self.inner.put_opts(location, payload, opts).await?;
+                }
+                if self.stall {
+                    std::future::pending::<()>().await;
+                }
+                return Err(object_store::Error::Generic {
+                    store: "flaky",
+                    source: "503 Slow Down".into(),
+                });
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    fn flaky(faults: usize, land_then_fail: bool, stall: bool) -> Store {
+        let options = StoreOptions {
+            request_timeout: Duration::from_millis(200),
+            retry_timeout: Duration::from_secs(5),
+            ..StoreOptions::default()
+        };
+        let inner = Flaky {
+            inner: InMemory::new(),
+            faults: faults.into(),
+            land_then_fail,
+            stall,
+        };
+        Store::new(Arc::new(inner), "flaky://".into(), &options)
+    }
+
+    #[tokio::test]
+    async fn retriable_failures_are_retried_until_success() {
+        let store = flaky(3, false, false);
+        let key = Path::from("wal/x");
+        store
+            .put_new(&key, multi_part(&[b"data"]), None)
+            .await
+            .expect("put succeeds after three 503s");
+        let read = store.get_range(&key, 0..4, Class::Read, None).await;
+        assert_eq!(&read.expect("read")[..], b"data");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_landed_before_failing_is_recognised() {
+        // The server stored the object but the reply was lost (error, then a stall
+        // past the request timeout): the retry finds the key taken, reads the object
+        // back and recognises it instead of failing or writing twice.
+        for stall in [false, true] {
+            let store = flaky(1, true, stall);
+            let key = Path::from("wal/y");
+            store
+                .put_new(&key, multi_part(&[b"same ", b"bytes"]), None)
+                .await
+                .expect("recognised as ours");
+            let read = store.get_range(&key, 0..100, Class::Read, None).await;
+            assert_eq!(&read.expect("read")[..], b"same bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_taken_key_with_other_bytes_is_a_conflict_even_after_a_retry() {
+        // Two faults: the seeding write absorbs one, the second write is retried once
+        // and then finds the key holding someone else's bytes.
+        let store = flaky(2, false, false);
+        let key = Path::from("wal/z");
+        store
+            .put_new(&key, multi_part(&[b"someone else"]), None)
+            .await
+            .expect("seed");
+        let err = store
+            .put_new(&key, multi_part(&[b"mine"]), None)
+            .await
+            .expect_err("conflict");
+        assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+        let read = store.get_range(&key, 0..100, Class::Read, None).await;
+        assert_eq!(&read.expect("read")[..], b"someone else", "left untouched");
+    }
+
+    #[tokio::test]
+    async fn failures_past_the_deadline_are_reported() {
+        let store = flaky(usize::MAX, false, true);
+        let deadline = Instant::now() + Duration::from_millis(700);
+        let err = store
+            .put_new(&Path::from("wal/w"), multi_part(&[b"x"]), Some(deadline))
+            .await
+            .expect_err("stalls until the deadline");
+        assert!(matches!(err, Error::TimedOut { op: "put", .. }), "{err}");
+        assert!(Instant::now() < deadline + Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn whole_objects_and_the_conditional_create_probe() {
+        for (store, _dir) in stores() {
+            store.check_conditional_create().await.expect("probe");
+            let key = Path::from("meta/state");
+            store
+                .put_new(&key, multi_part(&[b"one"]), None)
+                .await
+                .expect("put");
+            let bytes = store.get(&key).await.expect("get").expect("exists");
+            assert_eq!(&bytes[..], b"one");
+            assert_eq!(store.head(&key).await.expect("head").size, 3);
+            assert!(store
+                .get(&Path::from("meta/none"))
+                .await
+                .expect("get")
+                .is_none());
+            assert!(matches!(
+                store.head(&Path::from("meta/none")).await,
+                Err(Error::NotFound { .. })
+            ));
         }
     }
 }

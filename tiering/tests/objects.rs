@@ -2,35 +2,40 @@
 //! reads them: write an object, fetch only its tail, decode, then read ranges.
 
 use bytes::Bytes;
-use object_store::{ObjectStore, ObjectStoreExt};
 use tiering::{
-    build_segment_object, build_wal_object, decode_wal_footer, get_range, open_object_store,
-    put_new, segment_object_key, wal_object_key, BatchEntry, Error, SegmentIndex, WalChunk,
-    SEGMENT_FOOTER_LEN, WAL_TRAILER_LEN,
+    build_segment_object, build_wal_object, decode_wal_footer, segment_object_key, wal_object_key,
+    BatchEntry, Class, Error, SegmentIndex, Store, StoreOptions, WalChunk, SEGMENT_FOOTER_LEN,
+    WAL_TRAILER_LEN,
 };
 
-fn stores() -> Vec<(std::sync::Arc<dyn ObjectStore>, Option<tempfile::TempDir>)> {
+fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = open_object_store(&format!("file://{}", dir.path().display())).expect("file");
-    let memory = open_object_store("memory://").expect("memory");
+    let file = Store::open(
+        &format!("file://{}", dir.path().display()),
+        &StoreOptions::default(),
+    )
+    .expect("file");
+    let memory = Store::open("memory://", &StoreOptions::default()).expect("memory");
     vec![(file, Some(dir)), (memory, None)]
 }
 
 /// Reads the tail a decoder needs: first a guess, then exactly what it asks for.
 async fn read_tail<T>(
-    store: &dyn ObjectStore,
+    store: &Store,
     key: &object_store::path::Path,
     size: u64,
     guess: u64,
     decode: impl Fn(&[u8]) -> Result<T, Error>,
 ) -> T {
-    let tail = get_range(store, key, size - guess.min(size)..size)
+    let tail = store
+        .get_range(key, size - guess.min(size)..size, Class::Read, None)
         .await
         .expect("tail");
     match decode(&tail) {
         Ok(value) => value,
         Err(Error::Truncated { needed, .. }) => {
-            let tail = get_range(store, key, size - needed..size)
+            let tail = store
+                .get_range(key, size - needed..size, Class::Read, None)
                 .await
                 .expect("tail");
             decode(&tail).expect("decode after refetch")
@@ -60,11 +65,11 @@ async fn wal_object_through_a_store() {
         ];
         let (payload, locations) = build_wal_object(chunks);
         let key = wal_object_key(1, 2, 3);
-        put_new(store.as_ref(), &key, payload).await.expect("put");
+        store.put_new(&key, payload, None).await.expect("put");
         let size = store.head(&key).await.expect("head").size;
 
         let decoded = read_tail(
-            store.as_ref(),
+            &store,
             &key,
             size,
             WAL_TRAILER_LEN as u64,
@@ -72,12 +77,14 @@ async fn wal_object_through_a_store() {
         )
         .await;
         assert_eq!(decoded, locations);
-        let first = get_range(store.as_ref(), &key, decoded[0].range())
+        let first = store
+            .get_range(&key, decoded[0].range(), Class::Read, None)
             .await
             .expect("chunk 0");
         assert_eq!(first.len(), 350);
         assert!(first[..300].iter().all(|&b| b == 1) && first[300..].iter().all(|&b| b == 2));
-        let second = get_range(store.as_ref(), &key, decoded[1].range())
+        let second = store
+            .get_range(&key, decoded[1].range(), Class::Read, None)
             .await
             .expect("chunk 1");
         assert_eq!(&second[..], &[3u8; 20][..]);
@@ -100,12 +107,12 @@ async fn segment_object_through_a_store() {
         let data: Vec<Bytes> = (0..50u8).map(|i| Bytes::from(vec![i; 100])).collect();
         let (payload, index) = build_segment_object(data, &entries, 1000);
         let key = segment_object_key("3f2a-uuid/0", 1000, 4);
-        put_new(store.as_ref(), &key, payload).await.expect("put");
+        store.put_new(&key, payload, None).await.expect("put");
         let size = store.head(&key).await.expect("head").size;
         assert_eq!(size, index.data_len() + index.encoded_len());
 
         let decoded = read_tail(
-            store.as_ref(),
+            &store,
             &key,
             size,
             SEGMENT_FOOTER_LEN as u64,
@@ -120,7 +127,8 @@ async fn segment_object_through_a_store() {
         // 10th batch, so the scan starts at batch 20.
         let start = decoded.position_for_offset(1057);
         assert_eq!(start, 2000);
-        let scanned = get_range(store.as_ref(), &key, start..decoded.data_len())
+        let scanned = store
+            .get_range(&key, start..decoded.data_len(), Class::Read, None)
             .await
             .expect("scan");
         assert_eq!(scanned[800], 28);

@@ -1,0 +1,1130 @@
+//! The metadata store kept in the object store itself (`--metadata bucket://`), so a
+//! single broker on S3 needs nothing else and survives losing its disk entirely.
+//!
+//! The state is small and lives in memory; the bucket holds a log of the operations
+//! that changed it, plus periodic snapshots:
+//! * `meta/log/{seq}.json` — one record per metadata transaction batch: the operations,
+//!   in order. Records are written create-only at consecutive sequence numbers, so the
+//!   log is linear: a writer that is not up to date (a paused former broker, a second
+//!   process on the same bucket) finds its sequence number taken, catches up, and
+//!   re-checks its operations against the state it missed. This is the fence: every
+//!   epoch-checked write (`commit_wal`, `commit_segment`, `trim_log`) is judged against
+//!   the state after every earlier record, exactly as a database transaction would be.
+//! * `meta/snapshots/{seq}.json` — the whole state after record `seq`, written every
+//!   [`SNAPSHOT_EVERY`] records; opening reads the newest snapshot and the records after
+//!   it, and records a snapshot covers are deleted once a newer snapshot exists.
+//!
+//! One writer task applies operations: it checks each against a working copy of the
+//! state (an operation that fails changes nothing and is answered at once), writes the
+//! batch as one record (one PUT, however many callers were waiting: group commit), and
+//! only then applies the batch to the state that readers see and answers the callers.
+//! A failed write resets the working copy; a lost race (the sequence number is taken)
+//! catches up from the log first. Callers see `Unavailable` (retriable) in both cases.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState,
+    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+};
+
+/// Records between two snapshots.
+pub const SNAPSHOT_EVERY: u64 = 1000;
+/// Operations written in one record at most.
+const MAX_BATCH: usize = 512;
+/// Producer ids start here, as in the other stores.
+const FIRST_PRODUCER_ID: i64 = 1000;
+/// How long one record write keeps retrying before its callers see `Unavailable`.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One partition's row.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Partition {
+    leader_epoch: i32,
+    owner: Option<i32>,
+    log_start_offset: i64,
+    high_watermark: i64,
+    /// By base offset.
+    segments: BTreeMap<i64, SegmentRecord>,
+    /// By base offset.
+    wal_ranges: BTreeMap<i64, WalRangeRecord>,
+    producers: BTreeMap<i64, ProducerStateRecord>,
+    epoch_history: Vec<(i32, i64)>,
+}
+
+/// A committed offset without its (map) key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Offset {
+    offset: i64,
+    leader_epoch: i32,
+    metadata: String,
+    commit_timestamp_ms: i64,
+}
+
+/// Everything the store knows.
+#[derive(Debug, Clone, Default)]
+struct State {
+    topics: BTreeMap<String, TopicRecord>,
+    partitions: HashMap<PartitionKey, Partition>,
+    /// Write-ahead objects by key, with their creation time.
+    wal_objects: BTreeMap<String, i64>,
+    /// Number of ranges referencing each write-ahead object.
+    wal_refs: HashMap<String, usize>,
+    /// The last producer id handed out (0: none yet).
+    last_producer_id: i64,
+    /// group -> (topic, partition) -> offset.
+    offsets: BTreeMap<String, BTreeMap<(String, i32), Offset>>,
+    sessions: BTreeMap<i32, i64>,
+}
+
+/// One group's offsets as stored in a snapshot: (topic, partition, offset).
+type GroupOffsets = Vec<(String, i32, Offset)>;
+
+/// The serialized form of [`State`] (JSON needs string map keys, so maps keyed by
+/// structs become lists).
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    seq: u64,
+    topics: Vec<TopicRecord>,
+    partitions: Vec<(PartitionKey, Partition)>,
+    wal_objects: Vec<(String, i64)>,
+    last_producer_id: i64,
+    offsets: Vec<(String, GroupOffsets)>,
+    sessions: Vec<(i32, i64)>,
+}
+
+/// One change of the state, as logged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    CreateTopic {
+        topic: TopicRecord,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    SetTopicConfigs {
+        name: String,
+        configs: BTreeMap<String, String>,
+    },
+    SetPartitionCount {
+        name: String,
+        count: i32,
+    },
+    Claim {
+        key: PartitionKey,
+        broker_id: i32,
+    },
+    CommitWal {
+        commit: WalCommit,
+    },
+    CommitSegment {
+        key: PartitionKey,
+        leader_epoch: i32,
+        segment: SegmentRecord,
+    },
+    TrimLog {
+        key: PartitionKey,
+        leader_epoch: i32,
+        log_start_offset: i64,
+        drop: Vec<i64>,
+    },
+    ForgetWal {
+        keys: Vec<String>,
+    },
+    NextProducerId,
+    CommitOffsets {
+        group: String,
+        offsets: Vec<CommittedOffset>,
+    },
+    DeleteOffsets {
+        group: String,
+        partitions: Option<Vec<(String, i32)>>,
+    },
+    ExpireOffsets {
+        groups: Vec<String>,
+        before_ms: i64,
+    },
+    StartSession {
+        broker_id: i32,
+    },
+}
+
+/// What an operation answers.
+#[derive(Debug)]
+enum Out {
+    Unit,
+    Topic(TopicRecord),
+    Claimed(PartitionState),
+    Number(i64),
+}
+
+/// A record of the log.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    seq: u64,
+    ops: Vec<Op>,
+}
+
+impl State {
+    fn partition(&self, key: PartitionKey) -> MetaResult<&Partition> {
+        self.partitions
+            .get(&key)
+            .ok_or(MetaError::PartitionNotFound)
+    }
+
+    fn owned(&mut self, key: PartitionKey, leader_epoch: i32) -> MetaResult<&mut Partition> {
+        let p = self
+            .partitions
+            .get_mut(&key)
+            .ok_or(MetaError::PartitionNotFound)?;
+        if p.leader_epoch != leader_epoch {
+            return Err(MetaError::Fenced(vec![key]));
+        }
+        Ok(p)
+    }
+
+    fn unref(&mut self, object_key: &str) {
+        if let Some(n) = self.wal_refs.get_mut(object_key) {
+            *n -= 1;
+            if *n == 0 {
+                self.wal_refs.remove(object_key);
+            }
+        }
+    }
+
+    /// Applies one operation. Every check comes before the first change, so an
+    /// operation that fails leaves the state as it was.
+    fn apply(&mut self, op: &Op) -> MetaResult<Out> {
+        match op {
+            Op::CreateTopic { topic } => {
+                if self.topics.contains_key(&topic.name) {
+                    return Err(MetaError::TopicExists);
+                }
+                for partition in 0..topic.partitions {
+                    self.partitions.insert(
+                        PartitionKey {
+                            topic_id: topic.id,
+                            partition,
+                        },
+                        Partition::default(),
+                    );
+                }
+                self.topics.insert(topic.name.clone(), topic.clone());
+                Ok(Out::Unit)
+            }
+            Op::DeleteTopic { name } => {
+                let topic = self.topics.remove(name).ok_or(MetaError::TopicNotFound)?;
+                // Write-ahead objects stay (as garbage once unreferenced), and so do
+                // committed offsets, as in the other stores.
+                for partition in 0..topic.partitions {
+                    let key = PartitionKey {
+                        topic_id: topic.id,
+                        partition,
+                    };
+                    if let Some(p) = self.partitions.remove(&key) {
+                        for r in p.wal_ranges.values() {
+                            self.unref(&r.object_key);
+                        }
+                    }
+                }
+                Ok(Out::Topic(topic))
+            }
+            Op::SetTopicConfigs { name, configs } => {
+                let topic = self.topics.get_mut(name).ok_or(MetaError::TopicNotFound)?;
+                topic.configs = configs.clone();
+                Ok(Out::Unit)
+            }
+            Op::SetPartitionCount { name, count } => {
+                let topic = self.topics.get_mut(name).ok_or(MetaError::TopicNotFound)?;
+                if *count <= topic.partitions {
+                    return Ok(Out::Unit);
+                }
+                let (id, from) = (topic.id, topic.partitions);
+                topic.partitions = *count;
+                for partition in from..*count {
+                    self.partitions.insert(
+                        PartitionKey {
+                            topic_id: id,
+                            partition,
+                        },
+                        Partition::default(),
+                    );
+                }
+                Ok(Out::Unit)
+            }
+            Op::Claim { key, broker_id } => {
+                let p = self
+                    .partitions
+                    .get_mut(key)
+                    .ok_or(MetaError::PartitionNotFound)?;
+                let epoch = p.leader_epoch.checked_add(1).ok_or_else(|| {
+                    MetaError::Corrupt(format!(
+                        "leader epoch of {key:?} cannot grow past {}",
+                        p.leader_epoch
+                    ))
+                })?;
+                p.leader_epoch = epoch;
+                p.owner = Some(*broker_id);
+                p.epoch_history.push((epoch, p.high_watermark));
+                Ok(Out::Claimed(PartitionState {
+                    leader_epoch: epoch,
+                    log_start_offset: p.log_start_offset,
+                    high_watermark: p.high_watermark,
+                    segments: p.segments.values().cloned().collect(),
+                    wal_ranges: p.wal_ranges.values().cloned().collect(),
+                    producers: p.producers.values().cloned().collect(),
+                    epoch_history: p.epoch_history.clone(),
+                }))
+            }
+            Op::CommitWal { commit } => {
+                let fenced: Vec<PartitionKey> = commit
+                    .partitions
+                    .iter()
+                    .filter(|part| {
+                        self.partitions.get(&part.key).map(|p| p.leader_epoch)
+                            != Some(part.leader_epoch)
+                    })
+                    .map(|part| part.key)
+                    .collect();
+                if !fenced.is_empty() {
+                    return Err(MetaError::Fenced(fenced));
+                }
+                for part in &commit.partitions {
+                    let p = self.partitions.get_mut(&part.key).expect("checked above");
+                    let mut range = part.range.clone();
+                    range.object_key.clone_from(&commit.object_key);
+                    p.high_watermark = p.high_watermark.max(range.end_offset);
+                    if let Some(old) = p.wal_ranges.insert(range.base_offset, range) {
+                        let old_key = old.object_key;
+                        self.unref(&old_key);
+                    }
+                    let p = self.partitions.get_mut(&part.key).expect("checked above");
+                    for producer in &part.producers {
+                        p.producers.insert(producer.producer_id, producer.clone());
+                    }
+                    *self.wal_refs.entry(commit.object_key.clone()).or_default() += 1;
+                }
+                self.wal_objects
+                    .entry(commit.object_key.clone())
+                    .or_insert(commit.created_ms);
+                Ok(Out::Unit)
+            }
+            Op::CommitSegment {
+                key,
+                leader_epoch,
+                segment,
+            } => {
+                let p = self.owned(*key, *leader_epoch)?;
+                p.segments.insert(segment.base_offset, segment.clone());
+                let covered: Vec<i64> = p
+                    .wal_ranges
+                    .values()
+                    .filter(|r| r.end_offset <= segment.end_offset)
+                    .map(|r| r.base_offset)
+                    .collect();
+                let mut released = Vec::with_capacity(covered.len());
+                for base in covered {
+                    if let Some(r) = p.wal_ranges.remove(&base) {
+                        released.push(r.object_key);
+                    }
+                }
+                for object_key in released {
+                    self.unref(&object_key);
+                }
+                Ok(Out::Unit)
+            }
+            Op::TrimLog {
+                key,
+                leader_epoch,
+                log_start_offset,
+                drop,
+            } => {
+                let p = self.owned(*key, *leader_epoch)?;
+                p.log_start_offset = p.log_start_offset.max(*log_start_offset);
+                for base in drop {
+                    p.segments.remove(base);
+                }
+                Ok(Out::Unit)
+            }
+            Op::ForgetWal { keys } => {
+                for k in keys {
+                    self.wal_objects.remove(k);
+                }
+                Ok(Out::Unit)
+            }
+            Op::NextProducerId => {
+                self.last_producer_id = if self.last_producer_id == 0 {
+                    FIRST_PRODUCER_ID
+                } else {
+                    self.last_producer_id + 1
+                };
+                Ok(Out::Number(self.last_producer_id))
+            }
+            Op::CommitOffsets { group, offsets } => {
+                if offsets.is_empty() {
+                    return Ok(Out::Unit);
+                }
+                let stored = self.offsets.entry(group.clone()).or_default();
+                for o in offsets {
+                    stored.insert(
+                        (o.topic.clone(), o.partition),
+                        Offset {
+                            offset: o.offset,
+                            leader_epoch: o.leader_epoch,
+                            metadata: o.metadata.clone(),
+                            commit_timestamp_ms: o.commit_timestamp_ms,
+                        },
+                    );
+                }
+                Ok(Out::Unit)
+            }
+            Op::DeleteOffsets { group, partitions } => {
+                let Some(stored) = self.offsets.get_mut(group) else {
+                    return Ok(Out::Number(0));
+                };
+                let deleted = match partitions {
+                    None => stored.len(),
+                    Some(list) => {
+                        let mut n = 0;
+                        for (topic, partition) in list {
+                            n += usize::from(stored.remove(&(topic.clone(), *partition)).is_some());
+                        }
+                        n
+                    }
+                };
+                if partitions.is_none() || stored.is_empty() {
+                    self.offsets.remove(group);
+                }
+                Ok(Out::Number(deleted as i64))
+            }
+            Op::ExpireOffsets { groups, before_ms } => {
+                let mut deleted = 0;
+                for group in groups {
+                    if let Some(stored) = self.offsets.get_mut(group) {
+                        let before = stored.len();
+                        stored.retain(|_, o| o.commit_timestamp_ms >= *before_ms);
+                        deleted += before - stored.len();
+                        if stored.is_empty() {
+                            self.offsets.remove(group);
+                        }
+                    }
+                }
+                Ok(Out::Number(deleted as i64))
+            }
+            Op::StartSession { broker_id } => {
+                let session = self.sessions.entry(*broker_id).or_insert(0);
+                *session += 1;
+                Ok(Out::Number(*session))
+            }
+        }
+    }
+
+    fn snapshot(&self, seq: u64) -> Snapshot {
+        Snapshot {
+            seq,
+            topics: self.topics.values().cloned().collect(),
+            partitions: self
+                .partitions
+                .iter()
+                .map(|(k, p)| (*k, p.clone()))
+                .collect(),
+            wal_objects: self
+                .wal_objects
+                .iter()
+                .map(|(k, t)| (k.clone(), *t))
+                .collect(),
+            last_producer_id: self.last_producer_id,
+            offsets: self
+                .offsets
+                .iter()
+                .map(|(g, o)| {
+                    (
+                        g.clone(),
+                        o.iter()
+                            .map(|((t, p), v)| (t.clone(), *p, v.clone()))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            sessions: self.sessions.iter().map(|(b, s)| (*b, *s)).collect(),
+        }
+    }
+
+    fn from_snapshot(s: Snapshot) -> State {
+        let mut wal_refs: HashMap<String, usize> = HashMap::new();
+        for (_, p) in &s.partitions {
+            for r in p.wal_ranges.values() {
+                *wal_refs.entry(r.object_key.clone()).or_default() += 1;
+            }
+        }
+        State {
+            topics: s.topics.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            partitions: s.partitions.into_iter().collect(),
+            wal_objects: s.wal_objects.into_iter().collect(),
+            wal_refs,
+            last_producer_id: s.last_producer_id,
+            offsets: s
+                .offsets
+                .into_iter()
+                .map(|(g, o)| (g, o.into_iter().map(|(t, p, v)| ((t, p), v)).collect()))
+                .collect(),
+            sessions: s.sessions.into_iter().collect(),
+        }
+    }
+}
+
+fn log_key(seq: u64) -> Path {
+    Path::from(format!("meta/log/{seq:020}.json"))
+}
+
+fn snapshot_key(seq: u64) -> Path {
+    Path::from(format!("meta/snapshots/{seq:020}.json"))
+}
+
+/// The sequence number in a `meta/log/` or `meta/snapshots/` key.
+fn seq_of(key: &Path) -> Option<u64> {
+    key.filename()?.strip_suffix(".json")?.parse().ok()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Unavailable(e.to_string())
+}
+
+type Request = (Op, oneshot::Sender<MetaResult<Out>>);
+
+/// The metadata store in the bucket. See the module docs.
+pub struct BucketStore {
+    name: String,
+    state: Arc<RwLock<State>>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for BucketStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketStore")
+            .field("store", &self.name)
+            .finish()
+    }
+}
+
+/// The writer's view: the log position and the working copy of the state.
+struct Writer {
+    store: Arc<tiering::Store>,
+    state: Arc<RwLock<State>>,
+    working: State,
+    /// The next record's sequence number.
+    next_seq: u64,
+    /// Sequence number of the newest snapshot (0: none).
+    snapshot_seq: u64,
+}
+
+impl BucketStore {
+    /// Loads the state from the store's `meta/` objects (empty if there are none) and
+    /// starts the writer.
+    pub async fn open(store: Arc<tiering::Store>) -> MetaResult<BucketStore> {
+        let (state, next_seq, snapshot_seq) = load(&store).await?;
+        tracing::info!(store = %store.name(), records = next_seq - 1, snapshot = snapshot_seq, "opened metadata in the object store");
+        let state = Arc::new(RwLock::new(state));
+        let writer = Writer {
+            store: store.clone(),
+            working: state.read().expect("metadata state lock poisoned").clone(),
+            state: state.clone(),
+            next_seq,
+            snapshot_seq,
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer.run(rx));
+        Ok(BucketStore {
+            name: store.name().to_owned(),
+            state,
+            requests: tx,
+        })
+    }
+
+    async fn submit(&self, op: Op) -> MetaResult<Out> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send((op, tx))
+            .await
+            .map_err(|_| unavailable("the metadata writer stopped"))?;
+        rx.await
+            .map_err(|_| unavailable("the metadata writer stopped"))?
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.state.read().expect("metadata state lock poisoned"))
+    }
+}
+
+/// Reads the newest snapshot and the records after it: (state, next seq, snapshot seq).
+async fn load(store: &tiering::Store) -> MetaResult<(State, u64, u64)> {
+    let snapshots = store
+        .list(&Path::from("meta/snapshots"))
+        .await
+        .map_err(unavailable)?;
+    let newest = snapshots.iter().filter_map(|m| seq_of(&m.location)).max();
+    let (mut state, snapshot_seq) = match newest {
+        Some(seq) => {
+            let bytes = store
+                .get(&snapshot_key(seq))
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| unavailable(format!("snapshot {seq} vanished while opening")))?;
+            let snapshot: Snapshot = serde_json::from_slice(&bytes)
+                .map_err(|e| MetaError::Corrupt(format!("metadata snapshot {seq}: {e}")))?;
+            (State::from_snapshot(snapshot), seq)
+        }
+        None => (State::default(), 0),
+    };
+    let mut records: Vec<u64> = store
+        .list(&Path::from("meta/log"))
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .filter_map(|m| seq_of(&m.location))
+        .filter(|s| *s > snapshot_seq)
+        .collect();
+    records.sort_unstable();
+    let mut next = snapshot_seq + 1;
+    for seq in records {
+        if seq != next {
+            return Err(MetaError::Corrupt(format!(
+                "metadata log record {next} is missing (found {seq})"
+            )));
+        }
+        replay(store, &mut state, seq).await?;
+        next += 1;
+    }
+    Ok((state, next, snapshot_seq))
+}
+
+/// Applies the stored record `seq`; `false` if there is no such record.
+async fn replay(store: &tiering::Store, state: &mut State, seq: u64) -> MetaResult<bool> {
+    let Some(bytes) = store.get(&log_key(seq)).await.map_err(unavailable)? else {
+        return Ok(false);
+    };
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| MetaError::Corrupt(format!("metadata log record {seq}: {e}")))?;
+    for op in &record.ops {
+        state.apply(op).map_err(|e| {
+            MetaError::Corrupt(format!("metadata log record {seq} does not apply: {e}"))
+        })?;
+    }
+    Ok(true)
+}
+
+impl Writer {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        while let Some(first) = requests.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    /// Checks the batch against the working state, writes what applies as one record,
+    /// then publishes it and answers.
+    async fn commit(&mut self, batch: Vec<Request>) {
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut answers = Vec::with_capacity(batch.len());
+        for (op, reply) in batch {
+            match self.working.apply(&op) {
+                Ok(out) => {
+                    ops.push(op);
+                    answers.push((reply, out));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        let record = Record {
+            seq: self.next_seq,
+            ops,
+        };
+        let written = match serde_json::to_vec(&record) {
+            Ok(bytes) => self
+                .store
+                .put_new(
+                    &log_key(record.seq),
+                    bytes.into(),
+                    Some(Instant::now() + WRITE_DEADLINE),
+                )
+                .await
+                .map_err(|e| {
+                    (
+                        matches!(e, tiering::Error::AlreadyExists { .. }),
+                        unavailable(e),
+                    )
+                }),
+            Err(e) => Err((false, MetaError::Corrupt(e.to_string()))),
+        };
+        match written {
+            Ok(()) => {
+                {
+                    let mut state = self.state.write().expect("metadata state lock poisoned");
+                    for op in &record.ops {
+                        // Applied to an identical state just now, so it applies again.
+                        let _ = state.apply(op);
+                    }
+                }
+                self.next_seq += 1;
+                for (reply, out) in answers {
+                    let _ = reply.send(Ok(out));
+                }
+                if record.seq - self.snapshot_seq >= SNAPSHOT_EVERY {
+                    self.snapshot().await;
+                }
+            }
+            Err((taken, e)) => {
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(unavailable(&e)));
+                }
+                if taken {
+                    tracing::warn!(
+                        seq = record.seq,
+                        "another writer appended to the metadata log; catching up"
+                    );
+                }
+                self.resync().await;
+            }
+        }
+    }
+
+    /// After a failed or lost write: the working state goes back to the published
+    /// one, and records other writers appended are applied to both.
+    async fn resync(&mut self) {
+        let mut state = self
+            .state
+            .read()
+            .expect("metadata state lock poisoned")
+            .clone();
+        loop {
+            match replay(&self.store, &mut state, self.next_seq).await {
+                Ok(true) => self.next_seq += 1,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = self.next_seq, "could not catch up with the metadata log");
+                    break;
+                }
+            }
+        }
+        self.working = state.clone();
+        *self.state.write().expect("metadata state lock poisoned") = state;
+    }
+
+    /// Writes the published state as a snapshot, then deletes what the previous
+    /// snapshot covered (the newest snapshot and its records are always kept).
+    async fn snapshot(&mut self) {
+        let seq = self.next_seq - 1;
+        let bytes = {
+            let state = self.state.read().expect("metadata state lock poisoned");
+            serde_json::to_vec(&state.snapshot(seq))
+        };
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not encode a metadata snapshot");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .store
+            .put_new(&snapshot_key(seq), bytes.into(), None)
+            .await
+        {
+            tracing::warn!(error = %e, seq, "could not write a metadata snapshot; will retry later");
+            return;
+        }
+        let previous = std::mem::replace(&mut self.snapshot_seq, seq);
+        if previous == 0 {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            for prefix in ["meta/log", "meta/snapshots"] {
+                let Ok(objects) = store.list(&Path::from(prefix)).await else {
+                    continue;
+                };
+                for m in objects {
+                    if seq_of(&m.location).is_some_and(|s| s < previous) {
+                        let _ = store.delete(&m.location).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl MetadataStore for BucketStore {
+    async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
+        self.submit(Op::CreateTopic {
+            topic: topic.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord> {
+        match self
+            .submit(Op::DeleteTopic {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Out::Topic(t) => Ok(t),
+            other => Err(MetaError::Corrupt(format!(
+                "delete_topic answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
+        Ok(self.read(|s| s.topics.values().cloned().collect()))
+    }
+
+    async fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> MetaResult<()> {
+        self.submit(Op::SetTopicConfigs {
+            name: name.to_owned(),
+            configs: configs.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
+        self.submit(Op::SetPartitionCount {
+            name: name.to_owned(),
+            count,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn claim_partition(
+        &self,
+        key: PartitionKey,
+        broker_id: i32,
+    ) -> MetaResult<PartitionState> {
+        // Fail fast without a write for a partition that does not exist.
+        self.read(|s| s.partition(key).map(|_| ()))?;
+        match self.submit(Op::Claim { key, broker_id }).await? {
+            Out::Claimed(state) => Ok(state),
+            other => Err(MetaError::Corrupt(format!("claim answered {other:?}"))),
+        }
+    }
+
+    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
+        self.submit(Op::CommitWal {
+            commit: commit.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn commit_segment(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        segment: &SegmentRecord,
+    ) -> MetaResult<()> {
+        self.submit(Op::CommitSegment {
+            key,
+            leader_epoch,
+            segment: segment.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn trim_log(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        log_start_offset: i64,
+        drop_segment_base_offsets: &[i64],
+    ) -> MetaResult<()> {
+        self.submit(Op::TrimLog {
+            key,
+            leader_epoch,
+            log_start_offset,
+            drop: drop_segment_base_offsets.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
+        Ok(self.read(|s| {
+            let mut keys: Vec<(i64, String)> = s
+                .wal_objects
+                .iter()
+                .filter(|(k, _)| !s.wal_refs.contains_key(*k))
+                .map(|(k, t)| (*t, k.clone()))
+                .collect();
+            keys.sort();
+            keys.into_iter().map(|(_, k)| k).collect()
+        }))
+    }
+
+    async fn known_objects(&self) -> MetaResult<Vec<String>> {
+        Ok(self.read(|s| {
+            let segments = s
+                .partitions
+                .values()
+                .flat_map(|p| p.segments.values().map(|seg| seg.object_key.clone()));
+            s.wal_objects.keys().cloned().chain(segments).collect()
+        }))
+    }
+
+    async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.submit(Op::ForgetWal {
+            keys: keys.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn next_producer_id(&self) -> MetaResult<i64> {
+        match self.submit(Op::NextProducerId).await? {
+            Out::Number(n) => Ok(n),
+            other => Err(MetaError::Corrupt(format!(
+                "producer id answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.submit(Op::CommitOffsets {
+            group: group.to_owned(),
+            offsets: offsets.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
+        Ok(self.read(|s| {
+            s.offsets.get(group).map_or_else(Vec::new, |o| {
+                o.iter()
+                    .map(|((topic, partition), v)| CommittedOffset {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        offset: v.offset,
+                        leader_epoch: v.leader_epoch,
+                        metadata: v.metadata.clone(),
+                        commit_timestamp_ms: v.commit_timestamp_ms,
+                    })
+                    .collect()
+            })
+        }))
+    }
+
+    async fn delete_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> MetaResult<usize> {
+        if !self.read(|s| s.offsets.contains_key(group)) {
+            return Ok(0);
+        }
+        match self
+            .submit(Op::DeleteOffsets {
+                group: group.to_owned(),
+                partitions: partitions.map(<[(String, i32)]>::to_vec),
+            })
+            .await?
+        {
+            Out::Number(n) => Ok(n as usize),
+            other => Err(MetaError::Corrupt(format!("delete answered {other:?}"))),
+        }
+    }
+
+    async fn offset_groups(&self) -> MetaResult<Vec<String>> {
+        Ok(self.read(|s| s.offsets.keys().cloned().collect()))
+    }
+
+    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
+        let any = self.read(|s| {
+            groups.iter().any(|g| {
+                s.offsets
+                    .get(g)
+                    .is_some_and(|o| o.values().any(|v| v.commit_timestamp_ms < before_ms))
+            })
+        });
+        if !any {
+            return Ok(0);
+        }
+        match self
+            .submit(Op::ExpireOffsets {
+                groups: groups.to_vec(),
+                before_ms,
+            })
+            .await?
+        {
+            Out::Number(n) => Ok(n as usize),
+            other => Err(MetaError::Corrupt(format!("expire answered {other:?}"))),
+        }
+    }
+
+    async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
+        match self.submit(Op::StartSession { broker_id }).await? {
+            Out::Number(n) => Ok(n),
+            other => Err(MetaError::Corrupt(format!("session answered {other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::conformance::{self, metadata_store_conformance};
+    use uuid::Uuid;
+
+    fn memory() -> Arc<tiering::Store> {
+        Arc::new(
+            tiering::Store::open("memory://", &tiering::StoreOptions::default())
+                .expect("memory store"),
+        )
+    }
+
+    metadata_store_conformance!(BucketStore::open(memory()).await.expect("open"));
+
+    #[tokio::test]
+    async fn conformance_suite_on_one_store() {
+        let store = BucketStore::open(memory()).await.expect("open");
+        conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopening_and_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let objects =
+            Arc::new(tiering::Store::open(&url, &tiering::StoreOptions::default()).expect("store"));
+        let store = BucketStore::open(objects.clone()).await.expect("open");
+        let topic = TopicRecord {
+            name: "t".into(),
+            id: Uuid::new_v4(),
+            partitions: 2,
+            configs: BTreeMap::new(),
+            created_ms: 1,
+        };
+        store.create_topic(&topic).await.expect("create");
+        // Enough records for a snapshot and some after it.
+        let n = SNAPSHOT_EVERY + 10;
+        for i in 0..n {
+            store
+                .commit_offsets(
+                    "g",
+                    &[CommittedOffset {
+                        topic: "t".into(),
+                        partition: 0,
+                        offset: i as i64,
+                        leader_epoch: -1,
+                        metadata: String::new(),
+                        commit_timestamp_ms: 5,
+                    }],
+                )
+                .await
+                .expect("commit");
+        }
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 1,
+        };
+        let claimed = store.claim_partition(key, 7).await.expect("claim");
+        drop(store);
+        let snapshots = objects
+            .list(&Path::from("meta/snapshots"))
+            .await
+            .expect("list");
+        assert_eq!(snapshots.len(), 1, "one snapshot after {n} records");
+
+        let reopened = BucketStore::open(objects.clone()).await.expect("reopen");
+        assert_eq!(
+            reopened.list_topics().await.expect("topics"),
+            vec![topic.clone()]
+        );
+        let offsets = reopened.fetch_offsets("g").await.expect("offsets");
+        assert_eq!(offsets[0].offset, n as i64 - 1);
+        let again = reopened.claim_partition(key, 7).await.expect("claim");
+        assert_eq!(again.leader_epoch, claimed.leader_epoch + 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_fenced_by_the_log() {
+        // Two stores over one bucket: the one that is behind loses its write, catches
+        // up, and then judges the epoch against the state it missed.
+        let objects = memory();
+        let a = BucketStore::open(objects.clone()).await.expect("open a");
+        let topic = TopicRecord {
+            name: "t".into(),
+            id: Uuid::new_v4(),
+            partitions: 1,
+            configs: BTreeMap::new(),
+            created_ms: 1,
+        };
+        a.create_topic(&topic).await.expect("create");
+        let key = PartitionKey {
+            topic_id: topic.id,
+            partition: 0,
+        };
+        let old = a.claim_partition(key, 1).await.expect("claim by a");
+        let b = BucketStore::open(objects.clone()).await.expect("open b");
+        let new = b.claim_partition(key, 2).await.expect("claim by b");
+        assert_eq!(new.leader_epoch, old.leader_epoch + 1);
+
+        let range = WalRangeRecord {
+            base_offset: 0,
+            end_offset: 1,
+            object_key: "wal/x".into(),
+            position: 0,
+            len: 10,
+            max_timestamp: 0,
+        };
+        let commit = WalCommit {
+            object_key: "wal/x".into(),
+            created_ms: 1,
+            partitions: vec![super::super::PartitionCommit {
+                key,
+                leader_epoch: old.leader_epoch,
+                range,
+                producers: vec![],
+            }],
+        };
+        // a's record number was taken by b: retriable failure, then a catches up ...
+        let first = a.commit_wal(&commit).await;
+        assert!(matches!(first, Err(MetaError::Unavailable(_))), "{first:?}");
+        // ... and the same commit is now fenced by b's newer epoch.
+        let second = a.commit_wal(&commit).await;
+        assert!(matches!(second, Err(MetaError::Fenced(_))), "{second:?}");
+    }
+}
