@@ -63,6 +63,8 @@ pub struct Broker {
     pub meta: Arc<dyn MetadataStore>,
     pub log: Arc<LogContext>,
     pub indexes: IndexCache,
+    /// This broker's registration and the live brokers clients are told about.
+    pub membership: Arc<crate::membership::Membership>,
     /// Object-store blocks in memory and on local disk, for reads of sealed segments.
     pub blocks: Arc<tiering::BlockCache>,
     pub groups: Arc<crate::group::Coordinator>,
@@ -111,6 +113,22 @@ impl Broker {
         .context("opening the block cache")?;
         let meta = crate::metadata::open(&config.metadata_url, &store).await?;
         let session = meta.start_broker_session(config.broker_id).await?;
+        let (host, port) = crate::handlers::metadata::host_port(&config.advertise);
+        let membership = crate::membership::Membership::join(
+            meta.clone(),
+            crate::metadata::BrokerRecord {
+                broker_id: config.broker_id,
+                session,
+                host,
+                port,
+                zone: config.zone.clone(),
+                lease_expires_ms: 0,
+            },
+            Duration::from_millis(config.broker_lease_ms),
+        )
+        .await
+        .context("registering the broker")?;
+        membership.spawn();
         let (flush_tx, flush_rx) = mpsc::channel(4096);
         let flusher = Flusher::new(
             FlusherConfig {
@@ -165,6 +183,7 @@ impl Broker {
             meta,
             log,
             indexes: IndexCache::new(10_000),
+            membership,
             blocks,
             registry: RwLock::new(Registry::default()),
             admin: tokio::sync::Mutex::new(()),
@@ -520,6 +539,7 @@ impl Broker {
                 let _ = p.cmd.send(PartitionCmd::Stop).await;
             }
         }
+        self.membership.leave().await;
         self.blocks.close().await;
     }
 }

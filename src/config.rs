@@ -134,6 +134,11 @@ pub const SETTINGS: &[SettingDef] = &[
     def("broker-id", "0", "this broker's id (node id in Kafka metadata)"),
     def("zone", "", "availability zone (rack) of this broker"),
     def(
+        "broker.lease.ms",
+        "10000",
+        "how long a broker stays listed as live after its last heartbeat (it heartbeats every third of this)",
+    ),
+    def(
         "cluster-id",
         "strata-cluster",
         "cluster id reported to clients in Metadata and DescribeCluster",
@@ -417,6 +422,7 @@ pub struct Config {
     pub metadata_url: String,
     pub broker_id: i32,
     pub zone: Option<String>,
+    pub broker_lease_ms: u64,
     pub cluster_id: String,
     pub log_json: bool,
     pub metrics_partition_labels: bool,
@@ -553,6 +559,7 @@ impl Config {
             metadata_url,
             broker_id,
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
+            broker_lease_ms: positive("broker.lease.ms")?.max(300),
             cluster_id: text("cluster-id"),
             log_json,
             metrics_partition_labels: boolean("metrics.partition.labels")?,

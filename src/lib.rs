@@ -16,6 +16,7 @@ pub mod groups_cli;
 pub mod handlers;
 pub mod http;
 pub mod log;
+pub mod membership;
 pub mod metadata;
 pub mod metrics;
 pub mod orphans;

@@ -47,7 +47,7 @@ pub async fn collect(
             .orphans_deleted
             .with_label_values(&[prefix])
             .inc();
-        tracing::info!(object = %key, "deleted an orphaned object");
+        tracing::debug!(object = %key, "deleted an orphaned object");
         deleted += 1;
     }
     Ok(deleted)

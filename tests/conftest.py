@@ -109,7 +109,8 @@ class Broker:
     instances: list["Broker"] = []
 
     def __init__(self, base_dir, env: dict | None = None, zero_config: bool = False,
-                 name: str = "broker", binary: Path | None = None, store: str | None = None):
+                 name: str = "broker", binary: Path | None = None, store: str | None = None,
+                 metadata: str | None = None, broker_id: int = 0):
         self.binary = Path(binary) if binary else strata_binary()
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +130,8 @@ class Broker:
         self.log_path = self.base_dir / f"{name}.stderr.log"
         self.s3 = None
         self.bucket = None
+        self.metadata = metadata
+        self.broker_id = broker_id
         if (store or OBJECT_STORE) == "s3" and not zero_config:
             from s3 import s3_server
             self.s3 = s3_server()
@@ -189,8 +192,8 @@ class Broker:
             "--data-dir", d,
             "--object-store", self.object_store_url,
             # On S3 the metadata lives in the bucket too, so the data dir is only a cache.
-            "--metadata", "bucket://" if self.s3 else f"sqlite://{d}/metadata.db",
-            "--broker-id", "0",
+            "--metadata", self.metadata or ("bucket://" if self.s3 else f"sqlite://{d}/metadata.db"),
+            "--broker-id", str(self.broker_id),
         ]
 
     def environment(self) -> dict:
@@ -396,6 +399,16 @@ def module_broker(tmp_path_factory, strata_bin) -> Broker:
 # ---------------------------------------------------------------------------
 # client helpers (confluent-kafka)
 # ---------------------------------------------------------------------------
+
+def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    """Polls `cond` every 0.1 s until it is true; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
 
 def unique_topic(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"

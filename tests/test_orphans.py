@@ -6,8 +6,8 @@ import time
 import urllib.request
 import uuid
 
-from conftest import consume_all, create_topic, unique_topic
-from test_storage import SMALL, produce_numbered, wait_until
+from conftest import consume_all, create_topic, unique_topic, wait_until
+from test_storage import SMALL, produce_numbered
 
 SETTINGS = {
     **SMALL,

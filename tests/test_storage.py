@@ -7,7 +7,7 @@ import time
 
 from confluent_kafka import TopicPartition, Consumer
 
-from conftest import consume_all, create_topic, producer, unique_topic
+from conftest import consume_all, create_topic, producer, unique_topic, wait_until
 
 SMALL = {
     "STRATA_SEGMENT_BYTES": "65536",
@@ -28,15 +28,6 @@ def produce_numbered(bootstrap, topic, n, partition=0, size=1000, ts0=1_700_000_
             p.poll(0)
     assert p.flush(60) == 0
     assert not errors, errors[:3]
-
-
-def wait_until(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_segments_upload_and_serve_old_offsets_after_cache_loss(broker_factory):

@@ -31,7 +31,8 @@ pub fn meta_error(e: &MetaError) -> ResponseError {
         MetaError::TopicNotFound | MetaError::PartitionNotFound => {
             ResponseError::UnknownTopicOrPartition
         }
-        MetaError::Fenced(_) => ResponseError::NotLeaderOrFollower,
+        // Both mean another broker (or a newer incarnation of this one) is in charge.
+        MetaError::Fenced(_) | MetaError::Superseded => ResponseError::NotLeaderOrFollower,
         MetaError::Unavailable(_) => ResponseError::RequestTimedOut,
         MetaError::Corrupt(_) => ResponseError::UnknownServerError,
     }

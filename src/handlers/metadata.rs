@@ -41,13 +41,19 @@ pub async fn metadata(
     req: MetadataRequest,
     version: i16,
 ) -> MetadataResponse {
-    let (host, port) = host_port(&broker.config.advertise);
     let mut resp = MetadataResponse::default();
-    resp.brokers = vec![MetadataResponseBroker::default()
-        .with_node_id(BrokerId(broker.config.broker_id))
-        .with_host(str_bytes(host))
-        .with_port(port)
-        .with_rack(broker.config.zone.clone().map(str_bytes))];
+    resp.brokers = broker
+        .membership
+        .live()
+        .into_iter()
+        .map(|b| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(b.broker_id))
+                .with_host(str_bytes(b.host))
+                .with_port(b.port)
+                .with_rack(b.zone.map(str_bytes))
+        })
+        .collect();
     resp.cluster_id = Some(str_bytes(broker.config.cluster_id.clone()));
     resp.controller_id = BrokerId(broker.config.broker_id);
     resp.cluster_authorized_operations = if req.include_cluster_authorized_operations {
@@ -150,7 +156,6 @@ pub fn describe_cluster(
     broker: &Arc<Broker>,
     req: DescribeClusterRequest,
 ) -> DescribeClusterResponse {
-    let (host, port) = host_port(&broker.config.advertise);
     let mut resp = DescribeClusterResponse::default();
     resp.cluster_id = str_bytes(broker.config.cluster_id.clone());
     resp.controller_id = BrokerId(broker.config.broker_id);
@@ -160,10 +165,17 @@ pub fn describe_cluster(
     } else {
         OPERATIONS_NOT_REQUESTED
     };
-    resp.brokers = vec![DescribeClusterBroker::default()
-        .with_broker_id(BrokerId(broker.config.broker_id))
-        .with_host(str_bytes(host))
-        .with_port(port)
-        .with_rack(broker.config.zone.clone().map(str_bytes))];
+    resp.brokers = broker
+        .membership
+        .live()
+        .into_iter()
+        .map(|b| {
+            DescribeClusterBroker::default()
+                .with_broker_id(BrokerId(b.broker_id))
+                .with_host(str_bytes(b.host))
+                .with_port(b.port)
+                .with_rack(b.zone.map(str_bytes))
+        })
+        .collect();
     resp
 }

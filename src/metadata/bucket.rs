@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState,
-    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    BrokerRecord, CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey,
+    PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
 /// Records between two snapshots.
@@ -82,6 +82,7 @@ struct State {
     /// group -> (topic, partition) -> offset.
     offsets: BTreeMap<String, BTreeMap<(String, i32), Offset>>,
     sessions: BTreeMap<i32, i64>,
+    brokers: BTreeMap<i32, BrokerRecord>,
 }
 
 /// One group's offsets as stored in a snapshot: (topic, partition, offset).
@@ -98,6 +99,8 @@ struct Snapshot {
     last_producer_id: i64,
     offsets: Vec<(String, GroupOffsets)>,
     sessions: Vec<(i32, i64)>,
+    #[serde(default)]
+    brokers: Vec<BrokerRecord>,
 }
 
 /// One change of the state, as logged.
@@ -154,6 +157,13 @@ enum Op {
     },
     StartSession {
         broker_id: i32,
+    },
+    HeartbeatBroker {
+        broker: BrokerRecord,
+    },
+    DeregisterBroker {
+        broker_id: i32,
+        session: i64,
     },
 }
 
@@ -419,6 +429,27 @@ impl State {
                 }
                 Ok(Out::Number(deleted as i64))
             }
+            Op::HeartbeatBroker { broker } => {
+                if self
+                    .brokers
+                    .get(&broker.broker_id)
+                    .is_some_and(|b| b.session > broker.session)
+                {
+                    return Err(MetaError::Superseded);
+                }
+                self.brokers.insert(broker.broker_id, broker.clone());
+                Ok(Out::Unit)
+            }
+            Op::DeregisterBroker { broker_id, session } => {
+                if self
+                    .brokers
+                    .get(broker_id)
+                    .is_some_and(|b| b.session == *session)
+                {
+                    self.brokers.remove(broker_id);
+                }
+                Ok(Out::Unit)
+            }
             Op::StartSession { broker_id } => {
                 let session = self.sessions.entry(*broker_id).or_insert(0);
                 *session += 1;
@@ -455,6 +486,7 @@ impl State {
                 })
                 .collect(),
             sessions: self.sessions.iter().map(|(b, s)| (*b, *s)).collect(),
+            brokers: self.brokers.values().cloned().collect(),
         }
     }
 
@@ -477,6 +509,7 @@ impl State {
                 .map(|(g, o)| (g, o.into_iter().map(|(t, p, v)| ((t, p), v)).collect()))
                 .collect(),
             sessions: s.sessions.into_iter().collect(),
+            brokers: s.brokers.into_iter().map(|b| (b.broker_id, b)).collect(),
         }
     }
 }
@@ -896,6 +929,30 @@ impl MetadataStore for BucketStore {
                 .flat_map(|p| p.segments.values().map(|seg| seg.object_key.clone()));
             s.wal_objects.keys().cloned().chain(segments).collect()
         }))
+    }
+
+    async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()> {
+        self.submit(Op::HeartbeatBroker {
+            broker: broker.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
+        Ok(self.read(|s| {
+            s.brokers
+                .values()
+                .filter(|b| b.lease_expires_ms > now_ms)
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()> {
+        self.submit(Op::DeregisterBroker { broker_id, session })
+            .await
+            .map(|_| ())
     }
 
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {

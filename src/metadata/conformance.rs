@@ -25,8 +25,9 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::{
-    CommittedOffset, MetaError, MetadataStore, PartitionCommit, PartitionKey, PartitionState,
-    ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    BrokerRecord, CommittedOffset, MetaError, MetadataStore, PartitionCommit, PartitionKey,
+    PartitionState, ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit,
+    WalRangeRecord,
 };
 
 /// Generates one `#[tokio::test]` per check, each against a fresh store made by
@@ -48,6 +49,7 @@ macro_rules! metadata_store_conformance {
             check_known_objects,
             check_producer_ids,
             check_broker_sessions,
+            check_broker_membership,
             check_large_commit,
             check_offset_commit_and_fetch,
             check_offset_overwrite,
@@ -86,6 +88,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_known_objects(store).await;
     check_producer_ids(store).await;
     check_broker_sessions(store).await;
+    check_broker_membership(store).await;
     check_large_commit(store).await;
     check_offset_commit_and_fetch(store).await;
     check_offset_overwrite(store).await;
@@ -846,6 +849,65 @@ pub(crate) async fn check_known_objects(store: &dyn MetadataStore) {
         !known.contains(&seg.object_key),
         "a dropped segment is not known"
     );
+}
+
+/// Brokers register with a lease, renew it, and stop being live when it expires or
+/// they deregister; a newer session supersedes an older one of the same id.
+pub(crate) async fn check_broker_membership(store: &dyn MetadataStore) {
+    // Ids far from other checks' so a shared store does not mix them up.
+    let id = 7_000_000 + (Uuid::new_v4().as_u128() % 1_000_000) as i32;
+    let record = |session: i64, expires: i64, zone: Option<&str>| BrokerRecord {
+        broker_id: id,
+        session,
+        host: "10.0.0.1".to_owned(),
+        port: 9092,
+        zone: zone.map(str::to_owned),
+        lease_expires_ms: expires,
+    };
+    let live = |brokers: Vec<BrokerRecord>| -> Vec<BrokerRecord> {
+        brokers.into_iter().filter(|b| b.broker_id == id).collect()
+    };
+    assert!(live(store.live_brokers(0).await.expect("live")).is_empty());
+    store
+        .heartbeat_broker(&record(1, 1_000, Some("az-1")))
+        .await
+        .expect("register");
+    assert_eq!(
+        live(store.live_brokers(999).await.expect("live")),
+        vec![record(1, 1_000, Some("az-1"))]
+    );
+    assert!(
+        live(store.live_brokers(1_000).await.expect("live")).is_empty(),
+        "a lease is live strictly before its expiry"
+    );
+    // Renewal moves the expiry (and may change address and zone).
+    store
+        .heartbeat_broker(&record(1, 2_000, None))
+        .await
+        .expect("renew");
+    assert_eq!(
+        live(store.live_brokers(1_500).await.expect("live")),
+        vec![record(1, 2_000, None)]
+    );
+    // A restarted broker (newer session) takes over; the old one is refused.
+    store
+        .heartbeat_broker(&record(2, 3_000, Some("az-2")))
+        .await
+        .expect("newer session");
+    let stale = store.heartbeat_broker(&record(1, 9_000, None)).await;
+    assert!(matches!(stale, Err(MetaError::Superseded)), "{stale:?}");
+    assert_eq!(
+        live(store.live_brokers(2_500).await.expect("live")),
+        vec![record(2, 3_000, Some("az-2"))]
+    );
+    // Deregistering an old session does nothing; the current one leaves at once.
+    store
+        .deregister_broker(id, 1)
+        .await
+        .expect("deregister stale");
+    assert_eq!(live(store.live_brokers(0).await.expect("live")).len(), 1);
+    store.deregister_broker(id, 2).await.expect("deregister");
+    assert!(live(store.live_brokers(0).await.expect("live")).is_empty());
 }
 
 // ---------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::{
-    CommittedOffset, MetaResult, MetadataStore, PartitionKey, PartitionState, SegmentRecord,
-    TopicRecord, WalCommit,
+    BrokerRecord, CommittedOffset, MetaResult, MetadataStore, PartitionKey, PartitionState,
+    SegmentRecord, TopicRecord, WalCommit,
 };
 
 struct StoreMetrics {
@@ -152,6 +152,19 @@ impl MetadataStore for Instrumented {
     }
     async fn known_objects(&self) -> MetaResult<Vec<String>> {
         timed("known_objects", self.inner.known_objects()).await
+    }
+    async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()> {
+        timed("heartbeat_broker", self.inner.heartbeat_broker(broker)).await
+    }
+    async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
+        timed("live_brokers", self.inner.live_brokers(now_ms)).await
+    }
+    async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()> {
+        timed(
+            "deregister_broker",
+            self.inner.deregister_broker(broker_id, session),
+        )
+        .await
     }
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
         timed("forget_wal_objects", self.inner.forget_wal_objects(keys)).await

@@ -35,6 +35,8 @@ pub enum MetaError {
     Unavailable(String),
     #[error("stored metadata is corrupt: {0}")]
     Corrupt(String),
+    #[error("a newer session of this broker id is registered")]
+    Superseded,
 }
 
 pub type MetaResult<T> = Result<T, MetaError>;
@@ -140,6 +142,23 @@ pub struct WalCommit {
     pub partitions: Vec<PartitionCommit>,
 }
 
+/// A broker's registration: who it is, where clients reach it, and until when its
+/// lease holds. Brokers renew the lease by heartbeat; one whose lease has expired is
+/// not live.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BrokerRecord {
+    pub broker_id: i32,
+    /// The session from `start_broker_session`: a restarted broker supersedes its old
+    /// self, whose heartbeats are then refused.
+    pub session: i64,
+    pub host: String,
+    pub port: i32,
+    /// Availability zone (Kafka's rack), if known.
+    pub zone: Option<String>,
+    /// Milliseconds since the epoch after which the broker is no longer live.
+    pub lease_expires_ms: i64,
+}
+
 /// A consumer group's committed offset for one partition.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommittedOffset {
@@ -228,6 +247,14 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     /// Starts a broker session: returns a number higher than any before for this broker,
     /// used in object names so objects are never overwritten.
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;
+    /// Registers the broker or renews its lease (replacing address, zone and expiry).
+    /// `Superseded` if a newer session of the same broker id is registered.
+    async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()>;
+    /// Brokers whose lease expires after `now_ms`, by id.
+    async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>>;
+    /// Removes the broker's registration if it is still this session's (graceful
+    /// shutdown: the others need not wait for the lease to expire).
+    async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()>;
 }
 
 /// Opens the metadata store named by a URL: `sqlite://PATH`, `postgres://...`, or

@@ -24,7 +24,7 @@
 //! Errors: anything the server or the connection reports is `Unavailable` (retriable);
 //! a stored value that does not decode is `Corrupt`.
 //!
-//! Persisted format: like SQLite's, every name in [`SCHEMA_V1`] and [`SCHEMA_V2`], the
+//! Persisted format: like SQLite's, every name in [`SCHEMA_V1`], [`SCHEMA_V2`] and [`SCHEMA_V3`], the
 //! JSON forms and the counter names are stored and **must be kept stable**; a change
 //! needs a new schema version and a step in [`migrate`].
 
@@ -40,12 +40,12 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
 use super::{
-    CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState,
-    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    BrokerRecord, CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey,
+    PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// The first producer id handed out. Persisted in the `counters` row below; stable.
 const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
@@ -141,6 +141,19 @@ CREATE TABLE group_offsets (
     metadata            TEXT    NOT NULL,
     commit_timestamp_ms BIGINT  NOT NULL,
     PRIMARY KEY (group_id, topic, partition)
+);
+"#;
+
+/// Schema version 3: broker registrations with their leases (see the SQLite backend's
+/// version 3).
+const SCHEMA_V3: &str = r#"
+CREATE TABLE brokers (
+    broker_id        INTEGER NOT NULL PRIMARY KEY,
+    session          BIGINT  NOT NULL,
+    host             TEXT    NOT NULL,
+    port             INTEGER NOT NULL,
+    zone             TEXT,
+    lease_expires_ms BIGINT  NOT NULL
 );
 "#;
 
@@ -412,7 +425,19 @@ async fn migrate(client: &mut Client) -> MetaResult<()> {
             tracing::info!("migrated postgres metadata schema from version 1 to 2");
         }
     }
-    // Later versions: `if current < 3 { ... }`, each step in this same transaction.
+    if current < 3 {
+        tx.batch_execute(SCHEMA_V3).await.db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (3)", &[])
+            .await
+            .db()?;
+        if current >= 1 {
+            tracing::info!(
+                from = current,
+                "migrated postgres metadata schema to version 3"
+            );
+        }
+    }
+    // Later versions: `if current < 4 { ... }`, each step in this same transaction.
     tx.commit().await.db()
 }
 
@@ -1005,6 +1030,66 @@ impl MetadataStore for PostgresStore {
         rows.iter().map(|row| get(row, 0)).collect()
     }
 
+    async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()> {
+        let mut conn = self.pool.get().await?;
+        let changed = conn
+            .execute(
+                "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (broker_id) DO UPDATE SET
+                     session = EXCLUDED.session, host = EXCLUDED.host,
+                     port = EXCLUDED.port, zone = EXCLUDED.zone,
+                     lease_expires_ms = EXCLUDED.lease_expires_ms
+                 WHERE brokers.session <= EXCLUDED.session",
+                &[
+                    &broker.broker_id,
+                    &broker.session,
+                    &broker.host,
+                    &broker.port,
+                    &broker.zone,
+                    &broker.lease_expires_ms,
+                ],
+            )
+            .await?;
+        if changed == 0 {
+            return Err(MetaError::Superseded);
+        }
+        Ok(())
+    }
+
+    async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT broker_id, session, host, port, zone, lease_expires_ms
+                 FROM brokers WHERE lease_expires_ms > $1 ORDER BY broker_id",
+                &[&now_ms],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(BrokerRecord {
+                    broker_id: get(row, 0)?,
+                    session: get(row, 1)?,
+                    host: get(row, 2)?,
+                    port: get(row, 3)?,
+                    zone: get(row, 4)?,
+                    lease_expires_ms: get(row, 5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()> {
+        let mut conn = self.pool.get().await?;
+        conn.execute(
+            "DELETE FROM brokers WHERE broker_id = $1 AND session = $2",
+            &[&broker_id, &session],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
         if keys.is_empty() {
             return Ok(());
@@ -1282,13 +1367,13 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("connect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2]);
-        assert_eq!(SCHEMA_VERSION, 2);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
+        assert_eq!(SCHEMA_VERSION, 3);
         drop(store);
         PostgresStore::connect_with(config.clone())
             .await
             .expect("reconnect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
     }
 
     #[tokio::test]
@@ -1306,11 +1391,11 @@ mod tests {
                 .expect("task")
                 .expect("every concurrent connect succeeds");
         }
-        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
     }
 
     #[tokio::test]
-    async fn migrates_a_version_1_schema_to_version_2() {
+    async fn migrates_a_version_1_schema_to_the_current_version() {
         let Some((config, _)) = fresh_schema().await else {
             return;
         };
@@ -1352,7 +1437,7 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("migrate");
-        assert_eq!(schema_versions(&config).await, vec![1, 2]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
         assert_eq!(
             store.list_topics().await.expect("list"),
             vec![topic.clone()]

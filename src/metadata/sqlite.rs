@@ -30,8 +30,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use uuid::Uuid;
 
 use super::{
-    CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey, PartitionState,
-    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    BrokerRecord, CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey,
+    PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
 /// How long a statement waits for a lock held by another connection to the same file
@@ -42,7 +42,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// not per call.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// The first producer id handed out. Persisted in the `counters` row below; stable.
 const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
@@ -141,6 +141,20 @@ CREATE TABLE group_offsets (
     commit_timestamp_ms INTEGER NOT NULL,
     PRIMARY KEY (group_id, topic, partition)
 ) WITHOUT ROWID;
+";
+
+/// Schema version 3: broker registrations with their leases (membership). Persisted
+/// names, keep them stable like [`SCHEMA_V1`]'s. One row per broker id: the newest
+/// session's address, zone and lease expiry (milliseconds since the epoch).
+const SCHEMA_V3: &str = "
+CREATE TABLE brokers (
+    broker_id        INTEGER NOT NULL PRIMARY KEY,
+    session          INTEGER NOT NULL,
+    host             TEXT    NOT NULL,
+    port             INTEGER NOT NULL,
+    zone             TEXT,
+    lease_expires_ms INTEGER NOT NULL
+);
 ";
 
 /// The embedded metadata store: one SQLite file (or an in-memory database for tests).
@@ -268,7 +282,18 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
             tracing::info!("migrated sqlite metadata schema from version 1 to 2");
         }
     }
-    // Later versions: `if current < 3 { ... }`, each step in this same transaction.
+    if current < 3 {
+        tx.execute_batch(SCHEMA_V3).db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (3)", [])
+            .db()?;
+        if current >= 1 {
+            tracing::info!(
+                from = current,
+                "migrated sqlite metadata schema to version 3"
+            );
+        }
+    }
+    // Later versions: `if current < 4 { ... }`, each step in this same transaction.
     tx.commit().db()
 }
 
@@ -893,6 +918,81 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
+    async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()> {
+        let b = broker.clone();
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let changed = tx
+                .prepare_cached(
+                    "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (broker_id) DO UPDATE SET
+                         session = excluded.session, host = excluded.host,
+                         port = excluded.port, zone = excluded.zone,
+                         lease_expires_ms = excluded.lease_expires_ms
+                     WHERE brokers.session <= excluded.session",
+                )
+                .db()?
+                .execute(params![
+                    b.broker_id,
+                    b.session,
+                    b.host,
+                    b.port,
+                    b.zone,
+                    b.lease_expires_ms
+                ])
+                .db()?;
+            if changed == 0 {
+                return Err(MetaError::Superseded);
+            }
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
+        self.run(move |conn| {
+            let tx = conn.transaction().db()?;
+            let brokers = tx
+                .prepare_cached(
+                    "SELECT broker_id, session, host, port, zone, lease_expires_ms
+                     FROM brokers WHERE lease_expires_ms > ?1 ORDER BY broker_id",
+                )
+                .db()?
+                .query_map(params![now_ms], |row| {
+                    Ok(BrokerRecord {
+                        broker_id: row.get(0)?,
+                        session: row.get(1)?,
+                        host: row.get(2)?,
+                        port: row.get(3)?,
+                        zone: row.get(4)?,
+                        lease_expires_ms: row.get(5)?,
+                    })
+                })
+                .db()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()?;
+            Ok(brokers)
+        })
+        .await
+    }
+
+    async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()> {
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            tx.prepare_cached("DELETE FROM brokers WHERE broker_id = ?1 AND session = ?2")
+                .db()?
+                .execute(params![broker_id, session])
+                .db()?;
+            tx.commit().db()
+        })
+        .await
+    }
+
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
         let keys = keys.to_vec();
         self.run(move |conn| {
@@ -1188,16 +1288,16 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("journal mode");
         assert_eq!(mode, "wal");
-        assert_eq!(schema_versions(&conn), vec![1, 2]);
-        assert_eq!(SCHEMA_VERSION, 2);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3]);
+        assert_eq!(SCHEMA_VERSION, 3);
         drop(store);
         // Opening again finds the schema in place and changes nothing.
         SqliteStore::open(&path).expect("reopen store");
-        assert_eq!(schema_versions(&conn), vec![1, 2]);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3]);
     }
 
     #[tokio::test]
-    async fn migrates_a_version_1_file_to_version_2() {
+    async fn migrates_a_version_1_file_to_the_current_version() {
         let (_dir, path) = temp_db();
         let topic = TopicRecord {
             name: "orders".to_owned(),
@@ -1229,7 +1329,7 @@ mod tests {
         ];
         {
             let store = SqliteStore::open(&path).expect("open the version 1 file");
-            assert_eq!(schema_versions(&raw(&path)), vec![1, 2]);
+            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3]);
             assert_eq!(
                 store.list_topics().await.expect("list"),
                 vec![topic.clone()],
@@ -1255,7 +1355,7 @@ mod tests {
         }
 
         let store = SqliteStore::open(&path).expect("reopen the migrated file");
-        assert_eq!(schema_versions(&raw(&path)), vec![1, 2], "migrated once");
+        assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3], "migrated once");
         assert_eq!(
             store.fetch_offsets("group").await.expect("fetch"),
             offsets,
