@@ -582,8 +582,20 @@ def test_compose_file(tools, compose):
     assert url.hostname == "prometheus" and url.port == 9090
     providers = load_yaml(tools, prov / "dashboards" / "strata.yml")[0]["providers"]
     path = providers[0]["options"]["path"]
-    dashboards = [t for t, src in gm.items() if t.startswith(path + "/") and src.suffix == ".json"]
-    assert dashboards and gm[dashboards[0]] == REPO_ROOT / "dashboards" / "strata-overview.json"
+    # every dashboard of dashboards/ provisioned: the folder mounted at the provider's
+    # path (or files mounted inside it); Grafana's file provider loads the *.json files
+    provisioned = {}
+    for target, src in gm.items():
+        if target == path and src.is_dir():
+            provisioned.update({f.name: f for f in src.glob("*.json")})
+        elif target.startswith(path + "/") and src.suffix == ".json":
+            provisioned[target[len(path) + 1:]] = src
+    expected = {f.name: f for f in (REPO_ROOT / "dashboards").glob("*.json")}
+    assert expected and {n: f.resolve() for n, f in provisioned.items()} == \
+        {n: f.resolve() for n, f in expected.items()}, sorted(provisioned)
+    # the home dashboard is the provisioned overview
+    home = graf["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{path}/strata-overview.json" and "strata-overview.json" in provisioned, home
 
 
 # ---------------------------------------------------------------------------
@@ -919,16 +931,27 @@ def test_chart_wiring(tools, settings, rendered, values):
     for rule in objs(r, "PrometheusRule"):
         assert rule["spec"]["groups"] == alerts["groups"]
     assert bool(objs(r, "PrometheusRule")) == v["prometheusRule"]["enabled"]
-    dashboards = [c for c in objs(r, "ConfigMap") if "strata-overview.json" in c.get("data", {})]
+    expected = {f.name: json.loads(f.read_text()) for f in (REPO_ROOT / "dashboards").glob("*.json")}
+    dashboards = [c for c in objs(r, "ConfigMap")
+                  if any(k.endswith(".json") for k in c.get("data") or {})]
+    carried = {}
     for cm in dashboards:
-        assert json.loads(cm["data"]["strata-overview.json"]) == \
-            json.loads((REPO_ROOT / "dashboards" / "strata-overview.json").read_text())
         assert cm["metadata"]["labels"].get("grafana_dashboard") == "1"
-    assert bool(dashboards) == v["grafanaDashboard"]["enabled"]
+        for name, text in cm["data"].items():
+            assert name not in carried, f"{name} in two ConfigMaps"
+            carried[name] = json.loads(text)
+    if v["grafanaDashboard"]["enabled"]:
+        assert carried == expected, f"dashboard ConfigMaps carry {sorted(carried)}, not {sorted(expected)}"
+    else:
+        assert not dashboards
 
 
 def test_chart_copies_of_dashboards_are_identical():
-    for name in ("alerts.yml", "strata-overview.json"):
+    originals = ["alerts.yml"] + sorted(f.name for f in (REPO_ROOT / "dashboards").glob("*.json"))
+    copies = sorted(f.name for f in (CHART / "files").iterdir())
+    assert copies == sorted(originals), \
+        f"deploy/helm/strata/files/ holds {copies}, dashboards/ has {sorted(originals)}"
+    for name in originals:
         assert (CHART / "files" / name).read_bytes() == (REPO_ROOT / "dashboards" / name).read_bytes(), \
             f"deploy/helm/strata/files/{name} differs from dashboards/{name}: copy it again"
 

@@ -166,6 +166,9 @@ impl BlockCache {
         }
         let storage = builder
             .memory(options.memory_bytes.max(1))
+            // Each shard evicts on its own share of the capacity: keep a shard at 16
+            // blocks or more, or a small cache would hold a block per shard regardless.
+            .with_shards(shards(options.memory_bytes, options.block_bytes))
             .with_weighter(|key: &String, value: &Bytes| key.len() + value.len())
             .storage();
         let cache = if options.disk_bytes > 0 {
@@ -356,6 +359,11 @@ impl BlockCache {
             tracing::warn!(error = %e, "closing the block cache failed");
         }
     }
+}
+
+/// Memory-tier shards: up to 16, each large enough for 16 cache blocks.
+fn shards(memory_bytes: usize, block_bytes: u64) -> usize {
+    (memory_bytes / (block_bytes.max(1) as usize * 16)).clamp(1, 16)
 }
 
 /// The disk engine's block (its unit of allocation) must hold at least one cache block.
