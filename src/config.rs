@@ -118,7 +118,7 @@ pub const SETTINGS: &[SettingDef] = &[
     ),
     def(
         "cache.block.bytes",
-        "1048576",
+        "4194304",
         "size of one cached block, and of one object-store GET on a cache miss",
     ),
     def(
@@ -365,9 +365,10 @@ impl TopicConfig {
                 Ok(v) if v >= -1 => Ok(()),
                 _ => Err(invalid("expected an integer >= -1")),
             },
+            // Kafka's range; a segment is uploaded as one PUT (S3 takes up to 5 GiB).
             "segment.bytes" => match value.parse::<u64>() {
-                Ok(v) if v >= 1024 => Ok(()),
-                _ => Err(invalid("expected an integer >= 1024")),
+                Ok(v) if (1024..=i32::MAX as u64).contains(&v) => Ok(()),
+                _ => Err(invalid("expected an integer from 1024 to 2147483647")),
             },
             _ => match value.parse::<i64>() {
                 Ok(v) if v >= 1 => Ok(()),

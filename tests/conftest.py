@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -399,6 +400,23 @@ def module_broker(tmp_path_factory, strata_bin) -> Broker:
 # ---------------------------------------------------------------------------
 # client helpers (confluent-kafka)
 # ---------------------------------------------------------------------------
+
+def scrape_metrics(http_port: int) -> str:
+    """The broker's /metrics text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_sum(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` in a /metrics text whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
 
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
     """Polls `cond` every 0.1 s until it is true; fails naming `what` after `timeout`."""

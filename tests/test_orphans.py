@@ -3,10 +3,10 @@
 deleted once older than the grace period; objects a manifest references never are."""
 
 import time
-import urllib.request
 import uuid
 
-from conftest import consume_all, create_topic, unique_topic, wait_until
+from conftest import (consume_all, create_topic, metric_sum, scrape_metrics, unique_topic,
+                      wait_until)
 from test_storage import SMALL, produce_numbered
 
 SETTINGS = {
@@ -17,9 +17,7 @@ SETTINGS = {
 
 
 def orphans_deleted(b) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{b.http_port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("strata_orphans_deleted_total{"))
+    return metric_sum(scrape_metrics(b.http_port), "strata_orphans_deleted_total")
 
 
 def test_orphans_go_and_referenced_objects_stay(broker_factory):

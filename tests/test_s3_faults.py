@@ -7,12 +7,9 @@ kept; while the store stalls, acks=all produces fail with a retriable error inst
 being acknowledged, and reads of data the broker holds keep working; once the faults
 stop, the broker recovers by itself, without a restart."""
 
-import re
-import urllib.request
-
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from conftest import create_topic, unique_topic
+from conftest import create_topic, metric_sum, scrape_metrics, unique_topic
 from faulty_proxy import FaultyProxy
 
 PARTITIONS = 3
@@ -70,14 +67,7 @@ def consume(bootstrap, topic, expected, timeout=90.0):
 
 
 def metric(b, name, **labels):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{b.http_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(scrape_metrics(b.http_port), name, **labels)
 
 
 def test_faults_lose_nothing_acknowledged_and_the_broker_recovers(broker_factory):

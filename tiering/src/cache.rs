@@ -153,7 +153,9 @@ impl BlockCache {
         let metrics = CacheMetrics::new();
         let mut builder = HybridCacheBuilder::new()
             .with_name("strata-blocks")
-            .with_policy(HybridCachePolicy::WriteOnInsertion)
+            // Blocks reach the disk tier when the memory tier evicts them: a hit in
+            // memory never rewrites its block on disk.
+            .with_policy(HybridCachePolicy::WriteOnEviction)
             .with_event_listener(Arc::new(Evictions(metrics.evictions.clone())));
         if let Some(registry) = registry {
             if metrics.register(registry).is_ok() {
@@ -183,7 +185,9 @@ impl BlockCache {
             storage
                 .with_engine_config(
                     BlockEngineConfig::new(device)
-                        .with_block_size(block_engine_block(options.block_bytes)),
+                        .with_block_size(block_engine_block(options.block_bytes))
+                        // Room for a burst of evictions before disk writes are dropped.
+                        .with_buffer_pool_size(block_engine_block(options.block_bytes) * 4),
                 )
                 .with_recover_mode(RecoverMode::Quiet)
                 .build()
@@ -233,9 +237,9 @@ impl BlockCache {
         for (_, miss) in &blocks {
             missed |= *miss;
         }
-        if missed {
-            self.read_ahead(key, size, last + 1);
-        }
+        // Keep the next blocks coming for a sequential reader, whether this read hit
+        // (a block read ahead earlier) or missed; cached blocks cost nothing here.
+        self.read_ahead(key, size, last + 1, missed);
         self.metrics
             .memory_used
             .set(self.cache.memory().usage() as i64);
@@ -295,10 +299,17 @@ impl BlockCache {
         Ok((value, miss))
     }
 
-    /// Starts background fetches of the blocks after a miss that are not cached yet.
-    fn read_ahead(self: &Arc<Self>, key: &str, size: u64, from: u64) {
+    /// Starts background fetches of the next blocks that are not cached yet: all of
+    /// the read-ahead window after a miss, its far end after a hit (the rest was
+    /// requested when the reader was further back).
+    fn read_ahead(self: &Arc<Self>, key: &str, size: u64, from: u64, missed: bool) {
         let blocks = size.div_ceil(self.block);
-        for i in from..(from + self.readahead).min(blocks) {
+        let start = if missed {
+            from
+        } else {
+            from + self.readahead.saturating_sub(1)
+        };
+        for i in start..(from + self.readahead).min(blocks) {
             if self.cache.contains(&Self::cache_key(key, i)) {
                 continue;
             }
