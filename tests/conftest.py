@@ -418,6 +418,20 @@ def metric_sum(text: str, name: str, **labels) -> float:
     return total
 
 
+def is_ready(http_port: int) -> bool:
+    """Whether the broker's /readyz answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as r:
+            return r.status == 200
+    except OSError:  # URLError and HTTPError (503 while not ready) included
+        return False
+
+
+def wait_ready(http_port: int, timeout: float = 60.0) -> None:
+    """Until /readyz answers 200 (the broker recovered its partitions)."""
+    wait_until(lambda: is_ready(http_port), timeout, "/readyz to answer 200")
+
+
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
     """Polls `cond` every 0.1 s until it is true; fails naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,6 @@
 
 - scrape / metric / snapshot: the broker's /metrics, and the object-store and block-cache
   counters the replay is judged by.
-- wait_ready: /readyz after a restart (partitions claimed and their local tail rebuilt).
 - produce_numbered: a fast confluent-kafka producer of identifiable records: record i of
   partition p is `b"p:i:"` padded to the record size, so on a fresh topic its offset is i
   and a reader can check every record's identity and position cheaply.
@@ -24,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -118,20 +116,6 @@ def wait_uploads_settled(list_segments, quiet: float = 3.0, timeout: float = 120
         if now != last:
             last, since = now, time.monotonic()
     return last
-
-
-def wait_ready(http_port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/readyz not ready within {timeout}s")
-        time.sleep(0.05)
 
 
 def percentiles(values: list[float]) -> dict:

@@ -4,11 +4,10 @@ partitions to the others, commits work under member epochs, and the group shows 
 ListGroups as a consumer-type group."""
 
 import threading
-import time
 
 from confluent_kafka import Consumer, TopicPartition
 
-from conftest import admin_client, create_topic, producer, unique_topic
+from conftest import admin_client, create_topic, producer, unique_topic, wait_until
 
 ENV = {"STRATA_GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS": "300"}
 
@@ -47,15 +46,6 @@ class Member(threading.Thread):
             return set(self.assignment)
 
 
-def wait_for(cond, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-
-
 def disjoint_cover(members, n):
     parts = [p for m in members for p in m.parts()]
     return len(parts) == n and set(parts) == set(range(n))
@@ -73,7 +63,7 @@ def test_consumer_protocol_group(broker_factory):
     for m in members:
         m.start()
     try:
-        wait_for(lambda: disjoint_cover(members, 6) and all(len(m.parts()) == 2 for m in members),
+        wait_until(lambda: disjoint_cover(members, 6) and all(len(m.parts()) == 2 for m in members),
                  what="three members with two partitions each")
         admin = admin_client(b.bootstrap)
         groups = admin.list_consumer_groups().result(10)
@@ -82,8 +72,8 @@ def test_consumer_protocol_group(broker_factory):
         # A member leaves: the remaining two take over all six partitions.
         members[0].stop.set()
         members[0].join(30)
-        wait_for(lambda: disjoint_cover(members[1:], 6), what="partitions moved to the remaining members")
-        wait_for(lambda: len({r for m in members for r in m.records}) == 300, what="every record consumed")
+        wait_until(lambda: disjoint_cover(members[1:], 6), what="partitions moved to the remaining members")
+        wait_until(lambda: len({r for m in members for r in m.records}) == 300, what="every record consumed")
         assert not [e for m in members for e in m.errors], [m.errors for m in members]
     finally:
         for m in members:
@@ -107,7 +97,7 @@ def test_consumer_protocol_range_assignor(broker_factory):
     for m in members:
         m.start()
     try:
-        wait_for(lambda: disjoint_cover(members, 4) and all(len(m.parts()) == 2 for m in members),
+        wait_until(lambda: disjoint_cover(members, 4) and all(len(m.parts()) == 2 for m in members),
                  what=lambda: f"range assignment: {[m.parts() for m in members]} {[m.errors for m in members]}")
         # Range hands out contiguous partitions.
         for m in members:

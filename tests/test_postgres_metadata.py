@@ -4,14 +4,12 @@ again once it is back (writes wait, nothing acknowledged is lost)."""
 
 import os
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import Broker, consume_all, create_topic, producer, unique_topic
+from conftest import (Broker, consume_all, create_topic, is_ready, producer, unique_topic,
+                      wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = ROOT / "tests" / "postgres.sh"
@@ -43,37 +41,9 @@ def pg_ctl(env, action):
     assert res.returncode == 0, res.stderr
 
 
-class PgBroker(Broker):
-    def __init__(self, *args, metadata_url: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.metadata_url = metadata_url
-
-    def args(self):
-        a = super().args()
-        a[a.index("--metadata") + 1] = self.metadata_url
-        return a
-
-
-def ready(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return r.status == 200
-    except (urllib.error.HTTPError, urllib.error.URLError, TimeoutError):
-        return False
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_broker_on_postgres(tmp_path, strata_bin, postgres):
-    b = PgBroker(tmp_path / "pgbroker", name="pgbroker", binary=strata_bin,
-                 metadata_url=postgres["STRATA_TEST_POSTGRES_URL"])
+    b = Broker(tmp_path / "pgbroker", name="pgbroker", binary=strata_bin,
+               metadata=postgres["STRATA_TEST_POSTGRES_URL"])
     try:
         b.start()
         topic = unique_topic("pg")
@@ -82,12 +52,12 @@ def test_broker_on_postgres(tmp_path, strata_bin, postgres):
         for i in range(200):
             p.produce(topic, value=str(i).encode(), partition=i % 2)
         assert p.flush(30) == 0
-        assert ready(b.http_port)
+        assert is_ready(b.http_port)
         # PostgreSQL goes away: the broker reports unready, and comes back by itself.
         pg_ctl(postgres, "stop")
-        wait_for(lambda: not ready(b.http_port), 30, "/readyz to turn unready")
+        wait_until(lambda: not is_ready(b.http_port), 30, "/readyz to turn unready")
         pg_ctl(postgres, "start")
-        wait_for(lambda: ready(b.http_port), 60, "/readyz to turn ready again")
+        wait_until(lambda: is_ready(b.http_port), 60, "/readyz to turn ready again")
         for i in range(200, 300):
             p.produce(topic, value=str(i).encode(), partition=i % 2)
         assert p.flush(60) == 0

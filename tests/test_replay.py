@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from conftest import create_topic, unique_topic
+from conftest import create_topic, unique_topic, wait_ready
 from replay_helpers import (TailProcess, delta, high_watermarks, mean_latencies, produce_numbered,
-                            read_all, run_tail, snapshot, tail_summary, wait_ready,
+                            read_all, run_tail, snapshot, tail_summary,
                             wait_uploads_settled)
 
 # Bytes of sealed segment objects before the replay (the acceptance: >= 1 GiB); the

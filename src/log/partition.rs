@@ -773,7 +773,9 @@ impl UploadJob {
         let key =
             tiering::keys::segment_object_key(&self.stream, self.base_offset, self.leader_epoch);
         match self.ctx.store.put_new(&key, payload, None).await {
-            Ok(()) | Err(tiering::Error::AlreadyExists { .. }) => {}
+            // An upload repeated after a failed commit finds its own object: `put_new`
+            // recognises identical bytes; different bytes are an error.
+            Ok(()) => {}
             Err(e) => return Err(format!("uploading segment: {e}")),
         }
         // Just sealed, so still hot: readers slightly behind the tail hit the cache.

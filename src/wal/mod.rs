@@ -375,8 +375,8 @@ impl FlushJob {
         let _ = turn.send(());
     }
 
-    /// Writes the object, retrying until the deadline. A retry that finds the object
-    /// already there means an earlier attempt landed (only this flush writes this name).
+    /// Writes the object, retrying until the deadline (the store recognises an earlier
+    /// attempt that landed).
     async fn write(
         &self,
         key: &object_store::path::Path,
@@ -415,7 +415,7 @@ impl FlushJob {
                 Err(MetaError::Unavailable(e)) if Instant::now() < deadline => {
                     attempt += 1;
                     warn!(error = %e, attempt, "write-ahead commit failed; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    tokio::time::sleep(tiering::store::backoff(attempt)).await;
                 }
                 other => return other,
             }
@@ -430,11 +430,6 @@ fn observe_interval(previous: Option<Instant>) {
             .flush_interval_seconds
             .observe(previous.elapsed().as_secs_f64());
     }
-}
-
-/// Exponential backoff from 50 ms to 2 s.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6)).min(2_000))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

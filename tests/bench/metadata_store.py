@@ -19,38 +19,23 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import Broker, strata_binary  # noqa: E402
+from conftest import Broker, scrape_metrics, strata_binary, wait_ready  # noqa: E402
 
 
 def scrape(b: Broker) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{b.http_port}/metrics", timeout=10).read().decode()
+    """Every sample of /metrics: series (name and labels) -> value."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in scrape_metrics(b.http_port).splitlines():
         if line.startswith("#") or " " not in line:
             continue
         key, value = line.rsplit(" ", 1)
         out[key] = float(value)
     return out
-
-
-def wait_ready(b: Broker, timeout: float = 60.0) -> None:
-    """Until /readyz answers 200 (the partitions are recovered)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{b.http_port}/readyz", timeout=5).status == 200:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{b.name} not ready after {timeout} s")
-        time.sleep(0.1)
 
 
 def total(m: dict[str, float], name: str, **labels) -> float:
@@ -81,7 +66,7 @@ def run(metadata: str, seconds: int, base: Path) -> list:
                metadata=url)
     try:
         b.start()
-        wait_ready(b)
+        wait_ready(b.http_port)
         before = scrape(b)
         t0 = time.monotonic()
         perf = subprocess.run(

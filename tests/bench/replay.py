@@ -46,9 +46,9 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import Broker, create_topic, strata_binary  # noqa: E402
+from conftest import Broker, create_topic, strata_binary, wait_ready  # noqa: E402
 from replay_helpers import (cpu_seconds, delta, high_watermarks, produce_numbered,  # noqa: E402
-                            read_all, snapshot, wait_ready, wait_uploads_settled)
+                            read_all, snapshot, wait_uploads_settled)
 from s3 import s3_server  # noqa: E402
 
 MiB = 1 << 20

@@ -88,7 +88,7 @@ pub(crate) fn store_metrics() -> &'static StoreMetrics {
         .expect("valid metric"),
         recognised: IntCounter::new(
             "strata_object_store_writes_recognised_total",
-            "writes whose timed-out attempt had landed, recognised by reading the object back",
+            "create-only writes that found their own bytes already at the key (an earlier attempt had landed), recognised by reading the object back",
         )
         .expect("valid metric"),
         inflight: IntGaugeVec::new(

@@ -131,7 +131,8 @@ fn retriable(e: &object_store::Error) -> bool {
 }
 
 /// Full-jitter exponential backoff: a random wait up to 50 ms × 2^attempt, capped at 2 s.
-fn backoff(attempt: u32) -> Duration {
+/// Every retry loop of the broker (object store and metadata store) uses it.
+pub fn backoff(attempt: u32) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     let cap = 50u64.saturating_mul(1 << attempt.min(6)).min(2_000);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -250,7 +251,7 @@ impl Store {
     }
 
     /// The default deadline of a request that starts now.
-    pub fn default_deadline(&self) -> Instant {
+    fn default_deadline(&self) -> Instant {
         Instant::now() + self.options.retry_timeout
     }
 
@@ -353,10 +354,10 @@ impl Store {
     }
 
     /// Writes `payload` to `key` only if no object exists there yet, retrying until
-    /// `deadline` (the default deadline if `None`). An object found at the key after
-    /// a failed attempt is read back: if it holds exactly `payload`, the earlier
-    /// attempt landed and this is a success; otherwise (and whenever the first
-    /// attempt finds the key taken) it is [`Error::AlreadyExists`], and the existing
+    /// `deadline` (the default deadline if `None`). Writing is idempotent: an object
+    /// found at the key is read back, and if it holds exactly `payload` (an earlier
+    /// attempt of this call, or of the caller's own retry, landed) this is a success.
+    /// Only different bytes at the key are [`Error::AlreadyExists`]; the existing
     /// object is left untouched.
     pub async fn put_new(
         &self,
@@ -383,16 +384,14 @@ impl Store {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err((Failure::Store(object_store::Error::AlreadyExists { .. }), attempts))
-                if attempts > 0 =>
-            {
+            Err((Failure::Store(object_store::Error::AlreadyExists { .. }), _)) => {
                 self.recognise(key, &payload, deadline).await
             }
             Err((failure, _)) => Err(self.error("put", key, failure)),
         }
     }
 
-    /// After a retried create found `key` taken: ours if it holds exactly `payload`.
+    /// After a create found `key` taken: ours if it holds exactly `payload`.
     async fn recognise(
         &self,
         key: &Path,
@@ -415,7 +414,7 @@ impl Store {
                     _ => false,
                 });
         if same {
-            tracing::info!(%key, store = %self.name, "a timed-out write had landed; recognised on retry");
+            tracing::info!(%key, store = %self.name, "the object was already written with these bytes");
             metrics::recognised();
             Ok(())
         } else {
@@ -686,6 +685,11 @@ mod tests {
                 .await
                 .expect("read");
             assert_eq!(&all[..], b"hello world", "{store}");
+            // The same bytes again (a caller's own repeated write) are recognised.
+            store
+                .put_new(&key, multi_part(&[b"hello", b" world"]), None)
+                .await
+                .expect("identical bytes are idempotent");
         }
     }
 
