@@ -153,58 +153,63 @@ async fn read_remote(
     max_bytes: u64,
 ) -> Result<Bytes, ReadError> {
     let index = indexes.get(blocks, seg).await?;
-    let start = index.position_for_offset(offset);
-    // Read a window past the requested size: batches before `offset` within one index
-    // interval are skipped, and the last batch may need completing.
-    let window = (max_bytes.max(64 * 1024) + 64 * 1024).min(seg.data_bytes - start);
     let get = |from: u64, len: u64| async move {
         blocks
             .read(&seg.object_key, seg.size_bytes, from..from + len)
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))
     };
-    let data = get(start, window).await?;
-    let mut first: Option<usize> = None;
-    let mut end = 0usize;
-    let mut pos = 0usize;
-    while pos < data.len() {
-        let Some(header) = data.get(pos..).and_then(|b| BatchHeader::parse(b).ok()) else {
-            break;
-        };
-        let complete = pos + header.total_len <= data.len();
-        if header.last_offset() < offset {
+    let mut start = index.position_for_offset(offset);
+    while start < seg.data_bytes {
+        // A window past the requested size: batches before `offset` within one index
+        // interval are skipped, and the last batch may need completing. It stops at the
+        // end of the cache block it starts in (but holds at least a batch header), so
+        // the answer is a slice of one cached block, not a copy; later batches come
+        // with the next fetch.
+        let room = seg.data_bytes - start;
+        let window = (max_bytes.max(64 * 1024) + 64 * 1024)
+            .min(blocks.block_end(start) - start)
+            .max(batch::HEADER_LEN as u64)
+            .min(room);
+        let data = get(start, window).await?;
+        let mut first: Option<usize> = None;
+        let mut end = 0usize;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let Some(header) = data.get(pos..).and_then(|b| BatchHeader::parse(b).ok()) else {
+                break;
+            };
+            let complete = pos + header.total_len <= data.len();
+            if header.last_offset() < offset {
+                pos += header.total_len;
+                continue;
+            }
+            match first {
+                None if complete => {
+                    first = Some(pos);
+                    end = pos + header.total_len;
+                }
+                None => {
+                    // The first wanted batch is larger than the window: fetch it whole.
+                    return get(start + pos as u64, header.total_len as u64).await;
+                }
+                Some(f) if complete && (pos + header.total_len - f) as u64 <= max_bytes => {
+                    end = pos + header.total_len
+                }
+                Some(_) => break,
+            }
             pos += header.total_len;
-            continue;
         }
         match first {
-            None if complete => {
-                first = Some(pos);
-                end = pos + header.total_len;
-            }
-            None => {
-                // The first wanted batch is larger than the window: fetch it whole.
-                return get(start + pos as u64, header.total_len as u64).await;
-            }
-            Some(f) if complete && (pos + header.total_len - f) as u64 <= max_bytes => {
-                end = pos + header.total_len
-            }
-            Some(_) => break,
+            Some(f) => return Ok(data.slice(f..end)),
+            // The window held only batches before `offset`, or ended inside one or
+            // inside a header: go on from the next batch boundary.
+            None if pos > 0 => start += pos as u64,
+            // No batch header where the index points: nothing readable here.
+            None => break,
         }
-        pos += header.total_len;
     }
-    match first {
-        Some(f) => Ok(data.slice(f..end)),
-        None if pos < data.len()
-            && data.len() - pos < batch::HEADER_LEN
-            && (start + pos as u64) < seg.data_bytes =>
-        {
-            // Only part of the next header fit: read its header, then the batch.
-            let head = get(start + pos as u64, batch::HEADER_LEN as u64).await?;
-            let h = BatchHeader::parse(&head).map_err(|e| ReadError::Storage(e.to_string()))?;
-            get(start + pos as u64, h.total_len as u64).await
-        }
-        None => Ok(Bytes::new()),
-    }
+    Ok(Bytes::new())
 }
 
 /// The first record at or after `ts`: (offset, timestamp). `None` if there is none.

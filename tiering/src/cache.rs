@@ -207,6 +207,12 @@ impl BlockCache {
         }))
     }
 
+    /// The end of the cache block holding byte `position`: reads that stop there are
+    /// served as slices of one block, without copying.
+    pub fn block_end(&self, position: u64) -> u64 {
+        (position / self.block + 1) * self.block
+    }
+
     fn cache_key(key: &str, block: u64) -> String {
         format!("{key}#{block}")
     }
