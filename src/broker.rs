@@ -1,8 +1,11 @@
 //! The broker: its components (object store, metadata store, flusher) and the topic
 //! registry that maps topic names and ids to their partitions' owner tasks.
 //!
-//! The registry is a cache of the metadata store's topics plus the handles of the
-//! partition tasks this broker runs; the metadata store stays the source of truth.
+//! The registry is a cache of the metadata store's topics (re-read every ownership
+//! pass, so topics made through another broker appear here too) plus the handles of
+//! the partition tasks this broker runs; the metadata store stays the source of truth.
+//! `reconcile` applies the ownership plan: it starts the partitions and takes the
+//! coordinator slots assigned to this broker, and hands off or gives up the others.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::clock::now_ms;
@@ -18,9 +21,30 @@ use crate::config::{Config, TopicConfig};
 use crate::log::partition::{self, LogContext, PartitionCmd, PartitionHandle};
 use crate::log::read::IndexCache;
 use crate::metadata::{MetaError, MetadataStore, PartitionKey, TopicRecord};
+use crate::ownership::{Action, Held, Ownership, PlanInput, COORDINATOR_TOPIC};
 use crate::wal::{Flusher, FlusherConfig};
+use kafka_protocol::ResponseError;
 
-/// A topic this broker serves.
+/// One partition as this broker sees it: the owner task's handle while this broker
+/// owns the partition, nothing otherwise.
+#[derive(Debug, Default)]
+pub struct PartitionSlot(RwLock<Option<PartitionHandle>>);
+
+impl PartitionSlot {
+    /// The local owner task, if any (serving, handing off, or fenced).
+    pub fn get(&self) -> Option<PartitionHandle> {
+        self.0.read().expect("partition slot lock poisoned").clone()
+    }
+
+    fn set(&self, handle: Option<PartitionHandle>) -> Option<PartitionHandle> {
+        std::mem::replace(
+            &mut *self.0.write().expect("partition slot lock poisoned"),
+            handle,
+        )
+    }
+}
+
+/// A topic of the cluster; this broker serves the partitions whose slot holds a task.
 #[derive(Debug)]
 pub struct Topic {
     pub name: Arc<str>,
@@ -28,7 +52,7 @@ pub struct Topic {
     /// Topic-level overrides (Kafka names).
     pub overrides: BTreeMap<String, String>,
     pub config: TopicConfig,
-    pub partitions: Vec<PartitionHandle>,
+    pub partitions: Vec<Arc<PartitionSlot>>,
 }
 
 #[derive(Debug, Default)]
@@ -65,25 +89,60 @@ pub struct Broker {
     pub indexes: IndexCache,
     /// This broker's registration and the live brokers clients are told about.
     pub membership: Arc<crate::membership::Membership>,
+    /// Who owns which partition and coordinator slot.
+    pub ownership: Arc<Ownership>,
     /// Object-store blocks in memory and on local disk, for reads of sealed segments.
     pub blocks: Arc<tiering::BlockCache>,
     pub groups: Arc<crate::group::Coordinator>,
     registry: RwLock<Registry>,
-    /// Serializes topic creation and deletion (rare, and simpler to reason about).
+    /// Serializes topic creation and deletion, and the registry's sync with the store.
     admin: tokio::sync::Mutex<()>,
+    /// One ownership pass at a time.
+    reconciling: tokio::sync::Mutex<()>,
 }
 
 impl Topic {
-    /// The partition with this index, if the topic has it.
-    pub fn partition(&self, index: i32) -> Option<&PartitionHandle> {
-        usize::try_from(index)
+    pub fn partition_count(&self) -> i32 {
+        self.partitions.len() as i32
+    }
+
+    pub fn key(&self, index: i32) -> PartitionKey {
+        PartitionKey {
+            topic_id: self.id,
+            partition: index,
+        }
+    }
+
+    /// The partition's owner task if this broker leads it now: UNKNOWN_TOPIC_OR_PARTITION
+    /// for an index the topic lacks, NOT_LEADER_OR_FOLLOWER when another broker owns it
+    /// (or this one is handing it off).
+    pub fn partition(&self, index: i32) -> Result<PartitionHandle, ResponseError> {
+        let slot = usize::try_from(index)
             .ok()
             .and_then(|i| self.partitions.get(i))
+            .ok_or(ResponseError::UnknownTopicOrPartition)?;
+        match slot.get() {
+            Some(h) if h.shared.is_serving() => Ok(h),
+            _ => Err(ResponseError::NotLeaderOrFollower),
+        }
+    }
+
+    /// Every partition task this broker runs for the topic.
+    pub fn local_partitions(&self) -> Vec<PartitionHandle> {
+        self.partitions.iter().filter_map(|s| s.get()).collect()
     }
 }
 
+/// The partition of an optional topic (a missing topic is UNKNOWN_TOPIC_OR_PARTITION).
+pub fn serve(topic: Option<&Arc<Topic>>, index: i32) -> Result<PartitionHandle, ResponseError> {
+    topic
+        .ok_or(ResponseError::UnknownTopicOrPartition)?
+        .partition(index)
+}
+
 impl Broker {
-    /// Opens the stores, starts the flusher, and claims and recovers every partition.
+    /// Opens the stores, joins the cluster, starts the flusher, and claims and recovers
+    /// this broker's share of the partitions and coordinator slots.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Broker>> {
         if config.metrics_partition_labels {
             crate::metrics::metrics().enable_partition_labels();
@@ -123,12 +182,14 @@ impl Broker {
                 port,
                 zone: config.zone.clone(),
                 lease_expires_ms: 0,
+                draining: false,
             },
             Duration::from_millis(config.broker_lease_ms),
         )
         .await
         .context("registering the broker")?;
         membership.spawn();
+        let ownership = Arc::new(Ownership::new(membership.clone()));
         let (flush_tx, flush_rx) = mpsc::channel(4096);
         let flusher = Flusher::new(
             FlusherConfig {
@@ -156,6 +217,7 @@ impl Broker {
         });
         let groups = crate::group::Coordinator::new(
             meta.clone(),
+            ownership.clone(),
             crate::group::CoordinatorConfig {
                 limits: crate::group::classic::GroupLimits {
                     min_session_timeout_ms: config.group_min_session_timeout_ms,
@@ -184,16 +246,21 @@ impl Broker {
             log,
             indexes: IndexCache::new(10_000),
             membership,
+            ownership,
             blocks,
             registry: RwLock::new(Registry::default()),
             admin: tokio::sync::Mutex::new(()),
+            reconciling: tokio::sync::Mutex::new(()),
         });
-        let topics = broker.meta.list_topics().await?;
-        info!(topics = topics.len(), session, "recovering partitions");
-        for record in topics {
-            let topic = broker.open_topic(&record).await?;
-            broker.insert(topic);
-        }
+        broker.ensure_coordinator_topic().await?;
+        broker.reconcile().await.context("claiming partitions")?;
+        info!(
+            session,
+            topics = broker.topics().len(),
+            partitions = broker.local_partition_count(),
+            "partitions recovered"
+        );
+        broker.spawn_ownership_loop();
         broker.spawn_wal_gc();
         broker.spawn_orphan_collector();
         Ok(broker)
@@ -236,47 +303,19 @@ impl Broker {
         });
     }
 
-    async fn open_topic(&self, record: &TopicRecord) -> anyhow::Result<Topic> {
-        let config = TopicConfig::resolve(&self.config.values, &record.configs);
-        let name: Arc<str> = Arc::from(record.name.as_str());
-        let partitions = self
-            .start_partitions(record.id, &name, 0..record.partitions, &config)
-            .await?;
-        Ok(Topic {
-            name,
+    /// A registry entry for a topic record, keeping the slots (and so the running
+    /// partition tasks) of `previous`, the entry it replaces.
+    fn topic_entry(&self, record: &TopicRecord, previous: Option<&Topic>) -> Topic {
+        let mut partitions: Vec<Arc<PartitionSlot>> =
+            previous.map_or_else(Vec::new, |t| t.partitions.clone());
+        partitions.resize_with(record.partitions.max(0) as usize, Default::default);
+        Topic {
+            name: Arc::from(record.name.as_str()),
             id: record.id,
             overrides: record.configs.clone(),
-            config,
+            config: TopicConfig::resolve(&self.config.values, &record.configs),
             partitions,
-        })
-    }
-
-    /// Claims and recovers partitions, several at once (each may download its
-    /// write-ahead tail), returning their handles in partition order.
-    async fn start_partitions(
-        &self,
-        topic_id: Uuid,
-        name: &Arc<str>,
-        range: std::ops::Range<i32>,
-        config: &TopicConfig,
-    ) -> anyhow::Result<Vec<PartitionHandle>> {
-        use futures::{StreamExt, TryStreamExt};
-        futures::stream::iter(range)
-            .map(|p| {
-                let key = PartitionKey {
-                    topic_id,
-                    partition: p,
-                };
-                let (ctx, name, config) = (self.log.clone(), name.clone(), config.clone());
-                async move {
-                    partition::start(ctx, name, key, config)
-                        .await
-                        .map(|(h, _task)| h)
-                }
-            })
-            .buffered(RECOVERY_CONCURRENCY)
-            .try_collect()
-            .await
+        }
     }
 
     fn insert(&self, topic: Topic) {
@@ -317,8 +356,19 @@ impl Broker {
         v
     }
 
-    pub fn partition(&self, topic: &str, partition: i32) -> Option<PartitionHandle> {
-        self.topic(topic)?.partition(partition).cloned()
+    /// This broker's task for a partition, if it runs one.
+    pub fn local_partition(&self, topic: &str, partition: i32) -> Option<PartitionHandle> {
+        let topic = self.topic(topic)?;
+        let slot = topic.partitions.get(usize::try_from(partition).ok()?)?;
+        slot.get()
+    }
+
+    /// Partition tasks this broker runs.
+    pub fn local_partition_count(&self) -> usize {
+        self.topics()
+            .iter()
+            .map(|t| t.local_partitions().len())
+            .sum()
     }
 
     /// Validates and creates a topic. `partitions`: -1 means `num.partitions`.
@@ -373,19 +423,28 @@ impl Broker {
             Err(MetaError::TopicExists) => return Err(TopicError::Exists),
             Err(e) => return Err(e.into()),
         }
-        let topic = self
-            .open_topic(&record)
-            .await
-            .map_err(|e| TopicError::Internal(format!("starting partitions: {e:#}")))?;
         info!(topic = name, partitions, id = %record.id, "topic created");
-        self.insert(topic);
+        self.insert(self.topic_entry(&record, None));
+        drop(_guard);
+        // Claim this broker's share now; the others pick the topic up on their next pass.
+        if let Err(e) = self.reconcile().await {
+            warn!(topic = name, error = %e, "could not claim the new topic's partitions yet; the next pass will");
+        }
         self.topic(name).ok_or(TopicError::NotFound)
     }
 
     /// Auto-creation on Metadata/Produce when `auto.create.topics.enable` allows it.
+    /// A topic another broker just made is picked up from the metadata store.
     pub async fn auto_create(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
         match self.create_topic(name, -1, BTreeMap::new(), false).await {
-            Err(TopicError::Exists) => self.topic(name).ok_or(TopicError::NotFound),
+            Err(TopicError::Exists) => {
+                if self.topic(name).is_none() {
+                    if let Err(e) = self.reconcile().await {
+                        warn!(topic = name, error = %e, "could not read the topic from the metadata store");
+                    }
+                }
+                self.topic(name).ok_or(TopicError::NotFound)
+            }
             other => other,
         }
     }
@@ -403,14 +462,7 @@ impl Broker {
             reg.by_name.remove(name)
         };
         if let Some(topic) = removed {
-            for p in &topic.partitions {
-                let _ = p.cmd.send(PartitionCmd::Stop).await;
-                let dir = self
-                    .log
-                    .cache_dir
-                    .join(format!("{}-{}", record.id, p.partition));
-                let _ = std::fs::remove_dir_all(dir);
-            }
+            self.stop_partitions(&topic).await;
         }
         // Groups' committed offsets for the topic go with it, so a topic re-created under
         // the same name starts with no committed position (as in Kafka).
@@ -462,19 +514,18 @@ impl Broker {
             return Ok(());
         }
         self.meta.set_partition_count(name, count).await?;
-        let mut partitions = topic.partitions.clone();
-        let added = self
-            .start_partitions(topic.id, &topic.name, current..count, &topic.config)
-            .await
-            .map_err(|e| TopicError::Internal(format!("starting partitions: {e:#}")))?;
-        partitions.extend(added);
-        self.insert(Topic {
-            name: topic.name.clone(),
+        let record = TopicRecord {
+            name: topic.name.to_string(),
             id: topic.id,
-            overrides: topic.overrides.clone(),
-            config: topic.config.clone(),
-            partitions,
-        });
+            partitions: count,
+            configs: topic.overrides.clone(),
+            created_ms: 0,
+        };
+        self.insert(self.topic_entry(&record, Some(&topic)));
+        drop(_guard);
+        if let Err(e) = self.reconcile().await {
+            warn!(topic = name, error = %e, "could not claim the new partitions yet; the next pass will");
+        }
         Ok(())
     }
 
@@ -495,7 +546,7 @@ impl Broker {
         let topic = self.topic(name).ok_or(TopicError::NotFound)?;
         self.meta.set_topic_configs(name, &overrides).await?;
         let config = TopicConfig::resolve(&self.config.values, &overrides);
-        for p in &topic.partitions {
+        for p in topic.local_partitions() {
             let _ = p.cmd.send(PartitionCmd::Configure(config.clone())).await;
         }
         self.insert(Topic {
@@ -529,17 +580,330 @@ pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
 }
 
 impl Broker {
-    /// Stops the partition owners after letting batches already handed to the flusher
-    /// commit (new requests stopped arriving when the listener closed).
+    /// Graceful shutdown, first half: registers as draining and hands every partition
+    /// and coordinator slot off while the listener still answers, so in-flight produces
+    /// complete and clients are redirected to the new owners.
+    pub async fn hand_off(self: &Arc<Self>) {
+        if let Err(e) = self.membership.drain().await {
+            warn!(error = %e, "could not register as draining; handing off anyway");
+        }
+        if let Err(e) = self.reconcile().await {
+            warn!(error = %e, "hand-off pass failed; the partitions move when the lease expires");
+        }
+    }
+
+    /// Graceful shutdown, second half (the listener is closed): stops what is left,
+    /// deregisters and closes the cache.
     pub async fn shutdown(&self) {
         let grace = Duration::from_millis(self.config.wal_flush_interval_ms * 2 + 100);
         tokio::time::sleep(grace).await;
         for t in &self.topics() {
-            for p in &t.partitions {
+            for p in t.local_partitions() {
                 let _ = p.cmd.send(PartitionCmd::Stop).await;
             }
         }
         self.membership.leave().await;
         self.blocks.close().await;
+    }
+
+    /// Creates the coordinator slots' internal topic if no broker has yet.
+    async fn ensure_coordinator_topic(&self) -> anyhow::Result<()> {
+        let record = TopicRecord {
+            name: COORDINATOR_TOPIC.to_owned(),
+            id: Uuid::new_v4(),
+            partitions: self.config.offsets_topic_num_partitions,
+            configs: BTreeMap::new(),
+            created_ms: now_ms(),
+        };
+        match self.meta.create_topic(&record).await {
+            Ok(()) | Err(MetaError::TopicExists) => Ok(()),
+            Err(e) => Err(e).context("creating the coordinator slots"),
+        }
+    }
+
+    /// Brings the registry up to date with the metadata store's topics: topics made,
+    /// grown, reconfigured or deleted through other brokers.
+    async fn sync_topics(&self) -> Result<(), MetaError> {
+        let _guard = self.admin.lock().await;
+        let records = self.meta.list_topics().await?;
+        let mut gone: Vec<Arc<Topic>> = Vec::new();
+        for record in &records {
+            if record.name == COORDINATOR_TOPIC {
+                self.ownership.set_slot_topic(record.id, record.partitions);
+                continue;
+            }
+            let current = self.topic_by_id(&record.id);
+            let changed = current.as_ref().is_none_or(|t| {
+                t.partition_count() != record.partitions || t.overrides != record.configs
+            });
+            if !changed {
+                continue;
+            }
+            if current.is_none() {
+                // A name reused by a new topic: the old one was deleted elsewhere.
+                gone.extend(self.topic(&record.name));
+            }
+            let entry = self.topic_entry(record, current.as_deref());
+            if current
+                .as_ref()
+                .is_some_and(|t| t.overrides != record.configs)
+            {
+                for p in entry.local_partitions() {
+                    let _ = p
+                        .cmd
+                        .send(PartitionCmd::Configure(entry.config.clone()))
+                        .await;
+                }
+            }
+            self.insert(entry);
+        }
+        gone.extend(
+            self.topics()
+                .into_iter()
+                .filter(|t| !records.iter().any(|r| r.id == t.id)),
+        );
+        for topic in gone {
+            {
+                let mut reg = self.registry.write().expect("registry lock poisoned");
+                reg.by_id.remove(&topic.id);
+                if reg
+                    .by_name
+                    .get(&topic.name)
+                    .is_some_and(|t| t.id == topic.id)
+                {
+                    reg.by_name.remove(&topic.name);
+                }
+            }
+            info!(topic = %topic.name, "topic deleted through another broker");
+            self.stop_partitions(&topic).await;
+        }
+        Ok(())
+    }
+
+    /// Stops a removed topic's partition tasks and drops their local files.
+    async fn stop_partitions(&self, topic: &Topic) {
+        for (i, slot) in topic.partitions.iter().enumerate() {
+            if let Some(p) = slot.set(None) {
+                let _ = p.cmd.send(PartitionCmd::Stop).await;
+            }
+            let dir = self.log.cache_dir.join(format!("{}-{i}", topic.id));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// One ownership pass: re-reads the live brokers, topics and owners, plans, and
+    /// applies the plan.
+    pub async fn reconcile(&self) -> Result<(), MetaError> {
+        let _pass = self.reconciling.lock().await;
+        self.membership.refresh().await?;
+        self.sync_topics().await?;
+        self.ownership
+            .set_owners(self.meta.partition_owners().await?);
+        let mut keys = self.ownership.slot_keys();
+        let mut held = self.ownership.held_slots();
+        for t in self.topics() {
+            for (i, slot) in t.partitions.iter().enumerate() {
+                let key = t.key(i as i32);
+                keys.push(key);
+                if let Some(h) = slot.get() {
+                    held.insert(
+                        key,
+                        Held {
+                            leader_epoch: h.shared.leader_epoch,
+                            fenced: h.shared.is_fenced(),
+                        },
+                    );
+                }
+            }
+        }
+        let live = self.membership.live();
+        let owners = self.ownership.owners();
+        let actions = {
+            let mut waiting = self
+                .ownership
+                .waiting
+                .lock()
+                .expect("waiting lock poisoned");
+            let input = PlanInput {
+                me: self.config.broker_id,
+                live: &live,
+                owners: &owners,
+                held: &held,
+                patience: self.membership.lease(),
+                trust_expiry: self.membership.settled(),
+                now: std::time::Instant::now(),
+            };
+            crate::ownership::plan(&input, keys, &mut waiting)
+        };
+        if !actions.is_empty() {
+            let count = |f: fn(&Action) -> bool| actions.iter().filter(|a| f(a)).count();
+            info!(
+                claim = count(|a| matches!(a, Action::Claim(_))),
+                release = count(|a| matches!(a, Action::Release(_))),
+                step_down = count(|a| matches!(a, Action::StepDown(_))),
+                live = live.len(),
+                "ownership changes"
+            );
+        }
+        use futures::StreamExt;
+        futures::stream::iter(actions)
+            .for_each_concurrent(RECOVERY_CONCURRENCY, |a| self.apply(a))
+            .await;
+        Ok(())
+    }
+
+    async fn apply(&self, action: Action) {
+        let m = crate::metrics::metrics();
+        let me = self.config.broker_id;
+        match action {
+            Action::Claim(key) if self.ownership.is_slot(&key) => {
+                match self.meta.claim_partition(key, me).await {
+                    Ok(state) => {
+                        self.ownership.hold_slot(key, state.leader_epoch);
+                        m.ownership_changes.with_label_values(&["claimed"]).inc();
+                        debug!(
+                            slot = key.partition,
+                            epoch = state.leader_epoch,
+                            "coordinating the groups of a slot"
+                        );
+                    }
+                    Err(e) => {
+                        warn!(slot = key.partition, error = %e, "could not claim a coordinator slot")
+                    }
+                }
+            }
+            Action::Claim(key) => {
+                let Some(topic) = self.topic_by_id(&key.topic_id) else {
+                    return;
+                };
+                let Some(slot) = topic.partitions.get(key.partition as usize) else {
+                    return;
+                };
+                match partition::start(
+                    self.log.clone(),
+                    topic.name.clone(),
+                    key,
+                    topic.config.clone(),
+                )
+                .await
+                {
+                    Ok((handle, _task)) => {
+                        self.ownership
+                            .note_owner(key, handle.shared.leader_epoch, Some(me));
+                        if let Some(old) = slot.set(Some(handle)) {
+                            let _ = old.cmd.send(PartitionCmd::Stop).await;
+                        }
+                        m.ownership_changes.with_label_values(&["claimed"]).inc();
+                    }
+                    Err(e) => {
+                        warn!(topic = %topic.name, partition = key.partition, error = %e, "could not claim a partition; the next pass retries")
+                    }
+                }
+            }
+            Action::Release(key) if self.ownership.is_slot(&key) => {
+                let Some(epoch) = self.ownership.drop_slot(&key) else {
+                    return;
+                };
+                let evicted = self
+                    .groups
+                    .evict(|g| self.ownership.group_key(g) == Some(key));
+                match self.meta.release_partition(key, epoch).await {
+                    Ok(()) | Err(MetaError::Fenced(_)) => {}
+                    Err(e) => {
+                        warn!(slot = key.partition, error = %e, "could not release a coordinator slot; it moves when the lease expires")
+                    }
+                }
+                self.ownership.note_owner(key, epoch, None);
+                m.ownership_changes.with_label_values(&["released"]).inc();
+                debug!(
+                    slot = key.partition,
+                    groups = evicted,
+                    "handed a coordinator slot off"
+                );
+            }
+            Action::Release(key) => self.release_partition(key).await,
+            Action::StepDown(key) if self.ownership.is_slot(&key) => {
+                if self.ownership.drop_slot(&key).is_some() {
+                    self.groups
+                        .evict(|g| self.ownership.group_key(g) == Some(key));
+                    m.ownership_changes
+                        .with_label_values(&["stepped_down"])
+                        .inc();
+                    info!(
+                        slot = key.partition,
+                        "another broker coordinates this slot now; stepped down"
+                    );
+                }
+            }
+            Action::StepDown(key) => {
+                let Some(topic) = self.topic_by_id(&key.topic_id) else {
+                    return;
+                };
+                let Some(slot) = topic.partitions.get(key.partition as usize) else {
+                    return;
+                };
+                if let Some(h) = slot.set(None) {
+                    h.shared
+                        .fenced
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    let _ = h.cmd.send(PartitionCmd::Stop).await;
+                    m.ownership_changes
+                        .with_label_values(&["stepped_down"])
+                        .inc();
+                    warn!(topic = %topic.name, partition = key.partition, epoch = h.shared.leader_epoch, "another broker owns this partition now; stepped down");
+                }
+            }
+        }
+    }
+
+    /// Hands a partition off: no new writes, the in-flight flush commits, then the
+    /// partition is released in the metadata store and its task stops.
+    async fn release_partition(&self, key: PartitionKey) {
+        let Some(topic) = self.topic_by_id(&key.topic_id) else {
+            return;
+        };
+        let Some(slot) = topic.partitions.get(key.partition as usize) else {
+            return;
+        };
+        let Some(h) = slot.get() else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if h.cmd.send(PartitionCmd::Release(tx)).await.is_ok() {
+            let wait = Duration::from_millis(self.config.wal_flush_timeout_ms + 1000);
+            if tokio::time::timeout(wait, rx).await.is_err() {
+                warn!(topic = %topic.name, partition = key.partition, "in-flight writes did not finish before the hand-off");
+            }
+        }
+        let epoch = h.shared.leader_epoch;
+        match self.meta.release_partition(key, epoch).await {
+            Ok(()) | Err(MetaError::Fenced(_)) | Err(MetaError::PartitionNotFound) => {}
+            Err(e) => {
+                warn!(topic = %topic.name, partition = key.partition, error = %e, "could not release a partition; it moves when the lease expires")
+            }
+        }
+        slot.set(None);
+        let _ = h.cmd.send(PartitionCmd::Stop).await;
+        self.ownership.note_owner(key, epoch, None);
+        crate::metrics::metrics()
+            .ownership_changes
+            .with_label_values(&["released"])
+            .inc();
+        info!(topic = %topic.name, partition = key.partition, epoch, "handed a partition off");
+    }
+
+    /// Runs an ownership pass every `ownership.check.interval.ms`.
+    fn spawn_ownership_loop(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = Duration::from_millis(self.config.ownership_check_interval_ms);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(b) = weak.upgrade() else { return };
+                if let Err(e) = b.reconcile().await {
+                    warn!(error = %e, "ownership pass failed; retrying");
+                }
+            }
+        });
     }
 }

@@ -49,6 +49,7 @@ pub fn command() -> Command {
         .subcommand(serve_command())
         .subcommand(crate::perf::command())
         .subcommand(crate::groups_cli::command())
+        .subcommand(crate::cluster::command())
 }
 
 /// Builds the configuration from a file, the environment and flags.
@@ -76,6 +77,7 @@ pub fn main() -> ExitCode {
         Some(("serve", m)) => config_from(m).and_then(run_serve),
         Some(("perf", m)) => crate::perf::run(m),
         Some(("groups", m)) => crate::groups_cli::run(m),
+        Some(("cluster", m)) => crate::cluster::run(m),
         _ => Ok(()),
     };
     match result {
@@ -119,7 +121,11 @@ fn run_serve(config: Config) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(crate::server::serve(broker.clone(), listener, stop_rx));
         shutdown_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: handing partitions and groups off");
+        // The listener keeps answering during the hand-off: in-flight produces complete
+        // and clients learn the new owners from this broker's own Metadata answers.
+        broker.hand_off().await;
+        tracing::info!("hand-off done; closing connections");
         let _ = stop_tx.send(true);
         let _ = server.await;
         broker.shutdown().await;

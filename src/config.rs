@@ -139,6 +139,16 @@ pub const SETTINGS: &[SettingDef] = &[
         "how long a broker stays listed as live after its last heartbeat (it heartbeats every third of this)",
     ),
     def(
+        "ownership.check.interval.ms",
+        "1000",
+        "how often a broker re-reads live brokers and owners and claims, hands off or gives up partitions and coordinator slots",
+    ),
+    def(
+        "offsets.topic.num.partitions",
+        "50",
+        "coordinator slots (partitions of the internal __consumer_offsets topic); fixed when the cluster is first started",
+    ),
+    def(
         "cluster-id",
         "strata-cluster",
         "cluster id reported to clients in Metadata and DescribeCluster",
@@ -424,6 +434,8 @@ pub struct Config {
     pub broker_id: i32,
     pub zone: Option<String>,
     pub broker_lease_ms: u64,
+    pub ownership_check_interval_ms: u64,
+    pub offsets_topic_num_partitions: i32,
     pub cluster_id: String,
     pub log_json: bool,
     pub metrics_partition_labels: bool,
@@ -561,6 +573,10 @@ impl Config {
             broker_id,
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
             broker_lease_ms: positive("broker.lease.ms")?.max(300),
+            ownership_check_interval_ms: positive("ownership.check.interval.ms")?,
+            offsets_topic_num_partitions: positive("offsets.topic.num.partitions")?
+                .min(crate::broker::MAX_PARTITIONS as u64)
+                as i32,
             cluster_id: text("cluster-id"),
             log_json,
             metrics_partition_labels: boolean("metrics.partition.labels")?,

@@ -2,7 +2,8 @@
 //! over the Kafka protocol like `kafka-consumer-groups.sh`, so it works against any
 //! broker of the cluster (or any Kafka broker).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Buf;
@@ -12,9 +13,9 @@ use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequestPartition, OffsetCommitRequestTopic,
 };
 use kafka_protocol::messages::{
-    BrokerId, ConsumerProtocolAssignment, DeleteGroupsRequest, DescribeGroupsRequest, GroupId,
-    ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
-    OffsetFetchRequest, TopicName,
+    BrokerId, ConsumerProtocolAssignment, DeleteGroupsRequest, DescribeGroupsRequest,
+    FindCoordinatorRequest, GroupId, ListGroupsRequest, ListOffsetsRequest, MetadataRequest,
+    OffsetCommitRequest, OffsetFetchRequest, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
@@ -62,16 +63,111 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
             .get_one::<String>("bootstrap")
             .cloned()
             .unwrap_or_default();
-        let conn = Conn::connect(&bootstrap).await?;
+        let cluster = Cluster::connect(&bootstrap).await?;
         let group = sub.get_one::<String>("group").cloned().unwrap_or_default();
         match name {
-            "list" => list(&conn).await,
-            "describe" => describe(&conn, &group).await,
-            "reset-offsets" => reset(&conn, &group, sub).await,
-            "delete" => delete(&conn, &group).await,
+            "list" => list(&cluster).await,
+            "describe" => describe(&cluster, &group).await,
+            "reset-offsets" => reset(&cluster, &group, sub).await,
+            "delete" => delete(&*cluster.coordinator(&group).await?, &group).await,
             other => bail!("unknown subcommand {other}"),
         }
     })
+}
+
+/// The brokers of the cluster, reached through the bootstrap broker: group requests go
+/// to the group's coordinator, ListOffsets to each partition's leader, ListGroups to
+/// every broker.
+struct Cluster {
+    bootstrap: Arc<Conn>,
+    conns: tokio::sync::Mutex<HashMap<String, Arc<Conn>>>,
+}
+
+impl Cluster {
+    async fn connect(bootstrap: &str) -> anyhow::Result<Cluster> {
+        Ok(Cluster {
+            bootstrap: Arc::new(Conn::connect(bootstrap).await?),
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn to(&self, addr: &str) -> anyhow::Result<Arc<Conn>> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Conn::connect(addr).await?);
+        conns.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Every broker's address, from Metadata.
+    async fn brokers(&self) -> anyhow::Result<Vec<String>> {
+        let md = self
+            .bootstrap
+            .call(&MetadataRequest::default().with_topics(Some(Vec::new())), 4)
+            .await?;
+        Ok(md
+            .brokers
+            .iter()
+            .map(|b| format!("{}:{}", b.host.as_str(), b.port))
+            .collect())
+    }
+
+    /// The connection to a group's coordinator (FindCoordinator).
+    async fn coordinator(&self, group: &str) -> anyhow::Result<Arc<Conn>> {
+        let resp = self
+            .bootstrap
+            .call(&FindCoordinatorRequest::default().with_key(s(group)), 3)
+            .await?;
+        if resp.error_code != 0 {
+            bail!(
+                "FindCoordinator for {group} failed: {}",
+                kafka_error(resp.error_code)
+            );
+        }
+        self.to(&format!("{}:{}", resp.host.as_str(), resp.port))
+            .await
+    }
+
+    /// Each partition's leader address, from Metadata.
+    async fn leaders(
+        &self,
+        partitions: &[(String, i32)],
+    ) -> anyhow::Result<BTreeMap<(String, i32), String>> {
+        let mut topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+        topics.dedup();
+        let md = self
+            .bootstrap
+            .call(
+                &MetadataRequest::default().with_topics(Some(
+                    topics
+                        .iter()
+                        .map(|t| {
+                            kafka_protocol::messages::metadata_request::MetadataRequestTopic::default()
+                                .with_name(Some(TopicName(s(t))))
+                        })
+                        .collect(),
+                )),
+                4,
+            )
+            .await?;
+        let addr: BTreeMap<i32, String> = md
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+            .collect();
+        let mut out = BTreeMap::new();
+        for t in md.topics {
+            let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+            for p in t.partitions {
+                if let Some(a) = addr.get(&p.leader_id.0) {
+                    out.insert((name.clone(), p.partition_index), a.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn s(v: &str) -> StrBytes {
@@ -83,18 +179,28 @@ fn kafka_error(code: i16) -> String {
         .map_or_else(|| "NONE".into(), |e| format!("{e:?}"))
 }
 
-async fn list(conn: &Conn) -> anyhow::Result<()> {
-    let resp = conn.call(&ListGroupsRequest::default(), 4).await?;
-    if resp.error_code != 0 {
-        bail!("ListGroups failed: {}", kafka_error(resp.error_code));
+/// Every broker lists the groups it coordinates.
+async fn list(cluster: &Cluster) -> anyhow::Result<()> {
+    let mut groups = BTreeMap::new();
+    for addr in cluster.brokers().await? {
+        let resp = cluster
+            .to(&addr)
+            .await?
+            .call(&ListGroupsRequest::default(), 4)
+            .await?;
+        if resp.error_code != 0 {
+            bail!(
+                "ListGroups on {addr} failed: {}",
+                kafka_error(resp.error_code)
+            );
+        }
+        for g in resp.groups {
+            groups.insert(g.group_id.0.to_string(), g.group_state.to_string());
+        }
     }
     println!("{:<40} {:<20}", "GROUP", "STATE");
-    for g in resp.groups {
-        println!(
-            "{:<40} {:<20}",
-            g.group_id.0.as_str(),
-            g.group_state.as_str()
-        );
+    for (group, state) in groups {
+        println!("{group:<40} {state:<20}");
     }
     Ok(())
 }
@@ -128,6 +234,28 @@ async fn committed(conn: &Conn, group: &str) -> anyhow::Result<BTreeMap<(String,
 
 /// ListOffsets for the given partitions at `timestamp` (-1 latest, -2 earliest).
 async fn offsets_at(
+    cluster: &Cluster,
+    partitions: &[(String, i32)],
+    timestamp: i64,
+) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+    let leaders = cluster.leaders(partitions).await?;
+    let mut by_leader: BTreeMap<&str, Vec<(String, i32)>> = BTreeMap::new();
+    for tp in partitions {
+        let leader = leaders
+            .get(tp)
+            .with_context(|| format!("{}-{} has no leader right now; retry", tp.0, tp.1))?;
+        by_leader.entry(leader).or_default().push(tp.clone());
+    }
+    let mut out = BTreeMap::new();
+    for (leader, partitions) in by_leader {
+        let conn = cluster.to(leader).await?;
+        out.extend(leader_offsets_at(&conn, &partitions, timestamp).await?);
+    }
+    Ok(out)
+}
+
+/// ListOffsets at one leader for partitions it leads.
+async fn leader_offsets_at(
     conn: &Conn,
     partitions: &[(String, i32)],
     timestamp: i64,
@@ -174,7 +302,8 @@ async fn offsets_at(
     Ok(out)
 }
 
-async fn describe(conn: &Conn, group: &str) -> anyhow::Result<()> {
+async fn describe(cluster: &Cluster, group: &str) -> anyhow::Result<()> {
+    let conn = &*cluster.coordinator(group).await?;
     let resp = conn
         .call(
             &DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]),
@@ -222,7 +351,7 @@ async fn describe(conn: &Conn, group: &str) -> anyhow::Result<()> {
     let ends = if partitions.is_empty() {
         BTreeMap::new()
     } else {
-        offsets_at(conn, &partitions, -1).await?
+        offsets_at(cluster, &partitions, -1).await?
     };
     println!(
         "Group {group} is {} with {} member(s).",
@@ -310,9 +439,11 @@ pub fn parse_datetime(text: &str) -> anyhow::Result<i64> {
     Ok(((days * 24 + h[0]) * 60 + h[1]) * 60_000 + h[2] * 1000 + millis)
 }
 
-async fn reset(conn: &Conn, group: &str, m: &ArgMatches) -> anyhow::Result<()> {
+async fn reset(cluster: &Cluster, group: &str, m: &ArgMatches) -> anyhow::Result<()> {
+    let conn = &*cluster.coordinator(group).await?;
     let topic = m.get_one::<String>("topic").cloned().unwrap_or_default();
-    let md = conn
+    let md = cluster
+        .bootstrap
         .call(
             &MetadataRequest::default().with_topics(Some(vec![
                 kafka_protocol::messages::metadata_request::MetadataRequestTopic::default()
@@ -335,15 +466,15 @@ async fn reset(conn: &Conn, group: &str, m: &ArgMatches) -> anyhow::Result<()> {
         .map(|p| (topic.clone(), p.partition_index))
         .collect();
     let current = committed(conn, group).await?;
-    let earliest = offsets_at(conn, &partitions, -2).await?;
-    let latest = offsets_at(conn, &partitions, -1).await?;
+    let earliest = offsets_at(cluster, &partitions, -2).await?;
+    let latest = offsets_at(cluster, &partitions, -1).await?;
     let target: BTreeMap<(String, i32), i64> = if m.get_flag("to-earliest") {
         earliest.clone()
     } else if m.get_flag("to-latest") {
         latest.clone()
     } else if let Some(dt) = m.get_one::<String>("to-datetime") {
         let ts = parse_datetime(dt)?;
-        let found = offsets_at(conn, &partitions, ts).await?;
+        let found = offsets_at(cluster, &partitions, ts).await?;
         // No record at or after the time: the end of the log.
         found
             .into_iter()

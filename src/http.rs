@@ -1,6 +1,7 @@
 //! The operator HTTP endpoint (`--http`): `/healthz` (the process is alive),
 //! `/readyz` (the broker recovered its partitions and its metadata store answers) and
-//! `/metrics` (Prometheus text format, see `crate::metrics`). It starts before
+//! `/metrics` (Prometheus text format, see `crate::metrics`), plus the cluster view
+//! (`GET /cluster`) and drain (`POST /drain`) behind `strata cluster`. It starts before
 //! recovery, so orchestrators see "alive, not ready" while a broker rebuilds its
 //! partitions.
 
@@ -43,6 +44,17 @@ pub async fn serve(listener: TcpListener, slot: BrokerSlot) {
     }
 }
 
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -79,9 +91,26 @@ async fn route(
                 r
             }
         },
+        "/cluster" => match slot.get() {
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
+            Some(broker) => json(&crate::cluster::view(broker)),
+        },
+        "/drain" if req.method() == hyper::Method::POST => match slot.get() {
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
+            Some(broker) => {
+                broker.hand_off().await;
+                json(&serde_json::json!({
+                    "broker": broker.config.broker_id,
+                    "draining": true,
+                    "partitions": broker.local_partition_count(),
+                    "coordinator_slots": broker.ownership.held_slots().len(),
+                }))
+            }
+        },
+        "/drain" => text(StatusCode::METHOD_NOT_ALLOWED, "POST /drain\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n",
+            "not found: try /healthz, /readyz, /metrics or /cluster\n",
         ),
     })
 }

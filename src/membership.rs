@@ -8,6 +8,7 @@
 //! once. The live list is refreshed with every heartbeat, so it is at most a third of a
 //! lease old; this broker always lists itself.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -23,6 +24,12 @@ pub struct Membership {
     me: BrokerRecord,
     lease: Duration,
     live: RwLock<Vec<BrokerRecord>>,
+    /// Set by drain or shutdown: registered as draining from then on.
+    draining: std::sync::atomic::AtomicBool,
+    /// Set once deregistered: heartbeats stop.
+    left: std::sync::atomic::AtomicBool,
+    /// Since when reads of the live list have kept succeeding (`None` after a failure).
+    settled_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Membership {
@@ -37,6 +44,9 @@ impl Membership {
             me,
             lease,
             live: RwLock::new(Vec::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            left: std::sync::atomic::AtomicBool::new(false),
+            settled_since: std::sync::Mutex::new(None),
         });
         membership.heartbeat().await?;
         info!(
@@ -51,13 +61,66 @@ impl Membership {
 
     /// Renews the lease and refreshes the live list.
     async fn heartbeat(&self) -> Result<(), MetaError> {
+        if self.left.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let now = now_ms();
-        let mut me = self.me.clone();
+        let mut me = self.me();
         me.lease_expires_ms = now + self.lease.as_millis() as i64;
         self.meta.heartbeat_broker(&me).await?;
-        let live = self.meta.live_brokers(now).await?;
-        *self.live.write().expect("membership lock poisoned") = live;
-        Ok(())
+        self.refresh().await
+    }
+
+    /// Re-reads the live brokers (the ownership loop calls this every pass, more often
+    /// than heartbeats, so a broker whose lease ran out is noticed promptly).
+    pub async fn refresh(&self) -> Result<(), MetaError> {
+        let result = self.meta.live_brokers(now_ms()).await;
+        let mut settled = self.settled_since.lock().expect("membership lock poisoned");
+        match result {
+            Ok(live) => {
+                *self.live.write().expect("membership lock poisoned") = live;
+                settled.get_or_insert_with(std::time::Instant::now);
+                Ok(())
+            }
+            Err(e) => {
+                *settled = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the live list can be trusted to say a broker is gone: reads have kept
+    /// succeeding for half a lease, so every live broker has heartbeated since. After a
+    /// metadata-store outage every lease looks expired until the brokers heartbeat
+    /// again; taking partitions over in that window would only move them needlessly.
+    pub fn settled(&self) -> bool {
+        self.settled_since
+            .lock()
+            .expect("membership lock poisoned")
+            .is_some_and(|t| t.elapsed() >= self.lease / 2)
+    }
+
+    /// This broker's registration as it is heartbeated now.
+    pub fn me(&self) -> BrokerRecord {
+        BrokerRecord {
+            draining: self.is_draining(),
+            ..self.me.clone()
+        }
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Registers this broker as draining: the others stop assigning it work, while it
+    /// stays live (and its partitions served) until it has handed everything off.
+    pub async fn drain(&self) -> Result<(), MetaError> {
+        self.draining.store(true, Ordering::Release);
+        self.heartbeat().await
     }
 
     /// Heartbeats every third of the lease until the membership is dropped.
@@ -93,13 +156,16 @@ impl Membership {
             .filter(|b| b.lease_expires_ms > now && b.broker_id != self.me.broker_id)
             .cloned()
             .collect();
-        live.push(self.me.clone());
+        if !self.left.load(Ordering::Acquire) {
+            live.push(self.me());
+        }
         live.sort_by_key(|b| b.broker_id);
         live
     }
 
     /// Deregisters (graceful shutdown), so the others need not wait out the lease.
     pub async fn leave(&self) {
+        self.left.store(true, Ordering::Release);
         if let Err(e) = self
             .meta
             .deregister_broker(self.me.broker_id, self.me.session)

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub request_bytes_in_flight: IntGauge,
     pub request_bytes_max: IntGauge,
     partitions: IntGauge,
+    coordinator_slots: IntGauge,
+    pub ownership_changes: IntCounterVec,
     groups: IntGauge,
     /// Per-partition byte counters, registered only with `metrics.partition.labels`
     /// (cardinality is a cost).
@@ -196,6 +198,13 @@ pub fn metrics() -> &'static Metrics {
             request_bytes_in_flight: gauge(&registry, "strata_request_bytes_in_flight", "request bytes being handled"),
             request_bytes_max: gauge(&registry, "strata_request_bytes_max", "queued.max.request.bytes"),
             partitions: gauge(&registry, "strata_partitions", "partitions this broker owns"),
+            coordinator_slots: gauge(&registry, "strata_coordinator_slots", "group coordinator slots this broker holds"),
+            ownership_changes: counter_vec(
+                &registry,
+                "strata_ownership_changes_total",
+                "partitions and coordinator slots this broker claimed, released (handed off) or stepped down from (fenced by a newer owner)",
+                &["change"],
+            ),
             groups: gauge(&registry, "strata_groups", "consumer groups with a coordinator task on this broker"),
             partition_bytes_in: IntCounterVec::new(
                 Opts::new("strata_partition_bytes_in_total", "record bytes produced, per partition"),
@@ -230,13 +239,9 @@ pub fn metrics() -> &'static Metrics {
 pub async fn render(broker: &Broker) -> String {
     let m = metrics();
     m.uptime_seconds.set(m.started.elapsed().as_secs() as i64);
-    m.partitions.set(
-        broker
-            .topics()
-            .iter()
-            .map(|t| t.partitions.len() as i64)
-            .sum(),
-    );
+    m.partitions.set(broker.local_partition_count() as i64);
+    m.coordinator_slots
+        .set(broker.ownership.held_slots().len() as i64);
     m.groups.set(broker.groups.live_groups().len() as i64);
     refresh_group_lag(broker, m).await;
     let mut out = Vec::new();
@@ -276,7 +281,7 @@ async fn refresh_group_lag(broker: &Broker, m: &Metrics) {
             continue;
         };
         for o in offsets {
-            let Some(part) = broker.partition(&o.topic, o.partition) else {
+            let Some(part) = broker.local_partition(&o.topic, o.partition) else {
                 continue;
             };
             let hw = part.shared.high_watermark();

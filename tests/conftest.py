@@ -111,7 +111,7 @@ class Broker:
 
     def __init__(self, base_dir, env: dict | None = None, zero_config: bool = False,
                  name: str = "broker", binary: Path | None = None, store: str | None = None,
-                 metadata: str | None = None, broker_id: int = 0):
+                 metadata: str | None = None, broker_id: int = 0, bucket: str | None = None):
         self.binary = Path(binary) if binary else strata_binary()
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,8 @@ class Broker:
         if (store or OBJECT_STORE) == "s3" and not zero_config:
             from s3 import s3_server
             self.s3 = s3_server()
-            self.bucket = self.s3.new_bucket()
+            # A fleet shares one bucket; a lone broker gets its own.
+            self.bucket = bucket or self.s3.new_bucket()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.closed = False
@@ -237,7 +238,9 @@ class Broker:
                 raise BrokerError(
                     f"{self.name} exited with code {rc} before accepting connections on "
                     f"{self.bootstrap}\n--- stderr tail ---\n{self.log_tail()}")
-            if can_connect(self.host, self.port):
+            # Listening is not enough: the broker binds before it has recovered; it is
+            # ready once /readyz says so.
+            if can_connect(self.host, self.port) and (self.http_port is None or is_ready(self.http_port)):
                 return
             if time.monotonic() > deadline:
                 self._kill_quietly()

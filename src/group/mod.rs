@@ -1,9 +1,11 @@
 //! The group coordinator: one task per consumer group, each owning its group's state
 //! machine ([`classic::Group`]); committed offsets live in the metadata store.
 //!
-//! This broker coordinates every group (FindCoordinator answers with itself); the fleet
-//! work will split groups across brokers by lease. Membership is memory only: after a
-//! restart members simply rejoin, while committed offsets survive in the metadata store.
+//! A broker coordinates the groups whose coordinator slot it holds (see `ownership`);
+//! requests for other groups get NOT_COORDINATOR, and every offset commit is
+//! conditional on the slot's epoch. Membership is memory only: when a slot changes
+//! hands (or the broker restarts) members simply rejoin at the new coordinator, while
+//! committed offsets survive in the metadata store.
 
 pub mod classic;
 pub mod consumer;
@@ -19,7 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::clock::now_ms;
-use crate::metadata::{CommittedOffset, MetadataStore};
+use crate::metadata::{CommittedOffset, MetaError, MetadataStore};
+use crate::ownership::Ownership;
 use classic::{Event, Group, GroupLimits, GroupState, JoinResult, Reply, SyncResult};
 use consumer::{ConsumerGroup, ConsumerLimits, Heartbeat, HeartbeatReply};
 
@@ -91,6 +94,7 @@ enum GroupCmd {
 pub struct Coordinator {
     groups: Mutex<HashMap<String, mpsc::Sender<GroupCmd>>>,
     meta: Arc<dyn MetadataStore>,
+    ownership: Arc<Ownership>,
     pub config: CoordinatorConfig,
     tokens: AtomicU64,
 }
@@ -102,15 +106,37 @@ impl std::fmt::Debug for GroupCmd {
 }
 
 impl Coordinator {
-    pub fn new(meta: Arc<dyn MetadataStore>, config: CoordinatorConfig) -> Arc<Coordinator> {
+    pub fn new(
+        meta: Arc<dyn MetadataStore>,
+        ownership: Arc<Ownership>,
+        config: CoordinatorConfig,
+    ) -> Arc<Coordinator> {
         let c = Arc::new(Coordinator {
             groups: Mutex::new(HashMap::new()),
             meta,
+            ownership,
             config,
             tokens: AtomicU64::new(1),
         });
         c.spawn_offset_expiry();
         c
+    }
+
+    /// NOT_COORDINATOR unless this broker holds the group's coordinator slot.
+    pub fn check_coordinator(&self, group_id: &str) -> Result<(), ResponseError> {
+        match self.ownership.group_fence(group_id) {
+            Some(_) => Ok(()),
+            None => Err(ResponseError::NotCoordinator),
+        }
+    }
+
+    /// Ends the tasks of the groups `gone` selects (their coordinator slot moved away):
+    /// their members get NOT_COORDINATOR and rejoin at the new coordinator.
+    pub fn evict(&self, gone: impl Fn(&str) -> bool) -> usize {
+        let mut groups = self.groups.lock().expect("groups lock poisoned");
+        let before = groups.len();
+        groups.retain(|id, _| !gone(id));
+        before - groups.len()
     }
 
     pub fn token(&self) -> u64 {
@@ -122,6 +148,7 @@ impl Coordinator {
         group_id: &str,
         create: bool,
     ) -> Result<Option<mpsc::Sender<GroupCmd>>, ResponseError> {
+        self.check_coordinator(group_id)?;
         let mut groups = self.groups.lock().expect("groups lock poisoned");
         if let Some(tx) = groups.get(group_id).filter(|tx| !tx.is_closed()) {
             return Ok(Some(tx.clone()));
@@ -138,7 +165,13 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(256);
         let group = Group::new(group_id, self.config.limits);
         let consumer = ConsumerGroup::new(group_id, self.config.consumer_limits);
-        tokio::spawn(run_group(group, consumer, rx, self.meta.clone()));
+        tokio::spawn(run_group(
+            group,
+            consumer,
+            rx,
+            self.meta.clone(),
+            self.ownership.clone(),
+        ));
         groups.insert(group_id.to_string(), tx.clone());
         Ok(Some(tx))
     }
@@ -288,7 +321,11 @@ impl Coordinator {
                     continue;
                 };
                 let mut idle = Vec::new();
-                for g in groups {
+                // Each coordinator expires the offsets of its own groups.
+                for g in groups
+                    .into_iter()
+                    .filter(|g| c.check_coordinator(g).is_ok())
+                {
                     let active = match c.describe(&g).await {
                         Some(s) => !s.members.is_empty(),
                         None => false,
@@ -328,6 +365,7 @@ async fn run_group(
     mut consumer: ConsumerGroup,
     mut rx: mpsc::Receiver<GroupCmd>,
     meta: Arc<dyn MetadataStore>,
+    ownership: Arc<Ownership>,
 ) {
     let mut kind = Kind::Classic;
     let mut waiters: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
@@ -390,12 +428,21 @@ async fn run_group(
                         Kind::Classic => group.validate_commit(&member_id, instance_id.as_deref(), generation),
                         Kind::Consumer => consumer.validate_commit(&member_id, generation),
                     };
-                    let result = match valid {
-                        Err(e) => Err(CommitError::Group(e)),
-                        Ok(()) => meta.commit_offsets(&group.id, &offsets).await.map_err(|e| {
-                            warn!(group = %group.id, error = %e, "offset commit failed");
-                            CommitError::Store(ResponseError::CoordinatorNotAvailable)
-                        }),
+                    let fence = ownership.group_fence(&group.id);
+                    let result = match (valid, fence) {
+                        (Err(e), _) => Err(CommitError::Group(e)),
+                        (Ok(()), None) => Err(CommitError::Group(ResponseError::NotCoordinator)),
+                        (Ok(()), fence) => match meta.commit_offsets(&group.id, &offsets, fence).await {
+                            Ok(()) => Ok(()),
+                            Err(MetaError::Fenced(_)) => {
+                                warn!(group = %group.id, "offset commit fenced: another broker coordinates the group now");
+                                Err(CommitError::Group(ResponseError::NotCoordinator))
+                            }
+                            Err(e) => {
+                                warn!(group = %group.id, error = %e, "offset commit failed");
+                                Err(CommitError::Store(ResponseError::CoordinatorNotAvailable))
+                            }
+                        },
                     };
                     let _ = reply.send(result);
                     Vec::new()

@@ -124,6 +124,7 @@ async fn group_offsets(
     group: &str,
     wanted: Option<Vec<(String, Vec<i32>)>>,
 ) -> Result<Vec<(String, Vec<(i32, i64, i32, String)>)>, ResponseError> {
+    broker.groups.check_coordinator(group)?;
     let stored = broker
         .meta
         .fetch_offsets(group)
@@ -267,6 +268,10 @@ fn subscribed_topics(members: &[crate::group::MemberSummary]) -> HashSet<String>
 
 pub async fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
     let mut resp = OffsetDeleteResponse::default();
+    if let Err(e) = broker.groups.check_coordinator(&req.group_id.0) {
+        resp.error_code = e.code();
+        return resp;
+    }
     let live = broker.groups.describe(&req.group_id.0).await;
     let subscribed = live
         .as_ref()

@@ -88,10 +88,13 @@ async fn fetch_until_ready(
                     .with_last_stable_offset(-1)
                     .with_log_start_offset(-1)
                     .with_preferred_read_replica(BrokerId(-1));
-                let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition)) else {
-                    any_error = true;
-                    parts.push(data.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
-                    continue;
+                let handle = match crate::broker::serve(topic.as_ref(), p.partition) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        any_error = true;
+                        parts.push(data.with_error_code(e.code()));
+                        continue;
+                    }
                 };
                 let shared = &handle.shared;
                 if p.current_leader_epoch >= 0 && p.current_leader_epoch != shared.leader_epoch {

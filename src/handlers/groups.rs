@@ -19,11 +19,11 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
-use super::metadata::host_port;
 use super::str_bytes;
 use crate::broker::Broker;
 use crate::group::classic::{Event, JoinRequest, Reply, SyncRequest};
 use crate::group::consumer::Heartbeat;
+use crate::metadata::BrokerRecord;
 use kafka_protocol::messages::consumer_group_describe_response::{
     Assignment as DescribeAssignment, DescribedGroup as ConsumerDescribedGroup,
     Member as ConsumerDescribedMember, TopicPartitions as DescribeTopicPartitions,
@@ -56,17 +56,20 @@ pub fn find_coordinator(
     req: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
-    let (host, port) = host_port(&broker.config.advertise);
-    let answer = |key: &StrBytes| -> (i16, Option<StrBytes>) {
+    // The coordinator of a group is the broker holding its coordinator slot.
+    let answer = |key: &StrBytes| -> Result<BrokerRecord, (ResponseError, Option<StrBytes>)> {
         if req.key_type != KEY_TYPE_GROUP {
-            (
-                ResponseError::CoordinatorNotAvailable.code(),
+            Err((
+                ResponseError::CoordinatorNotAvailable,
                 Some(str_bytes("transactions are not supported yet")),
-            )
+            ))
         } else if key.is_empty() {
-            (ResponseError::InvalidGroupId.code(), None)
+            Err((ResponseError::InvalidGroupId, None))
         } else {
-            (0, None)
+            broker
+                .ownership
+                .coordinator(key)
+                .ok_or((ResponseError::CoordinatorNotAvailable, None))
         }
     };
     let mut resp = FindCoordinatorResponse::default();
@@ -75,36 +78,34 @@ pub fn find_coordinator(
             .coordinator_keys
             .iter()
             .map(|k| {
-                let (error_code, error_message) = answer(k);
-                CoordinatorEntry::default()
-                    .with_key(k.clone())
-                    .with_node_id(BrokerId(if error_code == 0 {
-                        broker.config.broker_id
-                    } else {
-                        -1
-                    }))
-                    .with_host(str_bytes(if error_code == 0 {
-                        host.clone()
-                    } else {
-                        String::new()
-                    }))
-                    .with_port(if error_code == 0 { port } else { -1 })
-                    .with_error_code(error_code)
-                    .with_error_message(error_message)
+                let entry = CoordinatorEntry::default().with_key(k.clone());
+                match answer(k) {
+                    Ok(b) => entry
+                        .with_node_id(BrokerId(b.broker_id))
+                        .with_host(str_bytes(b.host))
+                        .with_port(b.port),
+                    Err((e, message)) => entry
+                        .with_node_id(BrokerId(-1))
+                        .with_port(-1)
+                        .with_error_code(e.code())
+                        .with_error_message(message),
+                }
             })
             .collect();
         return resp;
     }
-    let (error_code, error_message) = answer(&req.key);
-    resp.error_code = error_code;
-    resp.error_message = error_message;
-    if error_code == 0 {
-        resp.node_id = BrokerId(broker.config.broker_id);
-        resp.host = str_bytes(host);
-        resp.port = port;
-    } else {
-        resp.node_id = BrokerId(-1);
-        resp.port = -1;
+    match answer(&req.key) {
+        Ok(b) => {
+            resp.node_id = BrokerId(b.broker_id);
+            resp.host = str_bytes(b.host);
+            resp.port = b.port;
+        }
+        Err((e, message)) => {
+            resp.error_code = e.code();
+            resp.error_message = message;
+            resp.node_id = BrokerId(-1);
+            resp.port = -1;
+        }
     }
     resp
 }
@@ -327,6 +328,10 @@ pub async fn describe_groups(
             // READ 3, DESCRIBE 8, DELETE 6: no ACLs yet, everything is allowed.
             g.authorized_operations = (1 << 3) | (1 << 6) | (1 << 8);
         }
+        if let Err(e) = broker.groups.check_coordinator(&id.0) {
+            resp.groups.push(g.with_error_code(e.code()));
+            continue;
+        }
         match broker.groups.describe(&id.0).await {
             Some(s) => {
                 g = g
@@ -514,6 +519,10 @@ pub async fn consumer_group_describe(
         let mut out = ConsumerDescribedGroup::default()
             .with_group_id(id.clone())
             .with_authorized_operations(i32::MIN);
+        if let Err(e) = broker.groups.check_coordinator(&id.0) {
+            resp.groups.push(out.with_error_code(e.code()));
+            continue;
+        }
         match broker.groups.consumer_describe(&id.0).await {
             Some(g) => {
                 out = out

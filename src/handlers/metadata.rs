@@ -74,22 +74,21 @@ pub async fn metadata(
     };
     let allow_auto =
         broker.config.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
-    let node = broker.config.broker_id;
     match requested {
         None => {
             resp.topics = broker
                 .topics()
                 .iter()
-                .map(|t| describe(t, topic_ops, node))
+                .map(|t| describe(broker, t, topic_ops))
                 .collect();
         }
         Some(topics) => {
             for rt in topics {
                 let entry = match rt.name.as_ref().map(|n| n.0.to_string()) {
                     Some(name) => match broker.topic(&name) {
-                        Some(t) => describe(&t, topic_ops, node),
+                        Some(t) => describe(broker, &t, topic_ops),
                         None if allow_auto => match broker.auto_create(&name).await {
-                            Ok(t) => describe(&t, topic_ops, node),
+                            Ok(t) => describe(broker, &t, topic_ops),
                             Err(e) => missing(Some(name), Uuid::nil(), errors::topic_error(&e)),
                         },
                         None => {
@@ -105,7 +104,7 @@ pub async fn metadata(
                     None => {
                         let id = rt.topic_id;
                         match broker.topic_by_id(&id) {
-                            Some(t) => describe(&t, topic_ops, node),
+                            Some(t) => describe(broker, &t, topic_ops),
                             None => missing(None, id, ResponseError::UnknownTopicId),
                         }
                     }
@@ -125,26 +124,35 @@ fn missing(name: Option<String>, id: Uuid, error: ResponseError) -> MetadataResp
         .with_topic_authorized_operations(OPERATIONS_NOT_REQUESTED)
 }
 
-/// `node` is this broker: the leader of every partition it serves.
-fn describe(t: &Topic, ops: i32, node: i32) -> MetadataResponseTopic {
+/// Each partition's leader is this broker while it serves the partition, otherwise
+/// the owner (or assigned broker) the ownership view names, with its leader epoch.
+fn describe(broker: &Broker, t: &Topic, ops: i32) -> MetadataResponseTopic {
+    let me = broker.config.broker_id;
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(str_bytes(t.name.to_string()))))
         .with_topic_id(t.id)
         .with_topic_authorized_operations(ops)
         .with_partitions(
-            t.partitions
-                .iter()
-                .map(|p| {
-                    let leader = BrokerId(if p.shared.is_fenced() { -1 } else { node });
+            (0..t.partition_count())
+                .map(|i| {
+                    let (leader, epoch) = match t.partition(i) {
+                        Ok(h) => (me, h.shared.leader_epoch),
+                        Err(_) => {
+                            let l = broker.ownership.leader(&t.key(i));
+                            let id = l.broker.map_or(-1, |b| b.broker_id);
+                            (if id == me { -1 } else { id }, l.leader_epoch)
+                        }
+                    };
+                    let leader = BrokerId(leader);
                     MetadataResponsePartition::default()
-                        .with_error_code(if p.shared.is_fenced() {
+                        .with_error_code(if leader.0 < 0 {
                             ResponseError::LeaderNotAvailable.code()
                         } else {
                             0
                         })
-                        .with_partition_index(p.partition)
+                        .with_partition_index(i)
                         .with_leader_id(leader)
-                        .with_leader_epoch(p.shared.leader_epoch)
+                        .with_leader_epoch(epoch)
                         .with_replica_nodes(vec![leader])
                         .with_isr_nodes(vec![leader])
                 })

@@ -50,9 +50,9 @@ pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> List
                     .with_timestamp(-1)
                     .with_offset(-1)
                     .with_leader_epoch(-1);
-                let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition_index))
-                else {
-                    return out.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                let handle = match crate::broker::serve(topic.as_ref(), p.partition_index) {
+                    Ok(h) => h,
+                    Err(e) => return out.with_error_code(e.code()),
                 };
                 let shared = &handle.shared;
                 if let Some(e) = epoch_error(shared, p.current_leader_epoch) {
@@ -113,11 +113,12 @@ pub fn offset_for_leader_epoch(
                 .with_partition(p.partition)
                 .with_leader_epoch(-1)
                 .with_end_offset(-1);
-            let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition)) else {
-                result
-                    .partitions
-                    .push(out.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
-                continue;
+            let handle = match crate::broker::serve(topic.as_ref(), p.partition) {
+                Ok(h) => h,
+                Err(e) => {
+                    result.partitions.push(out.with_error_code(e.code()));
+                    continue;
+                }
             };
             let shared = &handle.shared;
             if let Some(e) = epoch_error(shared, p.current_leader_epoch) {
@@ -153,9 +154,9 @@ pub async fn delete_records(
                 let out = DeleteRecordsPartitionResult::default()
                     .with_partition_index(p.partition_index)
                     .with_low_watermark(-1);
-                let Some(handle) = topic.as_ref().and_then(|t| t.partition(p.partition_index))
-                else {
-                    return out.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                let handle = match crate::broker::serve(topic.as_ref(), p.partition_index) {
+                    Ok(h) => h,
+                    Err(e) => return out.with_error_code(e.code()),
                 };
                 let (tx, rx) = oneshot::channel();
                 if handle

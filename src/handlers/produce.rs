@@ -87,15 +87,16 @@ pub async fn produce(
                         msg,
                     ));
                 }
-                let Some((t, handle)) = topic
-                    .as_ref()
-                    .and_then(|t| t.partition(index).map(|h| (t, h)))
-                else {
-                    return Prepared::Refused(refused(
-                        index,
-                        ResponseError::UnknownTopicOrPartition,
-                        None,
-                    ));
+                let (t, handle) = match topic.as_ref().map(|t| (t, t.partition(index))) {
+                    Some((t, Ok(h))) => (t, h),
+                    Some((_, Err(e))) => return Prepared::Refused(refused(index, e, None)),
+                    None => {
+                        return Prepared::Refused(refused(
+                            index,
+                            ResponseError::UnknownTopicOrPartition,
+                            None,
+                        ))
+                    }
                 };
                 let Some(records) = pd.records else {
                     return Prepared::Refused(refused(

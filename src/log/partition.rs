@@ -63,6 +63,8 @@ pub struct PartitionShared {
     pub view: RwLock<PartitionView>,
     /// Set once a newer owner fenced this one.
     pub fenced: std::sync::atomic::AtomicBool,
+    /// Set when the partition is being handed off: no new writes are taken.
+    pub releasing: std::sync::atomic::AtomicBool,
 }
 
 impl PartitionShared {
@@ -76,6 +78,11 @@ impl PartitionShared {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether this broker still leads the partition: not fenced, not handing it off.
+    pub fn is_serving(&self) -> bool {
+        !self.is_fenced() && !self.releasing.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -111,6 +118,9 @@ pub enum PartitionCmd {
         reply: oneshot::Sender<Result<i64, DeleteRecordsError>>,
     },
     Configure(TopicConfig),
+    /// Hand-off: stop taking writes and answer once every batch already taken is
+    /// committed (or failed), so nothing in flight is lost or failed by the hand-off.
+    Release(oneshot::Sender<()>),
     Stop,
 }
 
@@ -173,6 +183,7 @@ pub async fn start(
             epoch_history: state.epoch_history.clone(),
         }),
         fenced: std::sync::atomic::AtomicBool::new(false),
+        releasing: std::sync::atomic::AtomicBool::new(false),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel(ctx.queue_length);
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
@@ -189,10 +200,14 @@ pub async fn start(
         durable_producers: producers,
         unflushed: VecDeque::new(),
         waiters: VecDeque::new(),
-        gen: 0,
+        // Generations start from the leader epoch, so a later incarnation of the
+        // partition on this broker (claimed again after a hand-off or step-down) never
+        // looks like a generation the flusher already abandoned.
+        gen: (state.leader_epoch.max(0) as u64) << 32,
         config,
         uploading: false,
         notice_tx,
+        released: None,
     };
     let task = tokio::spawn(owner.run(cmd_rx, notice_rx));
     Ok((
@@ -302,6 +317,8 @@ struct Owner {
     config: TopicConfig,
     uploading: bool,
     notice_tx: mpsc::UnboundedSender<Notice>,
+    /// A hand-off waiting for the in-flight batches to finish.
+    released: Option<oneshot::Sender<()>>,
 }
 
 impl Owner {
@@ -353,12 +370,28 @@ impl Owner {
                 self.config = config;
                 self.maybe_seal(false);
             }
+            PartitionCmd::Release(reply) => {
+                self.shared
+                    .releasing
+                    .store(true, std::sync::atomic::Ordering::Release);
+                self.released = Some(reply);
+                self.maybe_released();
+            }
             PartitionCmd::Stop => {}
         }
     }
 
+    /// Answers a pending hand-off once nothing taken is still waiting for its flush.
+    fn maybe_released(&mut self) {
+        if self.unflushed.is_empty() {
+            if let Some(reply) = self.released.take() {
+                let _ = reply.send(());
+            }
+        }
+    }
+
     async fn append(&mut self, batches: Vec<ValidBatch>, acks: i16, reply: AppendReply) {
-        if self.shared.is_fenced() {
+        if !self.shared.is_serving() {
             let _ = reply.send(Err(AppendError::NotLeader));
             return;
         }
@@ -487,6 +520,7 @@ impl Owner {
             }
         }
         self.maybe_seal(false);
+        self.maybe_released();
     }
 
     fn on_flush_failed(&mut self, fenced: bool) {
@@ -503,6 +537,7 @@ impl Owner {
         } else {
             self.fail_waiters(AppendError::NotDurable);
         }
+        self.maybe_released();
     }
 
     fn fail_waiters(&mut self, error: AppendError) {
@@ -694,7 +729,7 @@ impl Owner {
     }
 
     async fn delete_records(&mut self, offset: i64) -> Result<i64, DeleteRecordsError> {
-        if self.shared.is_fenced() {
+        if !self.shared.is_serving() {
             return Err(DeleteRecordsError::NotLeader);
         }
         let hw = self.shared.high_watermark();

@@ -31,8 +31,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BrokerRecord, CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey,
-    PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
+    PartitionOwner, PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit,
+    WalRangeRecord,
 };
 
 /// Records between two snapshots.
@@ -146,6 +147,13 @@ enum Op {
     CommitOffsets {
         group: String,
         offsets: Vec<CommittedOffset>,
+        /// The coordinator's lease, checked before anything is stored.
+        #[serde(default)]
+        fence: Option<Fence>,
+    },
+    Release {
+        key: PartitionKey,
+        leader_epoch: i32,
     },
     DeleteOffsets {
         group: String,
@@ -378,7 +386,18 @@ impl State {
                 };
                 Ok(Out::Number(self.last_producer_id))
             }
-            Op::CommitOffsets { group, offsets } => {
+            Op::Release { key, leader_epoch } => {
+                self.owned(*key, *leader_epoch)?.owner = None;
+                Ok(Out::Unit)
+            }
+            Op::CommitOffsets {
+                group,
+                offsets,
+                fence,
+            } => {
+                if let Some(f) = fence {
+                    self.owned(f.key, f.leader_epoch)?;
+                }
                 if offsets.is_empty() {
                     return Ok(Out::Unit);
                 }
@@ -868,6 +887,25 @@ impl MetadataStore for BucketStore {
         }
     }
 
+    async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
+        self.submit(Op::Release { key, leader_epoch })
+            .await
+            .map(|_| ())
+    }
+
+    async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
+        Ok(self.read(|s| {
+            s.partitions
+                .iter()
+                .map(|(key, p)| PartitionOwner {
+                    key: *key,
+                    leader_epoch: p.leader_epoch,
+                    owner: p.owner,
+                })
+                .collect()
+        }))
+    }
+
     async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
         self.submit(Op::CommitWal {
             commit: commit.clone(),
@@ -975,13 +1013,19 @@ impl MetadataStore for BucketStore {
         }
     }
 
-    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+    async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: &[CommittedOffset],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
         if offsets.is_empty() {
             return Ok(());
         }
         self.submit(Op::CommitOffsets {
             group: group.to_owned(),
             offsets: offsets.to_vec(),
+            fence,
         })
         .await
         .map(|_| ())
@@ -1109,6 +1153,7 @@ mod tests {
                         metadata: String::new(),
                         commit_timestamp_ms: 5,
                     }],
+                    None,
                 )
                 .await
                 .expect("commit");

@@ -25,9 +25,9 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::{
-    BrokerRecord, CommittedOffset, MetaError, MetadataStore, PartitionCommit, PartitionKey,
-    PartitionState, ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit,
-    WalRangeRecord,
+    BrokerRecord, CommittedOffset, Fence, MetaError, MetadataStore, PartitionCommit, PartitionKey,
+    PartitionOwner, PartitionState, ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord,
+    WalCommit, WalRangeRecord,
 };
 
 /// Generates one `#[tokio::test]` per check, each against a fresh store made by
@@ -41,6 +41,8 @@ macro_rules! metadata_store_conformance {
             check_topic_configs,
             check_partition_count_growth,
             check_claim_bumps_epoch,
+            check_release_and_owners,
+            check_fenced_offset_commit,
             check_commit_wal_applies,
             check_stale_commit_is_fenced,
             check_commit_segment_drops_covered_ranges,
@@ -80,6 +82,8 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_topic_configs(store).await;
     check_partition_count_growth(store).await;
     check_claim_bumps_epoch(store).await;
+    check_release_and_owners(store).await;
+    check_fenced_offset_commit(store).await;
     check_commit_wal_applies(store).await;
     check_stale_commit_is_fenced(store).await;
     check_commit_segment_drops_covered_ranges(store).await;
@@ -291,7 +295,7 @@ fn sorted_offsets(offsets: &[CommittedOffset]) -> Vec<CommittedOffset> {
 
 async fn commit_offsets(store: &dyn MetadataStore, group: &str, offsets: &[CommittedOffset]) {
     store
-        .commit_offsets(group, offsets)
+        .commit_offsets(group, offsets, None)
         .await
         .expect("commit offsets");
 }
@@ -863,6 +867,7 @@ pub(crate) async fn check_broker_membership(store: &dyn MetadataStore) {
         port: 9092,
         zone: zone.map(str::to_owned),
         lease_expires_ms: expires,
+        draining: false,
     };
     let live = |brokers: Vec<BrokerRecord>| -> Vec<BrokerRecord> {
         brokers.into_iter().filter(|b| b.broker_id == id).collect()
@@ -889,6 +894,20 @@ pub(crate) async fn check_broker_membership(store: &dyn MetadataStore) {
         live(store.live_brokers(1_500).await.expect("live")),
         vec![record(1, 2_000, None)]
     );
+    // A draining broker stays live and says so.
+    let draining = BrokerRecord {
+        draining: true,
+        ..record(1, 2_000, None)
+    };
+    store.heartbeat_broker(&draining).await.expect("drain");
+    assert_eq!(
+        live(store.live_brokers(1_500).await.expect("live")),
+        vec![draining]
+    );
+    store
+        .heartbeat_broker(&record(1, 2_000, None))
+        .await
+        .expect("undrain");
     // A restarted broker (newer session) takes over; the old one is refused.
     store
         .heartbeat_broker(&record(2, 3_000, Some("az-2")))
@@ -1450,4 +1469,99 @@ pub(crate) async fn check_large_offset_commit(store: &dyn MetadataStore) {
             .expect("delete all"),
         1000
     );
+}
+
+/// Owners are listed with their epochs; a release clears the owner only under the
+/// current epoch, and the next claim still raises the epoch.
+pub(crate) async fn check_release_and_owners(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 2).await;
+    let owner_of = |owners: &[PartitionOwner], k: PartitionKey| {
+        owners
+            .iter()
+            .find(|o| o.key == k)
+            .copied()
+            .expect("partition listed")
+    };
+    let owners = store.partition_owners().await.expect("owners");
+    assert_eq!(
+        owner_of(&owners, key(&topic, 0)),
+        PartitionOwner {
+            key: key(&topic, 0),
+            leader_epoch: 0,
+            owner: None
+        }
+    );
+    let first = store
+        .claim_partition(key(&topic, 0), 7)
+        .await
+        .expect("claim");
+    let owners = store.partition_owners().await.expect("owners");
+    assert_eq!(owner_of(&owners, key(&topic, 0)).owner, Some(7));
+    assert_eq!(
+        owner_of(&owners, key(&topic, 0)).leader_epoch,
+        first.leader_epoch
+    );
+    assert_eq!(owner_of(&owners, key(&topic, 1)).owner, None);
+    // A newer claim fences the release of the older epoch.
+    let second = store
+        .claim_partition(key(&topic, 0), 8)
+        .await
+        .expect("claim");
+    assert!(matches!(
+        store
+            .release_partition(key(&topic, 0), first.leader_epoch)
+            .await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert_eq!(
+        owner_of(
+            &store.partition_owners().await.expect("owners"),
+            key(&topic, 0)
+        )
+        .owner,
+        Some(8)
+    );
+    store
+        .release_partition(key(&topic, 0), second.leader_epoch)
+        .await
+        .expect("release");
+    let released = owner_of(
+        &store.partition_owners().await.expect("owners"),
+        key(&topic, 0),
+    );
+    assert_eq!(released.owner, None);
+    assert_eq!(released.leader_epoch, second.leader_epoch);
+    let third = store
+        .claim_partition(key(&topic, 0), 9)
+        .await
+        .expect("claim");
+    assert_eq!(third.leader_epoch, second.leader_epoch + 1);
+    assert!(matches!(
+        store.release_partition(key(&topic, 9), 0).await,
+        Err(MetaError::PartitionNotFound)
+    ));
+}
+
+/// An offset commit under a fence is stored only while the fence's epoch is current.
+pub(crate) async fn check_fenced_offset_commit(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let group = unique("group");
+    let slot = key(&topic, 0);
+    let lease = store.claim_partition(slot, 1).await.expect("claim");
+    let fence = Fence {
+        key: slot,
+        leader_epoch: lease.leader_epoch,
+    };
+    let first = [committed(&topic.name, 0, 10, 1)];
+    store
+        .commit_offsets(&group, &first, Some(fence))
+        .await
+        .expect("commit under the current lease");
+    store.claim_partition(slot, 2).await.expect("claim again");
+    let stale = [committed(&topic.name, 0, 3, 1)];
+    assert!(matches!(
+        store.commit_offsets(&group, &stale, Some(fence)).await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert_eq!(fetch_offsets(store, &group).await, first.to_vec());
 }

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::{
-    BrokerRecord, CommittedOffset, MetaResult, MetadataStore, PartitionKey, PartitionState,
-    SegmentRecord, TopicRecord, WalCommit,
+    BrokerRecord, CommittedOffset, Fence, MetaResult, MetadataStore, PartitionKey, PartitionOwner,
+    PartitionState, SegmentRecord, TopicRecord, WalCommit,
 };
 
 struct StoreMetrics {
@@ -114,6 +114,16 @@ impl MetadataStore for Instrumented {
         )
         .await
     }
+    async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
+        timed(
+            "release_partition",
+            self.inner.release_partition(key, leader_epoch),
+        )
+        .await
+    }
+    async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
+        timed("partition_owners", self.inner.partition_owners()).await
+    }
     async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
         timed("commit_wal", self.inner.commit_wal(commit)).await
     }
@@ -172,8 +182,17 @@ impl MetadataStore for Instrumented {
     async fn next_producer_id(&self) -> MetaResult<i64> {
         timed("next_producer_id", self.inner.next_producer_id()).await
     }
-    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
-        timed("commit_offsets", self.inner.commit_offsets(group, offsets)).await
+    async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: &[CommittedOffset],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
+        timed(
+            "commit_offsets",
+            self.inner.commit_offsets(group, offsets, fence),
+        )
+        .await
     }
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
         timed("fetch_offsets", self.inner.fetch_offsets(group)).await

@@ -142,6 +142,23 @@ pub struct WalCommit {
     pub partitions: Vec<PartitionCommit>,
 }
 
+/// Who holds a partition (or a coordinator slot) and under which leader epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionOwner {
+    pub key: PartitionKey,
+    pub leader_epoch: i32,
+    /// The broker that claimed it last; `None` once released (or never claimed).
+    pub owner: Option<i32>,
+}
+
+/// The lease a write is conditional on: the writer's epoch on a partition or a
+/// coordinator slot. A write under a stale fence fails with `Fenced`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fence {
+    pub key: PartitionKey,
+    pub leader_epoch: i32,
+}
+
 /// A broker's registration: who it is, where clients reach it, and until when its
 /// lease holds. Brokers renew the lease by heartbeat; one whose lease has expired is
 /// not live.
@@ -157,6 +174,9 @@ pub struct BrokerRecord {
     pub zone: Option<String>,
     /// Milliseconds since the epoch after which the broker is no longer live.
     pub lease_expires_ms: i64,
+    /// Live but giving its partitions and groups away and taking none (drain, shutdown).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A consumer group's committed offset for one partition.
@@ -195,6 +215,11 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
         key: PartitionKey,
         broker_id: i32,
     ) -> MetaResult<PartitionState>;
+    /// Gives ownership up (graceful hand-off): clears the owner if the epoch is still the
+    /// caller's, so the next owner can claim at once. `Fenced` if someone claimed since.
+    async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()>;
+    /// Every partition's owner and epoch, for assignment and for Metadata answers.
+    async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>>;
     /// One transaction: for every partition, check its leader epoch, append the range,
     /// set the high watermark to the range end, replace the given producer states; and
     /// remember the object. If any epoch is stale nothing is applied and `Fenced` names
@@ -228,8 +253,14 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     /// Allocates a new, never reused producer id.
     async fn next_producer_id(&self) -> MetaResult<i64>;
     /// Stores committed offsets of one group in one transaction (replacing earlier
-    /// commits of the same partitions).
-    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()>;
+    /// commits of the same partitions). With a fence, only while the fence's epoch is
+    /// current (the coordinator's lease on the group's slot), else `Fenced`.
+    async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: &[CommittedOffset],
+        fence: Option<Fence>,
+    ) -> MetaResult<()>;
     /// Every committed offset of a group, sorted by topic and partition.
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>>;
     /// Deletes a group's committed offsets: all of them (`None`) or the listed

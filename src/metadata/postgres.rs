@@ -39,13 +39,14 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
+use super::PartitionOwner;
 use super::{
-    BrokerRecord, CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey,
+    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
     PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// The first producer id handed out. Persisted in the `counters` row below; stable.
 const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
@@ -155,6 +156,11 @@ CREATE TABLE brokers (
     zone             TEXT,
     lease_expires_ms BIGINT  NOT NULL
 );
+"#;
+
+/// Schema version 4: a broker can be draining (live, giving its work away, taking none).
+const SCHEMA_V4: &str = r#"
+ALTER TABLE brokers ADD COLUMN draining BOOLEAN NOT NULL DEFAULT FALSE;
 "#;
 
 const SELECT_TOPIC_FOR_UPDATE: &str =
@@ -437,7 +443,19 @@ async fn migrate(client: &mut Client) -> MetaResult<()> {
             );
         }
     }
-    // Later versions: `if current < 4 { ... }`, each step in this same transaction.
+    if current < 4 {
+        tx.batch_execute(SCHEMA_V4).await.db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (4)", &[])
+            .await
+            .db()?;
+        if current >= 1 {
+            tracing::info!(
+                from = current,
+                "migrated postgres metadata schema to version 4"
+            );
+        }
+    }
+    // Later versions: `if current < 5 { ... }`, each step in this same transaction.
     tx.commit().await.db()
 }
 
@@ -978,6 +996,41 @@ impl MetadataStore for PostgresStore {
         tx.commit().await
     }
 
+    async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        require_epoch(&mut tx, key, leader_epoch).await?;
+        tx.execute(
+            "UPDATE partitions SET owner_broker = NULL WHERE topic_id = $1 AND partition = $2",
+            &[&key.topic_id, &key.partition],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT topic_id, partition, leader_epoch, owner_broker FROM partitions
+                 ORDER BY topic_id, partition",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PartitionOwner {
+                    key: PartitionKey {
+                        topic_id: get(row, 0)?,
+                        partition: get(row, 1)?,
+                    },
+                    leader_epoch: get(row, 2)?,
+                    owner: get(row, 3)?,
+                })
+            })
+            .collect()
+    }
+
     async fn trim_log(
         &self,
         key: PartitionKey,
@@ -1034,12 +1087,14 @@ impl MetadataStore for PostgresStore {
         let mut conn = self.pool.get().await?;
         let changed = conn
             .execute(
-                "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6)
+                "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms,
+                                      draining)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (broker_id) DO UPDATE SET
                      session = EXCLUDED.session, host = EXCLUDED.host,
                      port = EXCLUDED.port, zone = EXCLUDED.zone,
-                     lease_expires_ms = EXCLUDED.lease_expires_ms
+                     lease_expires_ms = EXCLUDED.lease_expires_ms,
+                     draining = EXCLUDED.draining
                  WHERE brokers.session <= EXCLUDED.session",
                 &[
                     &broker.broker_id,
@@ -1048,6 +1103,7 @@ impl MetadataStore for PostgresStore {
                     &broker.port,
                     &broker.zone,
                     &broker.lease_expires_ms,
+                    &broker.draining,
                 ],
             )
             .await?;
@@ -1061,7 +1117,7 @@ impl MetadataStore for PostgresStore {
         let mut conn = self.pool.get().await?;
         let rows = conn
             .query(
-                "SELECT broker_id, session, host, port, zone, lease_expires_ms
+                "SELECT broker_id, session, host, port, zone, lease_expires_ms, draining
                  FROM brokers WHERE lease_expires_ms > $1 ORDER BY broker_id",
                 &[&now_ms],
             )
@@ -1075,6 +1131,7 @@ impl MetadataStore for PostgresStore {
                     port: get(row, 3)?,
                     zone: get(row, 4)?,
                     lease_expires_ms: get(row, 5)?,
+                    draining: get(row, 6)?,
                 })
             })
             .collect()
@@ -1120,7 +1177,12 @@ impl MetadataStore for PostgresStore {
         get(row, 0)
     }
 
-    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+    async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: &[CommittedOffset],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
         if offsets.is_empty() {
             return Ok(());
         }
@@ -1144,7 +1206,11 @@ impl MetadataStore for PostgresStore {
             timestamps.push(o.commit_timestamp_ms);
         }
         let mut conn = self.pool.get().await?;
-        conn.execute(
+        let mut tx = conn.begin().await?;
+        if let Some(f) = fence {
+            require_epoch(&mut tx, f.key, f.leader_epoch).await?;
+        }
+        tx.execute(
             r#"INSERT INTO group_offsets (group_id, topic, partition, "offset",
                    leader_epoch, metadata, commit_timestamp_ms)
                SELECT $1, k.* FROM unnest($2::TEXT[], $3::INTEGER[], $4::BIGINT[],
@@ -1165,7 +1231,7 @@ impl MetadataStore for PostgresStore {
             ],
         )
         .await?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
@@ -1367,13 +1433,13 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("connect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
-        assert_eq!(SCHEMA_VERSION, 3);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
+        assert_eq!(SCHEMA_VERSION, 4);
         drop(store);
         PostgresStore::connect_with(config.clone())
             .await
             .expect("reconnect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
     }
 
     #[tokio::test]
@@ -1391,7 +1457,7 @@ mod tests {
                 .expect("task")
                 .expect("every concurrent connect succeeds");
         }
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
     }
 
     #[tokio::test]
@@ -1437,7 +1503,7 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("migrate");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
         assert_eq!(
             store.list_topics().await.expect("list"),
             vec![topic.clone()]
@@ -1462,7 +1528,10 @@ mod tests {
             metadata: "m".to_owned(),
             commit_timestamp_ms: 1,
         }];
-        store.commit_offsets("g", &offsets).await.expect("commit");
+        store
+            .commit_offsets("g", &offsets, None)
+            .await
+            .expect("commit");
         assert_eq!(store.fetch_offsets("g").await.expect("fetch"), offsets);
     }
 

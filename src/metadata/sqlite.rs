@@ -29,8 +29,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
+use super::PartitionOwner;
 use super::{
-    BrokerRecord, CommittedOffset, MetaError, MetaResult, MetadataStore, PartitionKey,
+    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
     PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
 
@@ -42,7 +43,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// not per call.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// The first producer id handed out. Persisted in the `counters` row below; stable.
 const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
@@ -155,6 +156,11 @@ CREATE TABLE brokers (
     zone             TEXT,
     lease_expires_ms INTEGER NOT NULL
 );
+";
+
+/// Schema version 4: a broker can be draining (live, giving its work away, taking none).
+const SCHEMA_V4: &str = "
+ALTER TABLE brokers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// The embedded metadata store: one SQLite file (or an in-memory database for tests).
@@ -293,7 +299,18 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
             );
         }
     }
-    // Later versions: `if current < 4 { ... }`, each step in this same transaction.
+    if current < 4 {
+        tx.execute_batch(SCHEMA_V4).db()?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (4)", [])
+            .db()?;
+        if current >= 1 {
+            tracing::info!(
+                from = current,
+                "migrated sqlite metadata schema to version 4"
+            );
+        }
+    }
+    // Later versions: `if current < 5 { ... }`, each step in this same transaction.
     tx.commit().db()
 }
 
@@ -704,6 +721,58 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
+    async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            require_epoch(&tx, key, leader_epoch)?;
+            tx.prepare_cached(
+                "UPDATE partitions SET owner_broker = NULL WHERE topic_id = ?1 AND partition = ?2",
+            )
+            .db()?
+            .execute(params![key.topic_id.as_bytes(), key.partition])
+            .db()?;
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT topic_id, partition, leader_epoch, owner_broker FROM partitions
+                     ORDER BY topic_id, partition",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, i32>(1)?,
+                        row.get::<_, i32>(2)?,
+                        row.get::<_, Option<i32>>(3)?,
+                    ))
+                })
+                .db()?;
+            let mut owners = Vec::new();
+            for row in rows {
+                let (id, partition, leader_epoch, owner) = row.db()?;
+                owners.push(PartitionOwner {
+                    key: PartitionKey {
+                        topic_id: decode_uuid(&id)?,
+                        partition,
+                    },
+                    leader_epoch,
+                    owner,
+                });
+            }
+            Ok(owners)
+        })
+        .await
+    }
+
     /// A partition that no longer exists (its topic was deleted) is reported as fenced
     /// with the stale ones: its owner has lost it for good, and the rest of the commit
     /// can be retried without it.
@@ -926,12 +995,14 @@ impl MetadataStore for SqliteStore {
                 .db()?;
             let changed = tx
                 .prepare_cached(
-                    "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                    "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms,
+                                          draining)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (broker_id) DO UPDATE SET
                          session = excluded.session, host = excluded.host,
                          port = excluded.port, zone = excluded.zone,
-                         lease_expires_ms = excluded.lease_expires_ms
+                         lease_expires_ms = excluded.lease_expires_ms,
+                         draining = excluded.draining
                      WHERE brokers.session <= excluded.session",
                 )
                 .db()?
@@ -941,7 +1012,8 @@ impl MetadataStore for SqliteStore {
                     b.host,
                     b.port,
                     b.zone,
-                    b.lease_expires_ms
+                    b.lease_expires_ms,
+                    b.draining
                 ])
                 .db()?;
             if changed == 0 {
@@ -957,7 +1029,7 @@ impl MetadataStore for SqliteStore {
             let tx = conn.transaction().db()?;
             let brokers = tx
                 .prepare_cached(
-                    "SELECT broker_id, session, host, port, zone, lease_expires_ms
+                    "SELECT broker_id, session, host, port, zone, lease_expires_ms, draining
                      FROM brokers WHERE lease_expires_ms > ?1 ORDER BY broker_id",
                 )
                 .db()?
@@ -969,6 +1041,7 @@ impl MetadataStore for SqliteStore {
                         port: row.get(3)?,
                         zone: row.get(4)?,
                         lease_expires_ms: row.get(5)?,
+                        draining: row.get(6)?,
                     })
                 })
                 .db()?
@@ -1033,7 +1106,12 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn commit_offsets(&self, group: &str, offsets: &[CommittedOffset]) -> MetaResult<()> {
+    async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: &[CommittedOffset],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
         if offsets.is_empty() {
             return Ok(());
         }
@@ -1043,6 +1121,9 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
+            if let Some(f) = fence {
+                require_epoch(&tx, f.key, f.leader_epoch)?;
+            }
             let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO group_offsets (group_id, topic, partition, offset,
@@ -1288,12 +1369,12 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("journal mode");
         assert_eq!(mode, "wal");
-        assert_eq!(schema_versions(&conn), vec![1, 2, 3]);
-        assert_eq!(SCHEMA_VERSION, 3);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4]);
+        assert_eq!(SCHEMA_VERSION, 4);
         drop(store);
         // Opening again finds the schema in place and changes nothing.
         SqliteStore::open(&path).expect("reopen store");
-        assert_eq!(schema_versions(&conn), vec![1, 2, 3]);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4]);
     }
 
     #[tokio::test]
@@ -1329,7 +1410,7 @@ mod tests {
         ];
         {
             let store = SqliteStore::open(&path).expect("open the version 1 file");
-            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3]);
+            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3, 4]);
             assert_eq!(
                 store.list_topics().await.expect("list"),
                 vec![topic.clone()],
@@ -1348,14 +1429,18 @@ mod tests {
                 1
             );
             store
-                .commit_offsets("group", &offsets)
+                .commit_offsets("group", &offsets, None)
                 .await
                 .expect("commit offsets after the migration");
             assert_eq!(store.fetch_offsets("group").await.expect("fetch"), offsets);
         }
 
         let store = SqliteStore::open(&path).expect("reopen the migrated file");
-        assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3], "migrated once");
+        assert_eq!(
+            schema_versions(&raw(&path)),
+            vec![1, 2, 3, 4],
+            "migrated once"
+        );
         assert_eq!(
             store.fetch_offsets("group").await.expect("fetch"),
             offsets,

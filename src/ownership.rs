@@ -1,0 +1,521 @@
+//! Ownership: which live broker serves each partition and coordinates each group.
+//!
+//! Every broker computes the same assignment from the same inputs: rendezvous hashing
+//! (highest random weight) of each partition over the live brokers that are not
+//! draining. Adding a broker moves only the partitions that now score highest on it;
+//! removing one moves only its own. Nothing is copied: a new owner claims the
+//! partition in the metadata store (raising its leader epoch, which fences the former
+//! owner's commits) and reads the manifest and write-ahead tail from object storage.
+//!
+//! Hand-off is cooperative when both brokers are alive: the former owner stops taking
+//! writes, lets its in-flight flush commit (so no acknowledged or in-flight `acks=all`
+//! produce fails), and releases the partition; the new owner claims it as soon as it
+//! sees the release. It does not wait for an owner whose lease has expired, and waits at
+//! most one lease for a live owner that does not let go.
+//!
+//! Group coordinators work the same way through coordinator slots: the partitions of
+//! the internal topic `__consumer_offsets` (`offsets.topic.num.partitions`, as in
+//! Kafka). A group belongs to slot `hash(group) % slots`; the slot's owner coordinates
+//! it, and every offset commit is conditional on the slot's epoch, so a paused former
+//! coordinator cannot move offsets after its successor took over.
+//!
+//! This module holds the assignment rule, the cached owners and the slots this broker
+//! holds, and [`plan`], the pure decision of what to claim, release or give up. The
+//! broker applies the plan (`Broker::reconcile`), since it owns the partition tasks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::membership::Membership;
+use crate::metadata::{BrokerRecord, Fence, PartitionKey, PartitionOwner};
+
+/// The internal topic whose partitions are the group coordinator slots.
+pub const COORDINATOR_TOPIC: &str = "__consumer_offsets";
+
+/// 64-bit FNV-1a over the parts, finished with the splitmix64 mixer. Deliberately not
+/// a std hasher: every broker, of every version in a rolling upgrade, must compute the
+/// same assignment.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn seed(key: &PartitionKey) -> u64 {
+    hash(&[key.topic_id.as_bytes(), &key.partition.to_be_bytes()])
+}
+
+/// The broker among `brokers` that scores highest for `key` (rendezvous hashing).
+pub fn rendezvous(key: &PartitionKey, brokers: impl IntoIterator<Item = i32>) -> Option<i32> {
+    let s = seed(key);
+    brokers
+        .into_iter()
+        .max_by_key(|b| (mix(s ^ mix(*b as u32 as u64)), *b))
+}
+
+/// The coordinator slot of a group.
+pub fn group_slot(group: &str, slots: i32) -> i32 {
+    (hash(&[group.as_bytes()]) % slots.max(1) as u64) as i32
+}
+
+/// What this broker holds of one key, as the plan needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub leader_epoch: i32,
+    /// A newer owner fenced this one (a commit was refused).
+    pub fenced: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Take the key over (claim: a new epoch).
+    Claim(PartitionKey),
+    /// Hand it off: finish in-flight work, then release it.
+    Release(PartitionKey),
+    /// Someone else owns it now: stop at once, commit nothing more.
+    StepDown(PartitionKey),
+}
+
+/// Inputs of one planning pass.
+#[derive(Debug)]
+pub struct PlanInput<'a> {
+    pub me: i32,
+    pub live: &'a [BrokerRecord],
+    pub owners: &'a HashMap<PartitionKey, PartitionOwner>,
+    pub held: &'a HashMap<PartitionKey, Held>,
+    /// How long to wait for a live owner to release a key this broker should have.
+    pub patience: Duration,
+    /// Whether an owner missing from `live` may be taken as gone (see
+    /// `Membership::settled`); if not, its keys wait like a live owner's.
+    pub trust_expiry: bool,
+    pub now: Instant,
+}
+
+/// Decides, for every key, whether this broker claims, releases or steps down from it.
+/// `waiting` remembers since when this broker has wanted a key a live broker still
+/// holds; entries are dropped when no longer needed.
+pub fn plan(
+    input: &PlanInput<'_>,
+    keys: impl IntoIterator<Item = PartitionKey>,
+    waiting: &mut HashMap<PartitionKey, Instant>,
+) -> Vec<Action> {
+    let eligible: Vec<i32> = input
+        .live
+        .iter()
+        .filter(|b| !b.draining)
+        .map(|b| b.broker_id)
+        .collect();
+    let is_live = |id: i32| input.live.iter().any(|b| b.broker_id == id);
+    let mut actions = Vec::new();
+    let mut still_waiting = HashMap::new();
+    for key in keys {
+        let target = rendezvous(&key, eligible.iter().copied());
+        let owner = input.owners.get(&key);
+        if let Some(held) = input.held.get(&key) {
+            let superseded = owner.is_some_and(|o| o.leader_epoch > held.leader_epoch);
+            if held.fenced || superseded {
+                actions.push(Action::StepDown(key));
+            } else if target != Some(input.me) {
+                actions.push(Action::Release(key));
+            }
+            continue;
+        }
+        if target != Some(input.me) {
+            continue;
+        }
+        let current = owner.and_then(|o| o.owner);
+        let free = match current {
+            None => true,
+            Some(id) if id == input.me => true,
+            Some(id) => input.trust_expiry && !is_live(id),
+        };
+        if free {
+            actions.push(Action::Claim(key));
+            continue;
+        }
+        let since = *waiting.get(&key).unwrap_or(&input.now);
+        if input.now.duration_since(since) >= input.patience {
+            actions.push(Action::Claim(key));
+        } else {
+            still_waiting.insert(key, since);
+        }
+    }
+    *waiting = still_waiting;
+    actions
+}
+
+/// The coordinator slots: the internal topic's id and partition count, and the slots
+/// this broker holds with their epochs.
+#[derive(Debug, Default)]
+struct Slots {
+    topic: Option<(Uuid, i32)>,
+    held: HashMap<i32, i32>,
+}
+
+/// The cluster's ownership as this broker knows it.
+#[derive(Debug)]
+pub struct Ownership {
+    pub membership: Arc<Membership>,
+    /// Every partition's and slot's last known owner and epoch (refreshed every pass).
+    owners: RwLock<HashMap<PartitionKey, PartitionOwner>>,
+    slots: RwLock<Slots>,
+    pub(crate) waiting: std::sync::Mutex<HashMap<PartitionKey, Instant>>,
+}
+
+/// Where clients should go for a partition or a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// `None`: no live broker (clients retry).
+    pub broker: Option<BrokerRecord>,
+    pub leader_epoch: i32,
+}
+
+impl Ownership {
+    pub fn new(membership: Arc<Membership>) -> Ownership {
+        Ownership {
+            membership,
+            owners: RwLock::new(HashMap::new()),
+            slots: RwLock::new(Slots::default()),
+            waiting: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn me(&self) -> i32 {
+        self.membership.me().broker_id
+    }
+
+    pub fn set_owners(&self, owners: Vec<PartitionOwner>) {
+        let map = owners.into_iter().map(|o| (o.key, o)).collect();
+        *self.owners.write().expect("owners lock poisoned") = map;
+    }
+
+    pub fn owners(&self) -> HashMap<PartitionKey, PartitionOwner> {
+        self.owners.read().expect("owners lock poisoned").clone()
+    }
+
+    /// Records a claim or release this broker made, ahead of the next refresh.
+    pub fn note_owner(&self, key: PartitionKey, leader_epoch: i32, owner: Option<i32>) {
+        self.owners.write().expect("owners lock poisoned").insert(
+            key,
+            PartitionOwner {
+                key,
+                leader_epoch,
+                owner,
+            },
+        );
+    }
+
+    /// Who serves `key`: its recorded owner while that broker is live, otherwise the
+    /// broker the assignment gives it to (which claims it shortly).
+    pub fn leader(&self, key: &PartitionKey) -> Leader {
+        let live = self.membership.live();
+        let recorded = self
+            .owners
+            .read()
+            .expect("owners lock poisoned")
+            .get(key)
+            .copied();
+        let leader_epoch = recorded.map_or(0, |o| o.leader_epoch);
+        let owner = recorded
+            .and_then(|o| o.owner)
+            .and_then(|id| live.iter().find(|b| b.broker_id == id).cloned());
+        let broker = owner.or_else(|| {
+            let target = rendezvous(
+                key,
+                live.iter().filter(|b| !b.draining).map(|b| b.broker_id),
+            )?;
+            live.into_iter().find(|b| b.broker_id == target)
+        });
+        Leader {
+            broker,
+            leader_epoch,
+        }
+    }
+
+    pub fn set_slot_topic(&self, id: Uuid, count: i32) {
+        self.slots.write().expect("slots lock poisoned").topic = Some((id, count));
+    }
+
+    /// The coordinator slot keys (empty until the internal topic is known).
+    pub fn slot_keys(&self) -> Vec<PartitionKey> {
+        let slots = self.slots.read().expect("slots lock poisoned");
+        slots.topic.map_or_else(Vec::new, |(topic_id, count)| {
+            (0..count)
+                .map(|partition| PartitionKey {
+                    topic_id,
+                    partition,
+                })
+                .collect()
+        })
+    }
+
+    pub fn is_slot(&self, key: &PartitionKey) -> bool {
+        let slots = self.slots.read().expect("slots lock poisoned");
+        slots.topic.is_some_and(|(id, _)| id == key.topic_id)
+    }
+
+    /// The slot key of a group, once the internal topic is known.
+    pub fn group_key(&self, group: &str) -> Option<PartitionKey> {
+        let slots = self.slots.read().expect("slots lock poisoned");
+        slots.topic.map(|(topic_id, count)| PartitionKey {
+            topic_id,
+            partition: group_slot(group, count),
+        })
+    }
+
+    /// The held slots with their epochs.
+    pub fn held_slots(&self) -> HashMap<PartitionKey, Held> {
+        let slots = self.slots.read().expect("slots lock poisoned");
+        let Some((topic_id, _)) = slots.topic else {
+            return HashMap::new();
+        };
+        slots
+            .held
+            .iter()
+            .map(|(partition, epoch)| {
+                (
+                    PartitionKey {
+                        topic_id,
+                        partition: *partition,
+                    },
+                    Held {
+                        leader_epoch: *epoch,
+                        fenced: false,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn hold_slot(&self, key: PartitionKey, leader_epoch: i32) {
+        self.slots
+            .write()
+            .expect("slots lock poisoned")
+            .held
+            .insert(key.partition, leader_epoch);
+        self.note_owner(key, leader_epoch, Some(self.me()));
+    }
+
+    /// Stops coordinating a slot; returns the epoch it was held under.
+    pub fn drop_slot(&self, key: &PartitionKey) -> Option<i32> {
+        self.slots
+            .write()
+            .expect("slots lock poisoned")
+            .held
+            .remove(&key.partition)
+    }
+
+    /// The fence for a group's offset commits if this broker coordinates it.
+    pub fn group_fence(&self, group: &str) -> Option<Fence> {
+        let key = self.group_key(group)?;
+        let slots = self.slots.read().expect("slots lock poisoned");
+        slots.held.get(&key.partition).map(|epoch| Fence {
+            key,
+            leader_epoch: *epoch,
+        })
+    }
+
+    /// The broker that coordinates a group (FindCoordinator).
+    pub fn coordinator(&self, group: &str) -> Option<BrokerRecord> {
+        if self.group_fence(group).is_some() {
+            return Some(self.membership.me());
+        }
+        self.leader(&self.group_key(group)?).broker
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: i32) -> PartitionKey {
+        PartitionKey {
+            topic_id: Uuid::from_u128(42),
+            partition: p,
+        }
+    }
+
+    fn broker(id: i32, draining: bool) -> BrokerRecord {
+        BrokerRecord {
+            broker_id: id,
+            session: 1,
+            host: "h".into(),
+            port: 1,
+            zone: None,
+            lease_expires_ms: i64::MAX,
+            draining,
+        }
+    }
+
+    #[test]
+    fn rendezvous_is_stable_and_moves_only_the_new_brokers_share() {
+        let keys: Vec<_> = (0..3000).map(key).collect();
+        let before: Vec<_> = keys.iter().map(|k| rendezvous(k, [1, 2, 3])).collect();
+        let after: Vec<_> = keys.iter().map(|k| rendezvous(k, [1, 2, 3, 4])).collect();
+        let mut moved = 0;
+        for (b, a) in before.iter().zip(&after) {
+            if b != a {
+                assert_eq!(*a, Some(4), "a key only ever moves to the new broker");
+                moved += 1;
+            }
+        }
+        // About a quarter moves; every broker gets a fair share.
+        assert!((600..900).contains(&moved), "moved {moved}");
+        for id in 1..=3 {
+            let n = before.iter().filter(|b| **b == Some(id)).count();
+            assert!((850..1150).contains(&n), "broker {id} got {n}");
+        }
+        // Order of the input does not matter.
+        assert_eq!(
+            rendezvous(&key(7), [3, 1, 2]),
+            rendezvous(&key(7), [1, 2, 3])
+        );
+        assert_eq!(rendezvous(&key(7), []), None);
+        // Pinned values: the rule is part of the cluster protocol.
+        assert_eq!(group_slot("my-group", 50), group_slot("my-group", 50));
+        assert_eq!(hash(&[b"a"]), mix(0xaf63_dc4c_8601_ec8c));
+    }
+
+    fn input<'a>(
+        live: &'a [BrokerRecord],
+        owners: &'a HashMap<PartitionKey, PartitionOwner>,
+        held: &'a HashMap<PartitionKey, Held>,
+        now: Instant,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            me: 1,
+            live,
+            owners,
+            held,
+            patience: Duration::from_secs(10),
+            trust_expiry: true,
+            now,
+        }
+    }
+
+    #[test]
+    fn plan_claims_free_keys_waits_for_live_owners_and_releases_moved_ones() {
+        let live = [broker(1, false), broker(2, false)];
+        let keys: Vec<_> = (0..200).map(key).collect();
+        let mine: Vec<_> = keys
+            .iter()
+            .copied()
+            .filter(|k| rendezvous(k, [1, 2]) == Some(1))
+            .collect();
+        let theirs: Vec<_> = keys
+            .iter()
+            .copied()
+            .filter(|k| rendezvous(k, [1, 2]) == Some(2))
+            .collect();
+        let now = Instant::now();
+        let held = HashMap::new();
+        // Nobody owns anything: claim exactly my share.
+        let owners = HashMap::new();
+        let mut waiting = HashMap::new();
+        let actions = plan(
+            &input(&live, &owners, &held, now),
+            keys.clone(),
+            &mut waiting,
+        );
+        assert_eq!(
+            actions,
+            mine.iter().map(|k| Action::Claim(*k)).collect::<Vec<_>>()
+        );
+        // Broker 2 (live) still owns my share: wait, then claim after the patience.
+        let owners: HashMap<_, _> = mine
+            .iter()
+            .map(|k| {
+                (
+                    *k,
+                    PartitionOwner {
+                        key: *k,
+                        leader_epoch: 3,
+                        owner: Some(2),
+                    },
+                )
+            })
+            .collect();
+        let actions = plan(
+            &input(&live, &owners, &held, now),
+            keys.clone(),
+            &mut waiting,
+        );
+        assert!(actions.is_empty());
+        assert_eq!(waiting.len(), mine.len());
+        let later = now + Duration::from_secs(11);
+        let actions = plan(
+            &input(&live, &owners, &held, later),
+            keys.clone(),
+            &mut waiting,
+        );
+        assert_eq!(actions.len(), mine.len());
+        // Broker 2's lease expired: claim at once.
+        let alone = [broker(1, false)];
+        let mut waiting = HashMap::new();
+        let actions = plan(
+            &input(&alone, &owners, &held, now),
+            keys.clone(),
+            &mut waiting,
+        );
+        assert_eq!(actions.len(), keys.len());
+        // Holding everything with broker 2 live: release its share; step down where a
+        // newer epoch exists.
+        let held: HashMap<_, _> = keys
+            .iter()
+            .map(|k| {
+                (
+                    *k,
+                    Held {
+                        leader_epoch: 3,
+                        fenced: false,
+                    },
+                )
+            })
+            .collect();
+        let mut owners = HashMap::new();
+        owners.insert(
+            mine[0],
+            PartitionOwner {
+                key: mine[0],
+                leader_epoch: 4,
+                owner: Some(2),
+            },
+        );
+        let actions = plan(
+            &input(&live, &owners, &held, now),
+            keys.clone(),
+            &mut waiting,
+        );
+        let mut expected: Vec<_> = theirs.iter().map(|k| Action::Release(*k)).collect();
+        expected.push(Action::StepDown(mine[0]));
+        let mut got = actions.clone();
+        got.sort_by_key(|a| format!("{a:?}"));
+        expected.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(got, expected);
+        // Draining: give everything away, take nothing.
+        let draining = [broker(1, true), broker(2, false)];
+        let owners = HashMap::new();
+        let actions = plan(
+            &input(&draining, &owners, &held, now),
+            keys.clone(),
+            &mut waiting,
+        );
+        assert_eq!(actions.len(), keys.len());
+        assert!(actions.iter().all(|a| matches!(a, Action::Release(_))));
+    }
+}
