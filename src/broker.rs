@@ -87,6 +87,8 @@ pub struct Broker {
     pub meta: Arc<dyn MetadataStore>,
     pub log: Arc<LogContext>,
     pub indexes: IndexCache,
+    /// Reads of other brokers' partitions for clients in this broker's zone.
+    pub zone_reads: crate::log::zone::ZoneReads,
     /// This broker's registration and the live brokers clients are told about.
     pub membership: Arc<crate::membership::Membership>,
     /// Who owns which partition and coordinator slot.
@@ -238,6 +240,10 @@ impl Broker {
                 ),
             },
         );
+        let zone_reads = crate::log::zone::ZoneReads::new(
+            meta.clone(),
+            Duration::from_millis(config.zone_reads_refresh_ms),
+        );
         let broker = Arc::new(Broker {
             groups,
             config,
@@ -245,6 +251,7 @@ impl Broker {
             meta,
             log,
             indexes: IndexCache::new(10_000),
+            zone_reads,
             membership,
             ownership,
             blocks,

@@ -144,6 +144,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "how often a broker re-reads live brokers and owners and claims, hands off or gives up partitions and coordinator slots",
     ),
     def(
+        "zone.reads.refresh.ms",
+        "250",
+        "how often a broker re-reads the manifest of a partition it serves to clients in its zone for another broker (how far behind the owner those reads may be)",
+    ),
+    def(
         "offsets.topic.num.partitions",
         "50",
         "coordinator slots (partitions of the internal __consumer_offsets topic); fixed when the cluster is first started",
@@ -435,6 +440,7 @@ pub struct Config {
     pub zone: Option<String>,
     pub broker_lease_ms: u64,
     pub ownership_check_interval_ms: u64,
+    pub zone_reads_refresh_ms: u64,
     pub offsets_topic_num_partitions: i32,
     pub cluster_id: String,
     pub log_json: bool,
@@ -574,6 +580,7 @@ impl Config {
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
             broker_lease_ms: positive("broker.lease.ms")?.max(300),
             ownership_check_interval_ms: positive("ownership.check.interval.ms")?,
+            zone_reads_refresh_ms: positive("zone.reads.refresh.ms")?,
             offsets_topic_num_partitions: positive("offsets.topic.num.partitions")?
                 .min(crate::broker::MAX_PARTITIONS as u64)
                 as i32,

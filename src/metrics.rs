@@ -51,6 +51,8 @@ pub struct Metrics {
     partitions: IntGauge,
     coordinator_slots: IntGauge,
     pub ownership_changes: IntCounterVec,
+    pub zone_fetch_bytes: IntCounterVec,
+    pub preferred_replica_redirects: IntCounterVec,
     groups: IntGauge,
     /// Per-partition byte counters, registered only with `metrics.partition.labels`
     /// (cardinality is a cost).
@@ -204,6 +206,18 @@ pub fn metrics() -> &'static Metrics {
                 "strata_ownership_changes_total",
                 "partitions and coordinator slots this broker claimed, released (handed off) or stepped down from (fenced by a newer owner)",
                 &["change"],
+            ),
+            zone_fetch_bytes: counter_vec(
+                &registry,
+                "strata_zone_fetch_bytes_total",
+                "bytes this broker served to clients in its zone from partitions other brokers own (KIP-392 follower fetching)",
+                &["topic"],
+            ),
+            preferred_replica_redirects: counter_vec(
+                &registry,
+                "strata_preferred_replica_redirects_total",
+                "fetches this partition owner answered with a preferred read replica in the client's zone instead of records",
+                &["topic"],
             ),
             groups: gauge(&registry, "strata_groups", "consumer groups with a coordinator task on this broker"),
             partition_bytes_in: IntCounterVec::new(

@@ -3,9 +3,11 @@
 //! It measures produce throughput (MB/s, records/s) with pipelined requests on several
 //! connections, `acks=all` latency (p50/p99/max) at a fixed rate, and consume throughput
 //! of everything produced. Record batches are encoded once per partition and resent, so
-//! the numbers measure the broker, not the load tool. Works against any Kafka broker.
+//! the numbers measure the broker, not the load tool. Requests go to each partition's
+//! leader (from Metadata), so a fleet is measured as a whole. Works against any Kafka
+//! broker.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,10 +17,11 @@ use bytes::{Bytes, BytesMut};
 use clap::{value_parser, Arg, ArgMatches, Command};
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse, ProduceRequest,
-    ProduceResponse, TopicName,
+    CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse, MetadataRequest,
+    ProduceRequest, ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
@@ -149,6 +152,99 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
+/// The partitions each leader serves, by leader address, from Metadata; waits until
+/// every partition has a leader (a new topic is being claimed).
+async fn leaders(
+    admin: &Conn,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<BTreeMap<String, Vec<i32>>> {
+    let req = MetadataRequest::default().with_topics(Some(vec![MetadataRequestTopic::default()
+        .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin.call(&req, 4).await?;
+        let brokers: BTreeMap<i32, String> = md
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+            .collect();
+        let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        let mut led = 0;
+        for t in &md.topics {
+            for p in &t.partitions {
+                if let Some(addr) = brokers.get(&p.leader_id.0) {
+                    by_leader
+                        .entry(addr.clone())
+                        .or_default()
+                        .push(p.partition_index);
+                    led += 1;
+                }
+            }
+        }
+        if led == partitions {
+            for parts in by_leader.values_mut() {
+                parts.sort_unstable();
+            }
+            return Ok(by_leader);
+        }
+        if Instant::now() > deadline {
+            bail!("only {led} of {partitions} partitions of {topic} have a leader");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads `partitions` (all led by the broker at `addr`) from offset 0 to their ends:
+/// (bytes, records).
+async fn consume(addr: String, topic: String, partitions: Vec<i32>) -> anyhow::Result<(u64, i64)> {
+    let conn = Conn::connect(&addr).await?;
+    let mut offsets: BTreeMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+    let mut hws: BTreeMap<i32, i64> = partitions.iter().map(|p| (*p, i64::MAX)).collect();
+    let mut bytes = 0u64;
+    while offsets.iter().any(|(p, o)| *o < hws[p]) {
+        let req = FetchRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_max_wait_ms(100)
+            .with_min_bytes(1)
+            .with_max_bytes(64 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.clone())))
+                .with_partitions(
+                    offsets
+                        .iter()
+                        .filter(|(p, o)| **o < hws[p])
+                        .map(|(p, o)| {
+                            FetchPartition::default()
+                                .with_partition(*p)
+                                .with_fetch_offset(*o)
+                                .with_partition_max_bytes(8 << 20)
+                        })
+                        .collect(),
+                )]);
+        let resp: FetchResponse = conn.call(&req, 11).await?;
+        for t in &resp.responses {
+            for p in &t.partitions {
+                if p.error_code != 0 {
+                    bail!(
+                        "fetch error {} on partition {}",
+                        p.error_code,
+                        p.partition_index
+                    );
+                }
+                hws.insert(p.partition_index, p.high_watermark);
+                if let Some(records) = &p.records {
+                    bytes += records.len() as u64;
+                    if let Some((_, last)) = crate::log::batch::walk(records).last() {
+                        offsets.insert(p.partition_index, last.last_offset() + 1);
+                    }
+                }
+            }
+        }
+    }
+    Ok((bytes, offsets.values().sum()))
+}
+
 async fn perf(s: Settings) -> anyhow::Result<()> {
     let admin = Conn::connect(&s.bootstrap).await?;
     let create = CreateTopicsRequest::default()
@@ -164,48 +260,56 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
         }
     }
     let batch = make_batch(s.batch_records, s.record_size)?;
-    let partitions: Vec<i32> = (0..s.partitions).collect();
+    // Requests go to each partition's leader, so a fleet is measured as a whole.
+    let by_leader = leaders(&admin, &s.topic, s.partitions).await?;
+    let leader_of: BTreeMap<i32, String> = by_leader
+        .iter()
+        .flat_map(|(addr, parts)| parts.iter().map(move |p| (*p, addr.clone())))
+        .collect();
     let record_bytes = (s.record_size * s.batch_records) as f64;
 
-    // Phase 1: produce throughput.
+    // Phase 1: produce throughput (`connections` connections to every leader).
     let acked_batches = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(s.seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..s.connections {
-        let conn = Conn::connect(&s.bootstrap).await?;
-        // Each connection writes its share of the partitions.
-        let mine: Vec<i32> = partitions
-            .iter()
-            .copied()
-            .filter(|p| *p as usize % s.connections == c)
-            .collect();
-        if mine.is_empty() {
-            continue;
-        }
-        let req = produce_request(&s.topic, &mine, &batch, s.acks);
-        let acked = acked_batches.clone();
-        let inflight = s.inflight;
-        let acks = s.acks;
-        tasks.push(tokio::spawn(async move {
-            let mut pending = VecDeque::new();
-            while Instant::now() < deadline {
-                while pending.len() < inflight {
-                    pending.push_back(conn.send(&req, 7, acks != 0).await?);
+    for (addr, parts) in &by_leader {
+        for c in 0..s.connections {
+            let conn = Conn::connect(addr).await?;
+            // Each connection writes its share of the leader's partitions.
+            let mine: Vec<i32> = parts
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % s.connections == c)
+                .map(|(_, p)| *p)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let req = produce_request(&s.topic, &mine, &batch, s.acks);
+            let acked = acked_batches.clone();
+            let inflight = s.inflight;
+            let acks = s.acks;
+            tasks.push(tokio::spawn(async move {
+                let mut pending = VecDeque::new();
+                while Instant::now() < deadline {
+                    while pending.len() < inflight {
+                        pending.push_back(conn.send(&req, 7, acks != 0).await?);
+                    }
+                    if let Some(Some(rx)) = pending.pop_front() {
+                        let body = rx.await.context("connection closed")?;
+                        check_produce(&decode_response::<ProduceRequest>(body, 7)?)?;
+                    }
+                    acked.fetch_add(mine.len() as u64, Ordering::Relaxed);
                 }
-                if let Some(Some(rx)) = pending.pop_front() {
+                for rx in pending.into_iter().flatten() {
                     let body = rx.await.context("connection closed")?;
                     check_produce(&decode_response::<ProduceRequest>(body, 7)?)?;
+                    acked.fetch_add(mine.len() as u64, Ordering::Relaxed);
                 }
-                acked.fetch_add(mine.len() as u64, Ordering::Relaxed);
-            }
-            for rx in pending.into_iter().flatten() {
-                let body = rx.await.context("connection closed")?;
-                check_produce(&decode_response::<ProduceRequest>(body, 7)?)?;
-                acked.fetch_add(mine.len() as u64, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
+                anyhow::Ok(())
+            }));
+        }
     }
     for t in tasks {
         t.await??;
@@ -213,10 +317,11 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let batches = acked_batches.load(Ordering::Relaxed) as f64;
     println!(
-        "produce: {:.1} MB/s, {:.0} records/s ({} partitions, {} B records, {} records/batch, acks={}, {} connections x {} in flight, {:.1} s)",
+        "produce: {:.1} MB/s, {:.0} records/s ({} partitions on {} brokers, {} B records, {} records/batch, acks={}, {} connections per broker x {} in flight, {:.1} s)",
         batches * record_bytes / secs / 1e6,
         batches * s.batch_records as f64 / secs,
         s.partitions,
+        by_leader.len(),
         s.record_size,
         s.batch_records,
         s.acks,
@@ -227,7 +332,10 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
 
     // Phase 2: acks=all latency at a fixed request rate.
     if s.latency_seconds > 0 && s.latency_rate > 0 {
-        let conn = Arc::new(Conn::connect(&s.bootstrap).await?);
+        let mut conns = BTreeMap::new();
+        for addr in by_leader.keys() {
+            conns.insert(addr.clone(), Arc::new(Conn::connect(addr).await?));
+        }
         let small = make_batch(1, s.record_size)?;
         let mut ticker =
             tokio::time::interval(Duration::from_nanos(1_000_000_000 / s.latency_rate));
@@ -237,8 +345,10 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
         let mut i = 0usize;
         while Instant::now() < end {
             ticker.tick().await;
-            let req = produce_request(&s.topic, &[(i % s.partitions as usize) as i32], &small, -1);
+            let partition = (i % s.partitions as usize) as i32;
+            let req = produce_request(&s.topic, &[partition], &small, -1);
             i += 1;
+            let conn = &conns[&leader_of[&partition]];
             let sent = Instant::now();
             let rx = conn.send(&req, 7, true).await?.context("no response")?;
             let lat_tx = lat_tx.clone();
@@ -274,55 +384,19 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
         );
     }
 
-    // Phase 3: consume everything from the start.
-    let conn = Conn::connect(&s.bootstrap).await?;
-    let mut offsets = vec![0i64; s.partitions as usize];
-    let mut hws = vec![i64::MAX; s.partitions as usize];
-    let mut bytes = 0u64;
+    // Phase 3: consume everything from the start, from every leader at once.
     let started = Instant::now();
-    while offsets.iter().zip(&hws).any(|(o, h)| o < h) {
-        let req = FetchRequest::default()
-            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
-            .with_max_wait_ms(100)
-            .with_min_bytes(1)
-            .with_max_bytes(64 << 20)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(TopicName(StrBytes::from_string(s.topic.clone())))
-                .with_partitions(
-                    partitions
-                        .iter()
-                        .filter(|p| offsets[**p as usize] < hws[**p as usize])
-                        .map(|p| {
-                            FetchPartition::default()
-                                .with_partition(*p)
-                                .with_fetch_offset(offsets[*p as usize])
-                                .with_partition_max_bytes(8 << 20)
-                        })
-                        .collect(),
-                )]);
-        let resp: FetchResponse = conn.call(&req, 11).await?;
-        for t in &resp.responses {
-            for p in &t.partitions {
-                if p.error_code != 0 {
-                    bail!(
-                        "fetch error {} on partition {}",
-                        p.error_code,
-                        p.partition_index
-                    );
-                }
-                let i = p.partition_index as usize;
-                hws[i] = p.high_watermark;
-                if let Some(records) = &p.records {
-                    bytes += records.len() as u64;
-                    if let Some((_, last)) = crate::log::batch::walk(records).last() {
-                        offsets[i] = last.last_offset() + 1;
-                    }
-                }
-            }
-        }
+    let readers: Vec<_> = by_leader
+        .into_iter()
+        .map(|(addr, parts)| tokio::spawn(consume(addr, s.topic.clone(), parts)))
+        .collect();
+    let (mut bytes, mut total) = (0u64, 0i64);
+    for r in readers {
+        let (b, n) = r.await??;
+        bytes += b;
+        total += n;
     }
     let secs = started.elapsed().as_secs_f64();
-    let total: i64 = offsets.iter().sum();
     println!(
         "consume: {:.1} MB/s, {:.0} records/s ({} records, {:.1} MB, {:.1} s)",
         bytes as f64 / secs / 1e6,

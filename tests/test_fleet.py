@@ -24,7 +24,8 @@ from conftest import (Broker, admin_client, consume_all, create_topic, metric_su
 from test_postgres_metadata import pg_ctl, postgres  # noqa: F401  (fixture)
 
 LEASE_MS = 2000
-PARTITIONS = 12
+# Enough that each of three brokers owns some (rendezvous hashing is random per topic).
+PARTITIONS = 24
 
 
 @pytest.fixture
@@ -80,7 +81,10 @@ def wait_led_by(bootstrap_servers: str, topic: str, ids: set[int], timeout: floa
         found.update(leaders(bootstrap_servers, topic))
         return len(found) == PARTITIONS and set(found.values()) == ids
 
-    wait_until(ok, timeout, f"every partition of {topic} led by one of {sorted(ids)} (last {found})")
+    try:
+        wait_until(ok, timeout, "the partitions to spread")
+    except AssertionError:
+        raise AssertionError(f"partitions of {topic} not led by exactly {sorted(ids)}: last {found}")
     return dict(found)
 
 
@@ -364,3 +368,36 @@ def test_cluster_cli_lists_and_drains(fleet, strata_bin):
     finally:
         load.stop()
     verify(load, b2.bootstrap)
+
+
+def test_consumer_reads_in_its_zone(fleet):
+    """A consumer with `client.rack` is sent (KIP-392 preferred read replica) to the
+    broker of its zone, which serves every partition from object storage through its
+    cache: no consumer byte leaves the other brokers."""
+    b1, b2, b3 = fleet.brokers
+    topic = unique_topic("zone")
+    create_topic(b1.bootstrap, topic, PARTITIONS)
+    led = wait_led_by(b1.bootstrap, topic, {1, 2, 3})
+    p = Producer({"bootstrap.servers": b1.bootstrap, "acks": "all", "enable.idempotence": True})
+    for i in range(3000):
+        p.produce(topic, value=str(i).encode(), partition=i % PARTITIONS)
+    assert p.flush(60) == 0
+
+    def topic_bytes_out(b):
+        return metric_sum(scrape_metrics(b.http_port), "kafka_server_brokertopicmetrics_bytesout_total", topic=topic)
+
+    before = {b.name: topic_bytes_out(b) for b in fleet.brokers}
+    msgs = consume_all(b1.bootstrap, topic, PARTITIONS, timeout=60, **{"client.rack": "zone-b"})
+    assert sorted(int(m.value()) for m in msgs) == list(range(3000))
+    for part in range(PARTITIONS):
+        assert [int(m.value()) for m in msgs if m.partition() == part] == list(range(part, 3000, PARTITIONS))
+    # Broker 2 (zone-b) served everything: its own partitions as owner, the others'
+    # from storage; brokers 1 and 3 only redirected.
+    zone_b = scrape_metrics(b2.http_port)
+    others = {p for p, leader in led.items() if leader != 2}
+    assert metric_sum(zone_b, "strata_zone_fetch_bytes_total", topic=topic) > 0
+    for b in (b1, b3):
+        assert topic_bytes_out(b) == before[b.name], f"{b.name} sent consumer bytes across zones"
+        redirects = metric_sum(scrape_metrics(b.http_port), "strata_preferred_replica_redirects_total", topic=topic)
+        assert redirects >= len([q for q in others if led[q] == b.broker_id])
+    assert topic_bytes_out(b2) - before["b2"] > 3000

@@ -64,6 +64,13 @@ pub fn read_error(e: &ReadError) -> ResponseError {
     }
 }
 
+pub fn zone_read_error(e: &crate::log::zone::ZoneReadError) -> ResponseError {
+    match e {
+        crate::log::zone::ZoneReadError::Read(e) => read_error(e),
+        crate::log::zone::ZoneReadError::NotYetVisible => ResponseError::OffsetNotAvailable,
+    }
+}
+
 pub fn delete_records_error(e: &DeleteRecordsError) -> ResponseError {
     match e {
         DeleteRecordsError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,

@@ -2,6 +2,10 @@
 //! request's byte limits; waits on the high watermarks (never polls) until `min_bytes`
 //! are there or `max_wait_ms` passes. Fetch sessions are not kept: every response
 //! carries session id 0, which tells clients to send full requests.
+//!
+//! KIP-392: a client naming its zone (`rack_id`) is sent to a broker of that zone
+//! (`preferred_read_replica`), and a broker serves clients of its own zone the
+//! partitions other brokers own from object storage (`log::zone`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +19,15 @@ use tokio::time::Instant;
 use super::errors;
 use crate::broker::Broker;
 use crate::log::read;
+use crate::metadata::PartitionKey;
+use crate::ownership::rendezvous;
 
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
 pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
     let resp = fetch_until_ready(broker, req, version).await;
     let m = crate::metrics::metrics();
+    // Bytes out count every answer, zone-local ones included.
     for t in &resp.responses {
         let bytes: usize = t
             .partitions
@@ -53,11 +60,42 @@ pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fet
     resp
 }
 
-async fn fetch_until_ready(
-    broker: &Arc<Broker>,
-    req: FetchRequest,
-    _version: i16,
-) -> FetchResponse {
+/// The broker in the client's zone a partition's readers there are sent to (KIP-392),
+/// if the client named a zone (`client.rack`) other than this broker's and a live
+/// broker is there.
+fn preferred_replica(broker: &Broker, rack: Option<&str>, key: &PartitionKey) -> Option<i32> {
+    let rack = rack?;
+    if broker.config.zone.as_deref() == Some(rack) {
+        return None;
+    }
+    let in_zone = broker
+        .membership
+        .live()
+        .into_iter()
+        .filter(|b| !b.draining && b.zone.as_deref() == Some(rack))
+        .map(|b| b.broker_id);
+    rendezvous(key, in_zone)
+}
+
+/// A partition's answer with the records read.
+fn answered(data: PartitionData, r: read::ReadResult) -> PartitionData {
+    data.with_high_watermark(r.high_watermark)
+        .with_last_stable_offset(r.high_watermark)
+        .with_log_start_offset(r.log_start_offset)
+        .with_records(Some(r.records))
+}
+
+/// The first partition with data may exceed the limits by one batch (KIP-74).
+fn budget(max_bytes: usize, total: usize, partition_max_bytes: i32) -> usize {
+    let budget = (max_bytes.saturating_sub(total)).min(partition_max_bytes.max(0) as usize);
+    if total == 0 {
+        budget.max(1)
+    } else {
+        budget
+    }
+}
+
+async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
     let mut resp = FetchResponse::default();
     if req.session_id != 0 {
         resp.error_code = ResponseError::FetchSessionIdNotFound.code();
@@ -72,11 +110,19 @@ async fn fetch_until_ready(
         req.max_bytes as usize
     };
     let max_bytes = asked.min(broker.config.fetch_max_bytes);
+    // KIP-392: the client's zone, when it sent one.
+    let rack = Some(req.rack_id.as_str()).filter(|r| version >= 11 && !r.is_empty());
+    let in_my_zone = rack.is_some() && rack == broker.config.zone.as_deref();
+    let m = crate::metrics::metrics();
     loop {
         // Subscribe before reading so a commit between the read and the wait wakes us.
         let mut watchers = Vec::new();
         let mut total = 0usize;
         let mut any_error = false;
+        // Answer at once: a client was sent to a replica in its zone.
+        let mut redirected = false;
+        // Partitions read for this zone from manifests: re-read them while waiting.
+        let mut zone_reads = false;
         let mut topics = Vec::with_capacity(req.topics.len());
         for t in &req.topics {
             let topic = broker.topic(&t.topic.0);
@@ -90,6 +136,36 @@ async fn fetch_until_ready(
                     .with_preferred_read_replica(BrokerId(-1));
                 let handle = match crate::broker::serve(topic.as_ref(), p.partition) {
                     Ok(h) => h,
+                    Err(ResponseError::NotLeaderOrFollower) if in_my_zone => {
+                        // Another broker owns it; serve this zone's client from storage.
+                        let Some(t) = topic.as_ref() else { continue };
+                        zone_reads = true;
+                        let budget = budget(max_bytes, total, p.partition_max_bytes);
+                        let read = broker.zone_reads.read(
+                            t.key(p.partition),
+                            &broker.blocks,
+                            &broker.indexes,
+                            p.fetch_offset,
+                            budget as u64,
+                        );
+                        match read.await {
+                            Ok(r) => {
+                                total += r.records.len();
+                                if !r.records.is_empty() {
+                                    m.zone_fetch_bytes
+                                        .with_label_values(&[t.name.as_ref()])
+                                        .inc_by(r.records.len() as u64);
+                                }
+                                data = answered(data, r);
+                            }
+                            Err(e) => {
+                                any_error = true;
+                                data = data.with_error_code(errors::zone_read_error(&e).code());
+                            }
+                        }
+                        parts.push(data);
+                        continue;
+                    }
                     Err(e) => {
                         any_error = true;
                         parts.push(data.with_error_code(e.code()));
@@ -107,11 +183,23 @@ async fn fetch_until_ready(
                     parts.push(data.with_error_code(e.code()));
                     continue;
                 }
+                if let Some(replica) = preferred_replica(broker, rack, &shared.key) {
+                    // KIP-392: no records; the client fetches from the replica in its zone.
+                    redirected = true;
+                    m.preferred_replica_redirects
+                        .with_label_values(&[t.topic.0.as_str()])
+                        .inc();
+                    let hw = shared.high_watermark();
+                    parts.push(
+                        data.with_high_watermark(hw)
+                            .with_last_stable_offset(hw)
+                            .with_log_start_offset(shared.log_start_offset())
+                            .with_preferred_read_replica(BrokerId(replica)),
+                    );
+                    continue;
+                }
                 watchers.push(shared.hw.subscribe());
-                // The first partition with data may exceed the limits by one batch (KIP-74).
-                let budget =
-                    (max_bytes.saturating_sub(total)).min(p.partition_max_bytes.max(0) as usize);
-                let budget = if total == 0 { budget.max(1) } else { budget };
+                let budget = budget(max_bytes, total, p.partition_max_bytes);
                 if budget == 0 {
                     let hw = shared.high_watermark();
                     parts.push(
@@ -132,12 +220,7 @@ async fn fetch_until_ready(
                 {
                     Ok(r) => {
                         total += r.records.len();
-
-                        data = data
-                            .with_high_watermark(r.high_watermark)
-                            .with_last_stable_offset(r.high_watermark)
-                            .with_log_start_offset(r.log_start_offset)
-                            .with_records(Some(r.records));
+                        data = answered(data, r);
                     }
                     Err(e) => {
                         any_error = true;
@@ -159,12 +242,28 @@ async fn fetch_until_ready(
             );
         }
         resp.responses = topics;
-        if total >= min_bytes || any_error || watchers.is_empty() || Instant::now() >= deadline {
+        let nothing_to_wait_on = watchers.is_empty() && !zone_reads;
+        if total >= min_bytes
+            || any_error
+            || redirected
+            || nothing_to_wait_on
+            || Instant::now() >= deadline
+        {
             return resp;
         }
-        let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            return resp;
+        // Zone-local reads have no watch to wait on: look again every refresh interval.
+        let wake = if zone_reads {
+            deadline.min(Instant::now() + broker.zone_reads.refresh_interval())
+        } else {
+            deadline
+        };
+        if watchers.is_empty() {
+            tokio::time::sleep_until(wake).await;
+        } else {
+            let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
+            if tokio::time::timeout_at(wake, changed).await.is_err() && wake == deadline {
+                return resp;
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The partition log: record-batch headers, the owner task of each partition, its local
-//! segment files, idempotent-producer state, and reads of any retained offset.
+//! segment files, idempotent-producer state, reads of any retained offset, and zone-local
+//! reads of partitions other brokers own.
 
 pub mod batch;
 pub mod local;
 pub mod partition;
 pub mod producer;
 pub mod read;
+pub mod zone;

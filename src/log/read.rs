@@ -145,7 +145,7 @@ pub async fn read(
     })
 }
 
-async fn read_remote(
+pub(crate) async fn read_remote(
     blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
     seg: &SegmentRecord,

@@ -60,6 +60,21 @@ struct Partition {
     epoch_history: Vec<(i32, i64)>,
 }
 
+impl Partition {
+    /// What a claim or a read answers: everything an owner or a reader needs.
+    fn state(&self) -> PartitionState {
+        PartitionState {
+            leader_epoch: self.leader_epoch,
+            log_start_offset: self.log_start_offset,
+            high_watermark: self.high_watermark,
+            segments: self.segments.values().cloned().collect(),
+            wal_ranges: self.wal_ranges.values().cloned().collect(),
+            producers: self.producers.values().cloned().collect(),
+            epoch_history: self.epoch_history.clone(),
+        }
+    }
+}
+
 /// A committed offset without its (map) key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Offset {
@@ -292,15 +307,7 @@ impl State {
                 p.leader_epoch = epoch;
                 p.owner = Some(*broker_id);
                 p.epoch_history.push((epoch, p.high_watermark));
-                Ok(Out::Claimed(PartitionState {
-                    leader_epoch: epoch,
-                    log_start_offset: p.log_start_offset,
-                    high_watermark: p.high_watermark,
-                    segments: p.segments.values().cloned().collect(),
-                    wal_ranges: p.wal_ranges.values().cloned().collect(),
-                    producers: p.producers.values().cloned().collect(),
-                    epoch_history: p.epoch_history.clone(),
-                }))
+                Ok(Out::Claimed(p.state()))
             }
             Op::CommitWal { commit } => {
                 let fenced: Vec<PartitionKey> = commit
@@ -887,6 +894,10 @@ impl MetadataStore for BucketStore {
         }
     }
 
+    async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
+        self.read(|s| s.partition(key).map(Partition::state))
+    }
+
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
         self.submit(Op::Release { key, leader_epoch })
             .await
@@ -1211,6 +1222,7 @@ mod tests {
             position: 0,
             len: 10,
             max_timestamp: 0,
+            object_size: 1 << 20,
         };
         let commit = WalCommit {
             object_key: "wal/x".into(),

@@ -147,6 +147,7 @@ fn range(base_offset: i64, end_offset: i64, object_key: &str) -> WalRangeRecord 
         position: u64::try_from(base_offset).expect("test offsets are non-negative") * 100,
         len: u64::try_from(end_offset - base_offset).expect("test ranges are non-empty") * 100,
         max_timestamp: 1_700_000_000_000 + end_offset,
+        object_size: 4096 + end_offset as u64,
     }
 }
 
@@ -548,6 +549,18 @@ pub(crate) async fn check_claim_bumps_epoch(store: &dyn MetadataStore) {
     assert_eq!(second.high_watermark, 10);
     assert_eq!(second.epoch_history, vec![(1, 0), (2, 10)]);
     assert_eq!(second.wal_ranges, vec![range(0, 10, &object_key)]);
+    // Reading without claiming sees the same state and changes nothing.
+    assert_eq!(store.read_partition(p).await.expect("read"), second);
+    assert_eq!(store.read_partition(p).await.expect("read"), second);
+    assert!(matches!(
+        store
+            .read_partition(PartitionKey {
+                topic_id: Uuid::new_v4(),
+                partition: 0
+            })
+            .await,
+        Err(MetaError::PartitionNotFound)
+    ));
 
     let stale_object = unique("wal");
     let result = store

@@ -114,6 +114,9 @@ impl MetadataStore for Instrumented {
         )
         .await
     }
+    async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
+        timed("read_partition", self.inner.read_partition(key)).await
+    }
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
         timed(
             "release_partition",

@@ -86,6 +86,10 @@ pub struct WalRangeRecord {
     pub position: u64,
     pub len: u64,
     pub max_timestamp: i64,
+    /// Size of the whole write-ahead object, so readers other than the writer can read
+    /// it through the block cache (0: not recorded, from before schema version 4).
+    #[serde(default)]
+    pub object_size: u64,
 }
 
 /// One batch remembered for idempotent-producer duplicate detection.
@@ -215,6 +219,9 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
         key: PartitionKey,
         broker_id: i32,
     ) -> MetaResult<PartitionState>;
+    /// The partition's current state without claiming it (`leader_epoch` is the
+    /// owner's): what a broker serving reads for clients in its zone reads from.
+    async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState>;
     /// Gives ownership up (graceful hand-off): clears the owner if the epoch is still the
     /// caller's, so the next owner can claim at once. `Fenced` if someone claimed since.
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()>;

@@ -159,8 +159,10 @@ CREATE TABLE brokers (
 "#;
 
 /// Schema version 4: a broker can be draining (live, giving its work away, taking none).
+/// Write-ahead ranges record their object's size, for readers other than the writer.
 const SCHEMA_V4: &str = r#"
 ALTER TABLE brokers ADD COLUMN draining BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE wal_ranges ADD COLUMN object_size BIGINT NOT NULL DEFAULT 0;
 "#;
 
 const SELECT_TOPIC_FOR_UPDATE: &str =
@@ -556,7 +558,8 @@ async fn load_partition_state(
         .await?;
     let ranges_sql = tx
         .statement(
-            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp
+            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp,
+                    object_size
              FROM wal_ranges WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset",
         )
         .await?;
@@ -605,6 +608,7 @@ async fn load_partition_state(
                 position: get_u64(row, 3)?,
                 len: get_u64(row, 4)?,
                 max_timestamp: get(row, 5)?,
+                object_size: get_u64(row, 6)?,
             })
         })
         .collect::<MetaResult<Vec<_>>>()?;
@@ -651,6 +655,7 @@ struct WalColumns {
     positions: Vec<i64>,
     lens: Vec<i64>,
     max_timestamps: Vec<i64>,
+    object_sizes: Vec<i64>,
     producer_topic_ids: Vec<Uuid>,
     producer_partitions: Vec<i32>,
     producer_ids: Vec<i64>,
@@ -675,6 +680,9 @@ impl WalColumns {
                 .lens
                 .push(u64_to_sql(range.len, "wal range length")?);
             columns.max_timestamps.push(range.max_timestamp);
+            columns
+                .object_sizes
+                .push(u64_to_sql(range.object_size, "wal object size")?);
             for producer in &part.producers {
                 producers.insert(
                     (part.key, producer.producer_id),
@@ -892,13 +900,13 @@ impl MetadataStore for PostgresStore {
         let insert_ranges = tx
             .statement(
                 "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
-                     object_key, position, len, max_timestamp)
+                     object_key, position, len, max_timestamp, object_size)
                  SELECT k.topic_id, k.partition, k.base_offset, k.end_offset, $8,
-                        k.position, k.len, k.max_timestamp
+                        k.position, k.len, k.max_timestamp, k.object_size
                  FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[], $4::BIGINT[],
-                             $5::BIGINT[], $6::BIGINT[], $7::BIGINT[])
+                             $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $9::BIGINT[])
                       AS k (topic_id, partition, base_offset, end_offset, position, len,
-                            max_timestamp)",
+                            max_timestamp, object_size)",
             )
             .await?;
         let raise_hw = tx
@@ -925,7 +933,7 @@ impl MetadataStore for PostgresStore {
                  ON CONFLICT (object_key) DO NOTHING",
             )
             .await?;
-        let range_params: [&(dyn ToSql + Sync); 8] = [
+        let range_params: [&(dyn ToSql + Sync); 9] = [
             &columns.topic_ids,
             &columns.partitions,
             &columns.base_offsets,
@@ -934,6 +942,7 @@ impl MetadataStore for PostgresStore {
             &columns.lens,
             &columns.max_timestamps,
             &commit.object_key,
+            &columns.object_sizes,
         ];
         let hw_params: [&(dyn ToSql + Sync); 3] = [
             &columns.topic_ids,
@@ -994,6 +1003,24 @@ impl MetadataStore for PostgresStore {
         )
         .await?;
         tx.commit().await
+    }
+
+    async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
+        let mut conn = self.pool.get().await?;
+        // One snapshot for the row and the manifest it belongs to.
+        let mut tx = conn.begin().await?;
+        let row = tx
+            .query_opt(
+                "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
+                 WHERE topic_id = $1 AND partition = $2",
+                &[&key.topic_id, &key.partition],
+            )
+            .await?
+            .ok_or(MetaError::PartitionNotFound)?;
+        let state =
+            load_partition_state(&mut tx, key, get(&row, 0)?, get(&row, 1)?, get(&row, 2)?).await?;
+        tx.commit().await?;
+        Ok(state)
     }
 
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
@@ -1706,6 +1733,7 @@ mod tests {
                                 position: 0,
                                 len: 1,
                                 max_timestamp: round,
+                                object_size: 1 << 20,
                             },
                             producers: vec![],
                         })
@@ -1782,6 +1810,7 @@ mod tests {
             position: 0,
             len: 64,
             max_timestamp: 7,
+            object_size: 1 << 20,
         };
         {
             let store = PostgresStore::connect_with(config.clone())

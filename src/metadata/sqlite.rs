@@ -159,8 +159,10 @@ CREATE TABLE brokers (
 ";
 
 /// Schema version 4: a broker can be draining (live, giving its work away, taking none).
+/// Write-ahead ranges record their object's size, for readers other than the writer.
 const SCHEMA_V4: &str = "
 ALTER TABLE brokers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE wal_ranges ADD COLUMN object_size INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// The embedded metadata store: one SQLite file (or an in-memory database for tests).
@@ -470,7 +472,8 @@ fn load_partition_state(
 
     let wal_ranges = tx
         .prepare_cached(
-            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp
+            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp,
+                    object_size
              FROM wal_ranges WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset",
         )
         .db()?
@@ -482,6 +485,7 @@ fn load_partition_state(
                 position: get_u64(row, 3)?,
                 len: get_u64(row, 4)?,
                 max_timestamp: row.get(5)?,
+                object_size: get_u64(row, 6)?,
             })
         })
         .db()?
@@ -721,6 +725,26 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
+    async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
+        self.run(move |conn| {
+            let tx = conn.transaction().db()?;
+            let (epoch, log_start_offset, high_watermark): (i32, i64, i64) = tx
+                .prepare_cached(
+                    "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
+                     WHERE topic_id = ?1 AND partition = ?2",
+                )
+                .db()?
+                .query_row(params![key.topic_id.as_bytes(), key.partition], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()
+                .db()?
+                .ok_or(MetaError::PartitionNotFound)?;
+            load_partition_state(&tx, key, epoch, log_start_offset, high_watermark)
+        })
+        .await
+    }
+
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
         self.run(move |conn| {
             let tx = conn
@@ -808,8 +832,8 @@ impl MetadataStore for SqliteStore {
             let mut insert_range = tx
                 .prepare_cached(
                     "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
-                         object_key, position, len, max_timestamp)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                         object_key, position, len, max_timestamp, object_size)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .db()?;
             let mut raise_hw = tx
@@ -831,6 +855,7 @@ impl MetadataStore for SqliteStore {
                 let range = &part.range;
                 let position = u64_to_sql(range.position, "wal range position")?;
                 let len = u64_to_sql(range.len, "wal range length")?;
+                let object_size = u64_to_sql(range.object_size, "wal object size")?;
                 insert_range
                     .execute(params![
                         id,
@@ -840,7 +865,8 @@ impl MetadataStore for SqliteStore {
                         commit.object_key,
                         position,
                         len,
-                        range.max_timestamp
+                        range.max_timestamp,
+                        object_size
                     ])
                     .db()?;
                 raise_hw
@@ -1522,6 +1548,7 @@ mod tests {
             position: 0,
             len: 64,
             max_timestamp: 7,
+            object_size: 1 << 20,
         };
         let segment = SegmentRecord {
             base_offset: 0,
@@ -1629,6 +1656,7 @@ mod tests {
                     position: 0,
                     len: 10,
                     max_timestamp: 1,
+                    object_size: 1 << 20,
                 },
                 producers: vec![],
             }],

@@ -272,6 +272,7 @@ impl FlushJob {
             })
             .collect();
         let (payload, locations) = tiering::wal::build_wal_object(chunks);
+        let object_size = payload.content_length() as u64;
         let ranges: HashMap<PartitionKey, WalRangeRecord> = partitions
             .iter()
             .zip(locations)
@@ -283,6 +284,7 @@ impl FlushJob {
                     position: loc.position,
                     len: loc.len,
                     max_timestamp: p.max_timestamp,
+                    object_size,
                 };
                 (*k, range)
             })
