@@ -220,8 +220,9 @@ impl Ownership {
         );
     }
 
-    /// Who serves `key`: its recorded owner while that broker is live, otherwise the
-    /// broker the assignment gives it to (which claims it shortly).
+    /// Who serves `key`: its recorded owner while that broker is live. Between owners
+    /// (a new topic, a hand-off, an expired lease) there is none: clients get
+    /// LEADER_NOT_AVAILABLE and ask again, as in Kafka during a leader election.
     pub fn leader(&self, key: &PartitionKey) -> Leader {
         let live = self.membership.live();
         let recorded = self
@@ -234,15 +235,8 @@ impl Ownership {
         let owner = recorded
             .and_then(|o| o.owner)
             .and_then(|id| live.iter().find(|b| b.broker_id == id).cloned());
-        let broker = owner.or_else(|| {
-            let target = rendezvous(
-                key,
-                live.iter().filter(|b| !b.draining).map(|b| b.broker_id),
-            )?;
-            live.into_iter().find(|b| b.broker_id == target)
-        });
         Leader {
-            broker,
+            broker: owner,
             leader_epoch,
         }
     }

@@ -38,7 +38,9 @@ def fleet(tmp_path, strata_bin, postgres):  # noqa: F811
     def add(i: int, zone: str) -> Broker:
         b = Broker(tmp_path / f"b{i}", name=f"b{i}", binary=strata_bin, store="s3",
                    bucket=bucket, metadata=url, broker_id=i,
-                   env={"STRATA_ZONE": zone, "STRATA_BROKER_LEASE_MS": str(LEASE_MS)})
+                   env={"STRATA_ZONE": zone, "STRATA_BROKER_LEASE_MS": str(LEASE_MS),
+                        # Shorter than the PostgreSQL outage below, so writes fail then.
+                        "STRATA_WAL_FLUSH_TIMEOUT_MS": "2000"})
         b.start()
         wait_ready(b.http_port)
         brokers.append(b)
@@ -140,6 +142,53 @@ class Load:
         return {p for (p, _, at) in list(self.acked.values()) if at > t and p in partitions}
 
 
+class GroupReader:
+    """A consumer-group member reading the topic in a thread: seq -> (partition, offset),
+    and when each record arrived."""
+
+    def __init__(self, servers: str, topic: str, group: str):
+        self.consumed: dict[int, tuple[int, int]] = {}
+        self.arrived: dict[int, float] = {}
+        self.errors: list[str] = []
+        self.stopping = threading.Event()
+        self.conf = {"bootstrap.servers": servers, "group.id": group, "auto.offset.reset": "earliest",
+                     "session.timeout.ms": 10000, "topic.metadata.refresh.interval.ms": 2000}
+        self.topic = topic
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        c = Consumer(self.conf)
+        c.subscribe([self.topic])
+        try:
+            while not self.stopping.is_set():
+                m = c.poll(0.2)
+                if m is None:
+                    continue
+                if m.error():
+                    self.errors.append(str(m.error()))
+                    continue
+                seq = int(m.value())
+                self.consumed[seq] = (m.partition(), m.offset())
+                self.arrived.setdefault(seq, time.monotonic())
+        finally:
+            c.close()
+
+    def start(self) -> "GroupReader":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(30)
+
+    def read_all(self, load: "Load", timeout: float = 90) -> None:
+        """Waits until every acknowledged record was consumed, each at its offset."""
+        wait_until(lambda: set(load.acked) <= set(self.consumed), timeout,
+                   "the group to consume every acknowledged record")
+        for seq, (p, o, _) in load.acked.items():
+            assert self.consumed[seq] == (p, o)
+
+
 def verify(load: Load, servers: str) -> None:
     """Every acknowledged record is there once, at its offset; nothing is duplicated;
     each partition keeps the order the producer sent in."""
@@ -211,7 +260,9 @@ def test_kill9_during_acks_all_load(fleet):
     b1, b2, b3 = fleet.brokers
     topic, led, load = loaded_topic(fleet, "kill")
     victim_parts = {p for p, leader in led.items() if leader == 2}
+    reader = GroupReader(bootstrap(fleet.brokers), topic, "kill").start()
     try:
+        wait_until(lambda: len(reader.consumed) > 300, 60, "the group to consume")
         b2.kill9()
         killed = time.monotonic()
         # Its partitions serve again elsewhere once its lease runs out.
@@ -221,8 +272,14 @@ def test_kill9_during_acks_all_load(fleet):
               f"{time.monotonic() - killed:.1f} s (lease {LEASE_MS / 1000:.0f} s)")
         assert wait_led_by(b1.bootstrap, topic, {1, 3})
         time.sleep(2)
-    finally:
         load.stop()
+        # The group carried on: it reads everything, including what was written after.
+        reader.read_all(load)
+        assert any(t > killed for t in reader.arrived.values()), "the group stopped at the kill"
+    finally:
+        reader.stop()
+        if not load.stopping.is_set():
+            load.stop()
     verify(load, b3.bootstrap)
 
 
@@ -252,31 +309,9 @@ def test_paused_broker_steps_down(fleet):
 def test_scale_out_and_in_with_a_running_group(fleet):
     b1, b2, b3 = fleet.brokers
     topic, _, load = loaded_topic(fleet, "elastic", min_acked=0)
-    consumed: dict[int, tuple[int, int]] = {}
-    stop = threading.Event()
-    group_errors = []
-
-    def consume():
-        c = Consumer({"bootstrap.servers": bootstrap(fleet.brokers), "group.id": "elastic",
-                      "auto.offset.reset": "earliest", "session.timeout.ms": 10000,
-                      "topic.metadata.refresh.interval.ms": 2000})
-        c.subscribe([topic])
-        try:
-            while not stop.is_set():
-                m = c.poll(0.2)
-                if m is None:
-                    continue
-                if m.error():
-                    group_errors.append(str(m.error()))
-                    continue
-                consumed[int(m.value())] = (m.partition(), m.offset())
-        finally:
-            c.close()
-
-    reader = threading.Thread(target=consume, daemon=True)
-    reader.start()
+    reader = GroupReader(bootstrap(fleet.brokers), topic, "elastic").start()
     try:
-        wait_until(lambda: len(consumed) > 300, 60, "the group to consume")
+        wait_until(lambda: len(reader.consumed) > 300, 60, "the group to consume")
         # Scale out: a fourth broker takes its share with no data copied.
         added = time.monotonic()
         b4 = fleet.add(4, "zone-a")
@@ -285,23 +320,19 @@ def test_scale_out_and_in_with_a_running_group(fleet):
         wait_led_by(b2.bootstrap, topic, {1, 2, 3, 4})
         time.sleep(2)
         # Scale in: SIGTERM hands everything off before exiting.
-        before = len(consumed)
         assert b1.stop(grace=60) == 0
+        stopped = time.monotonic()
         wait_led_by(b2.bootstrap, topic, {2, 3, 4})
         time.sleep(2)
         load.stop()
-        wait_until(lambda: set(load.acked) <= set(consumed), 90,
-                   "the group to consume every acknowledged record")
-        assert len(consumed) > before, "the group stopped consuming"
+        reader.read_all(load)
+        assert any(t > stopped for t in reader.arrived.values()), "the group stopped consuming"
     finally:
-        stop.set()
-        reader.join(30)
+        reader.stop()
         if not load.stopping.is_set():
             load.stop()
     # Nothing acknowledged was lost and no produce failed across the hand-offs.
     verify(load, b2.bootstrap)
-    for seq, (p, o, _) in load.acked.items():
-        assert consumed[seq] == (p, o)
 
 
 def test_postgres_restart_during_load(fleet):
@@ -320,6 +351,10 @@ def test_postgres_restart_during_load(fleet):
         print(f"\nPostgreSQL restart: every partition took writes again "
               f"{time.monotonic() - restarted:.1f} s after the restart")
         assert not down_acks, f"{len(down_acks)} records acknowledged while PostgreSQL was down"
+        # Writes failed while it was down, with a retriable error the producer retried.
+        failed = sum(metric_sum(scrape_metrics(b.http_port), "strata_wal_flushes_total", outcome="commit_failed")
+                     for b in fleet.brokers)
+        assert failed > 0, "no write failed while PostgreSQL was down"
         time.sleep(2)
     finally:
         load.stop()

@@ -243,18 +243,28 @@ async fn rebuild_local_tail(
         .unwrap_or(state.log_start_offset)
         .max(state.segments.last().map_or(0, |s| s.end_offset));
     let mut seg = LocalSegment::create(dir, base, now_ms())?;
-    // Several ranged GETs in flight (a busy partition has a range per flush), appended
-    // in offset order.
+    // Several reads in flight (a busy partition has a range per flush), appended in
+    // offset order. They go through the block cache: a write-ahead object holds the
+    // ranges of many partitions, so when a broker takes over many partitions at once
+    // each block of it is fetched once, not once per partition.
     use futures::StreamExt;
     let mut reads = futures::stream::iter(state.wal_ranges.clone())
         .map(|range| {
-            let store = ctx.store.clone();
+            let (store, blocks) = (ctx.store.clone(), ctx.blocks.clone());
             async move {
-                let key = object_store::path::Path::from(range.object_key.as_str());
                 let span = range.position..range.position + range.len;
-                let data = store
-                    .get_range(&key, span, tiering::Class::Read, None)
-                    .await;
+                let data: anyhow::Result<Bytes> = if range.object_size > 0 {
+                    blocks
+                        .read(&range.object_key, range.object_size, span)
+                        .await
+                        .map_err(Into::into)
+                } else {
+                    let key = object_store::path::Path::from(range.object_key.as_str());
+                    store
+                        .get_range(&key, span, tiering::Class::Read, None)
+                        .await
+                        .map_err(Into::into)
+                };
                 (range, data)
             }
         })

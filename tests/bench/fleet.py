@@ -33,7 +33,7 @@ sys.path.insert(0, str(TESTS))
 from conftest import (Broker, create_topic, metric_sum, scrape_metrics, strata_binary,  # noqa: E402
                       unique_topic, wait_ready, wait_until)
 from s3 import s3_server  # noqa: E402
-from test_fleet import Load, bootstrap, leaders  # noqa: E402
+from test_fleet import PARTITIONS, Load, bootstrap, leaders  # noqa: E402
 
 ZONES = ["zone-a", "zone-b", "zone-c"]
 
@@ -86,7 +86,7 @@ def failover(base: Path, url: str) -> None:
             fleet.add(i)
         b1, b2, _ = fleet.brokers
         topic = unique_topic("failover")
-        create_topic(b1.bootstrap, topic, 12)
+        create_topic(b1.bootstrap, topic, PARTITIONS)
         wait_until(lambda: set(leaders(b1.bootstrap, topic).values()) == {1, 2, 3}, 30, "spread")
         victim = {p for p, leader in leaders(b1.bootstrap, topic).items() if leader == 2}
         load = Load(bootstrap(fleet.brokers), topic, rate=300).start()
@@ -109,9 +109,10 @@ def scale(base: Path, url: str, partitions: int = 1000) -> None:
         topic = unique_topic("scale")
         create_topic(b1.bootstrap, topic, partitions, timeout=120)
         # One record per partition, so every partition has a write-ahead tail to recover.
-        subprocess.run([str(strata_binary()), "perf", "--bootstrap", b1.bootstrap, "--topic", topic,
+        out = subprocess.run([str(strata_binary()), "perf", "--bootstrap", b1.bootstrap, "--topic", topic,
                         "--partitions", str(partitions), "--seconds", "1", "--latency-seconds", "0",
-                        "--batch-records", "1"], check=True, capture_output=True, timeout=300)
+                        "--batch-records", "1", "--connections", "1"], capture_output=True, text=True, timeout=300)
+        assert "produce:" in out.stdout, out.stdout + out.stderr
         started = time.monotonic()
         b3 = fleet.add(3)
         samples = []
@@ -119,6 +120,12 @@ def scale(base: Path, url: str, partitions: int = 1000) -> None:
             samples.append((time.monotonic() - started,
                             metric_sum(scrape_metrics(b3.http_port), "strata_partitions")))
             time.sleep(0.1)
+        if os.environ.get("STRATA_BENCH_VERBOSE"):
+            print([(round(t, 1), n) for t, n in samples[::10]])
+            text = scrape_metrics(b3.http_port)
+            print([line for line in text.splitlines()
+                   if ("_sum" in line or "_count" in line) and ("claim_partition" in line or 'op="get"' in line
+                                                                or "read_partition" in line or "partition_owners" in line)])
         final = samples[-1][1]
         reached = next(t for t, n in samples if n == final)
         print(f"scale-out: the new broker owned its share ({final:.0f} of {partitions} partitions) "
