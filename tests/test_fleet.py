@@ -94,7 +94,26 @@ def owned(b: Broker) -> float:
     return metric_sum(scrape_metrics(b.http_port), "strata_partitions")
 
 
-class Load:
+class Background:
+    """A loop (`_run`) in a daemon thread until `stop`."""
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        raise NotImplementedError
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(30)
+
+
+class Load(Background):
     """An idempotent acks=all producer writing sequence numbers round-robin over the
     partitions, remembering what was acknowledged where."""
 
@@ -108,8 +127,7 @@ class Load:
         self.acked: dict[int, tuple[int, int, float]] = {}  # seq -> (partition, offset, time)
         self.errors: list[str] = []
         self.sent = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _delivered(self, err, msg):
         seq = int(msg.value())
@@ -127,13 +145,8 @@ class Load:
             self.producer.poll(0)
             time.sleep(gap)
 
-    def start(self) -> "Load":
-        self.thread.start()
-        return self
-
     def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(30)
+        super().stop()
         left = self.producer.flush(150)
         assert left == 0, f"{left} records never answered"
 
@@ -142,7 +155,7 @@ class Load:
         return {p for (p, _, at) in list(self.acked.values()) if at > t and p in partitions}
 
 
-class GroupReader:
+class GroupReader(Background):
     """A consumer-group member reading the topic in a thread: seq -> (partition, offset),
     and when each record arrived."""
 
@@ -150,11 +163,10 @@ class GroupReader:
         self.consumed: dict[int, tuple[int, int]] = {}
         self.arrived: dict[int, float] = {}
         self.errors: list[str] = []
-        self.stopping = threading.Event()
         self.conf = {"bootstrap.servers": servers, "group.id": group, "auto.offset.reset": "earliest",
                      "session.timeout.ms": 10000, "topic.metadata.refresh.interval.ms": 2000}
         self.topic = topic
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self):
         c = Consumer(self.conf)
@@ -172,14 +184,6 @@ class GroupReader:
                 self.arrived.setdefault(seq, time.monotonic())
         finally:
             c.close()
-
-    def start(self) -> "GroupReader":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(30)
 
     def read_all(self, load: "Load", timeout: float = 90) -> None:
         """Waits until every acknowledged record was consumed, each at its offset."""
