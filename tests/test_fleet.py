@@ -24,8 +24,10 @@ from conftest import (Broker, admin_client, consume_all, create_topic, metric_su
 from test_postgres_metadata import pg_ctl, postgres  # noqa: F401  (fixture)
 
 LEASE_MS = 2000
-# Enough that each of three brokers owns some (rendezvous hashing is random per topic).
-PARTITIONS = 24
+# Enough that every broker owns some: rendezvous hashing is uniform but random per
+# topic, and one of four brokers gets none of 48 partitions once in a million topics
+# ((3/4)^48; with 24 it was once in a thousand).
+PARTITIONS = 48
 
 
 @pytest.fixture
