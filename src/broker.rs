@@ -725,23 +725,16 @@ impl Broker {
         }
         let live = self.membership.live();
         let owners = self.ownership.owners();
-        let actions = {
-            let mut waiting = self
-                .ownership
-                .waiting
-                .lock()
-                .expect("waiting lock poisoned");
-            let input = PlanInput {
-                me: self.config.broker_id,
-                live: &live,
-                owners: &owners,
-                held: &held,
-                patience: self.membership.lease(),
-                trust_expiry: self.membership.settled(),
-                now: std::time::Instant::now(),
-            };
-            crate::ownership::plan(&input, keys, &mut waiting)
+        let input = PlanInput {
+            me: self.config.broker_id,
+            live: &live,
+            owners: &owners,
+            held: &held,
+            patience: self.membership.lease(),
+            trust_expiry: self.membership.settled(),
+            now: std::time::Instant::now(),
         };
+        let actions = self.ownership.decide(&input, keys);
         if !actions.is_empty() {
             let count = |f: fn(&Action) -> bool| actions.iter().filter(|a| f(a)).count();
             info!(

@@ -174,7 +174,8 @@ pub struct Ownership {
     /// Every partition's and slot's last known owner and epoch (refreshed every pass).
     owners: RwLock<HashMap<PartitionKey, PartitionOwner>>,
     slots: RwLock<Slots>,
-    pub(crate) waiting: std::sync::Mutex<HashMap<PartitionKey, Instant>>,
+    /// Since when this broker has wanted each key a live broker still holds.
+    waiting: std::sync::Mutex<HashMap<PartitionKey, Instant>>,
 }
 
 /// Where clients should go for a partition or a group.
@@ -193,6 +194,17 @@ impl Ownership {
             slots: RwLock::new(Slots::default()),
             waiting: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The plan of one pass (see [`plan`]), remembering across passes which keys wait
+    /// for a live owner to let go.
+    pub fn decide(
+        &self,
+        input: &PlanInput<'_>,
+        keys: impl IntoIterator<Item = PartitionKey>,
+    ) -> Vec<Action> {
+        let mut waiting = self.waiting.lock().expect("waiting lock poisoned");
+        plan(input, keys, &mut waiting)
     }
 
     pub fn me(&self) -> i32 {
