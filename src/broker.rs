@@ -387,6 +387,7 @@ impl Broker {
         validate_only: bool,
     ) -> Result<Arc<Topic>, TopicError> {
         validate_topic_name(name)?;
+        refuse_internal(name)?;
         let partitions = if partitions == -1 {
             self.config.num_partitions
         } else {
@@ -457,6 +458,7 @@ impl Broker {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {
+        refuse_internal(name)?;
         let _guard = self.admin.lock().await;
         let record = match self.meta.delete_topic(name).await {
             Ok(r) => r,
@@ -567,11 +569,37 @@ impl Broker {
     }
 }
 
+/// Stops a partition task this broker no longer owns: it takes no more writes at once,
+/// and the stop itself waits at most a few seconds for room in the task's queue.
+async fn stop_task(h: &PartitionHandle) {
+    h.shared
+        .fenced
+        .store(true, std::sync::atomic::Ordering::Release);
+    let stop = h.cmd.send(PartitionCmd::Stop);
+    if tokio::time::timeout(Duration::from_secs(5), stop)
+        .await
+        .is_err()
+    {
+        warn!(topic = %h.topic, partition = h.partition, "partition task did not take its stop in time; it takes no writes");
+    }
+}
+
 /// Partitions claimed and recovered at once.
 const RECOVERY_CONCURRENCY: usize = 16;
 
 /// Upper bound on partitions per topic (each is a task, a file and metadata rows).
 pub const MAX_PARTITIONS: i32 = 10_000;
+
+/// The coordinator slots' topic is the cluster's own: clients may neither create nor
+/// delete it (Kafka refuses the same for its internal topics).
+fn refuse_internal(name: &str) -> Result<(), TopicError> {
+    if name == COORDINATOR_TOPIC {
+        return Err(TopicError::InvalidTopic(format!(
+            "{name} is an internal topic"
+        )));
+    }
+    Ok(())
+}
 
 /// Kafka's topic name rules: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
@@ -606,7 +634,7 @@ impl Broker {
         tokio::time::sleep(grace).await;
         for t in &self.topics() {
             for p in t.local_partitions() {
-                let _ = p.cmd.send(PartitionCmd::Stop).await;
+                stop_task(&p).await;
             }
         }
         self.membership.leave().await;
@@ -691,7 +719,7 @@ impl Broker {
     async fn stop_partitions(&self, topic: &Topic) {
         for (i, slot) in topic.partitions.iter().enumerate() {
             if let Some(p) = slot.set(None) {
-                let _ = p.cmd.send(PartitionCmd::Stop).await;
+                stop_task(&p).await;
             }
             let dir = self.log.cache_dir.join(format!("{}-{i}", topic.id));
             let _ = std::fs::remove_dir_all(dir);
@@ -791,9 +819,21 @@ impl Broker {
                         self.ownership
                             .note_owner(key, handle.shared.leader_epoch, Some(me));
                         if let Some(old) = slot.set(Some(handle)) {
-                            let _ = old.cmd.send(PartitionCmd::Stop).await;
+                            stop_task(&old).await;
                         }
                         m.ownership_changes.with_label_values(&["claimed"]).inc();
+                        // Deleted while it was being claimed: its slot is no longer
+                        // registered, so stop the task here (nothing else would).
+                        if self.topic_by_id(&key.topic_id).is_none() {
+                            if let Some(h) = slot.set(None) {
+                                stop_task(&h).await;
+                            }
+                            let dir = self
+                                .log
+                                .cache_dir
+                                .join(format!("{}-{}", key.topic_id, key.partition));
+                            let _ = std::fs::remove_dir_all(dir);
+                        }
                     }
                     Err(e) => {
                         warn!(topic = %topic.name, partition = key.partition, error = %e, "could not claim a partition; the next pass retries")
@@ -843,10 +883,7 @@ impl Broker {
                     return;
                 };
                 if let Some(h) = slot.set(None) {
-                    h.shared
-                        .fenced
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    let _ = h.cmd.send(PartitionCmd::Stop).await;
+                    stop_task(&h).await;
                     m.ownership_changes
                         .with_label_values(&["stepped_down"])
                         .inc();
@@ -869,11 +906,13 @@ impl Broker {
             return;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if h.cmd.send(PartitionCmd::Release(tx)).await.is_ok() {
-            let wait = Duration::from_millis(self.config.wal_flush_timeout_ms + 1000);
-            if tokio::time::timeout(wait, rx).await.is_err() {
-                warn!(topic = %topic.name, partition = key.partition, "in-flight writes did not finish before the hand-off");
-            }
+        // Bounded as a whole: a stuck partition must not hold up the pass.
+        let wait = Duration::from_millis(self.config.wal_flush_timeout_ms + 1000);
+        let released = tokio::time::timeout(wait, async {
+            h.cmd.send(PartitionCmd::Release(tx)).await.is_ok() && rx.await.is_ok()
+        });
+        if !matches!(released.await, Ok(true)) {
+            warn!(topic = %topic.name, partition = key.partition, "in-flight writes did not finish before the hand-off");
         }
         let epoch = h.shared.leader_epoch;
         match self.meta.release_partition(key, epoch).await {
@@ -883,7 +922,7 @@ impl Broker {
             }
         }
         slot.set(None);
-        let _ = h.cmd.send(PartitionCmd::Stop).await;
+        stop_task(&h).await;
         self.ownership.note_owner(key, epoch, None);
         crate::metrics::metrics()
             .ownership_changes

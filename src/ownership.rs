@@ -164,7 +164,8 @@ pub fn plan(
 #[derive(Debug, Default)]
 struct Slots {
     topic: Option<(Uuid, i32)>,
-    held: HashMap<i32, i32>,
+    /// Slot -> (epoch, since when).
+    held: HashMap<i32, (i32, Instant)>,
 }
 
 /// The cluster's ownership as this broker knows it.
@@ -293,7 +294,7 @@ impl Ownership {
         slots
             .held
             .iter()
-            .map(|(partition, epoch)| {
+            .map(|(partition, (epoch, _))| {
                 (
                     PartitionKey {
                         topic_id,
@@ -313,7 +314,7 @@ impl Ownership {
             .write()
             .expect("slots lock poisoned")
             .held
-            .insert(key.partition, leader_epoch);
+            .insert(key.partition, (leader_epoch, Instant::now()));
         self.note_owner(key, leader_epoch, Some(self.me()));
     }
 
@@ -324,16 +325,27 @@ impl Ownership {
             .expect("slots lock poisoned")
             .held
             .remove(&key.partition)
+            .map(|(epoch, _)| epoch)
     }
 
     /// The fence for a group's offset commits if this broker coordinates it.
     pub fn group_fence(&self, group: &str) -> Option<Fence> {
         let key = self.group_key(group)?;
         let slots = self.slots.read().expect("slots lock poisoned");
-        slots.held.get(&key.partition).map(|epoch| Fence {
+        slots.held.get(&key.partition).map(|(epoch, _)| Fence {
             key,
             leader_epoch: *epoch,
         })
+    }
+
+    /// How long this broker has coordinated a group's slot (`None`: it does not).
+    pub fn group_held_for(&self, group: &str) -> Option<Duration> {
+        let key = self.group_key(group)?;
+        let slots = self.slots.read().expect("slots lock poisoned");
+        slots
+            .held
+            .get(&key.partition)
+            .map(|(_, since)| since.elapsed())
     }
 
     /// The broker that coordinates a group (FindCoordinator).

@@ -150,6 +150,9 @@ impl Coordinator {
     ) -> Result<Option<mpsc::Sender<GroupCmd>>, ResponseError> {
         self.check_coordinator(group_id)?;
         let mut groups = self.groups.lock().expect("groups lock poisoned");
+        // Again under the lock: a slot released in between has already evicted its
+        // groups, and a task made now would outlive it.
+        self.check_coordinator(group_id)?;
         if let Some(tx) = groups.get(group_id).filter(|tx| !tx.is_closed()) {
             return Ok(Some(tx.clone()));
         }
@@ -321,11 +324,17 @@ impl Coordinator {
                     continue;
                 };
                 let mut idle = Vec::new();
-                // Each coordinator expires the offsets of its own groups.
-                for g in groups
-                    .into_iter()
-                    .filter(|g| c.check_coordinator(g).is_ok())
-                {
+                // Each coordinator expires the offsets of its own groups, and only once it
+                // has held their slot long enough for live members to have rejoined (a
+                // group's members are in the memory of the coordinator they joined).
+                let settled =
+                    Duration::from_millis(c.config.limits.max_session_timeout_ms.max(0) as u64);
+                let own = |g: &String| {
+                    c.ownership
+                        .group_held_for(g)
+                        .is_some_and(|held| held >= settled)
+                };
+                for g in groups.into_iter().filter(own) {
                     let active = match c.describe(&g).await {
                         Some(s) => !s.members.is_empty(),
                         None => false,

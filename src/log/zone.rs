@@ -88,6 +88,13 @@ impl ZoneReads {
         Ok(state)
     }
 
+    fn forget(&self, key: PartitionKey) {
+        self.manifests
+            .lock()
+            .expect("manifest lock poisoned")
+            .remove(&key);
+    }
+
     /// Reads whole batches from `offset`, up to `max_bytes` (the first batch whole), of
     /// a partition this broker does not own, never past its committed high watermark.
     pub async fn read(
@@ -123,7 +130,10 @@ impl ZoneReads {
         {
             read_wal_range(blocks, range, offset, max_bytes).await?
         } else {
-            return Err(ReadError::OffsetOutOfRange.into());
+            // Below the high watermark yet in neither list: a manifest caught between a
+            // seal and the next read. Read it afresh next time; the client retries.
+            self.forget(key);
+            return Err(ZoneReadError::NotYetVisible);
         };
         Ok(ReadResult {
             records,

@@ -1007,8 +1007,15 @@ impl MetadataStore for PostgresStore {
 
     async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
         let mut conn = self.pool.get().await?;
-        // One snapshot for the row and the manifest it belongs to.
+        // One snapshot for the row and the manifest it belongs to (a seal commits a
+        // segment and drops the ranges it covers at once; READ COMMITTED could see one
+        // without the other).
         let mut tx = conn.begin().await?;
+        tx.execute(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            &[],
+        )
+        .await?;
         let row = tx
             .query_opt(
                 "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
