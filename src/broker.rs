@@ -273,39 +273,46 @@ impl Broker {
         Ok(broker)
     }
 
-    fn spawn_wal_gc(self: &Arc<Self>) {
+    /// Runs `job` every `every` for as long as the broker lives (the task holds only a
+    /// weak reference, so a dropped broker ends it).
+    fn spawn_every<F, Fut>(self: &Arc<Self>, every: Duration, job: F)
+    where
+        F: Fn(Arc<Broker>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let weak = Arc::downgrade(self);
-        let every = Duration::from_millis(self.config.wal_gc_interval_ms);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(b) = weak.upgrade() else { return };
-                match crate::wal::collect_garbage(b.store.as_ref(), b.meta.as_ref()).await {
-                    Ok(0) => {}
-                    Ok(n) => info!(
-                        objects = n,
-                        "deleted write-ahead objects covered by segments"
-                    ),
-                    Err(e) => warn!(error = %e, "write-ahead garbage collection failed"),
-                }
+                job(b).await;
+            }
+        });
+    }
+
+    fn spawn_wal_gc(self: &Arc<Self>) {
+        let every = Duration::from_millis(self.config.wal_gc_interval_ms);
+        self.spawn_every(every, |b| async move {
+            match crate::wal::collect_garbage(b.store.as_ref(), b.meta.as_ref()).await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    objects = n,
+                    "deleted write-ahead objects covered by segments"
+                ),
+                Err(e) => warn!(error = %e, "write-ahead garbage collection failed"),
             }
         });
     }
 
     fn spawn_orphan_collector(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
         let every = Duration::from_millis(self.config.orphan_check_interval_ms);
         let grace = Duration::from_millis(self.config.orphan_grace_ms);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(b) = weak.upgrade() else { return };
-                let now = crate::clock::now_ms();
-                match crate::orphans::collect(b.store.as_ref(), b.meta.as_ref(), grace, now).await {
-                    Ok(0) => {}
-                    Ok(n) => info!(objects = n, "deleted orphaned objects"),
-                    Err(e) => warn!(error = %e, "orphan collection failed"),
-                }
+        self.spawn_every(every, move |b| async move {
+            let now = crate::clock::now_ms();
+            match crate::orphans::collect(b.store.as_ref(), b.meta.as_ref(), grace, now).await {
+                Ok(0) => {}
+                Ok(n) => info!(objects = n, "deleted orphaned objects"),
+                Err(e) => warn!(error = %e, "orphan collection failed"),
             }
         });
     }
@@ -933,15 +940,10 @@ impl Broker {
 
     /// Runs an ownership pass every `ownership.check.interval.ms`.
     fn spawn_ownership_loop(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
         let every = Duration::from_millis(self.config.ownership_check_interval_ms);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(b) = weak.upgrade() else { return };
-                if let Err(e) = b.reconcile().await {
-                    warn!(error = %e, "ownership pass failed; retrying");
-                }
+        self.spawn_every(every, |b| async move {
+            if let Err(e) = b.reconcile().await {
+                warn!(error = %e, "ownership pass failed; retrying");
             }
         });
     }

@@ -112,3 +112,39 @@ pub fn decode_response<R: Request>(mut body: Bytes, version: i16) -> anyhow::Res
     ResponseHeader::decode(&mut body, R::Response::header_version(version))?;
     R::Response::decode(&mut body, version)
 }
+
+/// Each partition's leader address (`host:port`) from a Metadata request for `topics`;
+/// partitions without a live leader are left out. The tools send each request to the
+/// broker that serves it, so they work against a fleet.
+pub async fn partition_leaders(
+    conn: &Conn,
+    topics: &[&str],
+) -> anyhow::Result<std::collections::BTreeMap<(String, i32), String>> {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{MetadataRequest, TopicName};
+    let req = MetadataRequest::default().with_topics(Some(
+        topics
+            .iter()
+            .map(|t| {
+                MetadataRequestTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_string(t.to_string()))))
+            })
+            .collect(),
+    ));
+    let md = conn.call(&req, 4).await?;
+    let addr: std::collections::BTreeMap<i32, String> = md
+        .brokers
+        .iter()
+        .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for t in md.topics {
+        let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+        for p in t.partitions {
+            if let Some(a) = addr.get(&p.leader_id.0) {
+                out.insert((name.clone(), p.partition_index), a.clone());
+            }
+        }
+    }
+    Ok(out)
+}

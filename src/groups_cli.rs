@@ -137,36 +137,7 @@ impl Cluster {
     ) -> anyhow::Result<BTreeMap<(String, i32), String>> {
         let mut topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
         topics.dedup();
-        let md = self
-            .bootstrap
-            .call(
-                &MetadataRequest::default().with_topics(Some(
-                    topics
-                        .iter()
-                        .map(|t| {
-                            kafka_protocol::messages::metadata_request::MetadataRequestTopic::default()
-                                .with_name(Some(TopicName(s(t))))
-                        })
-                        .collect(),
-                )),
-                4,
-            )
-            .await?;
-        let addr: BTreeMap<i32, String> = md
-            .brokers
-            .iter()
-            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
-            .collect();
-        let mut out = BTreeMap::new();
-        for t in md.topics {
-            let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
-            for p in t.partitions {
-                if let Some(a) = addr.get(&p.leader_id.0) {
-                    out.insert((name.clone(), p.partition_index), a.clone());
-                }
-            }
-        }
-        Ok(out)
+        crate::client::partition_leaders(&self.bootstrap, &topics).await
     }
 }
 

@@ -182,8 +182,8 @@ pub struct Ownership {
 /// Where clients should go for a partition or a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
-    /// `None`: no live broker (clients retry).
-    pub broker: Option<BrokerRecord>,
+    /// `None`: no live owner (clients retry).
+    pub broker_id: Option<i32>,
     pub leader_epoch: i32,
 }
 
@@ -236,8 +236,8 @@ impl Ownership {
     /// Who serves `key`: its recorded owner while that broker is live. Between owners
     /// (a new topic, a hand-off, an expired lease) there is none: clients get
     /// LEADER_NOT_AVAILABLE and ask again, as in Kafka during a leader election.
-    pub fn leader(&self, key: &PartitionKey) -> Leader {
-        let live = self.membership.live();
+    /// `live` is the membership's live list, read once by callers that ask for many keys.
+    pub fn leader(&self, live: &[BrokerRecord], key: &PartitionKey) -> Leader {
         let recorded = self
             .owners
             .read()
@@ -245,11 +245,11 @@ impl Ownership {
             .get(key)
             .copied();
         let leader_epoch = recorded.map_or(0, |o| o.leader_epoch);
-        let owner = recorded
+        let broker_id = recorded
             .and_then(|o| o.owner)
-            .and_then(|id| live.iter().find(|b| b.broker_id == id).cloned());
+            .filter(|id| live.iter().any(|b| b.broker_id == *id));
         Leader {
-            broker: owner,
+            broker_id,
             leader_epoch,
         }
     }
@@ -353,7 +353,9 @@ impl Ownership {
         if self.group_fence(group).is_some() {
             return Some(self.membership.me());
         }
-        self.leader(&self.group_key(group)?).broker
+        let live = self.membership.live();
+        let id = self.leader(&live, &self.group_key(group)?).broker_id?;
+        live.into_iter().find(|b| b.broker_id == id)
     }
 }
 

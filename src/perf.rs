@@ -17,11 +17,10 @@ use bytes::{Bytes, BytesMut};
 use clap::{value_parser, Arg, ArgMatches, Command};
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse, MetadataRequest,
-    ProduceRequest, ProduceResponse, TopicName,
+    CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse, ProduceRequest,
+    ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
@@ -159,37 +158,21 @@ async fn leaders(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<BTreeMap<String, Vec<i32>>> {
-    let req = MetadataRequest::default().with_topics(Some(vec![MetadataRequestTopic::default()
-        .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))]));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let md = admin.call(&req, 4).await?;
-        let brokers: BTreeMap<i32, String> = md
-            .brokers
-            .iter()
-            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
-            .collect();
-        let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-        let mut led = 0;
-        for t in &md.topics {
-            for p in &t.partitions {
-                if let Some(addr) = brokers.get(&p.leader_id.0) {
-                    by_leader
-                        .entry(addr.clone())
-                        .or_default()
-                        .push(p.partition_index);
-                    led += 1;
-                }
-            }
-        }
-        if led == partitions {
-            for parts in by_leader.values_mut() {
-                parts.sort_unstable();
+        let led = crate::client::partition_leaders(admin, &[topic]).await?;
+        if led.len() == partitions as usize {
+            let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+            for ((_, p), addr) in led {
+                by_leader.entry(addr).or_default().push(p);
             }
             return Ok(by_leader);
         }
         if Instant::now() > deadline {
-            bail!("only {led} of {partitions} partitions of {topic} have a leader");
+            bail!(
+                "only {} of {partitions} partitions of {topic} have a leader",
+                led.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

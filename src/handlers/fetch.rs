@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use super::errors;
 use crate::broker::Broker;
 use crate::log::read;
-use crate::metadata::PartitionKey;
 use crate::ownership::rendezvous;
 
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -60,21 +59,19 @@ pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fet
     resp
 }
 
-/// The broker in the client's zone a partition's readers there are sent to (KIP-392),
-/// if the client named a zone (`client.rack`) other than this broker's and a live
-/// broker is there.
-fn preferred_replica(broker: &Broker, rack: Option<&str>, key: &PartitionKey) -> Option<i32> {
-    let rack = rack?;
-    if broker.config.zone.as_deref() == Some(rack) {
-        return None;
-    }
-    let in_zone = broker
+/// The live brokers of the client's zone (`client.rack`) when it is not this broker's
+/// (KIP-392): its readers are sent there. Read once per request.
+fn zone_replicas(broker: &Broker, rack: Option<&str>) -> Vec<i32> {
+    let Some(rack) = rack.filter(|r| broker.config.zone.as_deref() != Some(*r)) else {
+        return Vec::new();
+    };
+    broker
         .membership
         .live()
         .into_iter()
         .filter(|b| !b.draining && b.zone.as_deref() == Some(rack))
-        .map(|b| b.broker_id);
-    rendezvous(key, in_zone)
+        .map(|b| b.broker_id)
+        .collect()
 }
 
 /// A partition's answer with the records read.
@@ -113,6 +110,7 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
     // KIP-392: the client's zone, when it sent one.
     let rack = Some(req.rack_id.as_str()).filter(|r| version >= 11 && !r.is_empty());
     let in_my_zone = rack.is_some() && rack == broker.config.zone.as_deref();
+    let replicas = zone_replicas(broker, rack);
     let m = crate::metrics::metrics();
     loop {
         // Subscribe before reading so a commit between the read and the wait wakes us.
@@ -183,7 +181,7 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
                     parts.push(data.with_error_code(e.code()));
                     continue;
                 }
-                if let Some(replica) = preferred_replica(broker, rack, &shared.key) {
+                if let Some(replica) = rendezvous(&shared.key, replicas.iter().copied()) {
                     // KIP-392: no records; the client fetches from the replica in its zone.
                     redirected = true;
                     m.preferred_replica_redirects

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::{errors, str_bytes};
 use crate::broker::{Broker, Topic, TopicError};
+use crate::metadata::BrokerRecord;
 
 /// ACL operations a client may perform on a topic (no ACLs yet: all of them).
 /// Bits: READ 3, WRITE 4, CREATE 5, DELETE 6, ALTER 7, DESCRIBE 8, DESCRIBE_CONFIGS 10, ALTER_CONFIGS 11.
@@ -42,16 +43,16 @@ pub async fn metadata(
     version: i16,
 ) -> MetadataResponse {
     let mut resp = MetadataResponse::default();
-    resp.brokers = broker
-        .membership
-        .live()
-        .into_iter()
+    // Read once: the brokers listed and the leaders named come from the same list.
+    let live = broker.membership.live();
+    resp.brokers = live
+        .iter()
         .map(|b| {
             MetadataResponseBroker::default()
                 .with_node_id(BrokerId(b.broker_id))
-                .with_host(str_bytes(b.host))
+                .with_host(str_bytes(b.host.clone()))
                 .with_port(b.port)
-                .with_rack(b.zone.map(str_bytes))
+                .with_rack(b.zone.clone().map(str_bytes))
         })
         .collect();
     resp.cluster_id = Some(str_bytes(broker.config.cluster_id.clone()));
@@ -79,16 +80,16 @@ pub async fn metadata(
             resp.topics = broker
                 .topics()
                 .iter()
-                .map(|t| describe(broker, t, topic_ops))
+                .map(|t| describe(broker, &live, t, topic_ops))
                 .collect();
         }
         Some(topics) => {
             for rt in topics {
                 let entry = match rt.name.as_ref().map(|n| n.0.to_string()) {
                     Some(name) => match broker.topic(&name) {
-                        Some(t) => describe(broker, &t, topic_ops),
+                        Some(t) => describe(broker, &live, &t, topic_ops),
                         None if allow_auto => match broker.auto_create(&name).await {
-                            Ok(t) => describe(broker, &t, topic_ops),
+                            Ok(t) => describe(broker, &live, &t, topic_ops),
                             Err(e) => missing(Some(name), Uuid::nil(), errors::topic_error(&e)),
                         },
                         None => {
@@ -104,7 +105,7 @@ pub async fn metadata(
                     None => {
                         let id = rt.topic_id;
                         match broker.topic_by_id(&id) {
-                            Some(t) => describe(broker, &t, topic_ops),
+                            Some(t) => describe(broker, &live, &t, topic_ops),
                             None => missing(None, id, ResponseError::UnknownTopicId),
                         }
                     }
@@ -126,7 +127,7 @@ fn missing(name: Option<String>, id: Uuid, error: ResponseError) -> MetadataResp
 
 /// Each partition's leader is this broker while it serves the partition, otherwise
 /// the owner (or assigned broker) the ownership view names, with its leader epoch.
-fn describe(broker: &Broker, t: &Topic, ops: i32) -> MetadataResponseTopic {
+fn describe(broker: &Broker, live: &[BrokerRecord], t: &Topic, ops: i32) -> MetadataResponseTopic {
     let me = broker.config.broker_id;
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(str_bytes(t.name.to_string()))))
@@ -138,8 +139,8 @@ fn describe(broker: &Broker, t: &Topic, ops: i32) -> MetadataResponseTopic {
                     let (leader, epoch) = match t.partition(i) {
                         Ok(h) => (me, h.shared.leader_epoch),
                         Err(_) => {
-                            let l = broker.ownership.leader(&t.key(i));
-                            let id = l.broker.map_or(-1, |b| b.broker_id);
+                            let l = broker.ownership.leader(live, &t.key(i));
+                            let id = l.broker_id.unwrap_or(-1);
                             (if id == me { -1 } else { id }, l.leader_epoch)
                         }
                     };
