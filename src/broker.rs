@@ -101,6 +101,8 @@ pub struct Broker {
     admin: tokio::sync::Mutex<()>,
     /// One ownership pass at a time.
     reconciling: tokio::sync::Mutex<()>,
+    /// Whether this broker reaches its stores, and whether it stepped down for lack of one.
+    health: std::sync::Mutex<crate::health::Health>,
 }
 
 impl Topic {
@@ -172,6 +174,19 @@ impl Broker {
         )
         .await
         .context("opening the block cache")?;
+        let disk = Arc::new(crate::disk::CacheDisk::new(
+            config.data_dir.join("cache"),
+            config.cache_disk_min_free_bytes,
+            blocks.clone(),
+        ));
+        std::fs::create_dir_all(config.data_dir.join("cache"))
+            .context("creating the cache directory")?;
+        {
+            let disk = disk.clone();
+            tokio::task::spawn_blocking(move || disk.check())
+                .await
+                .context("checking the cache disk")?;
+        }
         let meta = crate::metadata::open(&config.metadata_url, &store).await?;
         let session = meta.start_broker_session(config.broker_id).await?;
         let (host, port) = crate::handlers::metadata::host_port(&config.advertise);
@@ -212,6 +227,7 @@ impl Broker {
             meta: meta.clone(),
             flusher: flush_tx,
             cache_dir: config.data_dir.join("cache"),
+            disk,
             upload_permits: Arc::new(Semaphore::new(config.segment_upload_concurrency)),
             retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
             queue_length: config.partition_queue_length,
@@ -244,6 +260,11 @@ impl Broker {
             meta.clone(),
             Duration::from_millis(config.zone_reads_refresh_ms),
         );
+        let health = crate::health::Health::new(
+            Duration::from_millis(config.store_unreachable_timeout_ms),
+            Duration::from_millis(config.ownership_hold_down_ms),
+            std::time::Instant::now(),
+        );
         let broker = Arc::new(Broker {
             groups,
             config,
@@ -258,6 +279,7 @@ impl Broker {
             registry: RwLock::new(Registry::default()),
             admin: tokio::sync::Mutex::new(()),
             reconciling: tokio::sync::Mutex::new(()),
+            health: std::sync::Mutex::new(health),
         });
         broker.ensure_coordinator_topic().await?;
         broker.reconcile().await.context("claiming partitions")?;
@@ -268,6 +290,8 @@ impl Broker {
             "partitions recovered"
         );
         broker.spawn_ownership_loop();
+        broker.spawn_disk_check();
+        broker.spawn_health_check();
         broker.spawn_wal_gc();
         broker.spawn_orphan_collector();
         Ok(broker)
@@ -288,6 +312,141 @@ impl Broker {
                 job(b).await;
             }
         });
+    }
+
+    /// Checks the cache disk's free space every `cache.disk.check.interval.ms`.
+    fn spawn_disk_check(self: &Arc<Self>) {
+        let every = Duration::from_millis(self.config.cache_disk_check_interval_ms);
+        self.spawn_every(every, |b| async move {
+            let disk = b.log.disk.clone();
+            let _ = tokio::task::spawn_blocking(move || disk.check()).await;
+        });
+    }
+
+    /// Once a second: whether the stores still answer (an idle object store is asked
+    /// about a key that never exists), and stepping down or back accordingly.
+    fn spawn_health_check(self: &Arc<Self>) {
+        let deadline = Duration::from_millis(self.config.store_unreachable_timeout_ms);
+        // An idle store is probed often enough to notice a cut well within the deadline.
+        let probe_every = (deadline / 4).max(Duration::from_millis(100));
+        self.spawn_every(Duration::from_secs(1).min(probe_every), move |b| async move {
+            // Ask a store that has been quiet, so a broker that was merely idle (or
+            // paused) is never taken for one cut off.
+            let now = std::time::Instant::now();
+            let quiet = |t: Option<std::time::Instant>| t.is_none_or(|t| now - t >= probe_every);
+            if quiet(b.store.last_answer()) {
+                b.store.probe(probe_every).await;
+            }
+            if quiet(crate::metadata::instrumented::last_answer()) {
+                let _ = tokio::time::timeout(probe_every, b.membership.refresh()).await;
+            }
+            let observation = crate::health::Observation {
+                now: std::time::Instant::now(),
+                object_answered: b.store.last_answer(),
+                metadata_answered: crate::metadata::instrumented::last_answer(),
+                others_serving: b.membership.others_serving(),
+            };
+            let (change, object, metadata) = {
+                let mut health = b.health.lock().expect("health lock poisoned");
+                let change = health.step(&observation);
+                (change, health.object_reachable(), health.metadata_reachable())
+            };
+            let m = crate::metrics::metrics();
+            m.store_reachable
+                .with_label_values(&["object"])
+                .set(i64::from(object));
+            m.store_reachable
+                .with_label_values(&["metadata"])
+                .set(i64::from(metadata));
+            match change {
+                Some(crate::health::Change::StepDown { object, metadata }) => {
+                    b.step_down(object, metadata).await
+                }
+                Some(crate::health::Change::Return) => {
+                    m.stepped_down.set(0);
+                    info!("both stores answer again: taking partitions again");
+                    if let Err(e) = b.membership.set_stepped_down(false).await {
+                        warn!(error = %e, "could not register as serving again; the next heartbeat will");
+                    }
+                }
+                None => {}
+            }
+        });
+    }
+
+    /// Whether this broker has stepped down for lack of a store; `Some(reason)` if so.
+    pub fn stepped_down(&self) -> Option<&'static str> {
+        let health = self.health.lock().expect("health lock poisoned");
+        if !health.stepped_down() {
+            return None;
+        }
+        Some(
+            match (health.object_reachable(), health.metadata_reachable()) {
+                (false, _) => "stepped down: the object store is unreachable",
+                (true, false) => "stepped down: the metadata store is unreachable",
+                (true, true) => {
+                    "stepped down: waiting out the hold-down after the stores came back"
+                }
+            },
+        )
+    }
+
+    /// Gives up every partition and coordinator slot at once because a store cannot
+    /// be reached: registers as draining (so no one hands anything back), stops the
+    /// partition tasks (their waiting producers are told to retry elsewhere; batches in
+    /// flight were never acknowledged) and releases what it held, so brokers that reach
+    /// the stores claim it on their next pass (or after the lease, when the metadata
+    /// store is the one cut off).
+    async fn step_down(&self, object: bool, metadata: bool) {
+        let m = crate::metrics::metrics();
+        m.stepped_down.set(1);
+        warn!(
+            object_store_unreachable = object,
+            metadata_store_unreachable = metadata,
+            partitions = self.local_partition_count(),
+            "cannot reach a store: stepping down from every partition and coordinator slot"
+        );
+        if let Err(e) = self.membership.set_stepped_down(true).await {
+            warn!(error = %e, "could not register as draining; the lease will expire");
+        }
+        let mut held: Vec<(PartitionKey, i32)> = Vec::new();
+        for t in self.topics() {
+            for (i, slot) in t.partitions.iter().enumerate() {
+                if let Some(h) = slot.set(None) {
+                    stop_task(&h).await;
+                    held.push((t.key(i as i32), h.shared.leader_epoch));
+                }
+            }
+        }
+        for (key, _) in self.ownership.held_slots() {
+            if let Some(epoch) = self.ownership.drop_slot(&key) {
+                self.groups
+                    .evict(|g| self.ownership.group_key(g) == Some(key));
+                held.push((key, epoch));
+            }
+        }
+        m.ownership_changes
+            .with_label_values(&["stepped_down"])
+            .inc_by(held.len() as u64);
+        for (key, epoch) in &held {
+            self.ownership.note_owner(*key, *epoch, None);
+        }
+        if metadata {
+            return;
+        }
+        use futures::StreamExt;
+        futures::stream::iter(held)
+            .for_each_concurrent(RECOVERY_CONCURRENCY, |(key, epoch)| async move {
+                let release = self.meta.release_partition(key, epoch);
+                match tokio::time::timeout(Duration::from_secs(5), release).await {
+                    Ok(Ok(())) | Ok(Err(MetaError::Fenced(_))) => {}
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "could not release; it moves when the lease expires")
+                    }
+                    Err(_) => debug!("release timed out; it moves when the lease expires"),
+                }
+            })
+            .await;
     }
 
     fn spawn_wal_gc(self: &Arc<Self>) {

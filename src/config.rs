@@ -127,6 +127,16 @@ pub const SETTINGS: &[SettingDef] = &[
         "blocks fetched ahead after a cache miss, so sequential replay keeps several GETs in flight",
     ),
     def(
+        "cache.disk.min.free.bytes",
+        "268435456",
+        "the cache disk counts as full below this many free bytes (or after a write failed for lack of space): local writes stop, partitions serve their tails from write-ahead objects, acks=1 produces are refused, /readyz reports it; writes resume at twice this",
+    ),
+    def(
+        "cache.disk.check.interval.ms",
+        "1000",
+        "how often the cache disk's free space is checked",
+    ),
+    def(
         "metadata",
         "",
         "metadata store URL: sqlite://PATH, postgres://USER@HOST:PORT/DB, or bucket:// (in the object store itself); defaults to bucket:// when the object store is s3://, gs:// or az://, else sqlite://DATA_DIR/metadata.db",
@@ -142,6 +152,16 @@ pub const SETTINGS: &[SettingDef] = &[
         "ownership.check.interval.ms",
         "1000",
         "how often a broker re-reads live brokers and owners and claims, hands off or gives up partitions and coordinator slots",
+    ),
+    def(
+        "store.unreachable.timeout.ms",
+        "10000",
+        "a broker that has had no answer from the object store or the metadata store for this long steps down from its partitions and coordinator slots (when another broker serves), so brokers that reach both take over",
+    ),
+    def(
+        "ownership.hold.down.ms",
+        "30000",
+        "a broker that stepped down takes partitions again only after reaching both stores for this long, so partitions do not move back and forth with a flapping link",
     ),
     def(
         "zone.reads.refresh.ms",
@@ -440,6 +460,10 @@ pub struct Config {
     pub zone: Option<String>,
     pub broker_lease_ms: u64,
     pub ownership_check_interval_ms: u64,
+    pub store_unreachable_timeout_ms: u64,
+    pub ownership_hold_down_ms: u64,
+    pub cache_disk_min_free_bytes: u64,
+    pub cache_disk_check_interval_ms: u64,
     pub zone_reads_refresh_ms: u64,
     pub offsets_topic_num_partitions: i32,
     pub cluster_id: String,
@@ -580,6 +604,10 @@ impl Config {
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
             broker_lease_ms: positive("broker.lease.ms")?.max(300),
             ownership_check_interval_ms: positive("ownership.check.interval.ms")?,
+            store_unreachable_timeout_ms: positive("store.unreachable.timeout.ms")?,
+            ownership_hold_down_ms: num("ownership.hold.down.ms")?.max(0) as u64,
+            cache_disk_min_free_bytes: num("cache.disk.min.free.bytes")?.max(0) as u64,
+            cache_disk_check_interval_ms: positive("cache.disk.check.interval.ms")?,
             zone_reads_refresh_ms: positive("zone.reads.refresh.ms")?,
             offsets_topic_num_partitions: positive("offsets.topic.num.partitions")?
                 .min(crate::broker::MAX_PARTITIONS as u64)

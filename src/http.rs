@@ -1,5 +1,6 @@
 //! The operator HTTP endpoint (`--http`): `/healthz` (the process is alive),
-//! `/readyz` (the broker recovered its partitions and its metadata store answers) and
+//! `/readyz` (the broker recovered its partitions, its metadata store answers, its cache
+//! disk takes writes and it has not stepped down for lack of a store) and
 //! `/metrics` (Prometheus text format, see `crate::metrics`), plus the cluster view
 //! (`GET /cluster`) and drain (`POST /drain`) behind `strata cluster`. It starts before
 //! recovery, so orchestrators see "alive, not ready" while a broker rebuilds its
@@ -69,6 +70,14 @@ async fn route(
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match slot.get() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
+            Some(broker) if !broker.log.disk.writable() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cache disk full: acks=1 produces are refused until it has room\n",
+            ),
+            Some(broker) if broker.stepped_down().is_some() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                broker.stepped_down().unwrap_or("stepped down"),
+            ),
             Some(broker) => {
                 match tokio::time::timeout(READY_PROBE_TIMEOUT, broker.meta.list_topics()).await {
                     Ok(Ok(_)) => text(StatusCode::OK, "ready\n"),

@@ -26,6 +26,9 @@ pub struct Membership {
     live: RwLock<Vec<BrokerRecord>>,
     /// Set by drain or shutdown: registered as draining from then on.
     draining: std::sync::atomic::AtomicBool,
+    /// Set while stepped down for lack of a store (`crate::health`): registered as
+    /// draining until it is cleared.
+    stepped_down: std::sync::atomic::AtomicBool,
     /// Set once deregistered: heartbeats stop.
     left: std::sync::atomic::AtomicBool,
     /// Since when reads of the live list have kept succeeding (`None` after a failure).
@@ -45,6 +48,7 @@ impl Membership {
             lease,
             live: RwLock::new(Vec::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stepped_down: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
             settled_since: std::sync::Mutex::new(None),
         });
@@ -112,8 +116,27 @@ impl Membership {
         self.lease
     }
 
+    /// Whether this broker takes no partitions: drained, shutting down, or stepped
+    /// down for lack of a store.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::Acquire) || self.stepped_down.load(Ordering::Acquire)
+    }
+
+    /// Marks this broker stepped down (registered as draining) or back, and tells the
+    /// metadata store if it can.
+    pub async fn set_stepped_down(&self, stepped_down: bool) -> Result<(), MetaError> {
+        self.stepped_down.store(stepped_down, Ordering::Release);
+        self.heartbeat().await
+    }
+
+    /// Whether another broker was live and serving (not draining) at the last read of
+    /// the list: someone who can take this broker's partitions over.
+    pub fn others_serving(&self) -> bool {
+        self.live
+            .read()
+            .expect("membership lock poisoned")
+            .iter()
+            .any(|b| b.broker_id != self.me.broker_id && !b.draining)
     }
 
     /// Registers this broker as draining: the others stop assigning it work, while it

@@ -54,6 +54,18 @@ pub struct Metrics {
     pub zone_fetch_bytes: IntCounterVec,
     pub preferred_replica_redirects: IntCounterVec,
     groups: IntGauge,
+    /// 1 while the local cache disk is full (local writes stopped).
+    pub cache_disk_full: IntGauge,
+    pub cache_disk_free_bytes: IntGauge,
+    /// Local writes (tails, segment files) that failed or were skipped, by reason.
+    pub local_write_failures: IntCounterVec,
+    /// Segments refused before upload because they did not hold every offset of their
+    /// range intact, by where their bytes came from (`local`, `write_ahead`).
+    pub segment_check_failures: IntCounterVec,
+    /// 1 while this broker reaches the store (`object`, `metadata`) within the deadline.
+    pub store_reachable: IntGaugeVec,
+    /// 1 while this broker has stepped down from its partitions for lack of a store.
+    pub stepped_down: IntGauge,
     /// Per-partition byte counters, registered only with `metrics.partition.labels`
     /// (cardinality is a cost).
     pub partition_bytes_in: IntCounterVec,
@@ -87,6 +99,15 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
     r.register(Box::new(c.clone()))
         .expect("metric registered once");
+    c
+}
+
+/// A counter family with its finite label values exported at zero from the start, so
+/// dashboards and alerts have series on a fresh broker.
+fn zeroed(c: IntCounterVec, values: &[&str]) -> IntCounterVec {
+    for v in values {
+        c.with_label_values(&[v]);
+    }
     c
 }
 
@@ -220,6 +241,34 @@ pub fn metrics() -> &'static Metrics {
                 &["topic"],
             ),
             groups: gauge(&registry, "strata_groups", "consumer groups with a coordinator task on this broker"),
+            cache_disk_full: gauge(&registry, "strata_cache_disk_full", "1 while the local cache disk is full: local writes stop and acks=1 produces are refused"),
+            cache_disk_free_bytes: gauge(&registry, "strata_cache_disk_free_bytes", "free bytes of the local cache disk at the last check"),
+            local_write_failures: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_local_write_failures_total",
+                    "local cache writes that failed (no_space, io) or were not attempted because the disk is full (skipped)",
+                    &["reason"],
+                ),
+                &["no_space", "io", "skipped"],
+            ),
+            segment_check_failures: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_segment_check_failures_total",
+                    "segments refused before upload for a missing, reordered or corrupt batch, by the source of their bytes",
+                    &["source"],
+                ),
+                &["local", "write_ahead"],
+            ),
+            store_reachable: {
+                let g = gauge_vec(&registry, "strata_store_reachable", "1 while this broker reaches the store (object, metadata) within store.unreachable.timeout.ms", &["store"]);
+                for s in ["object", "metadata"] {
+                    g.with_label_values(&[s]).set(1);
+                }
+                g
+            },
+            stepped_down: gauge(&registry, "strata_broker_stepped_down", "1 while this broker has stepped down from its partitions and coordinator slots because it cannot reach a store"),
             partition_bytes_in: IntCounterVec::new(
                 Opts::new("strata_partition_bytes_in_total", "record bytes produced, per partition"),
                 &["topic", "partition"],
@@ -343,4 +392,10 @@ fn batch_timestamp(part: &crate::log::partition::PartitionShared, offset: i64) -
         .iter()
         .find(|s| offset >= s.base_offset && offset < s.end_offset)
         .map(|s| s.max_timestamp)
+        .or_else(|| {
+            view.wal
+                .iter()
+                .find(|r| offset >= r.base_offset && offset < r.end_offset)
+                .map(|r| r.max_timestamp)
+        })
 }

@@ -211,7 +211,10 @@ class Broker:
         return env
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, timeout: float = READY_TIMEOUT_S) -> "Broker":
+    def start(self, timeout: float = READY_TIMEOUT_S, ready: bool = True) -> "Broker":
+        """Starts the broker and waits until it is ready (/readyz), or with ready=False
+        only until it accepts connections (a broker that is up but reports unready, as
+        on a full cache disk)."""
         if self.alive():
             raise BrokerError(f"{self.name} already running (pid {self.pid})")
         if not self.binary.exists():
@@ -227,10 +230,10 @@ class Broker:
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, ready)
         return self
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S, ready: bool = True) -> None:
         deadline = time.monotonic() + timeout
         while True:
             rc = self.proc.poll()
@@ -240,7 +243,8 @@ class Broker:
                     f"{self.bootstrap}\n--- stderr tail ---\n{self.log_tail()}")
             # Listening is not enough: the broker binds before it has recovered; it is
             # ready once /readyz says so.
-            if can_connect(self.host, self.port) and (self.http_port is None or is_ready(self.http_port)):
+            if can_connect(self.host, self.port) and (
+                    not ready or self.http_port is None or is_ready(self.http_port)):
                 return
             if time.monotonic() > deadline:
                 self._kill_quietly()
@@ -288,7 +292,7 @@ class Broker:
             pass
 
     def restart(self, hard: bool = False, wipe_cache: bool = False, wipe_data: bool = False,
-                timeout: float = READY_TIMEOUT_S) -> "Broker":
+                timeout: float = READY_TIMEOUT_S, ready: bool = True) -> "Broker":
         """Stop (SIGTERM, or SIGKILL when hard) and start again on the same ports/dirs;
         wipe_cache deletes the local cache, wipe_data the whole data directory (a lost
         disk: only meaningful when everything durable is in the bucket)."""
@@ -300,7 +304,7 @@ class Broker:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
         if wipe_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-        return self.start(timeout)
+        return self.start(timeout, ready)
 
     def close(self) -> None:
         try:

@@ -67,6 +67,7 @@ EXPECTED_ALERTS = {
     "StrataBrokerDown", "StrataProduceLatencyHigh", "StrataObjectStoreErrors",
     "StrataWalFlushFailures", "StrataMetadataStoreErrors", "StrataConsumerLagGrowing",
     "StrataCacheThrash", "StrataConnectionsNearLimit", "StrataRequestBytesSaturated",
+    "StrataCacheDiskFull", "StrataBrokerSteppedDown",
 }
 
 # Grafana's built-in variables, replaced as Grafana would for a short time range

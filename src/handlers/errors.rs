@@ -52,7 +52,7 @@ pub fn append_error(e: &AppendError) -> ResponseError {
     match e {
         AppendError::Sequence(SeqError::OutOfOrder) => ResponseError::OutOfOrderSequenceNumber,
         AppendError::Sequence(SeqError::InvalidEpoch) => ResponseError::InvalidProducerEpoch,
-        AppendError::NotDurable => ResponseError::KafkaStorageError,
+        AppendError::NotDurable | AppendError::DiskFull => ResponseError::KafkaStorageError,
         AppendError::NotLeader => ResponseError::NotLeaderOrFollower,
     }
 }

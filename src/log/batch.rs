@@ -150,14 +150,7 @@ pub fn validate_record_set(
         if header.total_len > max_batch_bytes {
             return Err(BatchError::TooLarge(header.total_len));
         }
-        let batch = &rest[..header.total_len];
-        let stored_crc = u32::from_be_bytes([
-            batch[CRC_OFFSET],
-            batch[CRC_OFFSET + 1],
-            batch[CRC_OFFSET + 2],
-            batch[CRC_OFFSET + 3],
-        ]);
-        if crc32c::crc32c(&batch[ATTRIBUTES_OFFSET..]) != stored_crc {
+        if !crc_matches(&rest[..header.total_len]) {
             return Err(BatchError::CrcMismatch);
         }
         out.push(ValidBatch {
@@ -170,6 +163,18 @@ pub fn validate_record_set(
         return Err(BatchError::Empty);
     }
     Ok(out)
+}
+
+/// Whether a whole batch's CRC-32C (over everything from the attributes on) matches
+/// the one in its header. `batch` must hold at least a header.
+pub fn crc_matches(batch: &[u8]) -> bool {
+    let Some(stored) = batch.get(CRC_OFFSET..CRC_OFFSET + 4) else {
+        return false;
+    };
+    let stored = u32::from_be_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    batch
+        .get(ATTRIBUTES_OFFSET..)
+        .is_some_and(|covered| crc32c::crc32c(covered) == stored)
 }
 
 /// Copies a batch with its base offset and partition leader epoch set (neither is

@@ -51,15 +51,41 @@ impl LocalSegment {
         })
     }
 
-    /// Appends durable, stamped batches. Writes go to the page cache (no fsync: the
-    /// object store is what makes them durable).
+    /// Appends durable, stamped batches, all or none: on an error (a full disk) the
+    /// segment is left exactly as it was, so it always holds whole batches with no
+    /// offset missing. Writes go to the page cache (no fsync: the object store is what
+    /// makes them durable).
     pub fn append(&mut self, batches: &[Bytes]) -> std::io::Result<()> {
+        let before = (
+            self.entries.len(),
+            self.size,
+            self.end_offset,
+            self.max_timestamp,
+        );
+        let result = self.append_each(batches);
+        if result.is_err() {
+            let (entries, size, end_offset, max_timestamp) = before;
+            self.entries.truncate(entries);
+            self.size = size;
+            self.end_offset = end_offset;
+            self.max_timestamp = max_timestamp;
+        }
+        result
+    }
+
+    fn append_each(&mut self, batches: &[Bytes]) -> std::io::Result<()> {
         for b in batches {
             let Ok(h) = batch::BatchHeader::parse(b) else {
                 return Err(std::io::Error::other(
                     "refusing to append an unreadable batch",
                 ));
             };
+            if h.base_offset != self.end_offset {
+                return Err(std::io::Error::other(format!(
+                    "refusing to append offset {} after {}: offsets must follow on",
+                    h.base_offset, self.end_offset
+                )));
+            }
             self.file.write_all_at(b, self.size)?;
             self.entries.push(BatchEntry {
                 base_offset: h.base_offset,
@@ -136,5 +162,15 @@ mod tests {
         assert_eq!(seg.offset_for_timestamp(6).map(|e| e.base_offset), Some(12));
         let all = seg.read_all().expect("read");
         assert_eq!(&all[..a.len()], &a[..]);
+        // Offsets must follow on: a batch after a hole is refused, and the segment is
+        // left as it was.
+        let after_hole = stamp(&make_batch(1, -1, -1, -1, 9), 17, 0);
+        assert!(seg
+            .append(&[stamp(&make_batch(1, -1, -1, -1, 9), 15, 0), after_hole])
+            .is_err());
+        assert_eq!(
+            (seg.end_offset, seg.entries.len(), seg.size),
+            (15, 2, (a.len() + b.len()) as u64)
+        );
     }
 }

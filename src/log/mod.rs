@@ -7,4 +7,5 @@ pub mod local;
 pub mod partition;
 pub mod producer;
 pub mod read;
+pub mod tail;
 pub mod zone;

@@ -2,16 +2,23 @@
 //!
 //! It checks idempotent-producer sequences, assigns offsets (stamping them into the batch
 //! bytes), hands batches to the broker's write-ahead flusher, and on each commit raises
-//! the high watermark, appends the now-durable batches to the local segment and answers
-//! the waiting `acks=all` producers. It seals local segments by size or age and uploads
-//! them, applies retention, and serves DeleteRecords. Readers never talk to the task:
-//! they read the shared [`PartitionView`] under a short lock and wait on the high
-//! watermark through a watch channel.
+//! the high watermark, records the committed write-ahead range, appends the now-durable
+//! batches to the local segment (when the cache disk takes writes) and answers the
+//! waiting `acks=all` producers. It seals the unsealed tail into segment objects in
+//! offset order (`super::tail`), applies retention, and serves DeleteRecords. Readers
+//! never talk to the task: they read the shared [`PartitionView`] under a short lock and
+//! wait on the high watermark through a watch channel.
+//!
+//! Local files are a cache of the write-ahead ranges, never the only copy: a local
+//! append that fails leaves the file as it was and stops it there; what no local file
+//! holds is read from, and sealed from, the write-ahead objects.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -20,10 +27,12 @@ use tracing::{debug, info, warn};
 use super::batch::{self, ValidBatch};
 use super::local::LocalSegment;
 use super::producer::{ProducerTable, SeqCheck, SeqError};
+use super::tail::{self, CheckError, LocalSpan, NextUpload, TailState};
 use crate::clock::now_ms;
 use crate::config::TopicConfig;
+use crate::disk::{CacheDisk, WriteFailure};
 use crate::metadata::{
-    MetaError, MetadataStore, PartitionKey, PartitionState, ProducerStateRecord, SegmentRecord,
+    MetaError, MetadataStore, PartitionKey, ProducerStateRecord, SegmentRecord, WalRangeRecord,
 };
 use crate::wal::FlushItem;
 
@@ -35,6 +44,8 @@ pub struct LogContext {
     pub meta: Arc<dyn MetadataStore>,
     pub flusher: mpsc::Sender<FlushItem>,
     pub cache_dir: PathBuf,
+    /// Whether the cache disk takes writes now.
+    pub disk: Arc<CacheDisk>,
     pub upload_permits: Arc<Semaphore>,
     pub retention_check_interval: Duration,
     pub queue_length: usize,
@@ -47,8 +58,14 @@ pub struct PartitionView {
     pub log_start_offset: i64,
     /// Sealed segments in object storage, ascending.
     pub remote: Vec<SegmentRecord>,
-    /// Local segments, ascending; the last is the active one. Earlier ones await upload.
+    /// Local segment files, ascending, each holding whole batches with no offset
+    /// missing; there may be holes between them (and before the first) that only the
+    /// write-ahead ranges hold. The last may be the active one; the others await upload.
     pub local: Vec<LocalSegment>,
+    /// The committed write-ahead ranges after the last sealed segment object, ascending
+    /// and contiguous: they hold every offset from the end of `remote` to the high
+    /// watermark, whatever the local files hold.
+    pub wal: Vec<WalRangeRecord>,
     /// (leader epoch, start offset), ascending.
     pub epoch_history: Vec<(i32, i64)>,
 }
@@ -70,6 +87,16 @@ pub struct PartitionShared {
 impl PartitionShared {
     pub fn high_watermark(&self) -> i64 {
         *self.hw.borrow()
+    }
+
+    /// The view, for reading (a short lock: never held across an await).
+    pub fn view(&self) -> std::sync::RwLockReadGuard<'_, PartitionView> {
+        self.view.read().expect("partition view lock poisoned")
+    }
+
+    /// The view, for the owner task to change.
+    fn view_mut(&self) -> std::sync::RwLockWriteGuard<'_, PartitionView> {
+        self.view.write().expect("partition view lock poisoned")
     }
 
     pub fn log_start_offset(&self) -> i64 {
@@ -98,6 +125,11 @@ pub enum AppendError {
     Sequence(#[from] SeqError),
     #[error("the batch could not be made durable in time; retry")]
     NotDurable,
+    /// `acks=0/1` produces are answered on the local append; while the cache disk is
+    /// full there is none, so they are refused (KAFKA_STORAGE_ERROR) rather than
+    /// acknowledged.
+    #[error("the broker's cache disk is full; acks=1 writes are refused until it has room")]
+    DiskFull,
     #[error("this broker no longer owns the partition")]
     NotLeader,
 }
@@ -138,9 +170,35 @@ pub enum DeleteRecordsError {
 /// most one per flush or upload in flight, so the flusher never waits on a busy owner).
 #[derive(Debug)]
 pub enum Notice {
-    Flushed { gen: u64, end_offset: i64 },
-    FlushFailed { gen: u64, fenced: bool },
-    Uploaded(Result<SegmentRecord, String>),
+    /// The batches up to `range.end_offset` are committed in `range`.
+    Flushed {
+        gen: u64,
+        range: WalRangeRecord,
+    },
+    FlushFailed {
+        gen: u64,
+        fenced: bool,
+    },
+    Uploaded(Result<SegmentRecord, UploadError>),
+}
+
+/// Why a segment upload did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The segment's bytes failed the check: never uploaded.
+    #[error("segment {base}..{end} from {source_name} failed its check: {error}")]
+    Check {
+        base: i64,
+        end: i64,
+        source_name: &'static str,
+        error: CheckError,
+    },
+    /// A newer owner holds the partition.
+    #[error("fenced by a newer owner")]
+    Fenced,
+    /// The store or the metadata store failed; retried with backoff.
+    #[error("{0}")]
+    Failed(String),
 }
 
 #[derive(Debug, Clone)]
@@ -151,8 +209,13 @@ pub struct PartitionHandle {
     pub shared: Arc<PartitionShared>,
 }
 
-/// Claims a partition and starts its owner task, rebuilding the local tail from the
-/// write-ahead ranges in object storage.
+/// Claims a partition and starts its owner task.
+///
+/// Nothing is replayed before the partition serves: the write-ahead ranges after the
+/// last sealed segment are read (through the block cache) only when a reader asks for
+/// them, and sealed into a segment object in the background, so taking a partition
+/// over costs the claim whatever its tail holds. New batches go to a fresh local file
+/// from the high watermark.
 pub async fn start(
     ctx: Arc<LogContext>,
     topic: Arc<str>,
@@ -164,13 +227,21 @@ pub async fn start(
     let dir = ctx
         .cache_dir
         .join(format!("{}-{}", key.topic_id, key.partition));
-    let local = rebuild_local_tail(&ctx, &state, &dir).await?;
+    let local = open_local_tail(&ctx.disk, dir.clone(), state.high_watermark).await;
     info!(
         topic = %topic, partition = key.partition, epoch = state.leader_epoch,
         high_watermark = state.high_watermark, segments = state.segments.len(),
-        wal_ranges = state.wal_ranges.len(), "partition claimed"
+        wal_ranges = state.wal_ranges.len(), local = local.is_some(), "partition claimed"
     );
+    // Segment objects follow each other; the write-ahead ranges start where they end.
+    let sealed_end = state
+        .segments
+        .last()
+        .map(|s| s.end_offset)
+        .or_else(|| state.wal_ranges.first().map(|r| r.base_offset))
+        .unwrap_or(state.high_watermark);
     let (hw, _) = watch::channel(state.high_watermark);
+    let appending = local.is_some();
     let shared = Arc::new(PartitionShared {
         key,
         stream: stream.clone(),
@@ -178,16 +249,17 @@ pub async fn start(
         hw,
         view: RwLock::new(PartitionView {
             log_start_offset: state.log_start_offset,
-            remote: state.segments.clone(),
-            local: vec![local],
-            epoch_history: state.epoch_history.clone(),
+            remote: state.segments,
+            local: local.into_iter().collect(),
+            wal: state.wal_ranges,
+            epoch_history: state.epoch_history,
         }),
         fenced: std::sync::atomic::AtomicBool::new(false),
         releasing: std::sync::atomic::AtomicBool::new(false),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel(ctx.queue_length);
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
-    let producers = ProducerTable::from_records(state.producers.clone());
+    let producers = ProducerTable::from_records(state.producers);
     let owner = Owner {
         ctx,
         key,
@@ -205,7 +277,10 @@ pub async fn start(
         // looks like a generation the flusher already abandoned.
         gen: (state.leader_epoch.max(0) as u64) << 32,
         config,
-        uploading: false,
+        sealed_end,
+        appending,
+        wal_only_since_ms: now_ms(),
+        upload: UploadState::default(),
         notice_tx,
         released: None,
     };
@@ -221,78 +296,47 @@ pub async fn start(
     ))
 }
 
-/// Write-ahead range reads one partition's recovery keeps in flight.
-const RECOVERY_READS_IN_FLIGHT: usize = 32;
-
-/// Downloads the write-ahead ranges after the last sealed segment into a fresh local
-/// segment. The local directory is always rebuilt: it may hold batches that were never
-/// committed, and it may be gone entirely.
-async fn rebuild_local_tail(
-    ctx: &LogContext,
-    state: &PartitionState,
-    dir: &std::path::Path,
-) -> anyhow::Result<LocalSegment> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    let base = state
-        .wal_ranges
-        .first()
-        .map(|r| r.base_offset)
-        .or_else(|| state.segments.last().map(|s| s.end_offset))
-        .unwrap_or(state.log_start_offset)
-        .max(state.segments.last().map_or(0, |s| s.end_offset));
-    let mut seg = LocalSegment::create(dir, base, now_ms())?;
-    // Several reads in flight (a busy partition has a range per flush), appended in
-    // offset order. They go through the block cache: a write-ahead object holds the
-    // ranges of many partitions, so when a broker takes over many partitions at once
-    // each block of it is fetched once, not once per partition.
-    use futures::StreamExt;
-    let mut reads = futures::stream::iter(state.wal_ranges.clone())
-        .map(|range| {
-            let (store, blocks) = (ctx.store.clone(), ctx.blocks.clone());
-            async move {
-                let span = range.position..range.position + range.len;
-                let data: anyhow::Result<Bytes> = if range.object_size > 0 {
-                    blocks
-                        .read(&range.object_key, range.object_size, span)
-                        .await
-                        .map_err(Into::into)
-                } else {
-                    let key = object_store::path::Path::from(range.object_key.as_str());
-                    store
-                        .get_range(&key, span, tiering::Class::Read, None)
-                        .await
-                        .map_err(Into::into)
-                };
-                (range, data)
-            }
-        })
-        .buffered(RECOVERY_READS_IN_FLIGHT);
-    while let Some((range, data)) = reads.next().await {
-        let data = data?;
-        let batches: Vec<Bytes> = batch::walk(&data)
-            .map(|(pos, h)| data.slice(pos..pos + h.total_len))
-            .collect();
-        let covered: usize = batches.iter().map(Bytes::len).sum();
-        if covered as u64 != range.len {
-            anyhow::bail!(
-                "write-ahead range {}@{} of {} is unreadable",
-                range.object_key,
-                range.position,
-                range.base_offset
-            );
+/// Starts the partition's local directory afresh (it may hold batches that were never
+/// committed, or be gone) with an empty file from `base`; `None` when the cache disk
+/// cannot take it.
+async fn open_local_tail(disk: &Arc<CacheDisk>, dir: PathBuf, base: i64) -> Option<LocalSegment> {
+    let writable = disk.writable();
+    let opened = tokio::task::spawn_blocking(move || {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
         }
-        seg.append(&batches)?;
+        if !writable {
+            return Ok(None);
+        }
+        LocalSegment::create(&dir, base, now_ms()).map(Some)
+    })
+    .await;
+    match opened {
+        Ok(Ok(local)) => local,
+        Ok(Err(e)) => {
+            disk.note_error("starting a local tail", &e);
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "starting a local tail panicked");
+            None
+        }
     }
-    if seg.end_offset != state.high_watermark && !state.wal_ranges.is_empty() {
-        anyhow::bail!(
-            "write-ahead ranges end at {} but the high watermark is {}",
-            seg.end_offset,
-            state.high_watermark
-        );
-    }
-    Ok(seg)
+}
+
+/// Write-ahead range reads one segment built from them keeps in flight.
+const RANGE_READS_IN_FLIGHT: usize = 32;
+
+/// Longest wait before an upload that failed is tried again.
+const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The segment upload of a partition: one at a time, in offset order.
+#[derive(Debug, Default)]
+struct UploadState {
+    running: bool,
+    /// Failures in a row; the wait before the next try doubles with each.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 struct Unflushed {
@@ -325,7 +369,14 @@ struct Owner {
     /// Bumped when unflushed batches are abandoned, so stale flush items are ignored.
     gen: u64,
     config: TopicConfig,
-    uploading: bool,
+    /// End of the log sealed in segment objects: the next upload starts here.
+    sealed_end: i64,
+    /// Whether the last local segment is the active one, taking each commit's batches.
+    appending: bool,
+    /// Since when commits have gone to write-ahead objects only (no local file took
+    /// them), for sealing that stretch by age.
+    wal_only_since_ms: i64,
+    upload: UploadState,
     notice_tx: mpsc::UnboundedSender<Notice>,
     /// A hand-off waiting for the in-flight batches to finish.
     released: Option<oneshot::Sender<()>>,
@@ -354,6 +405,7 @@ impl Owner {
                 },
                 _ = tick.tick() => {
                     self.maybe_seal(false);
+                    self.maybe_upload();
                     if last_retention.elapsed() >= self.ctx.retention_check_interval {
                         last_retention = tokio::time::Instant::now();
                         self.apply_retention().await;
@@ -379,6 +431,7 @@ impl Owner {
             PartitionCmd::Configure(config) => {
                 self.config = config;
                 self.maybe_seal(false);
+                self.maybe_upload();
             }
             PartitionCmd::Release(reply) => {
                 self.shared
@@ -403,6 +456,10 @@ impl Owner {
     async fn append(&mut self, batches: Vec<ValidBatch>, acks: i16, reply: AppendReply) {
         if !self.shared.is_serving() {
             let _ = reply.send(Err(AppendError::NotLeader));
+            return;
+        }
+        if acks == 1 && !self.ctx.disk.writable() {
+            let _ = reply.send(Err(AppendError::DiskFull));
             return;
         }
         // Check every batch first (against a scratch copy when there are several), so a
@@ -483,14 +540,16 @@ impl Owner {
 
     async fn on_notice(&mut self, notice: Notice) {
         match notice {
-            Notice::Flushed { gen, end_offset } if gen == self.gen => self.on_flushed(end_offset),
+            Notice::Flushed { gen, range } if gen == self.gen => self.on_flushed(range),
             Notice::FlushFailed { gen, fenced } if gen == self.gen => self.on_flush_failed(fenced),
             Notice::Flushed { .. } | Notice::FlushFailed { .. } => {}
             Notice::Uploaded(result) => self.on_uploaded(result),
         }
     }
 
-    fn on_flushed(&mut self, end_offset: i64) {
+    fn on_flushed(&mut self, range: WalRangeRecord) {
+        let end_offset = range.end_offset;
+        let from = self.shared.high_watermark();
         let mut durable = Vec::new();
         while self
             .unflushed
@@ -506,18 +565,12 @@ impl Owner {
             durable.push(u.bytes);
         }
         {
-            let mut view = self
-                .shared
-                .view
-                .write()
-                .expect("partition view lock poisoned");
-            if let Some(active) = view.local.last_mut() {
-                if let Err(e) = active.append(&durable) {
-                    // The local copy is only a cache; reads of these offsets fall back to
-                    // the write-ahead data once the segment is rebuilt.
-                    warn!(topic = %self.topic, partition = self.key.partition, error = %e, "local segment append failed");
-                }
-            }
+            let shared = self.shared.clone();
+            let mut view = shared.view_mut();
+            // The range is recorded before the high watermark moves, so every offset
+            // below it is readable from the write-ahead objects whatever the disk does.
+            view.wal.push(range);
+            self.store_local(&mut view, &durable, from);
         }
         self.shared.hw.send_replace(end_offset);
         while self
@@ -530,7 +583,62 @@ impl Owner {
             }
         }
         self.maybe_seal(false);
+        self.maybe_upload();
         self.maybe_released();
+    }
+
+    /// Appends a commit's batches (offsets from `from`) to the active local file,
+    /// opening one if none is active. A local write that fails, or that a full disk
+    /// rules out, stops the file where it was (whole batches, no offset missing); the
+    /// batches stay readable from their write-ahead range, and sealing rebuilds the
+    /// stretch from there.
+    fn store_local(&mut self, view: &mut PartitionView, durable: &[Bytes], from: i64) {
+        let disk = self.ctx.disk.clone();
+        if !disk.writable() {
+            disk.note_failure(WriteFailure::Skipped, "local append", None);
+            self.stop_appending(view);
+            return;
+        }
+        if !self.appending {
+            match LocalSegment::create(&self.dir, from, now_ms()) {
+                Ok(seg) => {
+                    view.local.push(seg);
+                    self.appending = true;
+                }
+                Err(e) => {
+                    disk.note_error("opening a local segment", &e);
+                    return;
+                }
+            }
+        }
+        let Some(active) = view.local.last_mut() else {
+            self.appending = false;
+            return;
+        };
+        if let Err(e) = active.append(durable) {
+            let failure = disk.note_error("appending to a local segment", &e);
+            warn!(
+                topic = %self.topic, partition = self.key.partition, offset = from,
+                reason = failure.label(), error = %e,
+                "local segment append failed; the tail is served and sealed from write-ahead objects"
+            );
+            self.stop_appending(view);
+        }
+    }
+
+    /// Closes the active local file: later commits go to write-ahead objects only
+    /// until the disk takes writes again. An empty file is dropped.
+    fn stop_appending(&mut self, view: &mut PartitionView) {
+        if !self.appending {
+            return;
+        }
+        self.appending = false;
+        self.wal_only_since_ms = now_ms();
+        if view.local.last().is_some_and(|s| s.size == 0) {
+            if let Some(seg) = view.local.pop() {
+                seg.remove_file();
+            }
+        }
     }
 
     fn on_flush_failed(&mut self, fenced: bool) {
@@ -556,17 +664,16 @@ impl Owner {
         }
     }
 
-    /// Seals the active segment when it is big or old enough and no upload is running.
+    /// Seals the active local file when it is big or old enough: it then waits for
+    /// upload, and commits go to a fresh file (or, on a full disk, to write-ahead
+    /// objects only).
     fn maybe_seal(&mut self, force: bool) {
-        if self.uploading {
+        if !self.appending {
             return;
         }
-        let mut view = self
-            .shared
-            .view
-            .write()
-            .expect("partition view lock poisoned");
+        let mut view = self.shared.view_mut();
         let Some(active) = view.local.last() else {
+            self.appending = false;
             return;
         };
         let age = now_ms() - active.created_ms;
@@ -575,112 +682,174 @@ impl Owner {
         if !due {
             return;
         }
-        let next = match LocalSegment::create(&self.dir, active.end_offset, now_ms()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(topic = %self.topic, partition = self.key.partition, error = %e, "cannot open a new local segment");
-                return;
+        let end = active.end_offset;
+        let next = if self.ctx.disk.writable() {
+            LocalSegment::create(&self.dir, end, now_ms())
+                .map_err(|e| self.ctx.disk.note_error("opening a local segment", &e))
+                .ok()
+        } else {
+            None
+        };
+        match next {
+            Some(seg) => view.local.push(seg),
+            None => {
+                self.appending = false;
+                self.wal_only_since_ms = now_ms();
+            }
+        }
+    }
+
+    /// Starts the next upload when one is due and none is running (see `super::tail`).
+    fn maybe_upload(&mut self) {
+        if self.upload.running || self.upload.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let job = {
+            let view = self.shared.view();
+            let last = view.local.len().saturating_sub(1);
+            let spans: Vec<LocalSpan> = view
+                .local
+                .iter()
+                .enumerate()
+                .map(|(i, s)| LocalSpan {
+                    base: s.base_offset,
+                    end: s.end_offset,
+                    active: self.appending && i == last,
+                })
+                .collect();
+            let high_watermark = self.shared.high_watermark();
+            let open_bytes: u64 = view
+                .wal
+                .iter()
+                .filter(|r| r.base_offset >= self.sealed_end)
+                .map(|r| r.len)
+                .sum();
+            let open_stretch_due = !self.appending
+                && (open_bytes >= self.config.segment_bytes
+                    || now_ms() - self.wal_only_since_ms >= self.config.segment_ms);
+            let next = tail::next_upload(&TailState {
+                sealed_end: self.sealed_end,
+                high_watermark,
+                local: &spans,
+                open_stretch_due,
+            });
+            match next {
+                None => return,
+                Some(NextUpload::Local { base }) => {
+                    let Some(seg) = view.local.iter().find(|s| s.base_offset == base) else {
+                        return;
+                    };
+                    self.upload_job(
+                        base,
+                        seg.end_offset,
+                        UploadSource::Local {
+                            file: seg.file.clone(),
+                            size: seg.size,
+                        },
+                    )
+                }
+                Some(NextUpload::WriteAhead { base, end }) => {
+                    if end == high_watermark && !self.appending {
+                        // The open stretch is sealed up to here; what follows ages anew.
+                        self.wal_only_since_ms = now_ms();
+                    }
+                    let ranges = view
+                        .wal
+                        .iter()
+                        .filter(|r| r.base_offset >= base && r.end_offset <= end)
+                        .cloned()
+                        .collect();
+                    self.upload_job(base, end, UploadSource::WriteAhead(ranges))
+                }
             }
         };
-        view.local.push(next);
-        let sealed = &view.local[view.local.len() - 2];
-        let job = self.upload_job(sealed);
-        self.uploading = true;
+        self.upload.running = true;
         tokio::spawn(job.run());
     }
 
-    /// The upload of one sealed local segment.
-    fn upload_job(&self, sealed: &LocalSegment) -> UploadJob {
+    fn upload_job(&self, base_offset: i64, end_offset: i64, source: UploadSource) -> UploadJob {
         UploadJob {
             ctx: self.ctx.clone(),
             key: self.key,
             stream: self.stream.clone(),
             leader_epoch: self.shared.leader_epoch,
-            base_offset: sealed.base_offset,
-            end_offset: sealed.end_offset,
-            max_timestamp: sealed.max_timestamp,
-            entries: sealed.entries.clone(),
-            file: sealed.file.clone(),
-            size: sealed.size,
+            base_offset,
+            end_offset,
+            source,
             index_interval_bytes: self.config.index_interval_bytes,
             notify: self.notice_tx.clone(),
         }
     }
 
-    fn on_uploaded(&mut self, result: Result<SegmentRecord, String>) {
-        self.uploading = false;
+    fn on_uploaded(&mut self, result: Result<SegmentRecord, UploadError>) {
+        self.upload.running = false;
         match result {
             Ok(record) => {
-                let mut view = self
-                    .shared
-                    .view
-                    .write()
-                    .expect("partition view lock poisoned");
-                if let Some(i) = view
-                    .local
-                    .iter()
-                    .position(|s| s.base_offset == record.base_offset)
-                {
-                    if i + 1 < view.local.len() {
-                        let seg = view.local.remove(i);
-                        seg.remove_file();
-                    }
-                }
+                self.upload = UploadState::default();
+                self.sealed_end = self.sealed_end.max(record.end_offset);
+                let mut view = self.shared.view_mut();
+                self.drop_local(&mut view, record.base_offset);
+                view.wal.retain(|r| r.end_offset > record.end_offset);
                 info!(topic = %self.topic, partition = self.key.partition, base = record.base_offset, end = record.end_offset, bytes = record.size_bytes, "segment uploaded");
                 view.remote.push(record);
             }
-            Err(e) if e == FENCED => {
+            Err(UploadError::Fenced) => {
                 self.shared
                     .fenced
                     .store(true, std::sync::atomic::Ordering::Release);
             }
+            Err(e @ UploadError::Check { source_name, .. }) if source_name == LOCAL => {
+                crate::metrics::metrics()
+                    .segment_check_failures
+                    .with_label_values(&[LOCAL])
+                    .inc();
+                warn!(topic = %self.topic, partition = self.key.partition, error = %e, "dropping the local file; its stretch is sealed from the write-ahead objects");
+                let UploadError::Check { base, .. } = e else {
+                    return;
+                };
+                let mut view = self.shared.view_mut();
+                self.drop_local(&mut view, base);
+            }
             Err(e) => {
-                warn!(topic = %self.topic, partition = self.key.partition, error = %e, "segment upload failed; will retry")
+                self.upload.failures += 1;
+                let wait = Duration::from_millis(500)
+                    .saturating_mul(1 << (self.upload.failures - 1).min(10))
+                    .min(UPLOAD_BACKOFF_MAX);
+                self.upload.retry_at = Some(Instant::now() + wait);
+                if let UploadError::Check { source_name, .. } = &e {
+                    // Committed data that does not read back whole: never sealed, so
+                    // its write-ahead objects are kept. Loud, and retried slowly.
+                    crate::metrics::metrics()
+                        .segment_check_failures
+                        .with_label_values(&[source_name])
+                        .inc();
+                    tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "a stretch of committed write-ahead data failed its check; it stays unsealed");
+                } else {
+                    warn!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "segment upload failed; will retry");
+                }
             }
         }
-        // Segments sealed while the upload ran (other than the active one) go next.
-        let pending = {
-            let view = self
-                .shared
-                .view
-                .read()
-                .expect("partition view lock poisoned");
-            view.local.len() > 1
-        };
-        if pending {
-            self.upload_oldest_sealed();
-        } else {
-            self.maybe_seal(false);
-        }
+        self.maybe_seal(false);
+        self.maybe_upload();
     }
 
-    fn upload_oldest_sealed(&mut self) {
-        let view = self
-            .shared
-            .view
-            .read()
-            .expect("partition view lock poisoned");
-        let Some(sealed) = view.local.first().filter(|_| view.local.len() > 1) else {
-            return;
-        };
-        let job = self.upload_job(sealed);
-        drop(view);
-        self.uploading = true;
-        tokio::spawn(async move {
-            // Back off a little before retrying a failed upload.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            job.run().await
-        });
+    /// Forgets and deletes the closed local file starting at `base` (never the active one).
+    fn drop_local(&self, view: &mut PartitionView, base: i64) {
+        let last = view.local.len().saturating_sub(1);
+        if let Some(i) = view
+            .local
+            .iter()
+            .position(|s| s.base_offset == base)
+            .filter(|&i| !(self.appending && i == last))
+        {
+            view.local.remove(i).remove_file();
+        }
     }
 
     async fn apply_retention(&mut self) {
         let now = now_ms();
         let (drop, new_start) = {
-            let view = self
-                .shared
-                .view
-                .read()
-                .expect("partition view lock poisoned");
+            let view = self.shared.view();
             let mut total: i64 = view.remote.iter().map(|s| s.size_bytes as i64).sum();
             let mut drop = Vec::new();
             for seg in &view.remote {
@@ -717,11 +886,7 @@ impl Owner {
             .trim_log(self.key, self.shared.leader_epoch, new_start, &bases)
             .await?;
         {
-            let mut view = self
-                .shared
-                .view
-                .write()
-                .expect("partition view lock poisoned");
+            let mut view = self.shared.view_mut();
             view.log_start_offset = view.log_start_offset.max(new_start);
             view.remote.retain(|s| !bases.contains(&s.base_offset));
         }
@@ -752,11 +917,7 @@ impl Owner {
             return Ok(current);
         }
         let drop: Vec<SegmentRecord> = {
-            let view = self
-                .shared
-                .view
-                .read()
-                .expect("partition view lock poisoned");
+            let view = self.shared.view();
             view.remote
                 .iter()
                 .filter(|s| s.end_offset <= offset)
@@ -771,9 +932,27 @@ impl Owner {
     }
 }
 
-const FENCED: &str = "fenced";
+/// Where a segment's bytes come from (the label of `strata_segment_check_failures_total`).
+const LOCAL: &str = "local";
+const WRITE_AHEAD: &str = "write_ahead";
 
-/// Uploads one sealed local segment and records it in the manifest.
+enum UploadSource {
+    /// A closed local segment file of `size` bytes.
+    Local { file: Arc<std::fs::File>, size: u64 },
+    /// The committed write-ahead ranges of a stretch no local file holds.
+    WriteAhead(Vec<WalRangeRecord>),
+}
+
+impl UploadSource {
+    fn name(&self) -> &'static str {
+        match self {
+            UploadSource::Local { .. } => LOCAL,
+            UploadSource::WriteAhead(_) => WRITE_AHEAD,
+        }
+    }
+}
+
+/// Checks, uploads and commits one segment: `[base_offset, end_offset)`.
 struct UploadJob {
     ctx: Arc<LogContext>,
     key: PartitionKey,
@@ -781,10 +960,7 @@ struct UploadJob {
     leader_epoch: i32,
     base_offset: i64,
     end_offset: i64,
-    max_timestamp: i64,
-    entries: Vec<tiering::segment::BatchEntry>,
-    file: Arc<std::fs::File>,
-    size: u64,
+    source: UploadSource,
     index_interval_bytes: u64,
     notify: mpsc::UnboundedSender<Notice>,
 }
@@ -795,34 +971,75 @@ impl UploadJob {
         let _ = self.notify.send(Notice::Uploaded(result));
     }
 
-    async fn upload(&self) -> Result<SegmentRecord, String> {
+    /// The segment's bytes, in parts of whole batches.
+    async fn read(&self) -> Result<Vec<Bytes>, UploadError> {
+        match &self.source {
+            UploadSource::Local { file, size } => {
+                let (file, size) = (file.clone(), *size);
+                let data =
+                    tokio::task::spawn_blocking(move || super::local::read_at(&file, 0, size))
+                        .await
+                        .map_err(|e| UploadError::Failed(e.to_string()))?
+                        // A local file that cannot be read whole is as good as one with a
+                        // hole: the stretch is sealed from the write-ahead objects instead.
+                        .map_err(|e| UploadError::Check {
+                            base: self.base_offset,
+                            end: self.end_offset,
+                            source_name: LOCAL,
+                            error: CheckError::Read(e.to_string()),
+                        })?;
+                Ok(vec![data])
+            }
+            UploadSource::WriteAhead(ranges) => {
+                use futures::{StreamExt, TryStreamExt};
+                futures::stream::iter(ranges.clone())
+                    .map(|range| {
+                        let blocks = self.ctx.blocks.clone();
+                        async move { super::read::wal_range_bytes(&blocks, &range).await }
+                    })
+                    .buffered(RANGE_READS_IN_FLIGHT)
+                    .try_collect()
+                    .await
+                    .map_err(|e| UploadError::Failed(format!("reading write-ahead ranges: {e}")))
+            }
+        }
+    }
+
+    async fn upload(&self) -> Result<SegmentRecord, UploadError> {
         let _permit = self
             .ctx
             .upload_permits
             .acquire()
             .await
-            .map_err(|e| e.to_string())?;
-        let file = self.file.clone();
-        let size = self.size;
-        let data = tokio::task::spawn_blocking(move || super::local::read_at(&file, 0, size))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("reading local segment: {e}"))?;
+            .map_err(|e| UploadError::Failed(e.to_string()))?;
+        let parts = self.read().await?;
+        // Nothing is uploaded, so nothing is committed and no write-ahead object is
+        // collected, unless it holds every offset of its range intact.
+        let contents =
+            tail::check_segment(&parts, self.base_offset, self.end_offset).map_err(|error| {
+                UploadError::Check {
+                    base: self.base_offset,
+                    end: self.end_offset,
+                    source_name: self.source.name(),
+                    error,
+                }
+            })?;
         let (payload, index) = tiering::segment::build_segment_object(
-            vec![data],
-            &self.entries,
+            parts,
+            &contents.entries,
             self.index_interval_bytes,
         );
         let object_size = payload.content_length() as u64;
         let parts: Vec<Bytes> = payload.iter().cloned().collect();
         let key =
             tiering::keys::segment_object_key(&self.stream, self.base_offset, self.leader_epoch);
-        match self.ctx.store.put_new(&key, payload, None).await {
-            // An upload repeated after a failed commit finds its own object: `put_new`
-            // recognises identical bytes; different bytes are an error.
-            Ok(()) => {}
-            Err(e) => return Err(format!("uploading segment: {e}")),
-        }
+        // An upload repeated after a failed commit finds its own object: `put_new`
+        // recognises identical bytes; different bytes are an error.
+        self.ctx
+            .store
+            .put_new(&key, payload, None)
+            .await
+            .map_err(|e| UploadError::Failed(format!("uploading segment: {e}")))?;
         // Just sealed, so still hot: readers slightly behind the tail hit the cache.
         self.ctx.blocks.insert_object(key.as_ref(), &parts);
         let record = SegmentRecord {
@@ -831,7 +1048,7 @@ impl UploadJob {
             object_key: key.to_string(),
             size_bytes: object_size,
             data_bytes: index.data_len(),
-            max_timestamp: self.max_timestamp,
+            max_timestamp: contents.max_timestamp,
             created_ms: now_ms(),
         };
         match self
@@ -841,8 +1058,8 @@ impl UploadJob {
             .await
         {
             Ok(()) => Ok(record),
-            Err(MetaError::Fenced(_)) => Err(FENCED.to_string()),
-            Err(e) => Err(format!("committing segment: {e}")),
+            Err(MetaError::Fenced(_)) => Err(UploadError::Fenced),
+            Err(e) => Err(UploadError::Failed(format!("committing segment: {e}"))),
         }
     }
 }

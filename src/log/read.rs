@@ -1,6 +1,8 @@
 //! Reads of any retained offset: the hot tail from local segment files, older data from
-//! sealed segment objects through their indexes. Bytes go out exactly as stored, whole
-//! batches only, never past the high watermark.
+//! sealed segment objects through their indexes, and what no local file holds (a tail
+//! just taken over, a stretch the full disk could not take) from the write-ahead
+//! objects through the block cache. Bytes go out exactly as stored, whole batches only,
+//! never past the high watermark.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,7 @@ use tiering::BlockCache;
 use super::batch::{self, BatchHeader};
 use super::local::read_at;
 use super::partition::PartitionShared;
-use crate::metadata::SegmentRecord;
+use crate::metadata::{SegmentRecord, WalRangeRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
@@ -85,6 +87,7 @@ enum Plan {
         len: u64,
     },
     Remote(SegmentRecord),
+    WriteAhead(WalRangeRecord),
 }
 
 /// Reads whole batches starting with the one holding `offset`, up to `max_bytes` (the
@@ -98,7 +101,7 @@ pub async fn read(
 ) -> Result<ReadResult, ReadError> {
     let hw = part.high_watermark();
     let (log_start, plan) = {
-        let view = part.view.read().expect("partition view lock poisoned");
+        let view = part.view();
         if offset < view.log_start_offset || offset > hw {
             return Err(ReadError::OffsetOutOfRange);
         }
@@ -123,6 +126,12 @@ pub async fn read(
             .find(|s| offset >= s.base_offset && offset < s.end_offset)
         {
             Plan::Remote(seg.clone())
+        } else if let Some(range) = view
+            .wal
+            .iter()
+            .find(|r| offset >= r.base_offset && offset < r.end_offset)
+        {
+            Plan::WriteAhead(range.clone())
         } else {
             return Err(ReadError::OffsetOutOfRange);
         };
@@ -137,6 +146,7 @@ pub async fn read(
                 .map_err(|e| ReadError::Storage(e.to_string()))?
         }
         Plan::Remote(seg) => read_remote(blocks, indexes, &seg, offset, max_bytes).await?,
+        Plan::WriteAhead(range) => read_wal_range(blocks, &range, offset, max_bytes).await?,
     };
     Ok(ReadResult {
         records,
@@ -212,6 +222,53 @@ pub(crate) async fn read_remote(
     Ok(Bytes::new())
 }
 
+/// The bytes of one write-ahead range, through the block cache (a write-ahead object
+/// holds many partitions' ranges, so its blocks serve them all with one GET). Ranges
+/// from before object sizes were recorded are read with one ranged GET.
+pub(crate) async fn wal_range_bytes(
+    blocks: &Arc<BlockCache>,
+    range: &WalRangeRecord,
+) -> Result<Bytes, ReadError> {
+    let span = range.position..range.position + range.len;
+    let data = if range.object_size > 0 {
+        blocks
+            .read(&range.object_key, range.object_size, span)
+            .await
+    } else {
+        blocks.read_uncached(&range.object_key, span).await
+    };
+    data.map_err(|e| ReadError::Storage(e.to_string()))
+}
+
+/// Whole batches of one write-ahead range from the one holding `offset`, at most
+/// `max_bytes` (the first batch whole).
+pub(crate) async fn read_wal_range(
+    blocks: &Arc<BlockCache>,
+    range: &WalRangeRecord,
+    offset: i64,
+    max_bytes: u64,
+) -> Result<Bytes, ReadError> {
+    let data = wal_range_bytes(blocks, range).await?;
+    let mut first: Option<usize> = None;
+    let mut end = 0usize;
+    for (pos, header) in batch::walk(&data) {
+        if header.last_offset() < offset {
+            continue;
+        }
+        match first {
+            None => {
+                first = Some(pos);
+                end = pos + header.total_len;
+            }
+            Some(f) if (pos + header.total_len - f) as u64 <= max_bytes => {
+                end = pos + header.total_len
+            }
+            Some(_) => break,
+        }
+    }
+    Ok(first.map_or_else(Bytes::new, |f| data.slice(f..end)))
+}
+
 /// The first record at or after `ts`: (offset, timestamp). `None` if there is none.
 pub async fn offset_for_timestamp(
     part: &PartitionShared,
@@ -219,19 +276,33 @@ pub async fn offset_for_timestamp(
     indexes: &IndexCache,
     ts: i64,
 ) -> Result<Option<(i64, i64)>, ReadError> {
-    let (remote, local_batch) = {
-        let view = part.view.read().expect("partition view lock poisoned");
+    let (remote, local_batch, wal) = {
+        let view = part.view();
         let remote = view
             .remote
             .iter()
             .find(|s| s.end_offset > view.log_start_offset && s.max_timestamp >= ts)
             .cloned();
-        let local = view.local.iter().find_map(|s| {
-            s.offset_for_timestamp(ts)
-                .filter(|e| e.last_offset >= view.log_start_offset)
-                .map(|e| (s.file.clone(), e.position, e.len as u64))
-        });
-        (remote, local)
+        // The write-ahead ranges hold the whole unsealed tail; a local file answers
+        // instead when it holds the first range that reaches `ts`.
+        let wal = view
+            .wal
+            .iter()
+            .find(|r| r.end_offset > view.log_start_offset && r.max_timestamp >= ts)
+            .cloned();
+        let local = view
+            .local
+            .iter()
+            .filter(|s| {
+                wal.as_ref()
+                    .is_none_or(|r| r.base_offset >= s.base_offset && r.base_offset < s.end_offset)
+            })
+            .find_map(|s| {
+                s.offset_for_timestamp(ts)
+                    .filter(|e| e.last_offset >= view.log_start_offset)
+                    .map(|e| (s.file.clone(), e.position, e.len as u64))
+            });
+        (remote, local, wal)
     };
     let batch_bytes = if let Some(seg) = remote {
         let index = indexes.get(blocks, &seg).await?;
@@ -246,11 +317,8 @@ pub async fn offset_for_timestamp(
             )
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?;
-        let found = batch::walk(&data)
-            .find(|(_, h)| h.max_timestamp >= ts)
-            .map(|(p, h)| (p, h.total_len));
-        match found {
-            Some((p, len)) => data.slice(p..p + len),
+        match first_batch_reaching(&data, ts) {
+            Some(b) => b,
             None => return Ok(None),
         }
     } else if let Some((file, pos, len)) = local_batch {
@@ -258,10 +326,22 @@ pub async fn offset_for_timestamp(
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?
             .map_err(|e| ReadError::Storage(e.to_string()))?
+    } else if let Some(range) = wal {
+        match first_batch_reaching(&wal_range_bytes(blocks, &range).await?, ts) {
+            Some(b) => b,
+            None => return Ok(None),
+        }
     } else {
         return Ok(None);
     };
     first_record_at_or_after(&batch_bytes, ts)
+}
+
+/// The first whole batch in `data` whose max timestamp reaches `ts`.
+fn first_batch_reaching(data: &Bytes, ts: i64) -> Option<Bytes> {
+    batch::walk(data)
+        .find(|(_, h)| h.max_timestamp >= ts)
+        .map(|(p, h)| data.slice(p..p + h.total_len))
 }
 
 /// The record with the largest timestamp (the earliest one on ties): (offset, timestamp).
@@ -271,7 +351,7 @@ pub async fn max_timestamp(
     indexes: &IndexCache,
 ) -> Result<Option<(i64, i64)>, ReadError> {
     let max = {
-        let view = part.view.read().expect("partition view lock poisoned");
+        let view = part.view();
         let remote = view
             .remote
             .iter()
@@ -283,7 +363,12 @@ pub async fn max_timestamp(
             .flat_map(|s| s.entries.iter())
             .filter(|e| e.last_offset >= view.log_start_offset)
             .map(|e| e.max_timestamp);
-        remote.chain(local).max()
+        let wal = view
+            .wal
+            .iter()
+            .filter(|r| r.end_offset > view.log_start_offset)
+            .map(|r| r.max_timestamp);
+        remote.chain(local).chain(wal).max()
     };
     let Some(max) = max else { return Ok(None) };
     // The first batch whose max timestamp reaches the maximum holds the record.

@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tiering::BlockCache;
 
-use super::batch;
-use super::read::{read_remote, IndexCache, ReadError, ReadResult};
-use crate::metadata::{MetaError, MetadataStore, PartitionKey, PartitionState, WalRangeRecord};
+use super::read::{read_remote, read_wal_range, IndexCache, ReadError, ReadResult};
+use crate::metadata::{MetaError, MetadataStore, PartitionKey, PartitionState};
 
 /// Manifests of partitions read for zone-local clients, re-read when stale.
 #[derive(Debug)]
@@ -141,47 +140,4 @@ impl ZoneReads {
             log_start_offset: state.log_start_offset,
         })
     }
-}
-
-/// Whole batches of one write-ahead range from the one holding `offset`, through the
-/// block cache (a write-ahead object holds many partitions' ranges, so its blocks serve
-/// them all with one GET).
-async fn read_wal_range(
-    blocks: &Arc<BlockCache>,
-    range: &WalRangeRecord,
-    offset: i64,
-    max_bytes: u64,
-) -> Result<Bytes, ReadError> {
-    if range.object_size == 0 {
-        return Err(ReadError::Storage(format!(
-            "write-ahead object {} has no recorded size",
-            range.object_key
-        )));
-    }
-    let data = blocks
-        .read(
-            &range.object_key,
-            range.object_size,
-            range.position..range.position + range.len,
-        )
-        .await
-        .map_err(|e| ReadError::Storage(e.to_string()))?;
-    let mut first: Option<usize> = None;
-    let mut end = 0usize;
-    for (pos, header) in batch::walk(&data) {
-        if header.last_offset() < offset {
-            continue;
-        }
-        match first {
-            None => {
-                first = Some(pos);
-                end = pos + header.total_len;
-            }
-            Some(f) if (pos + header.total_len - f) as u64 <= max_bytes => {
-                end = pos + header.total_len
-            }
-            Some(_) => break,
-        }
-    }
-    Ok(first.map_or_else(Bytes::new, |f| data.slice(f..end)))
 }

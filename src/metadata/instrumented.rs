@@ -1,9 +1,12 @@
 //! A decorator that measures every metadata-store operation (latency and errors by
-//! operation), whatever the backend. `metadata::open` wraps every store in it.
+//! operation), whatever the backend. `metadata::open` wraps every store in it. It also
+//! notes when the store last answered ([`last_answer`]), which tells the broker whether
+//! it can still reach its metadata store.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -61,6 +64,24 @@ impl Instrumented {
     }
 }
 
+/// The process's reference instant for [`last_answer`].
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds after `epoch()` of the last answer; 0: none yet.
+static ANSWERED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// When a metadata store last answered an operation (any answer but "unavailable":
+/// a refusal such as fencing is an answer), `None` before the first.
+pub fn last_answer() -> Option<Instant> {
+    match ANSWERED_NS.load(Ordering::Acquire) {
+        0 => None,
+        ns => Some(epoch() + Duration::from_nanos(ns)),
+    }
+}
+
 async fn timed<T>(op: &str, f: impl std::future::Future<Output = MetaResult<T>>) -> MetaResult<T> {
     let started = Instant::now();
     let result = f.await;
@@ -70,6 +91,10 @@ async fn timed<T>(op: &str, f: impl std::future::Future<Output = MetaResult<T>>)
         .observe(started.elapsed().as_secs_f64());
     if result.is_err() {
         m.errors.with_label_values(&[op]).inc();
+    }
+    if !matches!(result, Err(super::MetaError::Unavailable(_))) {
+        let ns = epoch().elapsed().as_nanos().max(1) as u64;
+        ANSWERED_NS.fetch_max(ns, Ordering::AcqRel);
     }
     result
 }

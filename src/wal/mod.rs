@@ -343,10 +343,10 @@ impl FlushJob {
                 Ok(()) => {
                     metrics.flushes.with_label_values(&["committed"]).inc();
                     debug!(object = %key, partitions = partitions.len(), elapsed_ms = started.elapsed().as_millis() as u64, "write-ahead object committed");
-                    for p in partitions.values() {
+                    for (k, p) in &partitions {
                         let _ = p.notify.send(Notice::Flushed {
                             gen: p.gen,
-                            end_offset: p.end_offset,
+                            range: ranges[k].clone(),
                         });
                     }
                     break;

@@ -9,19 +9,24 @@
 //! * a read that misses starts read-ahead of the following blocks of the same object
 //!   under the store's [`Class::Replay`] limit, so sequential replay keeps several
 //!   ranged GETs in flight while reads of other data never queue behind it;
-//! * segments are written through at upload: data that was just sealed is still hot.
+//! * segments are written through at upload: data that was just sealed is still hot;
+//! * disk writes can be switched off ([`BlockCache::set_disk_writes`]) while the local
+//!   disk is full: the disk tier then admits nothing and the cache runs from memory
+//!   (and the blocks already on disk) until writes are switched back on.
 //!
 //! Hits, misses, bytes by source, read-ahead and evictions are metrics here; foyer's
 //! own metrics join the same registry.
 
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use foyer::{
     BlockEngineConfig, DeviceBuilder, Event, EventListener, FsDeviceBuilder, HybridCache,
-    HybridCacheBuilder, HybridCachePolicy, RecoverMode,
+    HybridCacheBuilder, HybridCachePolicy, RecoverMode, Statistics, StorageFilter,
+    StorageFilterCondition, StorageFilterResult,
 };
 use object_store::path::Path;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -51,6 +56,22 @@ pub struct BlockCache {
     block: u64,
     readahead: u64,
     metrics: CacheMetrics,
+    /// Whether the disk tier may take blocks (off while the local disk is full).
+    disk_writes: Arc<AtomicBool>,
+}
+
+/// The disk tier's admission rule: nothing is written while disk writes are off.
+#[derive(Debug)]
+struct DiskWritesGate(Arc<AtomicBool>);
+
+impl StorageFilterCondition for DiskWritesGate {
+    fn filter(&self, _: &Arc<Statistics>, _: u64, _: usize) -> StorageFilterResult {
+        if self.0.load(Ordering::Acquire) {
+            StorageFilterResult::Admit
+        } else {
+            StorageFilterResult::Reject
+        }
+    }
 }
 
 impl std::fmt::Debug for BlockCache {
@@ -151,6 +172,7 @@ impl BlockCache {
         registry: Option<&Registry>,
     ) -> Result<Arc<BlockCache>, Error> {
         let metrics = CacheMetrics::new();
+        let disk_writes = Arc::new(AtomicBool::new(true));
         let mut builder = HybridCacheBuilder::new()
             .with_name("strata-blocks")
             // Blocks reach the disk tier when the memory tier evicts them: a hit in
@@ -187,7 +209,11 @@ impl BlockCache {
                     BlockEngineConfig::new(device)
                         .with_block_size(block_engine_block(options.block_bytes))
                         // Room for a burst of evictions before disk writes are dropped.
-                        .with_buffer_pool_size(block_engine_block(options.block_bytes) * 4),
+                        .with_buffer_pool_size(block_engine_block(options.block_bytes) * 4)
+                        .with_admission_filter(
+                            StorageFilter::new()
+                                .with_condition(DiskWritesGate(disk_writes.clone())),
+                        ),
                 )
                 .with_recover_mode(RecoverMode::Quiet)
                 .build()
@@ -204,7 +230,19 @@ impl BlockCache {
             block: options.block_bytes.max(4096),
             readahead: options.readahead_blocks,
             metrics,
+            disk_writes,
         }))
+    }
+
+    /// Switches writes to the disk tier on or off (off while the local disk is full).
+    /// Reads of blocks already on disk go on either way.
+    pub fn set_disk_writes(&self, enabled: bool) {
+        self.disk_writes.store(enabled, Ordering::Release);
+    }
+
+    /// Whether the disk tier takes new blocks.
+    pub fn disk_writes(&self) -> bool {
+        self.disk_writes.load(Ordering::Acquire)
     }
 
     /// The end of the cache block holding byte `position`: reads that stop there are
@@ -263,6 +301,14 @@ impl BlockCache {
             out.extend_from_slice(&part[..want]);
         }
         Ok(out.freeze())
+    }
+
+    /// Reads `range` of the object `key`, whose size is not known, straight from the
+    /// store (one ranged GET, not cached).
+    pub async fn read_uncached(&self, key: &str, range: Range<u64>) -> Result<Bytes, Error> {
+        self.store
+            .get_range(&Path::from(key), range, Class::Read, None)
+            .await
     }
 
     /// One block, from the cache or the store; `true` if it came from the store.

@@ -22,6 +22,7 @@
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,6 +102,10 @@ pub struct Store {
     writes: Semaphore,
     reads: Semaphore,
     replay: Semaphore,
+    /// When the store last answered (any answer about an object, including "not found"
+    /// and "already exists"), as nanoseconds since `opened`; 0: never.
+    answered_ns: AtomicU64,
+    opened: Instant,
 }
 
 impl std::fmt::Debug for Store {
@@ -242,7 +247,43 @@ impl Store {
             writes: Semaphore::new(options.write_concurrency.max(1)),
             reads: Semaphore::new(options.read_concurrency.max(1)),
             replay: Semaphore::new(options.replay_concurrency.max(1)),
+            answered_ns: AtomicU64::new(0),
+            opened: Instant::now(),
         }
+    }
+
+    /// When the store last answered a request (`None`: never). A store that keeps
+    /// failing or timing out stops moving this, which is how the broker tells that it
+    /// is cut off from the store.
+    pub fn last_answer(&self) -> Option<Instant> {
+        match self.answered_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.opened + Duration::from_nanos(ns)),
+        }
+    }
+
+    fn note_answer(&self) {
+        let ns = self.opened.elapsed().as_nanos().max(1) as u64;
+        self.answered_ns.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    /// Asks the store about a key that never exists, retrying until `timeout`: `true`
+    /// when it answered. Used to tell whether an idle broker can still reach its store.
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        let key = Path::from("health/probe");
+        let answer = self
+            .run(
+                "head",
+                Class::Read,
+                Instant::now() + timeout,
+                |_| 0,
+                || self.inner.head(&key),
+            )
+            .await;
+        matches!(
+            answer,
+            Ok(_) | Err((Failure::Store(object_store::Error::NotFound { .. }), _))
+        )
     }
 
     /// The store's URL without its query (which may hold credentials).
@@ -296,6 +337,7 @@ impl Store {
                 match tokio::time::timeout(budget, f()).await {
                     Ok(Ok(v)) => {
                         metrics::record(op, started, Outcome::Ok, bytes(&v));
+                        self.note_answer();
                         Ok(v)
                     }
                     Ok(Err(e)) => {
@@ -305,6 +347,9 @@ impl Store {
                             | object_store::Error::Precondition { .. } => Outcome::Conflict,
                             _ => Outcome::Error,
                         };
+                        if !matches!(outcome, Outcome::Error) {
+                            self.note_answer();
+                        }
                         metrics::record(op, started, outcome, 0);
                         Err(Failure::Store(e))
                     }
