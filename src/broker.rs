@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::clock::now_ms;
-use crate::config::{Config, TopicConfig};
+use crate::config::{Config, TopicConfig, MAX_PARTITIONS};
 use crate::log::partition::{self, LogContext, PartitionCmd, PartitionHandle};
 use crate::log::read::IndexCache;
 use crate::metadata::{MetaError, MetadataStore, PartitionKey, TopicRecord};
@@ -189,7 +189,7 @@ impl Broker {
         }
         let meta = crate::metadata::open(&config.metadata_url, &store).await?;
         let session = meta.start_broker_session(config.broker_id).await?;
-        let (host, port) = crate::handlers::metadata::host_port(&config.advertise);
+        let (host, port) = crate::config::host_port(&config.advertise);
         let membership = crate::membership::Membership::join(
             meta.clone(),
             crate::metadata::BrokerRecord {
@@ -752,9 +752,6 @@ async fn stop_task(h: &PartitionHandle) {
 
 /// Partitions claimed and recovered at once.
 const RECOVERY_CONCURRENCY: usize = 16;
-
-/// Upper bound on partitions per topic (each is a task, a file and metadata rows).
-pub const MAX_PARTITIONS: i32 = 10_000;
 
 /// The coordinator slots' topic is the cluster's own: clients may neither create nor
 /// delete it (Kafka refuses the same for its internal topics).

@@ -12,6 +12,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+/// Upper bound on partitions per topic (each is a task, a file and metadata rows).
+pub const MAX_PARTITIONS: i32 = 10_000;
+
+/// Host and port of a `HOST:PORT` address (`[v6]:PORT` too); port 9092 when missing.
+pub fn host_port(addr: &str) -> (String, i32) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (
+            h.trim_matches(['[', ']']).to_string(),
+            p.parse().unwrap_or(9092),
+        ),
+        None => (addr.to_string(), 9092),
+    }
+}
+
 /// One setting: its Kafka-style name, default and meaning.
 #[derive(Debug, Clone, Copy)]
 pub struct SettingDef {
@@ -610,8 +624,7 @@ impl Config {
             cache_disk_check_interval_ms: positive("cache.disk.check.interval.ms")?,
             zone_reads_refresh_ms: positive("zone.reads.refresh.ms")?,
             offsets_topic_num_partitions: positive("offsets.topic.num.partitions")?
-                .min(crate::broker::MAX_PARTITIONS as u64)
-                as i32,
+                .min(MAX_PARTITIONS as u64) as i32,
             cluster_id: text("cluster-id"),
             log_json,
             metrics_partition_labels: boolean("metrics.partition.labels")?,

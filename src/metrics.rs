@@ -3,8 +3,8 @@
 //! Kafka dashboards query), the write-ahead flush, the object store (from `tiering`),
 //! connections and request bytes against their limits.
 //!
-//! Consumer-group lag is computed at scrape time from the committed offsets and the
-//! partitions' high watermarks, under the names of the widely used lag exporter
+//! Consumer-group lag is computed at scrape time (on the HTTP side) from the
+//! committed offsets and the partitions' high watermarks, under the names of the widely used lag exporter
 //! (`kafka_consumergroup_lag`, `..._lag_sum`, `..._current_offset`, `..._members`), plus
 //! lag in seconds: the age of the first unconsumed batch. Group-level labels only:
 //! partition labels appear only on the per-partition lag series.
@@ -13,23 +13,20 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
-
-use crate::broker::Broker;
-use crate::clock::now_ms;
 
 pub struct Metrics {
     pub registry: Registry,
-    started: Instant,
-    uptime_seconds: IntGauge,
-    group_lag: IntGaugeVec,
-    group_lag_sum: IntGaugeVec,
-    group_current_offset: IntGaugeVec,
-    group_current_offset_sum: IntGaugeVec,
-    group_members: IntGaugeVec,
-    group_lag_seconds: GaugeVec,
+    pub started: Instant,
+    pub uptime_seconds: IntGauge,
+    pub group_lag: IntGaugeVec,
+    pub group_lag_sum: IntGaugeVec,
+    pub group_current_offset: IntGaugeVec,
+    pub group_current_offset_sum: IntGaugeVec,
+    pub group_members: IntGaugeVec,
+    pub group_lag_seconds: GaugeVec,
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
     pub partition_errors: IntCounterVec,
@@ -48,12 +45,12 @@ pub struct Metrics {
     pub connections_max: IntGauge,
     pub request_bytes_in_flight: IntGauge,
     pub request_bytes_max: IntGauge,
-    partitions: IntGauge,
-    coordinator_slots: IntGauge,
+    pub partitions: IntGauge,
+    pub coordinator_slots: IntGauge,
     pub ownership_changes: IntCounterVec,
     pub zone_fetch_bytes: IntCounterVec,
     pub preferred_replica_redirects: IntCounterVec,
-    groups: IntGauge,
+    pub groups: IntGauge,
     /// 1 while the local cache disk is full (local writes stopped).
     pub cache_disk_full: IntGauge,
     pub cache_disk_free_bytes: IntGauge,
@@ -210,11 +207,14 @@ pub fn metrics() -> &'static Metrics {
                 "rebalances completed per consumer group (new classic generations and consumer-protocol group epochs)",
                 &["consumergroup"],
             ),
-            orphans_deleted: counter_vec(
-                &registry,
-                "strata_orphans_deleted_total",
-                "objects deleted by the orphan collector, by prefix (segments, wal)",
-                &["prefix"],
+            orphans_deleted: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_orphans_deleted_total",
+                    "objects deleted by the orphan collector, by prefix (segments, wal)",
+                    &["prefix"],
+                ),
+                &["segments", "wal"],
             ),
             connections: gauge(&registry, "strata_connections", "open client connections"),
             connections_max: gauge(&registry, "strata_connections_max", "max.connections"),
@@ -296,106 +296,4 @@ pub fn metrics() -> &'static Metrics {
             registry,
         }
     })
-}
-
-/// Refreshes the scrape-time metrics and renders the registry in the text format.
-pub async fn render(broker: &Broker) -> String {
-    let m = metrics();
-    m.uptime_seconds.set(m.started.elapsed().as_secs() as i64);
-    m.partitions.set(broker.local_partition_count() as i64);
-    m.coordinator_slots
-        .set(broker.ownership.held_slots().len() as i64);
-    m.groups.set(broker.groups.live_groups().len() as i64);
-    refresh_group_lag(broker, m).await;
-    let mut out = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut out) {
-        tracing::warn!(error = %e, "encoding metrics failed");
-    }
-    String::from_utf8(out).unwrap_or_default()
-}
-
-async fn refresh_group_lag(broker: &Broker, m: &Metrics) {
-    for g in [
-        &m.group_lag,
-        &m.group_lag_sum,
-        &m.group_current_offset,
-        &m.group_current_offset_sum,
-        &m.group_members,
-    ] {
-        g.reset();
-    }
-    m.group_lag_seconds.reset();
-    let Ok(groups) = broker.meta.offset_groups().await else {
-        return;
-    };
-    let mut names: std::collections::BTreeSet<String> = groups.into_iter().collect();
-    names.extend(broker.groups.live_groups());
-    let now = now_ms();
-    for group in names {
-        let members = broker
-            .groups
-            .describe(&group)
-            .await
-            .map_or(0, |s| s.members.len());
-        m.group_members
-            .with_label_values(&[&group])
-            .set(members as i64);
-        let Ok(offsets) = broker.meta.fetch_offsets(&group).await else {
-            continue;
-        };
-        for o in offsets {
-            let Some(part) = broker.local_partition(&o.topic, o.partition) else {
-                continue;
-            };
-            let hw = part.shared.high_watermark();
-            let lag = (hw - o.offset).max(0);
-            let p = o.partition.to_string();
-            let labels = [group.as_str(), o.topic.as_str(), p.as_str()];
-            m.group_lag.with_label_values(&labels).set(lag);
-            m.group_current_offset
-                .with_label_values(&labels)
-                .set(o.offset);
-            m.group_lag_sum
-                .with_label_values(&[&group, &o.topic])
-                .add(lag);
-            m.group_current_offset_sum
-                .with_label_values(&[&group, &o.topic])
-                .add(o.offset);
-            let age = if lag == 0 {
-                0.0
-            } else {
-                batch_timestamp(&part.shared, o.offset)
-                    .map_or(0.0, |ts| ((now - ts).max(0) as f64) / 1000.0)
-            };
-            m.group_lag_seconds.with_label_values(&labels).set(age);
-        }
-    }
-}
-
-/// Max timestamp of the stored batch holding `offset` (from the local index, or the
-/// sealed segment's maximum for older data).
-fn batch_timestamp(part: &crate::log::partition::PartitionShared, offset: i64) -> Option<i64> {
-    let view = part.view.read().ok()?;
-    for seg in &view.local {
-        let i = seg.entries.partition_point(|e| e.last_offset < offset);
-        if let Some(e) = seg
-            .entries
-            .get(i)
-            .filter(|e| e.base_offset <= offset || i == 0)
-        {
-            if offset >= seg.base_offset {
-                return Some(e.max_timestamp);
-            }
-        }
-    }
-    view.remote
-        .iter()
-        .find(|s| offset >= s.base_offset && offset < s.end_offset)
-        .map(|s| s.max_timestamp)
-        .or_else(|| {
-            view.wal
-                .iter()
-                .find(|r| offset >= r.base_offset && offset < r.end_offset)
-                .map(|r| r.max_timestamp)
-        })
 }

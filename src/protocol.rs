@@ -1,15 +1,11 @@
-//! Protocol glue: the API versions this broker advertises, frame parsing, dispatch to
-//! the handlers, and response encoding. Every request and response is encoded by the
+//! The wire protocol, and nothing above it: the API versions this broker advertises,
+//! frame parsing and response encoding. Every request and response is encoded by the
 //! `kafka-protocol` crate; only the 8 bytes that decide how to decode are read here.
-
-use std::sync::Arc;
+//! Decoding a request and routing it to its handler is the handlers' job.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
-
-use crate::broker::Broker;
-use crate::handlers;
+use kafka_protocol::messages::{ApiKey, ResponseKind};
+use kafka_protocol::protocol::{Encodable, HeaderVersion};
 
 /// (api key, name, min version, max version) this broker implements fully.
 pub const SUPPORTED: &[(ApiKey, &str, i16, i16)] = &[
@@ -100,7 +96,7 @@ pub struct ProduceOrder {
     pub done: tokio::sync::oneshot::Sender<()>,
 }
 
-/// A request frame with its routing fields read; the body is decoded by [`handle`].
+/// A request frame with its routing fields read; the body is decoded by the handlers.
 #[derive(Debug)]
 pub struct Frame {
     pub api_key: i16,
@@ -125,49 +121,6 @@ impl Frame {
             correlation_id,
             bytes,
         })
-    }
-}
-
-/// Handles one request. `Ok(None)` sends nothing (acks=0 produce); `Err` closes the
-/// connection (the caller logs the reason with the peer).
-pub async fn handle(
-    broker: &Arc<Broker>,
-    ctx: RequestContext,
-    frame: Frame,
-) -> Result<Option<Bytes>, FrameError> {
-    let api =
-        ApiKey::try_from(frame.api_key).map_err(|_| FrameError::UnknownApiKey(frame.api_key))?;
-    let range = supported_range(api);
-    let in_range = range.is_some_and(|(min, max)| (min..=max).contains(&frame.api_version));
-    if !in_range {
-        if api == ApiKey::ApiVersions {
-            // KIP-511: answer an unknown ApiVersions version with v0 and the list, so the
-            // client can retry with a version both sides know.
-            let mut resp = handlers::api_versions::response();
-            resp.error_code = kafka_protocol::ResponseError::UnsupportedVersion.code();
-            return encode(
-                frame.correlation_id,
-                ApiKey::ApiVersions,
-                0,
-                &ResponseKind::ApiVersions(resp),
-            )
-            .map(Some);
-        }
-        return Err(FrameError::UnsupportedVersion {
-            api,
-            version: frame.api_version,
-        });
-    }
-    let mut body = frame.bytes.clone();
-    let header_version = api.request_header_version(frame.api_version);
-    let header = RequestHeader::decode(&mut body, header_version)
-        .map_err(|e| FrameError::Decode(e.to_string()))?;
-    let request = RequestKind::decode(api, &mut body, frame.api_version)
-        .map_err(|e| FrameError::Decode(format!("{api:?} v{}: {e}", frame.api_version)))?;
-    let response = handlers::dispatch(broker, &header, ctx, request).await;
-    match response {
-        Some(r) => encode(frame.correlation_id, api, frame.api_version, &r).map(Some),
-        None => Ok(None),
     }
 }
 

@@ -67,7 +67,7 @@ EXPECTED_ALERTS = {
     "StrataBrokerDown", "StrataProduceLatencyHigh", "StrataObjectStoreErrors",
     "StrataWalFlushFailures", "StrataMetadataStoreErrors", "StrataConsumerLagGrowing",
     "StrataCacheThrash", "StrataConnectionsNearLimit", "StrataRequestBytesSaturated",
-    "StrataCacheDiskFull", "StrataBrokerSteppedDown",
+    "StrataCacheDiskFull", "StrataBrokerSteppedDown", "StrataCorruptWriteAhead",
 }
 
 # Grafana's built-in variables, replaced as Grafana would for a short time range

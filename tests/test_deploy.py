@@ -476,18 +476,29 @@ def test_shellcheck(tools, rendered, compose, tmp_path):
 # compose
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def compose(tools) -> dict:
+def compose_config(tools, path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`docker-compose -f path config ARGS`, failing on any complaint: the Compose v2
+    wrapper exits 0 on a schema error and only prints it."""
     env = {k: v for k, v in os.environ.items() if k not in ("ADVERTISE_HOST", "BROKER_IMAGE")}
     env["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"  # no engine, none needed
-    base = [tools["STRATA_DEPLOY_COMPOSE"], "-f", str(COMPOSE_FILE)]
-    proc = subprocess.run([*base, "config", "--quiet"], capture_output=True, text=True, env=env,
-                          timeout=60)
-    assert proc.returncode == 0, f"docker-compose config:\n{proc.stderr}"
-    proc = subprocess.run([*base, "config", "--format", "json"], capture_output=True, text=True,
-                          env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    proc = subprocess.run([tools["STRATA_DEPLOY_COMPOSE"], "-f", str(path), "config", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), \
+        f"docker-compose config {' '.join(args)} on {path.name}:\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def compose(tools) -> dict:
+    compose_config(tools, COMPOSE_FILE, "--quiet")
+    return json.loads(compose_config(tools, COMPOSE_FILE, "--format", "json").stdout)
+
+
+def test_compose_check_fails_on_a_schema_error(tools, tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  broker:\n    image: strata\n    ports: {wrong: [9092]}\n")
+    with pytest.raises(AssertionError, match="must be a"):
+        compose_config(tools, bad, "--quiet")
 
 
 def flag_value(args: list[str], flag: str) -> str | None:

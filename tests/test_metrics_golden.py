@@ -15,7 +15,7 @@ from conftest import consume_all, create_topic, producer, unique_topic
 
 GOLDEN = Path(__file__).resolve().parent.parent / "dashboards" / "metrics.sample.prom"
 # Families that only appear after a failure (an error outcome, a partition error).
-ON_FAILURE_ONLY = {"strata_partition_errors_total", "strata_metadata_store_errors_total"}
+ON_FAILURE_ONLY = {"strata_partition_errors_total"}
 
 
 def families(text):

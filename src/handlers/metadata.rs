@@ -27,16 +27,6 @@ const CLUSTER_OPERATIONS: i32 =
     (1 << 5) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12);
 const OPERATIONS_NOT_REQUESTED: i32 = i32::MIN;
 
-pub fn host_port(addr: &str) -> (String, i32) {
-    match addr.rsplit_once(':') {
-        Some((h, p)) => (
-            h.trim_matches(['[', ']']).to_string(),
-            p.parse().unwrap_or(9092),
-        ),
-        None => (addr.to_string(), 9092),
-    }
-}
-
 pub async fn metadata(
     broker: &Arc<Broker>,
     req: MetadataRequest,

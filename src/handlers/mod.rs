@@ -14,10 +14,55 @@ pub mod topics;
 
 use std::sync::Arc;
 
-use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
-use kafka_protocol::protocol::StrBytes;
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::protocol::{Decodable, StrBytes};
 
 use crate::broker::Broker;
+use crate::protocol::{self, Frame, FrameError, RequestContext};
+
+/// Handles one request. `Ok(None)` sends nothing (acks=0 produce); `Err` closes the
+/// connection (the caller logs the reason with the peer).
+pub async fn handle(
+    broker: &Arc<Broker>,
+    ctx: RequestContext,
+    frame: Frame,
+) -> Result<Option<Bytes>, FrameError> {
+    let api =
+        ApiKey::try_from(frame.api_key).map_err(|_| FrameError::UnknownApiKey(frame.api_key))?;
+    let range = protocol::supported_range(api);
+    let in_range = range.is_some_and(|(min, max)| (min..=max).contains(&frame.api_version));
+    if !in_range {
+        if api == ApiKey::ApiVersions {
+            // KIP-511: answer an unknown ApiVersions version with v0 and the list, so the
+            // client can retry with a version both sides know.
+            let mut resp = api_versions::response();
+            resp.error_code = kafka_protocol::ResponseError::UnsupportedVersion.code();
+            return protocol::encode(
+                frame.correlation_id,
+                ApiKey::ApiVersions,
+                0,
+                &ResponseKind::ApiVersions(resp),
+            )
+            .map(Some);
+        }
+        return Err(FrameError::UnsupportedVersion {
+            api,
+            version: frame.api_version,
+        });
+    }
+    let mut body = frame.bytes.clone();
+    let header_version = api.request_header_version(frame.api_version);
+    let header = RequestHeader::decode(&mut body, header_version)
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    let request = RequestKind::decode(api, &mut body, frame.api_version)
+        .map_err(|e| FrameError::Decode(format!("{api:?} v{}: {e}", frame.api_version)))?;
+    let response = dispatch(broker, &header, ctx, request).await;
+    match response {
+        Some(r) => protocol::encode(frame.correlation_id, api, frame.api_version, &r).map(Some),
+        None => Ok(None),
+    }
+}
 
 /// Routes a decoded request. `None` means no response is sent (acks=0 produce).
 pub async fn dispatch(

@@ -34,7 +34,7 @@ use crate::disk::{CacheDisk, WriteFailure};
 use crate::metadata::{
     MetaError, MetadataStore, PartitionKey, ProducerStateRecord, SegmentRecord, WalRangeRecord,
 };
-use crate::wal::FlushItem;
+use crate::wal::{FlushItem, FlushNotice};
 
 /// Broker-wide parts every partition task uses.
 #[derive(Debug)]
@@ -166,21 +166,9 @@ pub enum DeleteRecordsError {
     NotLeader,
 }
 
-/// Reports from the flusher and background uploads to the owner task (unbounded: at
-/// most one per flush or upload in flight, so the flusher never waits on a busy owner).
-#[derive(Debug)]
-pub enum Notice {
-    /// The batches up to `range.end_offset` are committed in `range`.
-    Flushed {
-        gen: u64,
-        range: WalRangeRecord,
-    },
-    FlushFailed {
-        gen: u64,
-        fenced: bool,
-    },
-    Uploaded(Result<SegmentRecord, UploadError>),
-}
+/// The outcome of a segment upload, reported to the owner task (unbounded: at most one
+/// upload of a partition is in flight).
+type UploadDone = Result<SegmentRecord, UploadError>;
 
 /// Why a segment upload did not commit.
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +246,8 @@ pub async fn start(
         releasing: std::sync::atomic::AtomicBool::new(false),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel(ctx.queue_length);
-    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+    let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+    let (upload_tx, upload_rx) = mpsc::unbounded_channel();
     let producers = ProducerTable::from_records(state.producers);
     let owner = Owner {
         ctx,
@@ -281,10 +270,11 @@ pub async fn start(
         appending,
         wal_only_since_ms: now_ms(),
         upload: UploadState::default(),
-        notice_tx,
+        flush_tx,
+        upload_tx,
         released: None,
     };
-    let task = tokio::spawn(owner.run(cmd_rx, notice_rx));
+    let task = tokio::spawn(owner.run(cmd_rx, flush_rx, upload_rx));
     Ok((
         PartitionHandle {
             topic,
@@ -377,7 +367,10 @@ struct Owner {
     /// them), for sealing that stretch by age.
     wal_only_since_ms: i64,
     upload: UploadState,
-    notice_tx: mpsc::UnboundedSender<Notice>,
+    /// Handed to the flusher with every batch.
+    flush_tx: mpsc::UnboundedSender<FlushNotice>,
+    /// Handed to every upload job.
+    upload_tx: mpsc::UnboundedSender<UploadDone>,
     /// A hand-off waiting for the in-flight batches to finish.
     released: Option<oneshot::Sender<()>>,
 }
@@ -386,7 +379,8 @@ impl Owner {
     async fn run(
         mut self,
         mut cmds: mpsc::Receiver<PartitionCmd>,
-        mut notices: mpsc::UnboundedReceiver<Notice>,
+        mut flushes: mpsc::UnboundedReceiver<FlushNotice>,
+        mut uploads: mpsc::UnboundedReceiver<UploadDone>,
     ) {
         let mut tick = tokio::time::interval(
             self.ctx
@@ -398,7 +392,8 @@ impl Owner {
         loop {
             tokio::select! {
                 biased;
-                Some(notice) = notices.recv() => self.on_notice(notice).await,
+                Some(notice) = flushes.recv() => self.on_flush_notice(notice),
+                Some(done) = uploads.recv() => self.on_uploaded(done),
                 cmd = cmds.recv() => match cmd {
                     Some(PartitionCmd::Stop) | None => break,
                     Some(cmd) => self.on_cmd(cmd).await,
@@ -507,7 +502,7 @@ impl Owner {
                         max_timestamp: b.header.max_timestamp,
                         batch: stamped.clone(),
                         producer: producer.clone(),
-                        notify: self.notice_tx.clone(),
+                        notify: self.flush_tx.clone(),
                     };
                     self.unflushed.push_back(Unflushed {
                         bytes: stamped,
@@ -538,12 +533,12 @@ impl Owner {
         }
     }
 
-    async fn on_notice(&mut self, notice: Notice) {
+    fn on_flush_notice(&mut self, notice: FlushNotice) {
         match notice {
-            Notice::Flushed { gen, range } if gen == self.gen => self.on_flushed(range),
-            Notice::FlushFailed { gen, fenced } if gen == self.gen => self.on_flush_failed(fenced),
-            Notice::Flushed { .. } | Notice::FlushFailed { .. } => {}
-            Notice::Uploaded(result) => self.on_uploaded(result),
+            FlushNotice::Flushed { gen, range } if gen == self.gen => self.on_flushed(range),
+            FlushNotice::Failed { gen, fenced } if gen == self.gen => self.on_flush_failed(fenced),
+            // A generation abandoned after a failed flush.
+            FlushNotice::Flushed { .. } | FlushNotice::Failed { .. } => {}
         }
     }
 
@@ -777,7 +772,7 @@ impl Owner {
             end_offset,
             source,
             index_interval_bytes: self.config.index_interval_bytes,
-            notify: self.notice_tx.clone(),
+            notify: self.upload_tx.clone(),
         }
     }
 
@@ -962,13 +957,13 @@ struct UploadJob {
     end_offset: i64,
     source: UploadSource,
     index_interval_bytes: u64,
-    notify: mpsc::UnboundedSender<Notice>,
+    notify: mpsc::UnboundedSender<UploadDone>,
 }
 
 impl UploadJob {
     async fn run(self) {
         let result = self.upload().await;
-        let _ = self.notify.send(Notice::Uploaded(result));
+        let _ = self.notify.send(result);
     }
 
     /// The segment's bytes, in parts of whole batches.

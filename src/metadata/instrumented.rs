@@ -46,8 +46,42 @@ fn metrics() -> &'static StoreMetrics {
     })
 }
 
+/// Every operation of the trait, as the metrics label it.
+const OPS: [&str; 25] = [
+    "create_topic",
+    "delete_topic",
+    "list_topics",
+    "set_topic_configs",
+    "set_partition_count",
+    "claim_partition",
+    "read_partition",
+    "release_partition",
+    "partition_owners",
+    "commit_wal",
+    "commit_segment",
+    "trim_log",
+    "unreferenced_wal_objects",
+    "known_objects",
+    "forget_wal_objects",
+    "next_producer_id",
+    "commit_offsets",
+    "fetch_offsets",
+    "delete_offsets",
+    "offset_groups",
+    "expire_offsets",
+    "start_broker_session",
+    "heartbeat_broker",
+    "live_brokers",
+    "deregister_broker",
+];
+
 /// Adds the metadata-store metrics to a registry (once per process).
 pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
+    // Errors of every operation exist from the start (at zero), so the error panels and
+    // alerts have series on a fresh broker.
+    for op in OPS {
+        metrics().errors.with_label_values(&[op]);
+    }
     registry.register(Box::new(metrics().seconds.clone()))?;
     registry.register(Box::new(metrics().errors.clone()))?;
     Ok(())

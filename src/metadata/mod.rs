@@ -3,7 +3,8 @@
 //! It owns topics, per-partition leadership epochs, the partition manifests (sealed
 //! segments and the write-ahead ranges after them), the high watermark, idempotent
 //! producer state and producer-id allocation. The log bytes themselves never pass
-//! through it. Kafka semantics are written once above this trait; backends only store.
+//! through it. Each backend implements the whole trait (fencing and epochs included);
+//! one conformance suite (`conformance`) holds the three to the same semantics.
 //!
 //! Every write that belongs to a partition is conditional on the caller's leader epoch,
 //! so a former owner can never commit after its successor claimed the partition.

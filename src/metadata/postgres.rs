@@ -1367,15 +1367,23 @@ mod tests {
     use crate::metadata::conformance::{self, metadata_store_conformance};
     use crate::metadata::{PartitionCommit, ProducerBatch};
 
-    /// Set to a database URL (see `start-postgres.sh`) to run these tests.
+    /// Set to a database URL (see `tests/postgres.sh`) to run these tests.
     const URL_ENV: &str = "STRATA_TEST_POSTGRES_URL";
+    /// Set (by `tests/run`) when PostgreSQL is expected: a missing URL then fails the
+    /// tests instead of skipping them.
+    const REQUIRED_ENV: &str = "STRATA_TEST_POSTGRES_REQUIRED";
 
-    /// The test database's configuration, or `None` (test skipped) when unset.
+    /// The test database's configuration, or `None` (test skipped) when unset and not
+    /// required.
     fn test_config() -> Option<Config> {
         let Ok(url) = std::env::var(URL_ENV) else {
+            assert!(
+                std::env::var_os(REQUIRED_ENV).is_none(),
+                "PostgreSQL is required ({REQUIRED_ENV} is set) but {URL_ENV} is not"
+            );
             eprintln!(
                 "skipping PostgreSQL metadata test: {URL_ENV} is not set \
-                 (eval \"$(./start-postgres.sh)\" starts a throwaway server)"
+                 (eval \"$(tests/postgres.sh)\" starts a throwaway server)"
             );
             return None;
         };

@@ -120,7 +120,7 @@ pub async fn run(
             let api_key = frame.api_key;
             let version = frame.api_version;
             let api = protocol::api_name(api_key);
-            match protocol::handle(&broker, ctx, frame).await {
+            match crate::handlers::handle(&broker, ctx, frame).await {
                 Ok(response) => {
                     metrics.requests.with_label_values(&[api]).inc();
                     metrics

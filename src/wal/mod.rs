@@ -21,11 +21,21 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::clock::now_ms;
-use crate::log::partition::Notice;
 use crate::metadata::{
     MetaError, MetadataStore, PartitionCommit, PartitionKey, ProducerStateRecord, WalCommit,
     WalRangeRecord,
 };
+
+/// What the flusher tells a partition's owner about its batches (unbounded channel: at
+/// most one notice per flush in flight, so the flusher never waits on a busy owner).
+#[derive(Debug)]
+pub enum FlushNotice {
+    /// The batches up to `range.end_offset` are committed in `range`.
+    Flushed { gen: u64, range: WalRangeRecord },
+    /// The batches of generation `gen` were abandoned (`fenced`: a newer owner holds
+    /// the partition).
+    Failed { gen: u64, fenced: bool },
+}
 
 /// One stamped batch on its way to the next write-ahead object.
 #[derive(Debug)]
@@ -40,7 +50,7 @@ pub struct FlushItem {
     pub max_timestamp: i64,
     pub batch: Bytes,
     pub producer: Option<ProducerStateRecord>,
-    pub notify: mpsc::UnboundedSender<Notice>,
+    pub notify: mpsc::UnboundedSender<FlushNotice>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,7 +74,7 @@ struct Pending {
     max_timestamp: i64,
     data: Vec<Bytes>,
     producers: IndexMap<i64, ProducerStateRecord>,
-    notify: mpsc::UnboundedSender<Notice>,
+    notify: mpsc::UnboundedSender<FlushNotice>,
 }
 
 impl Pending {
@@ -344,7 +354,7 @@ impl FlushJob {
                     metrics.flushes.with_label_values(&["committed"]).inc();
                     debug!(object = %key, partitions = partitions.len(), elapsed_ms = started.elapsed().as_millis() as u64, "write-ahead object committed");
                     for (k, p) in &partitions {
-                        let _ = p.notify.send(Notice::Flushed {
+                        let _ = p.notify.send(FlushNotice::Flushed {
                             gen: p.gen,
                             range: ranges[k].clone(),
                         });
@@ -405,7 +415,7 @@ impl FlushJob {
         for (k, p) in parts {
             let live = abandoned.entry(k).or_insert(0);
             *live = (*live).max(p.gen + 1);
-            let _ = p.notify.send(Notice::FlushFailed { gen: p.gen, fenced });
+            let _ = p.notify.send(FlushNotice::Failed { gen: p.gen, fenced });
         }
     }
 

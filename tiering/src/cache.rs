@@ -135,6 +135,13 @@ impl CacheMetrics {
     }
 
     fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        // Every label value at zero from the start, so dashboards have series at once.
+        for result in ["hit", "miss"] {
+            self.lookups.with_label_values(&[result]);
+        }
+        for source in ["cache", "store"] {
+            self.bytes.with_label_values(&[source]);
+        }
         registry.register(Box::new(self.lookups.clone()))?;
         registry.register(Box::new(self.bytes.clone()))?;
         registry.register(Box::new(self.readahead.clone()))?;
@@ -496,6 +503,56 @@ mod tests {
                 cache.metrics.lookups.with_label_values(&["miss"]).get() <= misses + 13,
                 "disk={disk}"
             );
+        }
+    }
+
+    /// Bytes the disk tier's files take on disk (their allocated blocks: the files are
+    /// sparse until written).
+    fn allocated(dir: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(dir)
+            .expect("cache dir")
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn nothing_reaches_the_disk_while_disk_writes_are_off() {
+        for writes in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store =
+                Arc::new(Store::open("memory://", &StoreOptions::default()).expect("store"));
+            let options = CacheOptions {
+                // One shard of a few blocks: inserting many evicts most of them.
+                memory_bytes: 256 << 10,
+                disk_bytes: 64 << 20,
+                dir: dir.path().join("cache"),
+                block_bytes: 16 << 10,
+                readahead_blocks: 0,
+            };
+            let cache = BlockCache::open(store, &options, None)
+                .await
+                .expect("cache");
+            let before = allocated(&options.dir);
+            cache.set_disk_writes(writes);
+            assert_eq!(cache.disk_writes(), writes);
+            let parts: Vec<Bytes> = (0..64u8).map(|i| Bytes::from(vec![i; 16 << 10])).collect();
+            cache.insert_object("seg/evicted", &parts);
+            cache.close().await;
+            let after = allocated(&options.dir);
+            if writes {
+                assert!(
+                    after > before,
+                    "evicted blocks reach the disk: {before} -> {after}"
+                );
+            } else {
+                assert_eq!(
+                    after, before,
+                    "no block may reach the disk while writes are off"
+                );
+            }
         }
     }
 

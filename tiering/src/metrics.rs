@@ -110,9 +110,18 @@ pub(crate) fn store_metrics() -> &'static StoreMetrics {
     })
 }
 
+/// Every operation label the store records.
+const OPS: [&str; 5] = ["put", "get", "head", "delete", "list"];
+
 /// Adds the object-store metrics to a registry (once per process).
 pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     let m = store_metrics();
+    // Series of every operation exist from the start (at zero), so dashboards and
+    // alerts have data on a fresh broker.
+    for op in OPS {
+        m.retries.with_label_values(&[op]);
+        m.bytes.with_label_values(&[op]);
+    }
     registry.register(Box::new(m.requests.clone()))?;
     registry.register(Box::new(m.bytes.clone()))?;
     registry.register(Box::new(m.seconds.clone()))?;

@@ -20,6 +20,8 @@ use tracing::{debug, info};
 
 use crate::broker::Broker;
 
+mod scrape;
+
 /// Filled in once the broker has started.
 pub type BrokerSlot = Arc<OnceLock<Arc<Broker>>>;
 
@@ -91,7 +93,7 @@ async fn route(
         "/metrics" => match slot.get() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
             Some(broker) => {
-                let body = crate::metrics::render(broker).await;
+                let body = scrape::render(broker).await;
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
