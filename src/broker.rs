@@ -329,49 +329,60 @@ impl Broker {
         let deadline = Duration::from_millis(self.config.store_unreachable_timeout_ms);
         // An idle store is probed often enough to notice a cut well within the deadline.
         let probe_every = (deadline / 4).max(Duration::from_millis(100));
-        self.spawn_every(Duration::from_secs(1).min(probe_every), move |b| async move {
-            // Ask a store that has been quiet, so a broker that was merely idle (or
-            // paused) is never taken for one cut off.
-            let now = std::time::Instant::now();
-            let quiet = |t: Option<std::time::Instant>| t.is_none_or(|t| now - t >= probe_every);
-            if quiet(b.store.last_answer()) {
-                b.store.probe(probe_every).await;
-            }
-            if quiet(crate::metadata::instrumented::last_answer()) {
-                let _ = tokio::time::timeout(probe_every, b.membership.refresh()).await;
-            }
-            let observation = crate::health::Observation {
-                now: std::time::Instant::now(),
-                object_answered: b.store.last_answer(),
-                metadata_answered: crate::metadata::instrumented::last_answer(),
-                others_serving: b.membership.others_serving(),
-            };
-            let (change, object, metadata) = {
-                let mut health = b.health.lock().expect("health lock poisoned");
-                let change = health.step(&observation);
-                (change, health.object_reachable(), health.metadata_reachable())
-            };
-            let m = crate::metrics::metrics();
-            m.store_reachable
-                .with_label_values(&["object"])
-                .set(i64::from(object));
-            m.store_reachable
-                .with_label_values(&["metadata"])
-                .set(i64::from(metadata));
-            match change {
-                Some(crate::health::Change::StepDown { object, metadata }) => {
-                    b.step_down(object, metadata).await
+        self.spawn_every(
+            Duration::from_secs(1).min(probe_every),
+            move |b| async move {
+                // Ask a store that has been quiet, so a broker that was merely idle (or
+                // paused) is never taken for one cut off.
+                let now = std::time::Instant::now();
+                let quiet =
+                    |t: Option<std::time::Instant>| t.is_none_or(|t| now - t >= probe_every);
+                if quiet(b.store.last_answer()) {
+                    b.store.probe(probe_every).await;
                 }
-                Some(crate::health::Change::Return) => {
-                    m.stepped_down.set(0);
-                    info!("both stores answer again: taking partitions again");
-                    if let Err(e) = b.membership.set_stepped_down(false).await {
-                        warn!(error = %e, "could not register as serving again; the next heartbeat will");
+                if quiet(crate::metadata::instrumented::last_answer()) {
+                    let _ = tokio::time::timeout(probe_every, b.membership.refresh()).await;
+                }
+                let observation = crate::health::Observation {
+                    now: std::time::Instant::now(),
+                    object_answered: b.store.last_answer(),
+                    metadata_answered: crate::metadata::instrumented::last_answer(),
+                    others_serving: b.membership.others_serving(),
+                };
+                let (change, object, metadata) = {
+                    let mut health = b.health.lock().expect("health lock poisoned");
+                    let change = health.step(&observation);
+                    (
+                        change,
+                        health.object_reachable(),
+                        health.metadata_reachable(),
+                    )
+                };
+                let m = crate::metrics::metrics();
+                m.store_reachable
+                    .with_label_values(&["object"])
+                    .set(i64::from(object));
+                m.store_reachable
+                    .with_label_values(&["metadata"])
+                    .set(i64::from(metadata));
+                match change {
+                    Some(crate::health::Change::StepDown { object, metadata }) => {
+                        b.step_down(object, metadata).await
                     }
+                    Some(crate::health::Change::Return) => {
+                        m.stepped_down.set(0);
+                        info!("both stores answer again: taking partitions again");
+                        let back = b.membership.set_stepped_down(false);
+                        if !matches!(tokio::time::timeout(probe_every, back).await, Ok(Ok(()))) {
+                            warn!(
+                                "could not register as serving again yet; the next heartbeat will"
+                            );
+                        }
+                    }
+                    None => {}
                 }
-                None => {}
-            }
-        });
+            },
+        );
     }
 
     /// Whether this broker has stepped down for lack of a store; `Some(reason)` if so.
@@ -406,18 +417,28 @@ impl Broker {
             partitions = self.local_partition_count(),
             "cannot reach a store: stepping down from every partition and coordinator slot"
         );
-        if let Err(e) = self.membership.set_stepped_down(true).await {
-            warn!(error = %e, "could not register as draining; the lease will expire");
+        // Bounded: the metadata store may be the one that does not answer. The flag is
+        // set either way, so the next heartbeat that gets through registers as draining.
+        let registered = self.membership.set_stepped_down(true);
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(2), registered).await,
+            Ok(Ok(()))
+        ) {
+            warn!("could not register as draining; the lease will expire");
         }
         let mut held: Vec<(PartitionKey, i32)> = Vec::new();
+        let mut tasks = Vec::new();
         for t in self.topics() {
             for (i, slot) in t.partitions.iter().enumerate() {
                 if let Some(h) = slot.set(None) {
-                    stop_task(&h).await;
                     held.push((t.key(i as i32), h.shared.leader_epoch));
+                    tasks.push(h);
                 }
             }
         }
+        // At once: a task stuck behind a store that does not answer must not hold up
+        // the others.
+        futures::future::join_all(tasks.iter().map(stop_task)).await;
         for (key, _) in self.ownership.held_slots() {
             if let Some(epoch) = self.ownership.drop_slot(&key) {
                 self.groups

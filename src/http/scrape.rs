@@ -8,6 +8,9 @@ use crate::broker::Broker;
 use crate::clock::now_ms;
 use crate::metrics::{metrics, Metrics};
 
+/// Longest a scrape waits for the committed offsets behind consumer-group lag.
+const LAG_REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Refreshes the scrape-time metrics and renders the registry in the text format.
 pub(crate) async fn render(broker: &Broker) -> String {
     let m = metrics();
@@ -16,7 +19,14 @@ pub(crate) async fn render(broker: &Broker) -> String {
     m.coordinator_slots
         .set(broker.ownership.held_slots().len() as i64);
     m.groups.set(broker.groups.live_groups().len() as i64);
-    refresh_group_lag(broker, m).await;
+    // Lag needs the metadata store; a scrape must answer when it does not (that is when
+    // operators look), so lag is left out of a scrape that would wait longer.
+    if tokio::time::timeout(LAG_REFRESH_TIMEOUT, refresh_group_lag(broker, m))
+        .await
+        .is_err()
+    {
+        tracing::debug!("consumer-group lag left out of this scrape: the metadata store is slow");
+    }
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut out) {
         tracing::warn!(error = %e, "encoding metrics failed");
