@@ -103,6 +103,8 @@ pub struct Broker {
     reconciling: tokio::sync::Mutex<()>,
     /// Whether this broker reaches its stores, and whether it stepped down for lack of one.
     health: std::sync::Mutex<crate::health::Health>,
+    /// Every background task, cancelled and awaited at shutdown.
+    tasks: Arc<crate::tasks::Tasks>,
 }
 
 impl Topic {
@@ -205,9 +207,10 @@ impl Broker {
         )
         .await
         .context("registering the broker")?;
-        membership.spawn();
+        let tasks = Arc::new(crate::tasks::Tasks::new());
+        membership.spawn(&tasks);
         let ownership = Arc::new(Ownership::new(membership.clone()));
-        let (flush_tx, flush_rx) = mpsc::channel(4096);
+        let (flush_tx, flush_rx) = mpsc::channel(config.wal_flush_queue_length);
         let flusher = Flusher::new(
             FlusherConfig {
                 broker_id: config.broker_id,
@@ -220,7 +223,7 @@ impl Broker {
             store.clone(),
             meta.clone(),
         );
-        tokio::spawn(flusher.run(flush_rx));
+        tasks.spawn(flusher.run(flush_rx, tasks.cancelled()));
         let log = Arc::new(LogContext {
             store: store.clone(),
             blocks: blocks.clone(),
@@ -232,6 +235,7 @@ impl Broker {
             retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
             queue_length: config.partition_queue_length,
             broker_id: config.broker_id,
+            tasks: tasks.clone(),
         });
         let groups = crate::group::Coordinator::new(
             meta.clone(),
@@ -254,24 +258,28 @@ impl Broker {
                 offsets_retention_check_interval: Duration::from_millis(
                     config.offsets_retention_check_interval_ms,
                 ),
+                queue_length: config.group_queue_length,
             },
+            tasks.clone(),
         );
         let zone_reads = crate::log::zone::ZoneReads::new(
             meta.clone(),
             Duration::from_millis(config.zone_reads_refresh_ms),
+            config.index_cache_entries,
         );
         let health = crate::health::Health::new(
             Duration::from_millis(config.store_unreachable_timeout_ms),
             Duration::from_millis(config.ownership_hold_down_ms),
             std::time::Instant::now(),
         );
+        let indexes = IndexCache::new(config.index_cache_entries);
         let broker = Arc::new(Broker {
             groups,
             config,
             store,
             meta,
             log,
-            indexes: IndexCache::new(10_000),
+            indexes,
             zone_reads,
             membership,
             ownership,
@@ -280,6 +288,7 @@ impl Broker {
             admin: tokio::sync::Mutex::new(()),
             reconciling: tokio::sync::Mutex::new(()),
             health: std::sync::Mutex::new(health),
+            tasks,
         });
         broker.ensure_coordinator_topic().await?;
         broker.reconcile().await.context("claiming partitions")?;
@@ -301,15 +310,19 @@ impl Broker {
     /// weak reference, so a dropped broker ends it).
     fn spawn_every<F, Fut>(self: &Arc<Self>, every: Duration, job: F)
     where
-        F: Fn(Arc<Broker>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
+        F: Fn(Arc<Broker>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(b) = weak.upgrade() else { return };
+        let job = Arc::new(job);
+        self.tasks.spawn_every(every, move || {
+            let (weak, job) = (weak.clone(), job.clone());
+            async move {
+                let Some(b) = weak.upgrade() else {
+                    return false;
+                };
                 job(b).await;
+                true
             }
         });
     }
@@ -409,23 +422,14 @@ impl Broker {
     /// the stores claim it on their next pass (or after the lease, when the metadata
     /// store is the one cut off).
     async fn step_down(&self, object: bool, metadata: bool) {
-        let m = crate::metrics::metrics();
-        m.stepped_down.set(1);
         warn!(
             object_store_unreachable = object,
             metadata_store_unreachable = metadata,
             partitions = self.local_partition_count(),
             "cannot reach a store: stepping down from every partition and coordinator slot"
         );
-        // Bounded: the metadata store may be the one that does not answer. The flag is
-        // set either way, so the next heartbeat that gets through registers as draining.
-        let registered = self.membership.set_stepped_down(true);
-        if !matches!(
-            tokio::time::timeout(Duration::from_secs(2), registered).await,
-            Ok(Ok(()))
-        ) {
-            warn!("could not register as draining; the lease will expire");
-        }
+        // Draining from now on in this broker's own view, so no pass claims anything.
+        self.membership.mark_stepped_down(true);
         let mut held: Vec<(PartitionKey, i32)> = Vec::new();
         let mut tasks = Vec::new();
         for t in self.topics() {
@@ -446,27 +450,41 @@ impl Broker {
                 held.push((key, epoch));
             }
         }
+        let m = crate::metrics::metrics();
         m.ownership_changes
             .with_label_values(&["stepped_down"])
             .inc_by(held.len() as u64);
         for (key, epoch) in &held {
             self.ownership.note_owner(*key, *epoch, None);
         }
+        m.stepped_down.set(1);
+        // Bounded: the metadata store may be the one that does not answer. The flag is
+        // set either way, so the next heartbeat that gets through registers as draining.
+        let registered = self.membership.set_stepped_down(true);
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(2), registered).await,
+            Ok(Ok(()))
+        ) {
+            warn!("could not register as draining; the lease will expire");
+        }
         if metadata {
             return;
         }
         use futures::StreamExt;
         futures::stream::iter(held)
-            .for_each_concurrent(RECOVERY_CONCURRENCY, |(key, epoch)| async move {
-                let release = self.meta.release_partition(key, epoch);
-                match tokio::time::timeout(Duration::from_secs(5), release).await {
-                    Ok(Ok(())) | Ok(Err(MetaError::Fenced(_))) => {}
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "could not release; it moves when the lease expires")
+            .for_each_concurrent(
+                self.config.ownership_claim_concurrency,
+                |(key, epoch)| async move {
+                    let release = self.meta.release_partition(key, epoch);
+                    match tokio::time::timeout(Duration::from_secs(5), release).await {
+                        Ok(Ok(())) | Ok(Err(MetaError::Fenced(_))) => {}
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "could not release; it moves when the lease expires")
+                        }
+                        Err(_) => debug!("release timed out; it moves when the lease expires"),
                     }
-                    Err(_) => debug!("release timed out; it moves when the lease expires"),
-                }
-            })
+                },
+            )
             .await;
     }
 
@@ -771,9 +789,6 @@ async fn stop_task(h: &PartitionHandle) {
     }
 }
 
-/// Partitions claimed and recovered at once.
-const RECOVERY_CONCURRENCY: usize = 16;
-
 /// The coordinator slots' topic is the cluster's own: clients may neither create nor
 /// delete it (Kafka refuses the same for its internal topics).
 fn refuse_internal(name: &str) -> Result<(), TopicError> {
@@ -814,15 +829,44 @@ impl Broker {
     /// Graceful shutdown, second half (the listener is closed): stops what is left,
     /// deregisters and closes the cache.
     pub async fn shutdown(&self) {
-        let grace = Duration::from_millis(self.config.wal_flush_interval_ms * 2 + 100);
-        tokio::time::sleep(grace).await;
-        for t in &self.topics() {
-            for p in t.local_partitions() {
-                stop_task(&p).await;
-            }
-        }
+        let tasks: Vec<PartitionHandle> = self
+            .topics()
+            .iter()
+            .flat_map(|t| t.local_partitions())
+            .collect();
+        futures::future::join_all(tasks.iter().map(stop_task)).await;
+        // Loops end, the flusher writes and commits what it still holds, and every task
+        // is awaited (bounded by the flush deadline).
+        let deadline = Duration::from_millis(self.config.wal_flush_timeout_ms + 1000);
+        self.tasks.shutdown(deadline).await;
         self.membership.leave().await;
         self.blocks.close().await;
+    }
+
+    /// Depths of the broker's queues against their capacities, for the scrape:
+    /// (queue, depth, capacity); per-partition and per-group queues report the fullest.
+    pub fn queue_depths(&self) -> Vec<(&'static str, usize, usize)> {
+        let flusher = &self.log.flusher;
+        let partitions = self
+            .topics()
+            .iter()
+            .flat_map(|t| t.local_partitions())
+            .map(|p| p.cmd.max_capacity() - p.cmd.capacity())
+            .max()
+            .unwrap_or(0);
+        vec![
+            (
+                "wal_flush",
+                flusher.max_capacity() - flusher.capacity(),
+                flusher.max_capacity(),
+            ),
+            ("partition", partitions, self.config.partition_queue_length),
+            (
+                "group",
+                self.groups.queue_depth_max(),
+                self.config.group_queue_length,
+            ),
+        ]
     }
 
     /// Creates the coordinator slots' internal topic if no broker has yet.
@@ -959,7 +1003,7 @@ impl Broker {
         }
         use futures::StreamExt;
         futures::stream::iter(actions)
-            .for_each_concurrent(RECOVERY_CONCURRENCY, |a| self.apply(a))
+            .for_each_concurrent(self.config.ownership_claim_concurrency, |a| self.apply(a))
             .await;
         Ok(())
     }

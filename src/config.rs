@@ -274,6 +274,26 @@ pub const SETTINGS: &[SettingDef] = &[
         "commands queued for one partition's owner task",
     ),
     def(
+        "wal.flush.queue.length",
+        "4096",
+        "stamped batches queued for the write-ahead flusher (owners wait when it is full)",
+    ),
+    def(
+        "group.queue.length",
+        "256",
+        "requests queued for one consumer group's coordinator task",
+    ),
+    def(
+        "index.cache.entries",
+        "10000",
+        "decoded segment indexes, and manifests of partitions read for clients in this zone, kept in memory (each cache)",
+    ),
+    def(
+        "ownership.claim.concurrency",
+        "16",
+        "partitions and coordinator slots claimed, handed off or released at once by an ownership pass",
+    ),
+    def(
         "group.initial.rebalance.delay.ms",
         "3000",
         "how long a group leaving Empty waits for more members before its first rebalance completes",
@@ -497,6 +517,10 @@ pub struct Config {
     pub max_inflight_per_connection: usize,
     pub queued_max_request_bytes: usize,
     pub partition_queue_length: usize,
+    pub wal_flush_queue_length: usize,
+    pub group_queue_length: usize,
+    pub index_cache_entries: usize,
+    pub ownership_claim_concurrency: usize,
     pub fetch_max_bytes: usize,
     pub group_initial_rebalance_delay_ms: i64,
     pub group_min_session_timeout_ms: i32,
@@ -642,6 +666,10 @@ impl Config {
             max_inflight_per_connection: positive("max.inflight.requests.per.connection")? as usize,
             queued_max_request_bytes: positive("queued.max.request.bytes")? as usize,
             partition_queue_length: positive("partition.queue.length")? as usize,
+            wal_flush_queue_length: positive("wal.flush.queue.length")? as usize,
+            group_queue_length: positive("group.queue.length")? as usize,
+            index_cache_entries: positive("index.cache.entries")? as usize,
+            ownership_claim_concurrency: positive("ownership.claim.concurrency")? as usize,
             fetch_max_bytes: positive("fetch.max.bytes")? as usize,
             group_initial_rebalance_delay_ms: num("group.initial.rebalance.delay.ms")?.max(0),
             group_min_session_timeout_ms: i32::try_from(positive("group.min.session.timeout.ms")?)

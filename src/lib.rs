@@ -27,4 +27,5 @@ pub mod ownership;
 pub mod perf;
 pub mod protocol;
 pub mod server;
+pub mod tasks;
 pub mod wal;

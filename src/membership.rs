@@ -125,8 +125,14 @@ impl Membership {
     /// Marks this broker stepped down (registered as draining) or back, and tells the
     /// metadata store if it can.
     pub async fn set_stepped_down(&self, stepped_down: bool) -> Result<(), MetaError> {
-        self.stepped_down.store(stepped_down, Ordering::Release);
+        self.mark_stepped_down(stepped_down);
         self.heartbeat().await
+    }
+
+    /// Marks this broker stepped down (or back) in its own view only; the next
+    /// heartbeat tells the others.
+    pub fn mark_stepped_down(&self, stepped_down: bool) {
+        self.stepped_down.store(stepped_down, Ordering::Release);
     }
 
     /// Whether another broker was live and serving (not draining) at the last read of
@@ -146,14 +152,16 @@ impl Membership {
         self.heartbeat().await
     }
 
-    /// Heartbeats every third of the lease until the membership is dropped.
-    pub fn spawn(self: &Arc<Self>) {
+    /// Heartbeats every third of the lease until shutdown (or the membership is dropped).
+    pub fn spawn(self: &Arc<Self>, tasks: &crate::tasks::Tasks) {
         let weak: Weak<Membership> = Arc::downgrade(self);
         let every = self.lease / 3;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(m) = weak.upgrade() else { return };
+        tasks.spawn_every(every, move || {
+            let weak = weak.clone();
+            async move {
+                let Some(m) = weak.upgrade() else {
+                    return false;
+                };
                 match m.heartbeat().await {
                     Ok(()) => {}
                     Err(MetaError::Superseded) => warn!(
@@ -163,6 +171,7 @@ impl Membership {
                     ),
                     Err(e) => warn!(error = %e, "broker heartbeat failed; the lease runs on"),
                 }
+                true
             }
         });
     }

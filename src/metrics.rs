@@ -63,6 +63,12 @@ pub struct Metrics {
     pub store_reachable: IntGaugeVec,
     /// 1 while this broker has stepped down from its partitions for lack of a store.
     pub stepped_down: IntGauge,
+    /// Items waiting in each queue (per-partition and per-group queues: the fullest),
+    /// and each queue's capacity, refreshed at scrape time.
+    pub queue_depth: IntGaugeVec,
+    pub queue_capacity: IntGaugeVec,
+    /// Entries of the in-memory caches (`segment_index`, `zone_manifest`).
+    pub cache_entries: IntGaugeVec,
     /// Per-partition byte counters, registered only with `metrics.partition.labels`
     /// (cardinality is a cost).
     pub partition_bytes_in: IntCounterVec,
@@ -268,6 +274,9 @@ pub fn metrics() -> &'static Metrics {
                 }
                 g
             },
+            queue_depth: gauge_vec(&registry, "strata_queue_depth", "items waiting in a queue (wal_flush; partition and group: the fullest of them)", &["queue"]),
+            queue_capacity: gauge_vec(&registry, "strata_queue_capacity", "capacity of a queue (its setting)", &["queue"]),
+            cache_entries: gauge_vec(&registry, "strata_memory_cache_entries", "entries of an in-memory cache (segment_index, zone_manifest), at most index.cache.entries", &["cache"]),
             stepped_down: gauge(&registry, "strata_broker_stepped_down", "1 while this broker has stepped down from its partitions and coordinator slots because it cannot reach a store"),
             partition_bytes_in: IntCounterVec::new(
                 Opts::new("strata_partition_bytes_in_total", "record bytes produced, per partition"),

@@ -35,6 +35,8 @@ pub struct CoordinatorConfig {
     pub offset_metadata_max_bytes: usize,
     pub offsets_retention_ms: i64,
     pub offsets_retention_check_interval: Duration,
+    /// Requests queued for one group's task (`group.queue.length`).
+    pub queue_length: usize,
 }
 
 /// A snapshot for DescribeGroups and ListGroups.
@@ -97,6 +99,8 @@ pub struct Coordinator {
     ownership: Arc<Ownership>,
     pub config: CoordinatorConfig,
     tokens: AtomicU64,
+    /// Where the group tasks and the expiry loop are registered.
+    tasks: Arc<crate::tasks::Tasks>,
 }
 
 impl std::fmt::Debug for GroupCmd {
@@ -110,6 +114,7 @@ impl Coordinator {
         meta: Arc<dyn MetadataStore>,
         ownership: Arc<Ownership>,
         config: CoordinatorConfig,
+        tasks: Arc<crate::tasks::Tasks>,
     ) -> Arc<Coordinator> {
         let c = Arc::new(Coordinator {
             groups: Mutex::new(HashMap::new()),
@@ -117,6 +122,7 @@ impl Coordinator {
             ownership,
             config,
             tokens: AtomicU64::new(1),
+            tasks,
         });
         c.spawn_offset_expiry();
         c
@@ -165,18 +171,30 @@ impl Coordinator {
                 return Err(ResponseError::CoordinatorNotAvailable);
             }
         }
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(self.config.queue_length);
         let group = Group::new(group_id, self.config.limits);
         let consumer = ConsumerGroup::new(group_id, self.config.consumer_limits);
-        tokio::spawn(run_group(
-            group,
-            consumer,
-            rx,
-            self.meta.clone(),
-            self.ownership.clone(),
-        ));
+        let cancelled = self.tasks.cancelled();
+        let (self_meta, self_ownership) = (self.meta.clone(), self.ownership.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancelled => {}
+                _ = run_group(group, consumer, rx, self_meta, self_ownership) => {}
+            }
+        });
         groups.insert(group_id.to_string(), tx.clone());
         Ok(Some(tx))
+    }
+
+    /// Requests waiting in the fullest group queue (at most `group.queue.length`).
+    pub fn queue_depth_max(&self) -> usize {
+        self.groups
+            .lock()
+            .expect("groups lock poisoned")
+            .values()
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Sends a join/sync/heartbeat/leave event and waits for its reply.
@@ -316,50 +334,59 @@ impl Coordinator {
     fn spawn_offset_expiry(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let every = self.config.offsets_retention_check_interval;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(c) = weak.upgrade() else { return };
-                let Ok(groups) = c.meta.offset_groups().await else {
-                    continue;
+        self.tasks.spawn_every(every, move || {
+            let weak = weak.clone();
+            async move {
+                let Some(c) = weak.upgrade() else {
+                    return false;
                 };
-                let mut idle = Vec::new();
-                // Each coordinator expires the offsets of its own groups, and only once it
-                // has held their slot long enough for live members to have rejoined (a
-                // group's members are in the memory of the coordinator they joined).
-                let settled =
-                    Duration::from_millis(c.config.limits.max_session_timeout_ms.max(0) as u64);
-                let own = |g: &String| {
-                    c.ownership
-                        .group_held_for(g)
-                        .is_some_and(|held| held >= settled)
-                };
-                for g in groups.into_iter().filter(own) {
-                    let active = match c.describe(&g).await {
-                        Some(s) => !s.members.is_empty(),
-                        None => false,
-                    };
-                    if !active {
-                        idle.push(g);
-                    }
-                }
-                if idle.is_empty() {
-                    continue;
-                }
-                match c
-                    .meta
-                    .expire_offsets(&idle, now_ms() - c.config.offsets_retention_ms)
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(n) => info!(
-                        offsets = n,
-                        "expired committed offsets past offsets.retention.minutes"
-                    ),
-                    Err(e) => warn!(error = %e, "offset expiry failed"),
-                }
+                c.expire_idle_offsets().await;
+                true
             }
         });
+    }
+
+    /// Expires the committed offsets of this coordinator's groups that have no members
+    /// and were last committed more than `offsets.retention.minutes` ago.
+    async fn expire_idle_offsets(&self) {
+        let c = self;
+        let Ok(groups) = c.meta.offset_groups().await else {
+            return;
+        };
+        let mut idle = Vec::new();
+        // Each coordinator expires the offsets of its own groups, and only once it
+        // has held their slot long enough for live members to have rejoined (a
+        // group's members are in the memory of the coordinator they joined).
+        let settled = Duration::from_millis(c.config.limits.max_session_timeout_ms.max(0) as u64);
+        let own = |g: &String| {
+            c.ownership
+                .group_held_for(g)
+                .is_some_and(|held| held >= settled)
+        };
+        for g in groups.into_iter().filter(own) {
+            let active = match c.describe(&g).await {
+                Some(s) => !s.members.is_empty(),
+                None => false,
+            };
+            if !active {
+                idle.push(g);
+            }
+        }
+        if idle.is_empty() {
+            return;
+        }
+        match c
+            .meta
+            .expire_offsets(&idle, now_ms() - c.config.offsets_retention_ms)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(
+                offsets = n,
+                "expired committed offsets past offsets.retention.minutes"
+            ),
+            Err(e) => warn!(error = %e, "offset expiry failed"),
+        }
     }
 }
 

@@ -19,6 +19,18 @@ pub(crate) async fn render(broker: &Broker) -> String {
     m.coordinator_slots
         .set(broker.ownership.held_slots().len() as i64);
     m.groups.set(broker.groups.live_groups().len() as i64);
+    for (queue, depth, capacity) in broker.queue_depths() {
+        m.queue_depth.with_label_values(&[queue]).set(depth as i64);
+        m.queue_capacity
+            .with_label_values(&[queue])
+            .set(capacity as i64);
+    }
+    m.cache_entries
+        .with_label_values(&["segment_index"])
+        .set(broker.indexes.entries() as i64);
+    m.cache_entries
+        .with_label_values(&["zone_manifest"])
+        .set(broker.zone_reads.entries() as i64);
     // Lag needs the metadata store; a scrape must answer when it does not (that is when
     // operators look), so lag is left out of a scrape that would wait longer.
     if tokio::time::timeout(LAG_REFRESH_TIMEOUT, refresh_group_lag(broker, m))

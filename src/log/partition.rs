@@ -50,6 +50,8 @@ pub struct LogContext {
     pub retention_check_interval: Duration,
     pub queue_length: usize,
     pub broker_id: i32,
+    /// Where owner tasks and uploads are registered.
+    pub tasks: Arc<crate::tasks::Tasks>,
 }
 
 /// What readers see of a partition; written only by the owner task.
@@ -249,6 +251,7 @@ pub async fn start(
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
     let (upload_tx, upload_rx) = mpsc::unbounded_channel();
     let producers = ProducerTable::from_records(state.producers);
+    let tasks = ctx.tasks.clone();
     let owner = Owner {
         ctx,
         key,
@@ -274,7 +277,7 @@ pub async fn start(
         upload_tx,
         released: None,
     };
-    let task = tokio::spawn(owner.run(cmd_rx, flush_rx, upload_rx));
+    let task = tasks.spawn(owner.run(cmd_rx, flush_rx, upload_rx));
     Ok((
         PartitionHandle {
             topic,
@@ -536,7 +539,11 @@ impl Owner {
     fn on_flush_notice(&mut self, notice: FlushNotice) {
         match notice {
             FlushNotice::Flushed { gen, range } if gen == self.gen => self.on_flushed(range),
-            FlushNotice::Failed { gen, fenced } if gen == self.gen => self.on_flush_failed(fenced),
+            FlushNotice::Failed {
+                gen,
+                fenced,
+                uncertain,
+            } if gen == self.gen => self.on_flush_failed(fenced, uncertain),
             // A generation abandoned after a failed flush.
             FlushNotice::Flushed { .. } | FlushNotice::Failed { .. } => {}
         }
@@ -636,13 +643,18 @@ impl Owner {
         }
     }
 
-    fn on_flush_failed(&mut self, fenced: bool) {
-        warn!(topic = %self.topic, partition = self.key.partition, fenced, abandoned = self.unflushed.len(), "write-ahead flush failed; abandoning unflushed batches");
+    /// A flush failed. Its batches are abandoned and offsets continue from the high
+    /// watermark, unless the commit may have applied (`uncertain`): then this owner no
+    /// longer knows its own high watermark and producer state, so it stops serving like a
+    /// fenced one, and the next ownership pass claims the partition again, reading both
+    /// from the metadata store (a retried batch is then recognised as a duplicate).
+    fn on_flush_failed(&mut self, fenced: bool, uncertain: bool) {
+        warn!(topic = %self.topic, partition = self.key.partition, fenced, uncertain, abandoned = self.unflushed.len(), "write-ahead flush failed; abandoning unflushed batches");
         self.gen += 1;
         self.next_offset = self.shared.high_watermark();
         self.producers = self.durable_producers.clone();
         self.unflushed.clear();
-        if fenced {
+        if fenced || uncertain {
             self.shared
                 .fenced
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -759,7 +771,7 @@ impl Owner {
             }
         };
         self.upload.running = true;
-        tokio::spawn(job.run());
+        self.ctx.tasks.spawn(job.run());
     }
 
     fn upload_job(&self, base_offset: i64, end_offset: i64, source: UploadSource) -> UploadJob {
@@ -962,8 +974,15 @@ struct UploadJob {
 
 impl UploadJob {
     async fn run(self) {
-        let result = self.upload().await;
-        let _ = self.notify.send(result);
+        // At shutdown an upload is dropped: nothing is committed, so nothing depends on
+        // it, and the next owner seals the stretch again.
+        let cancelled = self.ctx.tasks.cancelled();
+        tokio::select! {
+            _ = cancelled => {}
+            result = self.upload() => {
+                let _ = self.notify.send(result);
+            }
+        }
     }
 
     /// The segment's bytes, in parts of whole batches.

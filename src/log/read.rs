@@ -46,6 +46,14 @@ impl IndexCache {
         }
     }
 
+    /// Indexes kept now (at most `index.cache.entries`).
+    pub fn entries(&self) -> usize {
+        self.entries
+            .lock()
+            .expect("index cache lock poisoned")
+            .len()
+    }
+
     async fn get(
         &self,
         blocks: &Arc<BlockCache>,

@@ -42,13 +42,18 @@ pub enum ZoneReadError {
 }
 
 impl ZoneReads {
-    pub fn new(meta: Arc<dyn MetadataStore>, refresh: Duration) -> ZoneReads {
+    pub fn new(meta: Arc<dyn MetadataStore>, refresh: Duration, capacity: usize) -> ZoneReads {
         ZoneReads {
             meta,
             refresh,
             manifests: Mutex::new(HashMap::new()),
-            capacity: 10_000,
+            capacity,
         }
+    }
+
+    /// Manifests kept now (at most `index.cache.entries`).
+    pub fn entries(&self) -> usize {
+        self.manifests.lock().expect("manifest lock poisoned").len()
     }
 
     pub fn refresh_interval(&self) -> Duration {

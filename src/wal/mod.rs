@@ -32,9 +32,14 @@ use crate::metadata::{
 pub enum FlushNotice {
     /// The batches up to `range.end_offset` are committed in `range`.
     Flushed { gen: u64, range: WalRangeRecord },
-    /// The batches of generation `gen` were abandoned (`fenced`: a newer owner holds
-    /// the partition).
-    Failed { gen: u64, fenced: bool },
+    /// The batches of generation `gen` were abandoned. `fenced`: a newer owner holds the
+    /// partition. `uncertain`: the commit failed in a way that may have applied it (the
+    /// connection broke mid-commit), so the owner cannot know its own high watermark.
+    Failed {
+        gen: u64,
+        fenced: bool,
+        uncertain: bool,
+    },
 }
 
 /// One stamped batch on its way to the next write-ahead object.
@@ -131,12 +136,19 @@ impl Flusher {
         }
     }
 
-    /// Runs until every sender is dropped, flushing what is left at the end.
+    /// Runs until every sender is dropped or `shutdown` fires, flushing what is left at
+    /// the end (on shutdown the queue is closed, so what is already in it is flushed).
     ///
     /// Up to `concurrency` flushes write their objects at once; their commits run one
     /// after another in the order the flushes started (a turn passed down a chain of
     /// oneshot channels), so every partition's ranges are committed in offset order.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<FlushItem>) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<FlushItem>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut closing = false;
         let mut buffer = Buffer::default();
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
@@ -164,6 +176,10 @@ impl Flusher {
                 return;
             }
             tokio::select! {
+                _ = &mut shutdown, if !closing => {
+                    closing = true;
+                    rx.close();
+                }
                 item = rx.recv(), if open && buffer.bytes < self.config.max_bytes => match item {
                     Some(item) => self.add(&mut buffer, item),
                     None => open = false,
@@ -309,7 +325,7 @@ impl FlushJob {
         let _ = prev_turn.await;
         if !written {
             metrics.flushes.with_label_values(&["write_failed"]).inc();
-            self.abandon(partitions.drain(..), false);
+            self.abandon(partitions.drain(..), false, false);
             let _ = turn.send(());
             return;
         }
@@ -324,7 +340,7 @@ impl FlushJob {
         for k in stale {
             // Its earlier batches were never committed: these would leave a gap.
             if let Some(p) = partitions.shift_remove(&k) {
-                self.abandon([(k, p)].into_iter(), false);
+                self.abandon([(k, p)].into_iter(), false, false);
             }
         }
         loop {
@@ -371,15 +387,16 @@ impl FlushJob {
                     if fenced.is_empty() {
                         warn!("write-ahead commit fenced without naming a partition of this flush");
                         metrics.flushes.with_label_values(&["commit_failed"]).inc();
-                        self.abandon(partitions.drain(..), false);
+                        self.abandon(partitions.drain(..), false, false);
                         break;
                     }
-                    self.abandon(fenced.into_iter(), true);
+                    self.abandon(fenced.into_iter(), true, false);
                 }
                 Err(e) => {
                     warn!(error = %e, object = %key, "write-ahead commit failed past the flush timeout");
                     metrics.flushes.with_label_values(&["commit_failed"]).inc();
-                    self.abandon(partitions.drain(..), false);
+                    // An attempt may have committed before its connection broke.
+                    self.abandon(partitions.drain(..), false, true);
                     break;
                 }
             }
@@ -410,12 +427,21 @@ impl FlushJob {
 
     /// Tells the owners their batches are abandoned and remembers the generation so
     /// later flushes and the buffer drop the rest of it.
-    fn abandon(&self, parts: impl Iterator<Item = (PartitionKey, Pending)>, fenced: bool) {
+    fn abandon(
+        &self,
+        parts: impl Iterator<Item = (PartitionKey, Pending)>,
+        fenced: bool,
+        uncertain: bool,
+    ) {
         let mut abandoned = self.abandoned.lock().expect("abandoned lock poisoned");
         for (k, p) in parts {
             let live = abandoned.entry(k).or_insert(0);
             *live = (*live).max(p.gen + 1);
-            let _ = p.notify.send(FlushNotice::Failed { gen: p.gen, fenced });
+            let _ = p.notify.send(FlushNotice::Failed {
+                gen: p.gen,
+                fenced,
+                uncertain,
+            });
         }
     }
 
