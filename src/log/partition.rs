@@ -1028,21 +1028,29 @@ impl UploadJob {
             .map_err(|e| UploadError::Failed(e.to_string()))?;
         let parts = self.read().await?;
         // Nothing is uploaded, so nothing is committed and no write-ahead object is
-        // collected, unless it holds every offset of its range intact.
-        let contents =
-            tail::check_segment(&parts, self.base_offset, self.end_offset).map_err(|error| {
-                UploadError::Check {
-                    base: self.base_offset,
-                    end: self.end_offset,
-                    source_name: self.source.name(),
-                    error,
-                }
-            })?;
-        let (payload, index) = tiering::segment::build_segment_object(
-            parts,
-            &contents.entries,
-            self.index_interval_bytes,
-        );
+        // collected, unless it holds every offset of its range intact. Checking reads
+        // every byte (CRCs) and building the index walks every batch: both on the
+        // blocking pool, never on the runtime's workers.
+        let (base, end, index_interval) =
+            (self.base_offset, self.end_offset, self.index_interval_bytes);
+        let built = tokio::task::spawn_blocking(move || {
+            tail::check_segment(&parts, base, end).map(|contents| {
+                let (payload, index) = tiering::segment::build_segment_object(
+                    parts,
+                    &contents.entries,
+                    index_interval,
+                );
+                (payload, index, contents.max_timestamp)
+            })
+        })
+        .await
+        .map_err(|e| UploadError::Failed(format!("checking segment: {e}")))?;
+        let (payload, index, max_timestamp) = built.map_err(|error| UploadError::Check {
+            base,
+            end,
+            source_name: self.source.name(),
+            error,
+        })?;
         let object_size = payload.content_length() as u64;
         let parts: Vec<Bytes> = payload.iter().cloned().collect();
         let key =
@@ -1062,7 +1070,7 @@ impl UploadJob {
             object_key: key.to_string(),
             size_bytes: object_size,
             data_bytes: index.data_len(),
-            max_timestamp: contents.max_timestamp,
+            max_timestamp,
             created_ms: now_ms(),
         };
         match self
