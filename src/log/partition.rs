@@ -713,6 +713,14 @@ impl Owner {
         }
         let job = {
             let view = self.shared.view();
+            // The common case, checked first on every commit: one active file that
+            // starts where the sealed log ends, so nothing is due.
+            let only_active = self.appending
+                && view.local.len() == 1
+                && view.local[0].base_offset == self.sealed_end;
+            if only_active {
+                return;
+            }
             let last = view.local.len().saturating_sub(1);
             let spans: Vec<LocalSpan> = view
                 .local
@@ -725,15 +733,16 @@ impl Owner {
                 })
                 .collect();
             let high_watermark = self.shared.high_watermark();
-            let open_bytes: u64 = view
-                .wal
-                .iter()
-                .filter(|r| r.base_offset >= self.sealed_end)
-                .map(|r| r.len)
-                .sum();
-            let open_stretch_due = !self.appending
-                && (open_bytes >= self.config.segment_bytes
-                    || now_ms() - self.wal_only_since_ms >= self.config.segment_ms);
+            let open_stretch_due = !self.appending && {
+                let open_bytes: u64 = view
+                    .wal
+                    .iter()
+                    .filter(|r| r.base_offset >= self.sealed_end)
+                    .map(|r| r.len)
+                    .sum();
+                open_bytes >= self.config.segment_bytes
+                    || now_ms() - self.wal_only_since_ms >= self.config.segment_ms
+            };
             let next = tail::next_upload(&TailState {
                 sealed_end: self.sealed_end,
                 high_watermark,
