@@ -362,6 +362,7 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn key(p: i32) -> PartitionKey {
         PartitionKey {
@@ -537,5 +538,160 @@ mod tests {
         );
         assert_eq!(actions.len(), keys.len());
         assert!(actions.iter().all(|a| matches!(a, Action::Release(_))));
+    }
+
+    /// One broker of the simulated cluster: what it holds, with the epoch it claimed.
+    #[derive(Default)]
+    struct SimBroker {
+        held: HashMap<PartitionKey, Held>,
+        waiting: HashMap<PartitionKey, Instant>,
+    }
+
+    /// Runs one pass of every live broker's planner against a shared owner table and
+    /// applies the actions as the broker and the metadata store would (a claim raises
+    /// the epoch, a release clears the owner if the epoch is still the releaser's).
+    fn pass(
+        brokers: &mut BTreeMap<i32, SimBroker>,
+        live: &[BrokerRecord],
+        owners: &mut HashMap<PartitionKey, PartitionOwner>,
+        keys: &[PartitionKey],
+        now: Instant,
+    ) {
+        for b in live {
+            let me = b.broker_id;
+            let sim = brokers.entry(me).or_default();
+            let input = PlanInput {
+                me,
+                live,
+                owners,
+                held: &sim.held,
+                patience: Duration::ZERO,
+                trust_expiry: true,
+                now,
+            };
+            let eligible: Vec<i32> = live
+                .iter()
+                .filter(|b| !b.draining)
+                .map(|b| b.broker_id)
+                .collect();
+            let actions = plan(&input, keys.iter().copied(), &mut sim.waiting);
+            for action in actions {
+                match action {
+                    Action::Claim(k) => {
+                        assert_eq!(
+                            rendezvous(&k, eligible.iter().copied()),
+                            Some(me),
+                            "broker {me} claimed a key assigned elsewhere"
+                        );
+                        assert!(!b.draining, "a draining broker claimed a key");
+                        let o = owners.entry(k).or_insert(PartitionOwner {
+                            key: k,
+                            leader_epoch: 0,
+                            owner: None,
+                        });
+                        o.leader_epoch += 1;
+                        o.owner = Some(me);
+                        sim.held.insert(
+                            k,
+                            Held {
+                                leader_epoch: o.leader_epoch,
+                                fenced: false,
+                            },
+                        );
+                    }
+                    Action::Release(k) => {
+                        let h = sim.held.remove(&k).expect("released a key it held");
+                        if let Some(o) = owners.get_mut(&k) {
+                            if o.leader_epoch == h.leader_epoch {
+                                o.owner = None;
+                            }
+                        }
+                    }
+                    Action::StepDown(k) => {
+                        sim.held
+                            .remove(&k)
+                            .expect("stepped down from a key it held");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// A cluster of planners over one owner table, through any sequence of brokers
+        /// joining, leaving (their lease expiring), pausing past their lease and
+        /// resuming, and draining: at no point do two
+        /// brokers hold one key under its current epoch, and once membership stops
+        /// changing every key ends up held by exactly the broker the rule names, under
+        /// the epoch the table records, and a draining broker holds nothing.
+        #[test]
+        fn planners_converge_and_never_share_an_epoch(
+            changes in proptest::collection::vec((1i32..6, 0u8..4), 1..12),
+        ) {
+            let keys: Vec<PartitionKey> = (0..40).map(key).collect();
+            // id -> 0 gone (its state lost), 1 live, 2 draining, 3 paused past its lease
+            // (not live, but it keeps what it believes it holds).
+            let mut state: BTreeMap<i32, u8> = BTreeMap::new();
+            let mut brokers: BTreeMap<i32, SimBroker> = BTreeMap::new();
+            let mut owners: HashMap<PartitionKey, PartitionOwner> = HashMap::new();
+            let now = Instant::now();
+            let live_of = |state: &BTreeMap<i32, u8>| -> Vec<BrokerRecord> {
+                state
+                    .iter()
+                    .filter(|(_, s)| **s == 1 || **s == 2)
+                    .map(|(id, s)| broker(*id, *s == 2))
+                    .collect()
+            };
+            let check_single_holder = |brokers: &BTreeMap<i32, SimBroker>, owners: &HashMap<PartitionKey, PartitionOwner>| {
+                for k in &keys {
+                    let current = owners.get(k).map(|o| o.leader_epoch);
+                    let holders = brokers
+                        .values()
+                        .filter(|b| b.held.get(k).map(|h| h.leader_epoch) == current && current.is_some())
+                        .count();
+                    assert!(holders <= 1, "two brokers hold {k:?} under its current epoch");
+                }
+            };
+            for (id, to) in changes {
+                state.insert(id, to);
+                if to == 0 {
+                    // Gone (lease expired): its tasks die with it.
+                    brokers.remove(&id);
+                }
+                let live = live_of(&state);
+                pass(&mut brokers, &live, &mut owners, &keys, now);
+                check_single_holder(&brokers, &owners);
+            }
+            // Stable membership (paused brokers resume, with what they believed they
+            // held): a few passes settle everything.
+            for s in state.values_mut() {
+                if *s == 3 {
+                    *s = 1;
+                }
+            }
+            let live = live_of(&state);
+            for _ in 0..4 {
+                pass(&mut brokers, &live, &mut owners, &keys, now);
+                check_single_holder(&brokers, &owners);
+            }
+            let eligible: Vec<i32> = live.iter().filter(|b| !b.draining).map(|b| b.broker_id).collect();
+            for k in &keys {
+                let target = rendezvous(k, eligible.iter().copied());
+                let holders: Vec<i32> = brokers
+                    .iter()
+                    .filter(|(_, b)| b.held.contains_key(k))
+                    .map(|(id, _)| *id)
+                    .collect();
+                match target {
+                    Some(t) => {
+                        proptest::prop_assert_eq!(&holders, &vec![t]);
+                        let o = owners[k];
+                        proptest::prop_assert_eq!(o.owner, Some(t));
+                        proptest::prop_assert_eq!(brokers[&t].held[k].leader_epoch, o.leader_epoch);
+                    }
+                    None => proptest::prop_assert!(holders.is_empty(), "no eligible broker, yet {:?} hold {:?}", holders, k),
+                }
+            }
+        }
     }
 }
