@@ -186,9 +186,32 @@ pub enum UploadError {
     /// A newer owner holds the partition.
     #[error("fenced by a newer owner")]
     Fenced,
-    /// The store or the metadata store failed; retried with backoff.
+    /// The segment's bytes could not be read from the write-ahead objects.
+    #[error("reading write-ahead ranges: {0}")]
+    Read(#[source] super::read::ReadError),
+    /// The segment object could not be written.
+    #[error("uploading the segment: {0}")]
+    Store(#[source] tiering::Error),
+    /// The manifest could not be updated.
+    #[error("committing the segment: {0}")]
+    Meta(#[source] MetaError),
+    /// A step of the upload did not finish (its task panicked, or the broker is stopping).
     #[error("{0}")]
-    Failed(String),
+    Task(String),
+}
+
+impl UploadError {
+    /// Whether trying again may succeed. A segment that failed its check, or an upload
+    /// fenced by a newer owner, will fail the same way again; so will a store's final
+    /// answer (an object already there with other bytes).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            UploadError::Check { .. } | UploadError::Fenced => false,
+            UploadError::Store(e) => e.is_retriable(),
+            UploadError::Meta(e) => e.is_retriable(),
+            UploadError::Read(_) | UploadError::Task(_) => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -828,9 +851,15 @@ impl Owner {
             }
             Err(e) => {
                 self.upload.failures += 1;
-                let wait = Duration::from_millis(500)
-                    .saturating_mul(1 << (self.upload.failures - 1).min(10))
-                    .min(UPLOAD_BACKOFF_MAX);
+                // Transient failures back off from half a second; a final one (it would
+                // fail the same way again) waits the longest at once.
+                let wait = if e.is_retriable() {
+                    Duration::from_millis(500)
+                        .saturating_mul(1 << (self.upload.failures - 1).min(10))
+                        .min(UPLOAD_BACKOFF_MAX)
+                } else {
+                    UPLOAD_BACKOFF_MAX
+                };
                 self.upload.retry_at = Some(Instant::now() + wait);
                 if let UploadError::Check { source_name, .. } = &e {
                     // Committed data that does not read back whole: never sealed, so
@@ -840,8 +869,10 @@ impl Owner {
                         .with_label_values(&[source_name])
                         .inc();
                     tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "a stretch of committed write-ahead data failed its check; it stays unsealed");
-                } else {
+                } else if e.is_retriable() {
                     warn!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "segment upload failed; will retry");
+                } else {
+                    tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "segment upload failed in a way a retry will not fix; trying again slowly");
                 }
             }
         }
@@ -1002,7 +1033,7 @@ impl UploadJob {
                 let data =
                     tokio::task::spawn_blocking(move || super::local::read_at(&file, 0, size))
                         .await
-                        .map_err(|e| UploadError::Failed(e.to_string()))?
+                        .map_err(|e| UploadError::Task(e.to_string()))?
                         // A local file that cannot be read whole is as good as one with a
                         // hole: the stretch is sealed from the write-ahead objects instead.
                         .map_err(|e| UploadError::Check {
@@ -1023,7 +1054,7 @@ impl UploadJob {
                     .buffered(RANGE_READS_IN_FLIGHT)
                     .try_collect()
                     .await
-                    .map_err(|e| UploadError::Failed(format!("reading write-ahead ranges: {e}")))
+                    .map_err(UploadError::Read)
             }
         }
     }
@@ -1034,7 +1065,7 @@ impl UploadJob {
             .upload_permits
             .acquire()
             .await
-            .map_err(|e| UploadError::Failed(e.to_string()))?;
+            .map_err(|e| UploadError::Task(e.to_string()))?;
         let parts = self.read().await?;
         // Nothing is uploaded, so nothing is committed and no write-ahead object is
         // collected, unless it holds every offset of its range intact. Checking reads
@@ -1053,7 +1084,7 @@ impl UploadJob {
             })
         })
         .await
-        .map_err(|e| UploadError::Failed(format!("checking segment: {e}")))?;
+        .map_err(|e| UploadError::Task(format!("checking segment: {e}")))?;
         let (payload, index, max_timestamp) = built.map_err(|error| UploadError::Check {
             base,
             end,
@@ -1070,7 +1101,7 @@ impl UploadJob {
             .store
             .put_new(&key, payload, None)
             .await
-            .map_err(|e| UploadError::Failed(format!("uploading segment: {e}")))?;
+            .map_err(UploadError::Store)?;
         // Just sealed, so still hot: readers slightly behind the tail hit the cache.
         self.ctx.blocks.insert_object(key.as_ref(), &parts);
         let record = SegmentRecord {
@@ -1090,7 +1121,7 @@ impl UploadJob {
         {
             Ok(()) => Ok(record),
             Err(MetaError::Fenced(_)) => Err(UploadError::Fenced),
-            Err(e) => Err(UploadError::Failed(format!("committing segment: {e}"))),
+            Err(e) => Err(UploadError::Meta(e)),
         }
     }
 }

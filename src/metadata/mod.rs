@@ -40,6 +40,14 @@ pub enum MetaError {
     Superseded,
 }
 
+impl MetaError {
+    /// Whether trying again later may succeed: only an unavailable store. Fencing,
+    /// missing topics and corrupt records are final answers.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, MetaError::Unavailable(_))
+    }
+}
+
 pub type MetaResult<T> = Result<T, MetaError>;
 
 /// A topic as the metadata store keeps it.

@@ -450,7 +450,7 @@ impl FlushJob {
         let mut attempt = 0;
         loop {
             match self.meta.commit_wal(commit).await {
-                Err(MetaError::Unavailable(e)) if Instant::now() < deadline => {
+                Err(e) if e.is_retriable() && Instant::now() < deadline => {
                     attempt += 1;
                     warn!(error = %e, attempt, "write-ahead commit failed; retrying");
                     tokio::time::sleep(tiering::store::backoff(attempt)).await;

@@ -148,3 +148,49 @@ pub enum Error {
         reason: String,
     },
 }
+
+impl Error {
+    /// Whether trying again later may succeed: the store timed out or failed in transit
+    /// (5xx, throttling, a broken connection), or a fetch through the cache did. Answers
+    /// about the object itself (not found, already there, damaged) and configuration
+    /// errors are final: retrying them only repeats the failure.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::TimedOut { .. } | Error::Cache(_) => true,
+            Error::ObjectStore { source, .. } => crate::store::retriable(source),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_failures_are_retriable_and_answers_are_final() {
+        let generic = Error::ObjectStore {
+            location: "k".into(),
+            source: object_store::Error::Generic {
+                store: "s3",
+                source: "503 slow down".into(),
+            },
+        };
+        assert!(generic.is_retriable());
+        assert!(Error::TimedOut {
+            op: "put",
+            key: "k".into()
+        }
+        .is_retriable());
+        assert!(!Error::NotFound { key: "k".into() }.is_retriable());
+        assert!(!Error::AlreadyExists { key: "k".into() }.is_retriable());
+        let precondition = Error::ObjectStore {
+            location: "k".into(),
+            source: object_store::Error::Precondition {
+                path: "k".into(),
+                source: "412".into(),
+            },
+        };
+        assert!(!precondition.is_retriable());
+    }
+}

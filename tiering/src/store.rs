@@ -128,7 +128,7 @@ enum Failure {
 
 /// Errors worth another attempt: transport failures, 5xx and throttling (all of which
 /// object_store reports as `Generic`). Answers about the object itself are final.
-fn retriable(e: &object_store::Error) -> bool {
+pub(crate) fn retriable(e: &object_store::Error) -> bool {
     matches!(
         e,
         object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
