@@ -406,10 +406,10 @@ impl Broker {
         }
         Some(
             match (health.object_reachable(), health.metadata_reachable()) {
-                (false, _) => "stepped down: the object store is unreachable",
-                (true, false) => "stepped down: the metadata store is unreachable",
+                (false, _) => "stepped down: the object store is unreachable\n",
+                (true, false) => "stepped down: the metadata store is unreachable\n",
                 (true, true) => {
-                    "stepped down: waiting out the hold-down after the stores came back"
+                    "stepped down: waiting out the hold-down after the stores came back\n"
                 }
             },
         )

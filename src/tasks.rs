@@ -41,10 +41,6 @@ impl Tasks {
         self.cancel.clone().cancelled_owned()
     }
 
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
-    }
-
     /// Runs `job` every `every` until shutdown (or until `job` returns `false`).
     pub fn spawn_every<F, Fut>(&self, every: Duration, mut job: F)
     where

@@ -58,6 +58,20 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
     r
 }
 
+/// Why the broker should get no new clients now, if it should not.
+async fn unready(broker: &Broker) -> Option<&'static str> {
+    if !broker.log.disk.writable() {
+        return Some("cache disk full: acks=1 produces are refused until it has room\n");
+    }
+    if let Some(reason) = broker.stepped_down() {
+        return Some(reason);
+    }
+    match tokio::time::timeout(READY_PROBE_TIMEOUT, broker.meta.list_topics()).await {
+        Ok(Ok(_)) => None,
+        _ => Some("metadata store unreachable\n"),
+    }
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -72,23 +86,10 @@ async fn route(
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match slot.get() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
-            Some(broker) if !broker.log.disk.writable() => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cache disk full: acks=1 produces are refused until it has room\n",
-            ),
-            Some(broker) if broker.stepped_down().is_some() => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                broker.stepped_down().unwrap_or("stepped down"),
-            ),
-            Some(broker) => {
-                match tokio::time::timeout(READY_PROBE_TIMEOUT, broker.meta.list_topics()).await {
-                    Ok(Ok(_)) => text(StatusCode::OK, "ready\n"),
-                    _ => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "metadata store unreachable\n",
-                    ),
-                }
-            }
+            Some(broker) => match unready(broker).await {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason),
+            },
         },
         "/metrics" => match slot.get() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),

@@ -85,7 +85,9 @@ def run(b: Broker, args) -> None:
     c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": unique_topic("g"),
                   "fetch.wait.max.ms": 10})
     c.assign([TopicPartition(topic, 0, 0)])
+    deadline = time.monotonic() + 120
     while True:
+        assert time.monotonic() < deadline, "offset 0 was not fetched within 120 s"
         m = c.poll(0.1)
         if m is not None and m.error() is None:
             assert m.offset() == 0
