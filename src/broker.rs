@@ -270,7 +270,7 @@ impl Broker {
         let health = crate::health::Health::new(
             Duration::from_millis(config.store_unreachable_timeout_ms),
             Duration::from_millis(config.ownership_hold_down_ms),
-            std::time::Instant::now(),
+            crate::clock::instant(),
         );
         let indexes = IndexCache::new(config.index_cache_entries);
         let broker = Arc::new(Broker {
@@ -347,7 +347,7 @@ impl Broker {
             move |b| async move {
                 // Ask a store that has been quiet, so a broker that was merely idle (or
                 // paused) is never taken for one cut off.
-                let now = std::time::Instant::now();
+                let now = crate::clock::instant();
                 let quiet =
                     |t: Option<std::time::Instant>| t.is_none_or(|t| now - t >= probe_every);
                 if quiet(b.store.last_answer()) {
@@ -357,7 +357,7 @@ impl Broker {
                     let _ = tokio::time::timeout(probe_every, b.membership.refresh()).await;
                 }
                 let observation = crate::health::Observation {
-                    now: std::time::Instant::now(),
+                    now: crate::clock::instant(),
                     object_answered: b.store.last_answer(),
                     metadata_answered: crate::metadata::instrumented::last_answer(),
                     others_serving: b.membership.others_serving(),
@@ -988,7 +988,7 @@ impl Broker {
             held: &held,
             patience: self.membership.lease(),
             trust_expiry: self.membership.settled(),
-            now: std::time::Instant::now(),
+            now: crate::clock::instant(),
         };
         let actions = self.ownership.decide(&input, keys);
         if !actions.is_empty() {

@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn steps_down_after_the_deadline_and_returns_after_the_hold_down() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let mut h = Health::new(DEADLINE, HOLD, t0);
         let s = Duration::from_secs;
         // The object store stops answering at t0; the metadata store keeps answering.
@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_lone_broker_never_steps_down_and_the_last_one_comes_back_at_once() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let s = Duration::from_secs;
         let mut h = Health::new(DEADLINE, HOLD, t0);
         assert_eq!(h.step(&look(t0 + s(60), t0, t0, false)), None);
@@ -189,7 +189,7 @@ mod tests {
         fn decisions_follow_the_rules(
             events in prop::collection::vec((0u64..3000, any::<bool>(), any::<bool>(), any::<bool>()), 1..200),
         ) {
-            let t0 = Instant::now();
+            let t0 = crate::clock::instant();
             let mut h = Health::new(DEADLINE, HOLD, t0);
             let (mut now, mut object, mut metadata) = (t0, t0, t0);
             let mut healthy_since: Option<Instant> = Some(t0);

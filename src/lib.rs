@@ -27,5 +27,7 @@ pub mod ownership;
 pub mod perf;
 pub mod protocol;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod tasks;
 pub mod wal;

@@ -83,7 +83,7 @@ impl Membership {
         match result {
             Ok(live) => {
                 *self.live.write().expect("membership lock poisoned") = live;
-                settled.get_or_insert_with(std::time::Instant::now);
+                settled.get_or_insert_with(crate::clock::instant);
                 Ok(())
             }
             Err(e) => {

@@ -289,7 +289,7 @@ pub fn metrics() -> &'static Metrics {
             )
             .expect("valid"),
             partition_labels: std::sync::atomic::AtomicBool::new(false),
-            started: Instant::now(),
+            started: crate::clock::instant(),
             uptime_seconds,
             group_lag: gauge_vec(&registry, "kafka_consumergroup_lag", "log end offset minus committed offset", &partition),
             group_lag_sum: gauge_vec(&registry, "kafka_consumergroup_lag_sum", "lag summed over a topic's partitions", &topic),

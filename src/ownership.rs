@@ -314,7 +314,7 @@ impl Ownership {
             .write()
             .expect("slots lock poisoned")
             .held
-            .insert(key.partition, (leader_epoch, Instant::now()));
+            .insert(key.partition, (leader_epoch, crate::clock::instant()));
         self.note_owner(key, leader_epoch, Some(self.me()));
     }
 
@@ -443,7 +443,7 @@ mod tests {
             .copied()
             .filter(|k| rendezvous(k, [1, 2]) == Some(2))
             .collect();
-        let now = Instant::now();
+        let now = crate::clock::instant();
         let held = HashMap::new();
         // Nobody owns anything: claim exactly my share.
         let owners = HashMap::new();
@@ -634,7 +634,7 @@ mod tests {
             let mut state: BTreeMap<i32, u8> = BTreeMap::new();
             let mut brokers: BTreeMap<i32, SimBroker> = BTreeMap::new();
             let mut owners: HashMap<PartitionKey, PartitionOwner> = HashMap::new();
-            let now = Instant::now();
+            let now = crate::clock::instant();
             let live_of = |state: &BTreeMap<i32, u8>| -> Vec<BrokerRecord> {
                 state
                     .iter()

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
@@ -158,7 +158,7 @@ async fn leaders(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<BTreeMap<String, Vec<i32>>> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = crate::clock::instant() + Duration::from_secs(30);
     loop {
         let led = crate::client::partition_leaders(admin, &[topic]).await?;
         if led.len() == partitions as usize {
@@ -168,13 +168,13 @@ async fn leaders(
             }
             return Ok(by_leader);
         }
-        if Instant::now() > deadline {
+        if crate::clock::instant() > deadline {
             bail!(
                 "only {} of {partitions} partitions of {topic} have a leader",
                 led.len()
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        crate::clock::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -253,8 +253,8 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
 
     // Phase 1: produce throughput (`connections` connections to every leader).
     let acked_batches = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(s.seconds);
-    let started = Instant::now();
+    let deadline = crate::clock::instant() + Duration::from_secs(s.seconds);
+    let started = crate::clock::instant();
     let mut tasks = Vec::new();
     for (addr, parts) in &by_leader {
         for c in 0..s.connections {
@@ -275,7 +275,7 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
             let acks = s.acks;
             tasks.push(tokio::spawn(async move {
                 let mut pending = VecDeque::new();
-                while Instant::now() < deadline {
+                while crate::clock::instant() < deadline {
                     while pending.len() < inflight {
                         pending.push_back(conn.send(&req, 7, acks != 0).await?);
                     }
@@ -321,18 +321,18 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
         }
         let small = make_batch(1, s.record_size)?;
         let mut ticker =
-            tokio::time::interval(Duration::from_nanos(1_000_000_000 / s.latency_rate));
+            crate::clock::interval(Duration::from_nanos(1_000_000_000 / s.latency_rate));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let end = Instant::now() + Duration::from_secs(s.latency_seconds);
+        let end = crate::clock::instant() + Duration::from_secs(s.latency_seconds);
         let (lat_tx, mut lat_rx) = mpsc::unbounded_channel();
         let mut i = 0usize;
-        while Instant::now() < end {
+        while crate::clock::instant() < end {
             ticker.tick().await;
             let partition = (i % s.partitions as usize) as i32;
             let req = produce_request(&s.topic, &[partition], &small, -1);
             i += 1;
             let conn = &conns[&leader_of[&partition]];
-            let sent = Instant::now();
+            let sent = crate::clock::instant();
             let rx = conn.send(&req, 7, true).await?.context("no response")?;
             let lat_tx = lat_tx.clone();
             tokio::spawn(async move {
@@ -368,7 +368,7 @@ async fn perf(s: Settings) -> anyhow::Result<()> {
     }
 
     // Phase 3: consume everything from the start, from every leader at once.
-    let started = Instant::now();
+    let started = crate::clock::instant();
     let readers: Vec<_> = by_leader
         .into_iter()
         .map(|(addr, parts)| tokio::spawn(consume(addr, s.topic.clone(), parts)))

@@ -52,7 +52,7 @@ impl Tasks {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
+                    _ = crate::clock::sleep(every) => {}
                 }
                 if !job().await {
                     return;
@@ -106,10 +106,10 @@ mod tests {
         let cancelled = tasks.cancelled();
         tasks.spawn(async move {
             cancelled.await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            crate::clock::sleep(Duration::from_millis(20)).await;
             done.store(1, Ordering::Release);
         });
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        crate::clock::sleep(Duration::from_millis(30)).await;
         assert!(runs.load(Ordering::Relaxed) > 0);
         assert_eq!(tasks.shutdown(Duration::from_secs(5)).await, 0);
         assert_eq!(
@@ -118,7 +118,7 @@ mod tests {
             "shutdown waited for it"
         );
         let after = runs.load(Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        crate::clock::sleep(Duration::from_millis(30)).await;
         assert_eq!(runs.load(Ordering::Relaxed), after, "the loop stopped");
     }
 

@@ -509,7 +509,7 @@ async fn run_group(
                     Vec::new()
                 }
             },
-            _ = tokio::time::sleep(sleep) => match kind {
+            _ = crate::clock::sleep(sleep) => match kind {
                 Kind::Classic => group.handle(Event::Tick, now_ms()),
                 Kind::Consumer => {
                     consumer.tick(now_ms());

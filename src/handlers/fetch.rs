@@ -14,7 +14,6 @@ use futures::future::select_all;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
 use kafka_protocol::ResponseError;
-use tokio::time::Instant;
 
 use super::errors;
 use crate::broker::Broker;
@@ -98,8 +97,8 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
         resp.error_code = ResponseError::FetchSessionIdNotFound.code();
         return resp;
     }
-    let deadline =
-        Instant::now() + Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT);
+    let deadline = crate::clock::instant()
+        + Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT);
     let min_bytes = req.min_bytes.max(0) as usize;
     let asked = if req.max_bytes <= 0 {
         usize::MAX
@@ -245,21 +244,21 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
             || any_error
             || redirected
             || nothing_to_wait_on
-            || Instant::now() >= deadline
+            || crate::clock::instant() >= deadline
         {
             return resp;
         }
         // Zone-local reads have no watch to wait on: look again every refresh interval.
         let wake = if zone_reads {
-            deadline.min(Instant::now() + broker.zone_reads.refresh_interval())
+            deadline.min(crate::clock::instant() + broker.zone_reads.refresh_interval())
         } else {
             deadline
         };
         if watchers.is_empty() {
-            tokio::time::sleep_until(wake).await;
+            crate::clock::sleep_until(Some(wake)).await;
         } else {
             let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
-            if tokio::time::timeout_at(wake, changed).await.is_err() && wake == deadline {
+            if tokio::time::timeout_at(wake.into(), changed).await.is_err() && wake == deadline {
                 return resp;
             }
         }

@@ -2,6 +2,7 @@
 //! segment files, idempotent-producer state, reads of any retained offset, and zone-local
 //! reads of partitions other brokers own.
 
+pub mod appender;
 pub mod batch;
 pub mod local;
 pub mod partition;

@@ -13,27 +13,25 @@
 //! append that fails leaves the file as it was and stops it there; what no local file
 //! holds is read from, and sealed from, the write-ahead objects.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::batch::{self, ValidBatch};
+use super::appender::Appender;
+use super::batch::ValidBatch;
 use super::local::LocalSegment;
-use super::producer::{ProducerTable, SeqCheck, SeqError};
+use super::producer::{ProducerTable, SeqError};
 use super::tail::{self, CheckError, LocalSpan, NextUpload, TailState};
 use crate::clock::now_ms;
 use crate::config::TopicConfig;
 use crate::disk::{CacheDisk, WriteFailure};
-use crate::metadata::{
-    MetaError, MetadataStore, PartitionKey, ProducerStateRecord, SegmentRecord, WalRangeRecord,
-};
+use crate::metadata::{MetaError, MetadataStore, PartitionKey, SegmentRecord, WalRangeRecord};
 use crate::wal::{FlushItem, FlushNotice};
 
 /// Broker-wide parts every partition task uses.
@@ -274,6 +272,7 @@ pub async fn start(
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
     let (upload_tx, upload_rx) = mpsc::unbounded_channel();
     let producers = ProducerTable::from_records(state.producers);
+    let writes = Appender::new(state.leader_epoch, state.high_watermark, producers);
     let tasks = ctx.tasks.clone();
     let owner = Owner {
         ctx,
@@ -282,15 +281,7 @@ pub async fn start(
         stream,
         shared: shared.clone(),
         dir,
-        next_offset: state.high_watermark,
-        producers: producers.clone(),
-        durable_producers: producers,
-        unflushed: VecDeque::new(),
-        waiters: VecDeque::new(),
-        // Generations start from the leader epoch, so a later incarnation of the
-        // partition on this broker (claimed again after a hand-off or step-down) never
-        // looks like a generation the flusher already abandoned.
-        gen: (state.leader_epoch.max(0) as u64) << 32,
+        writes,
         config,
         sealed_end,
         appending,
@@ -355,18 +346,6 @@ struct UploadState {
     retry_at: Option<Instant>,
 }
 
-struct Unflushed {
-    bytes: Bytes,
-    end_offset: i64,
-    producer: Option<ProducerStateRecord>,
-}
-
-struct Waiter {
-    end_offset: i64,
-    ok: AppendOk,
-    reply: AppendReply,
-}
-
 struct Owner {
     ctx: Arc<LogContext>,
     key: PartitionKey,
@@ -374,16 +353,8 @@ struct Owner {
     stream: Arc<str>,
     shared: Arc<PartitionShared>,
     dir: PathBuf,
-    /// Next offset to assign (log end, including not yet durable batches).
-    next_offset: i64,
-    /// Producer state including batches not yet durable.
-    producers: ProducerTable,
-    /// Producer state as committed; restored when a flush fails.
-    durable_producers: ProducerTable,
-    unflushed: VecDeque<Unflushed>,
-    waiters: VecDeque<Waiter>,
-    /// Bumped when unflushed batches are abandoned, so stale flush items are ignored.
-    gen: u64,
+    /// Offsets, producer sequences and waiting producers (the write state machine).
+    writes: Appender<(AppendOk, AppendReply)>,
     config: TopicConfig,
     /// End of the log sealed in segment objects: the next upload starts here.
     sealed_end: i64,
@@ -408,13 +379,13 @@ impl Owner {
         mut flushes: mpsc::UnboundedReceiver<FlushNotice>,
         mut uploads: mpsc::UnboundedReceiver<UploadDone>,
     ) {
-        let mut tick = tokio::time::interval(
+        let mut tick = crate::clock::interval(
             self.ctx
                 .retention_check_interval
                 .min(Duration::from_secs(1)),
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_retention = tokio::time::Instant::now();
+        let mut last_retention = crate::clock::instant();
         loop {
             tokio::select! {
                 biased;
@@ -428,7 +399,7 @@ impl Owner {
                     self.maybe_seal(false);
                     self.maybe_upload();
                     if last_retention.elapsed() >= self.ctx.retention_check_interval {
-                        last_retention = tokio::time::Instant::now();
+                        last_retention = crate::clock::instant();
                         self.apply_retention().await;
                     }
                 }
@@ -467,7 +438,7 @@ impl Owner {
 
     /// Answers a pending hand-off once nothing taken is still waiting for its flush.
     fn maybe_released(&mut self) {
-        if self.unflushed.is_empty() {
+        if self.writes.all_settled() {
             if let Some(reply) = self.released.take() {
                 let _ = reply.send(());
             }
@@ -483,129 +454,70 @@ impl Owner {
             let _ = reply.send(Err(AppendError::DiskFull));
             return;
         }
-        // Check every batch first (against a scratch copy when there are several), so a
-        // request is applied whole or not at all.
-        let mut decisions = Vec::with_capacity(batches.len());
-        {
-            let mut scratch = (batches.len() > 1).then(|| self.producers.clone());
-            for b in &batches {
-                let table = scratch.as_ref().unwrap_or(&self.producers);
-                match table.check(&b.header) {
-                    Ok(d) => {
-                        if let (Some(t), SeqCheck::Append) = (scratch.as_mut(), d) {
-                            t.record(&b.header, 0, 0);
-                        }
-                        decisions.push(d);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                        return;
-                    }
-                }
+        let appended = match self.writes.append(&batches, now_ms()) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
             }
-        }
-        let now = now_ms();
-        let mut first_base = None;
-        let mut last_end = self.next_offset;
-        for (b, decision) in batches.iter().zip(decisions) {
-            match decision {
-                SeqCheck::Duplicate { base_offset } => {
-                    first_base.get_or_insert(base_offset);
-                    last_end = last_end.max(base_offset + b.header.offset_count());
-                }
-                SeqCheck::Append => {
-                    let base = self.next_offset;
-                    let stamped = batch::stamp(&b.bytes, base, self.shared.leader_epoch);
-                    self.next_offset += b.header.offset_count();
-                    let producer = self.producers.record(&b.header, base, now);
-                    let item = FlushItem {
-                        key: self.key,
-                        stream: self.stream.clone(),
-                        leader_epoch: self.shared.leader_epoch,
-                        gen: self.gen,
-                        base_offset: base,
-                        end_offset: self.next_offset,
-                        max_timestamp: b.header.max_timestamp,
-                        batch: stamped.clone(),
-                        producer: producer.clone(),
-                        notify: self.flush_tx.clone(),
-                    };
-                    self.unflushed.push_back(Unflushed {
-                        bytes: stamped,
-                        end_offset: self.next_offset,
-                        producer,
-                    });
-                    first_base.get_or_insert(base);
-                    last_end = self.next_offset;
-                    if self.ctx.flusher.send(item).await.is_err() {
-                        let _ = reply.send(Err(AppendError::NotDurable));
-                        return;
-                    }
-                }
+        };
+        for b in appended.batches {
+            let item = FlushItem {
+                key: self.key,
+                stream: self.stream.clone(),
+                leader_epoch: self.shared.leader_epoch,
+                gen: self.writes.generation(),
+                base_offset: b.base_offset,
+                end_offset: b.end_offset,
+                max_timestamp: b.max_timestamp,
+                batch: b.bytes,
+                producer: b.producer,
+                notify: self.flush_tx.clone(),
+            };
+            if self.ctx.flusher.send(item).await.is_err() {
+                let _ = reply.send(Err(AppendError::NotDurable));
+                return;
             }
         }
         let ok = AppendOk {
-            base_offset: first_base.unwrap_or(self.next_offset),
+            base_offset: appended.base_offset,
             log_start_offset: self.shared.log_start_offset(),
         };
-        if acks != -1 || last_end <= self.shared.high_watermark() {
+        if acks != -1 {
             let _ = reply.send(Ok(ok));
-        } else {
-            self.waiters.push_back(Waiter {
-                end_offset: last_end,
-                ok,
-                reply,
-            });
+        } else if let Some((ok, reply)) = self.writes.wait(appended.end_offset, (ok, reply)) {
+            let _ = reply.send(Ok(ok));
         }
     }
 
     fn on_flush_notice(&mut self, notice: FlushNotice) {
         match notice {
-            FlushNotice::Flushed { gen, range } if gen == self.gen => self.on_flushed(range),
+            FlushNotice::Flushed { gen, range } => self.on_flushed(gen, range),
             FlushNotice::Failed {
                 gen,
                 fenced,
                 uncertain,
-            } if gen == self.gen => self.on_flush_failed(fenced, uncertain),
-            // A generation abandoned after a failed flush.
-            FlushNotice::Flushed { .. } | FlushNotice::Failed { .. } => {}
+            } => self.on_flush_failed(gen, fenced, uncertain),
         }
     }
 
-    fn on_flushed(&mut self, range: WalRangeRecord) {
+    fn on_flushed(&mut self, gen: u64, range: WalRangeRecord) {
         let end_offset = range.end_offset;
-        let from = self.shared.high_watermark();
-        let mut durable = Vec::new();
-        while self
-            .unflushed
-            .front()
-            .is_some_and(|u| u.end_offset <= end_offset)
-        {
-            let Some(u) = self.unflushed.pop_front() else {
-                break;
-            };
-            if let Some(p) = u.producer {
-                self.durable_producers.insert(p);
-            }
-            durable.push(u.bytes);
-        }
+        // `None`: a generation abandoned after a failed flush.
+        let Some(durable) = self.writes.flushed(gen, end_offset) else {
+            return;
+        };
         {
             let shared = self.shared.clone();
             let mut view = shared.view_mut();
             // The range is recorded before the high watermark moves, so every offset
             // below it is readable from the write-ahead objects whatever the disk does.
             view.wal.push(range);
-            self.store_local(&mut view, &durable, from);
+            self.store_local(&mut view, &durable.batches, durable.from);
         }
         self.shared.hw.send_replace(end_offset);
-        while self
-            .waiters
-            .front()
-            .is_some_and(|w| w.end_offset <= end_offset)
-        {
-            if let Some(w) = self.waiters.pop_front() {
-                let _ = w.reply.send(Ok(w.ok));
-            }
+        for (ok, reply) in durable.answered {
+            let _ = reply.send(Ok(ok));
         }
         self.maybe_seal(false);
         self.maybe_upload();
@@ -671,26 +583,29 @@ impl Owner {
     /// longer knows its own high watermark and producer state, so it stops serving like a
     /// fenced one, and the next ownership pass claims the partition again, reading both
     /// from the metadata store (a retried batch is then recognised as a duplicate).
-    fn on_flush_failed(&mut self, fenced: bool, uncertain: bool) {
-        warn!(topic = %self.topic, partition = self.key.partition, fenced, uncertain, abandoned = self.unflushed.len(), "write-ahead flush failed; abandoning unflushed batches");
-        self.gen += 1;
-        self.next_offset = self.shared.high_watermark();
-        self.producers = self.durable_producers.clone();
-        self.unflushed.clear();
-        if fenced || uncertain {
+    fn on_flush_failed(&mut self, gen: u64, fenced: bool, uncertain: bool) {
+        let abandoned = self.writes.unflushed_len();
+        let Some(waiting) = self.writes.failed(gen) else {
+            return;
+        };
+        warn!(topic = %self.topic, partition = self.key.partition, fenced, uncertain, abandoned, "write-ahead flush failed; abandoning unflushed batches");
+        let error = if fenced || uncertain {
             self.shared
                 .fenced
                 .store(true, std::sync::atomic::Ordering::Release);
-            self.fail_waiters(AppendError::NotLeader);
+            AppendError::NotLeader
         } else {
-            self.fail_waiters(AppendError::NotDurable);
+            AppendError::NotDurable
+        };
+        for (_, reply) in waiting {
+            let _ = reply.send(Err(error));
         }
         self.maybe_released();
     }
 
     fn fail_waiters(&mut self, error: AppendError) {
-        for w in self.waiters.drain(..) {
-            let _ = w.reply.send(Err(error));
+        for (_, reply) in self.writes.take_waiters() {
+            let _ = reply.send(Err(error));
         }
     }
 
@@ -731,7 +646,12 @@ impl Owner {
 
     /// Starts the next upload when one is due and none is running (see `super::tail`).
     fn maybe_upload(&mut self) {
-        if self.upload.running || self.upload.retry_at.is_some_and(|t| Instant::now() < t) {
+        if self.upload.running
+            || self
+                .upload
+                .retry_at
+                .is_some_and(|t| crate::clock::instant() < t)
+        {
             return;
         }
         let job = {
@@ -860,7 +780,7 @@ impl Owner {
                 } else {
                     UPLOAD_BACKOFF_MAX
                 };
-                self.upload.retry_at = Some(Instant::now() + wait);
+                self.upload.retry_at = Some(crate::clock::instant() + wait);
                 if let UploadError::Check { source_name, .. } = &e {
                     // Committed data that does not read back whole: never sealed, so
                     // its write-ahead objects are kept. Loud, and retried slowly.

@@ -88,7 +88,7 @@ impl ZoneReads {
         if manifests.len() >= self.capacity {
             manifests.clear();
         }
-        manifests.insert(key, (Instant::now(), state.clone()));
+        manifests.insert(key, (crate::clock::instant(), state.clone()));
         Ok(state)
     }
 

@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use object_store::path::Path;
@@ -723,7 +723,7 @@ impl Writer {
                 .put_new(
                     &log_key(record.seq),
                     bytes.into(),
-                    Some(Instant::now() + WRITE_DEADLINE),
+                    Some(crate::clock::instant() + WRITE_DEADLINE),
                 )
                 .await
                 .map_err(|e| {

@@ -101,7 +101,7 @@ impl Instrumented {
 /// The process's reference instant for [`last_answer`].
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    *EPOCH.get_or_init(crate::clock::instant)
 }
 
 /// Nanoseconds after `epoch()` of the last answer; 0: none yet.
@@ -117,7 +117,7 @@ pub fn last_answer() -> Option<Instant> {
 }
 
 async fn timed<T>(op: &str, f: impl std::future::Future<Output = MetaResult<T>>) -> MetaResult<T> {
-    let started = Instant::now();
+    let started = crate::clock::instant();
     let result = f.await;
     let m = metrics();
     m.seconds

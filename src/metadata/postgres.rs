@@ -1763,7 +1763,7 @@ mod tests {
             acknowledged
         };
         let claimer = async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            crate::clock::sleep(Duration::from_millis(20)).await;
             new.claim_partition(keys[2], 2).await.expect("take over")
         };
         let (acknowledged, claimed) = tokio::join!(committer, claimer);
@@ -1989,7 +1989,7 @@ mod tests {
             if ok {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::clock::sleep(Duration::from_millis(50)).await;
         }
         assert!(
             results

@@ -78,7 +78,7 @@ pub async fn run(
             Ok(p) => p,
             Err(_) => break "shutting down".into(),
         };
-        let started = std::time::Instant::now();
+        let started = crate::clock::instant();
         metrics.request_bytes_in_flight.add(len as i64);
         // Read straight into uninitialised capacity, never past this frame.
         let mut buf = BytesMut::with_capacity(len);

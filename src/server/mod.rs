@@ -48,7 +48,7 @@ pub async fn serve(
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                crate::clock::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }

@@ -14,6 +14,8 @@
 pub mod cache;
 mod codec;
 pub mod error;
+#[cfg(any(test, feature = "faults"))]
+pub mod faults;
 pub mod keys;
 pub mod metrics;
 pub mod segment;

@@ -886,100 +886,25 @@ mod tests {
         }
     }
 
-    /// An object store that fails or stalls the first `faults` puts (optionally after
-    /// storing the object, as a server that accepted a write whose reply was lost).
-    #[derive(Debug)]
-    struct Flaky {
-        inner: InMemory,
-        faults: std::sync::atomic::AtomicUsize,
-        land_then_fail: bool,
-        stall: bool,
-    }
-
-    impl std::fmt::Display for Flaky {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("flaky")
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for Flaky {
-        async fn put_opts(
-            &self,
-            location: &Path,
-            payload: PutPayload,
-            opts: PutOptions,
-        ) -> object_store::Result<object_store::PutResult> {
-            use std::sync::atomic::Ordering;
-            if self.faults.load(Ordering::SeqCst) > 0 {
-                self.faults.fetch_sub(1, Ordering::SeqCst);
-                if self.land_then_fail {
-                    self.inner.put_opts(location, payload, opts).await?;
-                }
-                if self.stall {
-                    std::future::pending::<()>().await;
-                }
-                return Err(object_store::Error::Generic {
-                    store: "flaky",
-                    source: "503 Slow Down".into(),
-                });
-            }
-            self.inner.put_opts(location, payload, opts).await
-        }
-        async fn put_multipart_opts(
-            &self,
-            location: &Path,
-            opts: object_store::PutMultipartOptions,
-        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-            self.inner.put_multipart_opts(location, opts).await
-        }
-        async fn get_opts(
-            &self,
-            location: &Path,
-            options: object_store::GetOptions,
-        ) -> object_store::Result<object_store::GetResult> {
-            self.inner.get_opts(location, options).await
-        }
-        fn delete_stream(
-            &self,
-            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
-            self.inner.delete_stream(locations)
-        }
-        fn list(
-            &self,
-            prefix: Option<&Path>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
-            self.inner.list(prefix)
-        }
-        async fn list_with_delimiter(
-            &self,
-            prefix: Option<&Path>,
-        ) -> object_store::Result<object_store::ListResult> {
-            self.inner.list_with_delimiter(prefix).await
-        }
-        async fn copy_opts(
-            &self,
-            from: &Path,
-            to: &Path,
-            options: object_store::CopyOptions,
-        ) -> object_store::Result<()> {
-            self.inner.copy_opts(from, to, options).await
-        }
-    }
-
     fn flaky(faults: usize, land_then_fail: bool, stall: bool) -> Store {
         let options = StoreOptions {
             request_timeout: Duration::from_millis(200),
             retry_timeout: Duration::from_secs(5),
             ..StoreOptions::default()
         };
-        let inner = Flaky {
-            inner: InMemory::new(),
-            faults: faults.into(),
-            land_then_fail,
-            stall,
+        // The first `faults` puts fail or stall (optionally after storing the object, as
+        // a server that accepted a write whose reply was lost).
+        let fault = match (stall, land_then_fail) {
+            (true, land) => crate::faults::PutFault::Stall { land },
+            (false, true) => crate::faults::PutFault::LandThenFail { retriable: true },
+            (false, false) => crate::faults::PutFault::Fail { retriable: true },
         };
+        let inner = crate::faults::FaultyStore::new();
+        if faults == usize::MAX {
+            inner.fail_always(Some(fault));
+        } else {
+            inner.fail_next(std::iter::repeat_n(fault, faults));
+        }
         Store::new(Arc::new(inner), "flaky://".into(), &options)
     }
 
