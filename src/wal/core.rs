@@ -4,7 +4,7 @@
 //!
 //! The flusher task ([`super::Flusher`]) feeds it batches, the results of object writes
 //! and metadata commits, and the time; it answers with flushes to start, commits to run
-//! and notices to send. The simulation (`crate::sim`) drives the same struct against a
+//! and notices to send. The simulation (`src/sim.rs`) drives the same struct against a
 //! simulated store, metadata store and crashes. The rules it keeps:
 //! * a flush starts when `max_bytes` are buffered, or once the oldest buffered batch has
 //!   waited for the interval since the previous flush started, or at once when closing,
