@@ -1,84 +1,30 @@
-//! The broker: its components (object store, metadata store, flusher) and the topic
-//! registry that maps topic names and ids to their partitions' owner tasks.
+//! The broker: the wiring of its components (object store, metadata store, block
+//! cache, flusher, group coordinator, membership, the topic registry and the
+//! controller) and the periodic loops that only observe (disk, store health, garbage).
 //!
-//! The registry is a cache of the metadata store's topics (re-read every ownership
-//! pass, so topics made through another broker appear here too) plus the handles of
-//! the partition tasks this broker runs; the metadata store stays the source of truth.
-//! `reconcile` applies the ownership plan: it starts the partitions and takes the
-//! coordinator slots assigned to this broker, and hands off or gives up the others.
+//! What the broker serves changes in one place, the controller task
+//! (`crate::controller`); request handlers read the registry (`crate::registry`) and
+//! reach the controller through its handle.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::clock::now_ms;
-use crate::config::{Config, TopicConfig, MAX_PARTITIONS};
-use crate::log::partition::{self, LogContext, PartitionCmd, PartitionHandle};
+use crate::config::Config;
+use crate::controller::{Controller, ControllerHandle};
+use crate::log::partition::{LogContext, PartitionHandle};
 use crate::log::read::IndexCache;
-use crate::metadata::{MetaError, MetadataStore, PartitionKey, TopicRecord};
-use crate::ownership::{Action, Held, Ownership, PlanInput, COORDINATOR_TOPIC};
+use crate::metadata::MetadataStore;
+use crate::ownership::Ownership;
+pub use crate::registry::Topic;
+use crate::registry::{stop_task, TopicRegistry};
 use crate::wal::{Flusher, FlusherConfig};
-use kafka_protocol::ResponseError;
 
-/// One partition as this broker sees it: the owner task's handle while this broker
-/// owns the partition, nothing otherwise.
-#[derive(Debug, Default)]
-pub struct PartitionSlot(RwLock<Option<PartitionHandle>>);
-
-impl PartitionSlot {
-    /// The local owner task, if any (serving, handing off, or fenced).
-    pub fn get(&self) -> Option<PartitionHandle> {
-        self.0.read().expect("partition slot lock poisoned").clone()
-    }
-
-    fn set(&self, handle: Option<PartitionHandle>) -> Option<PartitionHandle> {
-        std::mem::replace(
-            &mut *self.0.write().expect("partition slot lock poisoned"),
-            handle,
-        )
-    }
-}
-
-/// A topic of the cluster; this broker serves the partitions whose slot holds a task.
-#[derive(Debug)]
-pub struct Topic {
-    pub name: Arc<str>,
-    pub id: Uuid,
-    /// Topic-level overrides (Kafka names).
-    pub overrides: BTreeMap<String, String>,
-    pub config: TopicConfig,
-    pub partitions: Vec<Arc<PartitionSlot>>,
-}
-
-#[derive(Debug, Default)]
-struct Registry {
-    by_name: HashMap<Arc<str>, Arc<Topic>>,
-    by_id: HashMap<Uuid, Arc<Topic>>,
-}
-
-/// Why a topic operation failed; the handlers map each to a Kafka error code.
-#[derive(Debug, thiserror::Error)]
-pub enum TopicError {
-    #[error("topic already exists")]
-    Exists,
-    #[error("topic does not exist")]
-    NotFound,
-    #[error(transparent)]
-    InvalidConfig(#[from] crate::config::InvalidConfig),
-    #[error("invalid topic: {0}")]
-    InvalidTopic(String),
-    #[error("invalid partition count: {0}")]
-    InvalidPartitions(String),
-    #[error("metadata store: {0}")]
-    Meta(#[from] MetaError),
-    #[error("{0}")]
-    Internal(String),
-}
+pub use crate::registry::{serve, validate_topic_name, TopicError};
 
 #[derive(Debug)]
 pub struct Broker {
@@ -96,54 +42,14 @@ pub struct Broker {
     /// Object-store blocks in memory and on local disk, for reads of sealed segments.
     pub blocks: Arc<tiering::BlockCache>,
     pub groups: Arc<crate::group::Coordinator>,
-    registry: RwLock<Registry>,
-    /// Serializes topic creation and deletion, and the registry's sync with the store.
-    admin: tokio::sync::Mutex<()>,
-    /// One ownership pass at a time.
-    reconciling: tokio::sync::Mutex<()>,
+    /// The topics and the partition tasks this broker runs (handlers only read it).
+    pub registry: Arc<TopicRegistry>,
+    /// The one task that changes what this broker serves: topic admin, ownership.
+    pub controller: ControllerHandle,
     /// Whether this broker reaches its stores, and whether it stepped down for lack of one.
     health: std::sync::Mutex<crate::health::Health>,
     /// Every background task, cancelled and awaited at shutdown.
     tasks: Arc<crate::tasks::Tasks>,
-}
-
-impl Topic {
-    pub fn partition_count(&self) -> i32 {
-        self.partitions.len() as i32
-    }
-
-    pub fn key(&self, index: i32) -> PartitionKey {
-        PartitionKey {
-            topic_id: self.id,
-            partition: index,
-        }
-    }
-
-    /// The partition's owner task if this broker leads it now: UNKNOWN_TOPIC_OR_PARTITION
-    /// for an index the topic lacks, NOT_LEADER_OR_FOLLOWER when another broker owns it
-    /// (or this one is handing it off).
-    pub fn partition(&self, index: i32) -> Result<PartitionHandle, ResponseError> {
-        let slot = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.partitions.get(i))
-            .ok_or(ResponseError::UnknownTopicOrPartition)?;
-        match slot.get() {
-            Some(h) if h.shared.is_serving() => Ok(h),
-            _ => Err(ResponseError::NotLeaderOrFollower),
-        }
-    }
-
-    /// Every partition task this broker runs for the topic.
-    pub fn local_partitions(&self) -> Vec<PartitionHandle> {
-        self.partitions.iter().filter_map(|s| s.get()).collect()
-    }
-}
-
-/// The partition of an optional topic (a missing topic is UNKNOWN_TOPIC_OR_PARTITION).
-pub fn serve(topic: Option<&Arc<Topic>>, index: i32) -> Result<PartitionHandle, ResponseError> {
-    topic
-        .ok_or(ResponseError::UnknownTopicOrPartition)?
-        .partition(index)
 }
 
 impl Broker {
@@ -273,6 +179,8 @@ impl Broker {
             crate::clock::instant(),
         );
         let indexes = IndexCache::new(config.index_cache_entries);
+        let (controller, requests) = ControllerHandle::new(config.controller_queue_length);
+        let registry = Arc::new(TopicRegistry::default());
         let broker = Arc::new(Broker {
             groups,
             config,
@@ -284,21 +192,33 @@ impl Broker {
             membership,
             ownership,
             blocks,
-            registry: RwLock::new(Registry::default()),
-            admin: tokio::sync::Mutex::new(()),
-            reconciling: tokio::sync::Mutex::new(()),
+            registry,
+            controller,
             health: std::sync::Mutex::new(health),
             tasks,
         });
-        broker.ensure_coordinator_topic().await?;
-        broker.reconcile().await.context("claiming partitions")?;
+        let controller = Controller {
+            config: broker.config.clone(),
+            store: broker.store.clone(),
+            meta: broker.meta.clone(),
+            log: broker.log.clone(),
+            membership: broker.membership.clone(),
+            ownership: broker.ownership.clone(),
+            groups: broker.groups.clone(),
+            registry: broker.registry.clone(),
+        };
+        crate::controller::first_pass(&controller).await?;
         info!(
             session,
             topics = broker.topics().len(),
             partitions = broker.local_partition_count(),
             "partitions recovered"
         );
-        broker.spawn_ownership_loop();
+        broker.tasks.spawn(crate::controller::run(
+            controller,
+            requests,
+            broker.tasks.cancelled(),
+        ));
         broker.spawn_disk_check();
         broker.spawn_health_check();
         broker.spawn_wal_gc();
@@ -380,7 +300,7 @@ impl Broker {
                     .set(i64::from(metadata));
                 match change {
                     Some(crate::health::Change::StepDown { object, metadata }) => {
-                        b.step_down(object, metadata).await
+                        b.controller.step_down(object, metadata).await
                     }
                     Some(crate::health::Change::Return) => {
                         m.stepped_down.set(0);
@@ -415,79 +335,6 @@ impl Broker {
         )
     }
 
-    /// Gives up every partition and coordinator slot at once because a store cannot
-    /// be reached: registers as draining (so no one hands anything back), stops the
-    /// partition tasks (their waiting producers are told to retry elsewhere; batches in
-    /// flight were never acknowledged) and releases what it held, so brokers that reach
-    /// the stores claim it on their next pass (or after the lease, when the metadata
-    /// store is the one cut off).
-    async fn step_down(&self, object: bool, metadata: bool) {
-        warn!(
-            object_store_unreachable = object,
-            metadata_store_unreachable = metadata,
-            partitions = self.local_partition_count(),
-            "cannot reach a store: stepping down from every partition and coordinator slot"
-        );
-        // Draining from now on in this broker's own view, so no pass claims anything.
-        self.membership.mark_stepped_down(true);
-        let mut held: Vec<(PartitionKey, i32)> = Vec::new();
-        let mut tasks = Vec::new();
-        for t in self.topics() {
-            for (i, slot) in t.partitions.iter().enumerate() {
-                if let Some(h) = slot.set(None) {
-                    held.push((t.key(i as i32), h.shared.leader_epoch));
-                    tasks.push(h);
-                }
-            }
-        }
-        // At once: a task stuck behind a store that does not answer must not hold up
-        // the others.
-        futures::future::join_all(tasks.iter().map(stop_task)).await;
-        for (key, _) in self.ownership.held_slots() {
-            if let Some(epoch) = self.ownership.drop_slot(&key) {
-                self.groups
-                    .evict(|g| self.ownership.group_key(g) == Some(key));
-                held.push((key, epoch));
-            }
-        }
-        let m = crate::metrics::metrics();
-        m.ownership_changes
-            .with_label_values(&["stepped_down"])
-            .inc_by(held.len() as u64);
-        for (key, epoch) in &held {
-            self.ownership.note_owner(*key, *epoch, None);
-        }
-        m.stepped_down.set(1);
-        // Bounded: the metadata store may be the one that does not answer. The flag is
-        // set either way, so the next heartbeat that gets through registers as draining.
-        let registered = self.membership.set_stepped_down(true);
-        if !matches!(
-            tokio::time::timeout(Duration::from_secs(2), registered).await,
-            Ok(Ok(()))
-        ) {
-            warn!("could not register as draining; the lease will expire");
-        }
-        if metadata {
-            return;
-        }
-        use futures::StreamExt;
-        futures::stream::iter(held)
-            .for_each_concurrent(
-                self.config.ownership_claim_concurrency,
-                |(key, epoch)| async move {
-                    let release = self.meta.release_partition(key, epoch);
-                    match tokio::time::timeout(Duration::from_secs(5), release).await {
-                        Ok(Ok(())) | Ok(Err(MetaError::Fenced(_))) => {}
-                        Ok(Err(e)) => {
-                            debug!(error = %e, "could not release; it moves when the lease expires")
-                        }
-                        Err(_) => debug!("release timed out; it moves when the lease expires"),
-                    }
-                },
-            )
-            .await;
-    }
-
     fn spawn_wal_gc(self: &Arc<Self>) {
         let every = Duration::from_millis(self.config.wal_gc_interval_ms);
         self.spawn_every(every, |b| async move {
@@ -515,57 +362,17 @@ impl Broker {
         });
     }
 
-    /// A registry entry for a topic record, keeping the slots (and so the running
-    /// partition tasks) of `previous`, the entry it replaces.
-    fn topic_entry(&self, record: &TopicRecord, previous: Option<&Topic>) -> Topic {
-        let mut partitions: Vec<Arc<PartitionSlot>> =
-            previous.map_or_else(Vec::new, |t| t.partitions.clone());
-        partitions.resize_with(record.partitions.max(0) as usize, Default::default);
-        Topic {
-            name: Arc::from(record.name.as_str()),
-            id: record.id,
-            overrides: record.configs.clone(),
-            config: TopicConfig::resolve(&self.config.values, &record.configs),
-            partitions,
-        }
-    }
-
-    fn insert(&self, topic: Topic) {
-        let topic = Arc::new(topic);
-        let mut reg = self.registry.write().expect("registry lock poisoned");
-        reg.by_name.insert(topic.name.clone(), topic.clone());
-        reg.by_id.insert(topic.id, topic);
-    }
-
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
-        self.registry
-            .read()
-            .expect("registry lock poisoned")
-            .by_name
-            .get(name)
-            .cloned()
+        self.registry.topic(name)
     }
 
     pub fn topic_by_id(&self, id: &Uuid) -> Option<Arc<Topic>> {
-        self.registry
-            .read()
-            .expect("registry lock poisoned")
-            .by_id
-            .get(id)
-            .cloned()
+        self.registry.topic_by_id(id)
     }
 
+    /// Every topic, by name.
     pub fn topics(&self) -> Vec<Arc<Topic>> {
-        let mut v: Vec<_> = self
-            .registry
-            .read()
-            .expect("registry lock poisoned")
-            .by_name
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+        self.registry.topics()
     }
 
     /// This broker's task for a partition, if it runs one.
@@ -577,255 +384,11 @@ impl Broker {
 
     /// Partition tasks this broker runs.
     pub fn local_partition_count(&self) -> usize {
-        self.topics()
-            .iter()
-            .map(|t| t.local_partitions().len())
-            .sum()
+        self.registry.local_partition_count()
     }
-
-    /// Validates and creates a topic. `partitions`: -1 means `num.partitions`.
-    pub async fn create_topic(
-        &self,
-        name: &str,
-        partitions: i32,
-        configs: BTreeMap<String, String>,
-        validate_only: bool,
-    ) -> Result<Arc<Topic>, TopicError> {
-        validate_topic_name(name)?;
-        refuse_internal(name)?;
-        let partitions = if partitions == -1 {
-            self.config.num_partitions
-        } else {
-            partitions
-        };
-        if !(1..=MAX_PARTITIONS).contains(&partitions) {
-            return Err(TopicError::InvalidPartitions(format!(
-                "partition count must be between 1 and {MAX_PARTITIONS}, got {partitions}"
-            )));
-        }
-        for (k, v) in &configs {
-            TopicConfig::validate(k, v)?;
-        }
-        let _guard = self.admin.lock().await;
-        if let Some(t) = self.topic(name) {
-            return if validate_only {
-                Ok(t)
-            } else {
-                Err(TopicError::Exists)
-            };
-        }
-        let record = TopicRecord {
-            name: name.to_string(),
-            id: Uuid::new_v4(),
-            partitions,
-            configs,
-            created_ms: now_ms(),
-        };
-        if validate_only {
-            let config = TopicConfig::resolve(&self.config.values, &record.configs);
-            return Ok(Arc::new(Topic {
-                name: Arc::from(name),
-                id: record.id,
-                overrides: record.configs,
-                config,
-                partitions: Vec::new(),
-            }));
-        }
-        match self.meta.create_topic(&record).await {
-            Ok(()) => {}
-            Err(MetaError::TopicExists) => return Err(TopicError::Exists),
-            Err(e) => return Err(e.into()),
-        }
-        info!(topic = name, partitions, id = %record.id, "topic created");
-        self.insert(self.topic_entry(&record, None));
-        drop(_guard);
-        // Claim this broker's share now; the others pick the topic up on their next pass.
-        if let Err(e) = self.reconcile().await {
-            warn!(topic = name, error = %e, "could not claim the new topic's partitions yet; the next pass will");
-        }
-        self.topic(name).ok_or(TopicError::NotFound)
-    }
-
-    /// Auto-creation on Metadata/Produce when `auto.create.topics.enable` allows it.
-    /// A topic another broker just made is picked up from the metadata store.
-    pub async fn auto_create(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
-        match self.create_topic(name, -1, BTreeMap::new(), false).await {
-            Err(TopicError::Exists) => {
-                if self.topic(name).is_none() {
-                    if let Err(e) = self.reconcile().await {
-                        warn!(topic = name, error = %e, "could not read the topic from the metadata store");
-                    }
-                }
-                self.topic(name).ok_or(TopicError::NotFound)
-            }
-            other => other,
-        }
-    }
-
-    pub async fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {
-        refuse_internal(name)?;
-        let _guard = self.admin.lock().await;
-        let record = match self.meta.delete_topic(name).await {
-            Ok(r) => r,
-            Err(MetaError::TopicNotFound) => return Err(TopicError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
-        let removed = {
-            let mut reg = self.registry.write().expect("registry lock poisoned");
-            reg.by_id.remove(&record.id);
-            reg.by_name.remove(name)
-        };
-        if let Some(topic) = removed {
-            self.stop_partitions(&topic).await;
-        }
-        // Groups' committed offsets for the topic go with it, so a topic re-created under
-        // the same name starts with no committed position (as in Kafka).
-        let partitions: Vec<(String, i32)> = (0..record.partitions)
-            .map(|p| (name.to_string(), p))
-            .collect();
-        for group in self.meta.offset_groups().await.unwrap_or_default() {
-            if let Err(e) = self.meta.delete_offsets(&group, Some(&partitions)).await {
-                warn!(group, topic = name, error = %e, "could not delete a deleted topic's committed offsets");
-            }
-        }
-        // Segment objects go now; write-ahead objects when no other range needs them.
-        let store = self.store.clone();
-        let id = record.id;
-        let count = record.partitions;
-        tokio::spawn(async move {
-            for p in 0..count {
-                let prefix = tiering::keys::stream_prefix(&format!("{id}/{p}"));
-                if let Err(e) = store.delete_prefix(&prefix).await {
-                    warn!(topic_id = %id, error = %e, "could not delete a deleted topic's segments");
-                }
-            }
-        });
-        info!(topic = name, id = %record.id, "topic deleted");
-        Ok(record.id)
-    }
-
-    /// Grows a topic to `count` partitions.
-    pub async fn create_partitions(
-        &self,
-        name: &str,
-        count: i32,
-        validate_only: bool,
-    ) -> Result<(), TopicError> {
-        let _guard = self.admin.lock().await;
-        let topic = self.topic(name).ok_or(TopicError::NotFound)?;
-        let current = topic.partitions.len() as i32;
-        if count <= current {
-            return Err(TopicError::InvalidPartitions(format!(
-                "topic has {current} partitions; the new count must be larger, got {count}"
-            )));
-        }
-        if count > MAX_PARTITIONS {
-            return Err(TopicError::InvalidPartitions(format!(
-                "at most {MAX_PARTITIONS} partitions"
-            )));
-        }
-        if validate_only {
-            return Ok(());
-        }
-        self.meta.set_partition_count(name, count).await?;
-        let record = TopicRecord {
-            name: topic.name.to_string(),
-            id: topic.id,
-            partitions: count,
-            configs: topic.overrides.clone(),
-            created_ms: 0,
-        };
-        self.insert(self.topic_entry(&record, Some(&topic)));
-        drop(_guard);
-        if let Err(e) = self.reconcile().await {
-            warn!(topic = name, error = %e, "could not claim the new partitions yet; the next pass will");
-        }
-        Ok(())
-    }
-
-    /// Replaces a topic's overrides and tells its partitions.
-    pub async fn set_topic_configs(
-        &self,
-        name: &str,
-        overrides: BTreeMap<String, String>,
-        validate_only: bool,
-    ) -> Result<(), TopicError> {
-        for (k, v) in &overrides {
-            TopicConfig::validate(k, v)?;
-        }
-        if validate_only {
-            return Ok(());
-        }
-        let _guard = self.admin.lock().await;
-        let topic = self.topic(name).ok_or(TopicError::NotFound)?;
-        self.meta.set_topic_configs(name, &overrides).await?;
-        let config = TopicConfig::resolve(&self.config.values, &overrides);
-        for p in topic.local_partitions() {
-            let _ = p.cmd.send(PartitionCmd::Configure(config.clone())).await;
-        }
-        self.insert(Topic {
-            name: topic.name.clone(),
-            id: topic.id,
-            overrides,
-            config,
-            partitions: topic.partitions.clone(),
-        });
-        Ok(())
-    }
-}
-
-/// Stops a partition task this broker no longer owns: it takes no more writes at once,
-/// and the stop itself waits at most a few seconds for room in the task's queue.
-async fn stop_task(h: &PartitionHandle) {
-    h.shared
-        .fenced
-        .store(true, std::sync::atomic::Ordering::Release);
-    let stop = h.cmd.send(PartitionCmd::Stop);
-    if tokio::time::timeout(Duration::from_secs(5), stop)
-        .await
-        .is_err()
-    {
-        warn!(topic = %h.topic, partition = h.partition, "partition task did not take its stop in time; it takes no writes");
-    }
-}
-
-/// The coordinator slots' topic is the cluster's own: clients may neither create nor
-/// delete it (Kafka refuses the same for its internal topics).
-fn refuse_internal(name: &str) -> Result<(), TopicError> {
-    if name == COORDINATOR_TOPIC {
-        return Err(TopicError::InvalidTopic(format!(
-            "{name} is an internal topic"
-        )));
-    }
-    Ok(())
-}
-
-/// Kafka's topic name rules: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if name.is_empty() || name.len() > 249 || !ok_chars || name == "." || name == ".." {
-        return Err(TopicError::InvalidTopic(format!(
-            "topic name {name:?} must be 1 to 249 characters of [a-zA-Z0-9._-] and not '.' or '..'"
-        )));
-    }
-    Ok(())
 }
 
 impl Broker {
-    /// Graceful shutdown, first half: registers as draining and hands every partition
-    /// and coordinator slot off while the listener still answers, so in-flight produces
-    /// complete and clients are redirected to the new owners.
-    pub async fn hand_off(self: &Arc<Self>) {
-        if let Err(e) = self.membership.drain().await {
-            warn!(error = %e, "could not register as draining; handing off anyway");
-        }
-        if let Err(e) = self.reconcile().await {
-            warn!(error = %e, "hand-off pass failed; the partitions move when the lease expires");
-        }
-    }
-
     /// Graceful shutdown, second half (the listener is closed): stops what is left,
     /// deregisters and closes the cache.
     pub async fn shutdown(&self) {
@@ -847,6 +410,7 @@ impl Broker {
     /// (queue, depth, capacity); per-partition and per-group queues report the fullest.
     pub fn queue_depths(&self) -> Vec<(&'static str, usize, usize)> {
         let flusher = &self.log.flusher;
+        let controller = self.controller.depth();
         let partitions = self
             .topics()
             .iter()
@@ -866,306 +430,7 @@ impl Broker {
                 self.groups.queue_depth_max(),
                 self.config.group_queue_length,
             ),
+            ("controller", controller.0, controller.1),
         ]
-    }
-
-    /// Creates the coordinator slots' internal topic if no broker has yet.
-    async fn ensure_coordinator_topic(&self) -> anyhow::Result<()> {
-        let record = TopicRecord {
-            name: COORDINATOR_TOPIC.to_owned(),
-            id: Uuid::new_v4(),
-            partitions: self.config.offsets_topic_num_partitions,
-            configs: BTreeMap::new(),
-            created_ms: now_ms(),
-        };
-        match self.meta.create_topic(&record).await {
-            Ok(()) | Err(MetaError::TopicExists) => Ok(()),
-            Err(e) => Err(e).context("creating the coordinator slots"),
-        }
-    }
-
-    /// Brings the registry up to date with the metadata store's topics: topics made,
-    /// grown, reconfigured or deleted through other brokers.
-    async fn sync_topics(&self) -> Result<(), MetaError> {
-        let _guard = self.admin.lock().await;
-        let records = self.meta.list_topics().await?;
-        let mut gone: Vec<Arc<Topic>> = Vec::new();
-        for record in &records {
-            if record.name == COORDINATOR_TOPIC {
-                self.ownership.set_slot_topic(record.id, record.partitions);
-                continue;
-            }
-            let current = self.topic_by_id(&record.id);
-            let changed = current.as_ref().is_none_or(|t| {
-                t.partition_count() != record.partitions || t.overrides != record.configs
-            });
-            if !changed {
-                continue;
-            }
-            if current.is_none() {
-                // A name reused by a new topic: the old one was deleted elsewhere.
-                gone.extend(self.topic(&record.name));
-            }
-            let entry = self.topic_entry(record, current.as_deref());
-            if current
-                .as_ref()
-                .is_some_and(|t| t.overrides != record.configs)
-            {
-                for p in entry.local_partitions() {
-                    let _ = p
-                        .cmd
-                        .send(PartitionCmd::Configure(entry.config.clone()))
-                        .await;
-                }
-            }
-            self.insert(entry);
-        }
-        gone.extend(
-            self.topics()
-                .into_iter()
-                .filter(|t| !records.iter().any(|r| r.id == t.id)),
-        );
-        for topic in gone {
-            {
-                let mut reg = self.registry.write().expect("registry lock poisoned");
-                reg.by_id.remove(&topic.id);
-                if reg
-                    .by_name
-                    .get(&topic.name)
-                    .is_some_and(|t| t.id == topic.id)
-                {
-                    reg.by_name.remove(&topic.name);
-                }
-            }
-            info!(topic = %topic.name, "topic deleted through another broker");
-            self.stop_partitions(&topic).await;
-        }
-        Ok(())
-    }
-
-    /// Stops a removed topic's partition tasks and drops their local files.
-    async fn stop_partitions(&self, topic: &Topic) {
-        for (i, slot) in topic.partitions.iter().enumerate() {
-            if let Some(p) = slot.set(None) {
-                stop_task(&p).await;
-            }
-            let dir = self.log.cache_dir.join(format!("{}-{i}", topic.id));
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-
-    /// One ownership pass: re-reads the live brokers, topics and owners, plans, and
-    /// applies the plan.
-    pub async fn reconcile(&self) -> Result<(), MetaError> {
-        let _pass = self.reconciling.lock().await;
-        self.membership.refresh().await?;
-        self.sync_topics().await?;
-        self.ownership
-            .set_owners(self.meta.partition_owners().await?);
-        let mut keys = self.ownership.slot_keys();
-        let mut held = self.ownership.held_slots();
-        for t in self.topics() {
-            for (i, slot) in t.partitions.iter().enumerate() {
-                let key = t.key(i as i32);
-                keys.push(key);
-                if let Some(h) = slot.get() {
-                    held.insert(
-                        key,
-                        Held {
-                            leader_epoch: h.shared.leader_epoch,
-                            fenced: h.shared.is_fenced(),
-                        },
-                    );
-                }
-            }
-        }
-        let live = self.membership.live();
-        let owners = self.ownership.owners();
-        let input = PlanInput {
-            me: self.config.broker_id,
-            live: &live,
-            owners: &owners,
-            held: &held,
-            patience: self.membership.lease(),
-            trust_expiry: self.membership.settled(),
-            now: crate::clock::instant(),
-        };
-        let actions = self.ownership.decide(&input, keys);
-        if !actions.is_empty() {
-            let count = |f: fn(&Action) -> bool| actions.iter().filter(|a| f(a)).count();
-            info!(
-                claim = count(|a| matches!(a, Action::Claim(_))),
-                release = count(|a| matches!(a, Action::Release(_))),
-                step_down = count(|a| matches!(a, Action::StepDown(_))),
-                live = live.len(),
-                "ownership changes"
-            );
-        }
-        use futures::StreamExt;
-        futures::stream::iter(actions)
-            .for_each_concurrent(self.config.ownership_claim_concurrency, |a| self.apply(a))
-            .await;
-        Ok(())
-    }
-
-    async fn apply(&self, action: Action) {
-        let m = crate::metrics::metrics();
-        let me = self.config.broker_id;
-        match action {
-            Action::Claim(key) if self.ownership.is_slot(&key) => {
-                match self.meta.claim_partition(key, me).await {
-                    Ok(state) => {
-                        self.ownership.hold_slot(key, state.leader_epoch);
-                        m.ownership_changes.with_label_values(&["claimed"]).inc();
-                        debug!(
-                            slot = key.partition,
-                            epoch = state.leader_epoch,
-                            "coordinating the groups of a slot"
-                        );
-                    }
-                    Err(e) => {
-                        warn!(slot = key.partition, error = %e, "could not claim a coordinator slot")
-                    }
-                }
-            }
-            Action::Claim(key) => {
-                let Some(topic) = self.topic_by_id(&key.topic_id) else {
-                    return;
-                };
-                let Some(slot) = topic.partitions.get(key.partition as usize) else {
-                    return;
-                };
-                match partition::start(
-                    self.log.clone(),
-                    topic.name.clone(),
-                    key,
-                    topic.config.clone(),
-                )
-                .await
-                {
-                    Ok((handle, _task)) => {
-                        self.ownership
-                            .note_owner(key, handle.shared.leader_epoch, Some(me));
-                        if let Some(old) = slot.set(Some(handle)) {
-                            stop_task(&old).await;
-                        }
-                        m.ownership_changes.with_label_values(&["claimed"]).inc();
-                        // Deleted while it was being claimed: its slot is no longer
-                        // registered, so stop the task here (nothing else would).
-                        if self.topic_by_id(&key.topic_id).is_none() {
-                            if let Some(h) = slot.set(None) {
-                                stop_task(&h).await;
-                            }
-                            let dir = self
-                                .log
-                                .cache_dir
-                                .join(format!("{}-{}", key.topic_id, key.partition));
-                            let _ = std::fs::remove_dir_all(dir);
-                        }
-                    }
-                    Err(e) => {
-                        warn!(topic = %topic.name, partition = key.partition, error = %e, "could not claim a partition; the next pass retries")
-                    }
-                }
-            }
-            Action::Release(key) if self.ownership.is_slot(&key) => {
-                let Some(epoch) = self.ownership.drop_slot(&key) else {
-                    return;
-                };
-                let evicted = self
-                    .groups
-                    .evict(|g| self.ownership.group_key(g) == Some(key));
-                match self.meta.release_partition(key, epoch).await {
-                    Ok(()) | Err(MetaError::Fenced(_)) => {}
-                    Err(e) => {
-                        warn!(slot = key.partition, error = %e, "could not release a coordinator slot; it moves when the lease expires")
-                    }
-                }
-                self.ownership.note_owner(key, epoch, None);
-                m.ownership_changes.with_label_values(&["released"]).inc();
-                debug!(
-                    slot = key.partition,
-                    groups = evicted,
-                    "handed a coordinator slot off"
-                );
-            }
-            Action::Release(key) => self.release_partition(key).await,
-            Action::StepDown(key) if self.ownership.is_slot(&key) => {
-                if self.ownership.drop_slot(&key).is_some() {
-                    self.groups
-                        .evict(|g| self.ownership.group_key(g) == Some(key));
-                    m.ownership_changes
-                        .with_label_values(&["stepped_down"])
-                        .inc();
-                    info!(
-                        slot = key.partition,
-                        "another broker coordinates this slot now; stepped down"
-                    );
-                }
-            }
-            Action::StepDown(key) => {
-                let Some(topic) = self.topic_by_id(&key.topic_id) else {
-                    return;
-                };
-                let Some(slot) = topic.partitions.get(key.partition as usize) else {
-                    return;
-                };
-                if let Some(h) = slot.set(None) {
-                    stop_task(&h).await;
-                    m.ownership_changes
-                        .with_label_values(&["stepped_down"])
-                        .inc();
-                    warn!(topic = %topic.name, partition = key.partition, epoch = h.shared.leader_epoch, "another broker owns this partition now; stepped down");
-                }
-            }
-        }
-    }
-
-    /// Hands a partition off: no new writes, the in-flight flush commits, then the
-    /// partition is released in the metadata store and its task stops.
-    async fn release_partition(&self, key: PartitionKey) {
-        let Some(topic) = self.topic_by_id(&key.topic_id) else {
-            return;
-        };
-        let Some(slot) = topic.partitions.get(key.partition as usize) else {
-            return;
-        };
-        let Some(h) = slot.get() else {
-            return;
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        // Bounded as a whole: a stuck partition must not hold up the pass.
-        let wait = Duration::from_millis(self.config.wal_flush_timeout_ms + 1000);
-        let released = tokio::time::timeout(wait, async {
-            h.cmd.send(PartitionCmd::Release(tx)).await.is_ok() && rx.await.is_ok()
-        });
-        if !matches!(released.await, Ok(true)) {
-            warn!(topic = %topic.name, partition = key.partition, "in-flight writes did not finish before the hand-off");
-        }
-        let epoch = h.shared.leader_epoch;
-        match self.meta.release_partition(key, epoch).await {
-            Ok(()) | Err(MetaError::Fenced(_)) | Err(MetaError::PartitionNotFound) => {}
-            Err(e) => {
-                warn!(topic = %topic.name, partition = key.partition, error = %e, "could not release a partition; it moves when the lease expires")
-            }
-        }
-        slot.set(None);
-        stop_task(&h).await;
-        self.ownership.note_owner(key, epoch, None);
-        crate::metrics::metrics()
-            .ownership_changes
-            .with_label_values(&["released"])
-            .inc();
-        info!(topic = %topic.name, partition = key.partition, epoch, "handed a partition off");
-    }
-
-    /// Runs an ownership pass every `ownership.check.interval.ms`.
-    fn spawn_ownership_loop(self: &Arc<Self>) {
-        let every = Duration::from_millis(self.config.ownership_check_interval_ms);
-        self.spawn_every(every, |b| async move {
-            if let Err(e) = b.reconcile().await {
-                warn!(error = %e, "ownership pass failed; retrying");
-            }
-        });
     }
 }

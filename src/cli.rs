@@ -124,7 +124,7 @@ fn run_serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: handing partitions and groups off");
         // The listener keeps answering during the hand-off: in-flight produces complete
         // and clients learn the new owners from this broker's own Metadata answers.
-        broker.hand_off().await;
+        broker.controller.hand_off().await;
         tracing::info!("hand-off done; closing connections");
         let _ = stop_tx.send(true);
         let _ = server.await;

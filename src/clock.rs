@@ -1,7 +1,8 @@
-//! The one seam through which the broker reads time and waits, so tests (tokio's paused
-//! clock) and the simulation control it. Nothing else calls `SystemTime::now`,
-//! `Instant::now`, `tokio::time::sleep` or `tokio::time::interval`: clippy's
-//! `disallowed-methods` (clippy.toml) refuses them outside this module.
+//! The one seam through which the broker reads time, waits and draws random ids, so
+//! tests (tokio's paused clock) and the simulation control them. Nothing else calls
+//! `SystemTime::now`, `Instant::now`, `tokio::time::sleep`, `tokio::time::interval` or
+//! `Uuid::new_v4`: clippy's `disallowed-methods` (clippy.toml) refuses them outside
+//! this module.
 //!
 //! Monotonic time comes from tokio's clock (which a paused test runtime advances by
 //! itself) as a `std::time::Instant`, so the engine's state machines take plain
@@ -42,4 +43,9 @@ pub fn interval(period: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
+}
+
+/// A fresh random id (topic ids, group member ids).
+pub fn unique_id() -> uuid::Uuid {
+    uuid::Uuid::new_v4()
 }

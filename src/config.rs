@@ -284,6 +284,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "requests queued for one consumer group's coordinator task",
     ),
     def(
+        "controller.queue.length",
+        "1024",
+        "topic-admin and ownership requests queued for the controller task (callers wait when it is full)",
+    ),
+    def(
         "index.cache.entries",
         "10000",
         "decoded segment indexes, and manifests of partitions read for clients in this zone, kept in memory (each cache)",
@@ -519,6 +524,7 @@ pub struct Config {
     pub partition_queue_length: usize,
     pub wal_flush_queue_length: usize,
     pub group_queue_length: usize,
+    pub controller_queue_length: usize,
     pub index_cache_entries: usize,
     pub ownership_claim_concurrency: usize,
     pub fetch_max_bytes: usize,
@@ -668,6 +674,7 @@ impl Config {
             partition_queue_length: positive("partition.queue.length")? as usize,
             wal_flush_queue_length: positive("wal.flush.queue.length")? as usize,
             group_queue_length: positive("group.queue.length")? as usize,
+            controller_queue_length: positive("controller.queue.length")? as usize,
             index_cache_entries: positive("index.cache.entries")? as usize,
             ownership_claim_concurrency: positive("ownership.claim.concurrency")? as usize,
             fetch_max_bytes: positive("fetch.max.bytes")? as usize,

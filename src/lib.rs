@@ -12,6 +12,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod controller;
 pub mod disk;
 pub mod group;
 pub mod groups_cli;
@@ -26,6 +27,7 @@ pub mod orphans;
 pub mod ownership;
 pub mod perf;
 pub mod protocol;
+pub mod registry;
 pub mod server;
 #[cfg(test)]
 mod sim;

@@ -84,8 +84,19 @@ def cut_and_heal(fleet, cut, heal, what: str) -> None:
         # Writes acknowledged after the cut can only have been committed by the others:
         # broker 1 can commit nothing.
         bound = (LEASE_MS + DEADLINE_MS) / 1000 + 2
-        wait_until(lambda: load.acked_after(started + 0.5, cut_parts) == cut_parts, bound + 20,
-                   "the cut broker's partitions to take writes elsewhere")
+        try:
+            wait_until(lambda: load.acked_after(started + 0.5, cut_parts) == cut_parts, bound + 20,
+                       "the cut broker's partitions to take writes elsewhere")
+        except AssertionError:
+            # Say which partitions are stuck and who leads them, for the failure report.
+            missing = cut_parts - load.acked_after(started + 0.5, cut_parts)
+            print(f"\nno writes since the cut on partitions {sorted(missing)}; "
+                  f"load errors {load.errors[-10:]}, {load.sent} sent, {len(load.acked)} acknowledged")
+            for b in (b2, b3):
+                led = leaders(b.bootstrap, topic)
+                owned = metric_sum(scrape_metrics(b.http_port), "strata_partitions")
+                print(f"{b.name} names leaders {({p: led.get(p) for p in missing})} and owns {owned:.0f}")
+            raise
         moved_after = time.monotonic() - started
         print(f"\n{what} cut: every partition of the cut broker took writes again after "
               f"{moved_after:.1f} s (lease {LEASE_MS / 1000:.0f} s + deadline {DEADLINE_MS / 1000:.0f} s)")

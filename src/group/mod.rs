@@ -316,15 +316,33 @@ impl Coordinator {
                 .lock()
                 .expect("groups lock poisoned")
                 .remove(group_id);
-            self.meta
-                .delete_offsets(group_id, None)
-                .await
-                .map_err(|_| ResponseError::CoordinatorNotAvailable)?;
+            self.delete_offsets(group_id, None).await?;
             return Ok(());
         }
-        match self.meta.delete_offsets(group_id, None).await {
-            Ok(0) => Err(ResponseError::GroupIdNotFound),
-            Ok(_) => Ok(()),
+        match self.delete_offsets(group_id, None).await? {
+            0 => Err(ResponseError::GroupIdNotFound),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes committed offsets of a group this broker coordinates, under its lease on
+    /// the group's slot: NOT_COORDINATOR once another broker coordinates it.
+    pub async fn delete_offsets(
+        &self,
+        group_id: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> Result<usize, ResponseError> {
+        let fence = self
+            .ownership
+            .group_fence(group_id)
+            .ok_or(ResponseError::NotCoordinator)?;
+        match self
+            .meta
+            .delete_offsets(group_id, partitions, Some(fence))
+            .await
+        {
+            Ok(n) => Ok(n),
+            Err(MetaError::Fenced(_)) => Err(ResponseError::NotCoordinator),
             Err(_) => Err(ResponseError::CoordinatorNotAvailable),
         }
     }
@@ -372,20 +390,29 @@ impl Coordinator {
                 idle.push(g);
             }
         }
-        if idle.is_empty() {
-            return;
-        }
-        match c
-            .meta
-            .expire_offsets(&idle, now_ms() - c.config.offsets_retention_ms)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => info!(
-                offsets = n,
-                "expired committed offsets past offsets.retention.minutes"
-            ),
-            Err(e) => warn!(error = %e, "offset expiry failed"),
+        let before_ms = now_ms() - c.config.offsets_retention_ms;
+        for group in idle {
+            // Under the lease on the group's slot: a coordinator that lost it expires
+            // nothing of a group its successor may be serving.
+            let Some(fence) = c.ownership.group_fence(&group) else {
+                continue;
+            };
+            let groups = std::slice::from_ref(&group);
+            match c.meta.expire_offsets(groups, before_ms, Some(fence)).await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    group,
+                    offsets = n,
+                    "expired committed offsets past offsets.retention.minutes"
+                ),
+                Err(MetaError::Fenced(_)) => {
+                    debug!(
+                        group,
+                        "offset expiry fenced: another broker coordinates the group"
+                    )
+                }
+                Err(e) => warn!(group, error = %e, "offset expiry failed"),
+            }
         }
     }
 }

@@ -307,12 +307,12 @@ pub async fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> Of
                 .iter()
                 .map(|p| (name.clone(), p.partition_index))
                 .collect();
+            // Under the coordinator's lease: NOT_COORDINATOR once it moved.
             let error = broker
-                .meta
+                .groups
                 .delete_offsets(&req.group_id.0, Some(&pairs))
                 .await
-                .err()
-                .map(|_| ResponseError::CoordinatorNotAvailable);
+                .err();
             out.partitions = t
                 .partitions
                 .iter()

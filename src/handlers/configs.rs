@@ -193,6 +193,7 @@ pub async fn alter_configs(broker: &Arc<Broker>, req: AlterConfigsRequest) -> Al
             })
             .collect();
         if let Err(e) = broker
+            .controller
             .set_topic_configs(res.resource_name.as_str(), overrides, req.validate_only)
             .await
         {
@@ -251,6 +252,7 @@ pub async fn incremental_alter_configs(
         let result = match bad {
             Some(msg) => Err((ResponseError::InvalidConfig.code(), Some(str_bytes(msg)))),
             None => broker
+                .controller
                 .set_topic_configs(res.resource_name.as_str(), overrides, req.validate_only)
                 .await
                 .map_err(|e| alter_error(&e)),

@@ -152,7 +152,7 @@ pub async fn join_group(
             .map(|p| (p.name.to_string(), p.metadata.clone()))
             .collect(),
         require_known_member_id: version >= 4,
-        new_member_id: format!("{prefix}-{}", uuid::Uuid::new_v4()),
+        new_member_id: format!("{prefix}-{}", crate::clock::unique_id()),
     });
     match coord.request(&req.group_id.0, event).await {
         Ok(Reply::Join(r)) => JoinGroupResponse::default()
@@ -439,7 +439,7 @@ pub async fn consumer_group_heartbeat(
                 .flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic_id, *p)))
                 .collect()
         }),
-        new_member_id: uuid::Uuid::new_v4().to_string(),
+        new_member_id: crate::clock::unique_id().to_string(),
         topics,
     };
     let (asked_epoch, owned_count) = (

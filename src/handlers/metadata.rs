@@ -78,7 +78,7 @@ pub async fn metadata(
                 let entry = match rt.name.as_ref().map(|n| n.0.to_string()) {
                     Some(name) => match broker.topic(&name) {
                         Some(t) => describe(broker, &live, &t, topic_ops),
-                        None if allow_auto => match broker.auto_create(&name).await {
+                        None if allow_auto => match broker.controller.auto_create(&name).await {
                             Ok(t) => describe(broker, &live, &t, topic_ops),
                             Err(e) => missing(Some(name), Uuid::nil(), errors::topic_error(&e)),
                         },

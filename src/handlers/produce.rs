@@ -64,7 +64,9 @@ pub async fn produce(
     for td in req.topic_data {
         let topic = match broker.topic(&td.name.0) {
             Some(t) => Some(t),
-            None if broker.config.auto_create_topics => broker.auto_create(&td.name.0).await.ok(),
+            None if broker.config.auto_create_topics => {
+                broker.controller.auto_create(&td.name.0).await.ok()
+            }
             None => None,
         };
         let parts = td

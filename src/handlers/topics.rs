@@ -54,6 +54,7 @@ pub async fn create_topics(
             })
             .collect();
         match broker
+            .controller
             .create_topic(&name, partitions, configs, req.validate_only)
             .await
         {
@@ -127,7 +128,7 @@ pub async fn delete_topics(
             None => {
                 result = result.with_error_code(ResponseError::UnknownTopicId.code());
             }
-            Some(n) => match broker.delete_topic(&n).await {
+            Some(n) => match broker.controller.delete_topic(&n).await {
                 Ok(deleted) => {
                     result = result
                         .with_topic_id(deleted)
@@ -153,6 +154,7 @@ pub async fn create_partitions(
     for t in req.topics {
         let mut result = CreatePartitionsTopicResult::default().with_name(t.name.clone());
         if let Err(e) = broker
+            .controller
             .create_partitions(&t.name.0, t.count, req.validate_only)
             .await
         {

@@ -110,7 +110,7 @@ async fn route(
         "/drain" if req.method() == hyper::Method::POST => match slot.get() {
             None => text(StatusCode::SERVICE_UNAVAILABLE, "recovering partitions\n"),
             Some(broker) => {
-                broker.hand_off().await;
+                broker.controller.hand_off().await;
                 json(&serde_json::json!({
                     "broker": broker.config.broker_id,
                     "draining": true,

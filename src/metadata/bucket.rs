@@ -30,6 +30,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::semantics;
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
     PartitionOwner, PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit,
@@ -104,10 +105,22 @@ struct State {
 /// One group's offsets as stored in a snapshot: (topic, partition, offset).
 type GroupOffsets = Vec<(String, i32, Offset)>;
 
+/// The version of the record and snapshot format this code writes. 1: the first (no
+/// `format` field); 2: offset deletions and expiries carry the coordinator's fence. A
+/// reader refuses a newer format than its own, so an older broker never misreads the
+/// log of a newer one; every format is pinned by golden files (`testdata/`).
+const FORMAT: u32 = 2;
+
+fn format_1() -> u32 {
+    1
+}
+
 /// The serialized form of [`State`] (JSON needs string map keys, so maps keyed by
 /// structs become lists).
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
+    #[serde(default = "format_1")]
+    format: u32,
     seq: u64,
     topics: Vec<TopicRecord>,
     partitions: Vec<(PartitionKey, Partition)>,
@@ -173,10 +186,15 @@ enum Op {
     DeleteOffsets {
         group: String,
         partitions: Option<Vec<(String, i32)>>,
+        /// The coordinator's lease (absent in records of earlier versions: unfenced).
+        #[serde(default)]
+        fence: Option<Fence>,
     },
     ExpireOffsets {
         groups: Vec<String>,
         before_ms: i64,
+        #[serde(default)]
+        fence: Option<Fence>,
     },
     StartSession {
         broker_id: i32,
@@ -202,8 +220,28 @@ enum Out {
 /// A record of the log.
 #[derive(Serialize, Deserialize)]
 struct Record {
+    #[serde(default = "format_1")]
+    format: u32,
     seq: u64,
     ops: Vec<Op>,
+}
+
+/// Decodes a stored record or snapshot (`what` names it in errors), refusing a format
+/// newer than this code's.
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+    format: impl Fn(&T) -> u32,
+) -> MetaResult<T> {
+    let value: T =
+        serde_json::from_slice(bytes).map_err(|e| MetaError::Corrupt(format!("{what}: {e}")))?;
+    let found = format(&value);
+    if found > FORMAT {
+        return Err(MetaError::Corrupt(format!(
+            "{what} has format {found}, newer than this broker's {FORMAT}: upgrade the broker"
+        )));
+    }
+    Ok(value)
 }
 
 impl State {
@@ -211,6 +249,15 @@ impl State {
         self.partitions
             .get(&key)
             .ok_or(MetaError::PartitionNotFound)
+    }
+
+    /// The fence check of a write that turned out to change nothing.
+    fn owned_ref(&self, fence: Fence) -> MetaResult<()> {
+        let p = self.partition(fence.key)?;
+        if p.leader_epoch != fence.leader_epoch {
+            return Err(MetaError::Fenced(vec![fence.key]));
+        }
+        Ok(())
     }
 
     fn owned(&mut self, key: PartitionKey, leader_epoch: i32) -> MetaResult<&mut Partition> {
@@ -231,6 +278,149 @@ impl State {
                 self.wal_refs.remove(object_key);
             }
         }
+    }
+
+    /// A fenced write: planned by the shared semantics against the rows it reads,
+    /// then applied (the writes cannot fail, so a refused operation changes nothing).
+    /// Answers the number of offsets deleted, for the writes that count.
+    fn fenced(&mut self, op: semantics::Op<'_>) -> MetaResult<Out> {
+        let rows: semantics::Rows = op
+            .fences()
+            .into_iter()
+            .filter_map(|key| {
+                let p = self.partitions.get(&key)?;
+                Some((
+                    key,
+                    semantics::PartitionRow {
+                        leader_epoch: p.leader_epoch,
+                        high_watermark: p.high_watermark,
+                        log_start_offset: p.log_start_offset,
+                    },
+                ))
+            })
+            .collect();
+        let counts = matches!(
+            op,
+            semantics::Op::DeleteOffsets { .. } | semantics::Op::ExpireOffsets { .. }
+        );
+        let mut counted = 0;
+        for write in semantics::plan(&rows, op)? {
+            counted += self.write(write);
+        }
+        Ok(if counts {
+            Out::Number(counted as i64)
+        } else {
+            Out::Unit
+        })
+    }
+
+    /// One storage write; returns how many offsets it deleted.
+    fn write(&mut self, write: semantics::Write<'_>) -> usize {
+        use semantics::Write;
+        let mut released = Vec::new();
+        match write {
+            Write::InsertRange { key, range } => {
+                let object_key = range.object_key.clone();
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    if let Some(old) = p.wal_ranges.insert(range.base_offset, range) {
+                        released.push(old.object_key);
+                    }
+                    *self.wal_refs.entry(object_key).or_default() += 1;
+                }
+            }
+            Write::SetHighWatermark {
+                key,
+                high_watermark,
+            } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.high_watermark = high_watermark;
+                }
+            }
+            Write::UpsertProducer { key, state } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.producers.insert(state.producer_id, state.clone());
+                }
+            }
+            Write::RememberWalObject {
+                object_key,
+                created_ms,
+            } => {
+                self.wal_objects
+                    .entry(object_key.to_owned())
+                    .or_insert(created_ms);
+            }
+            Write::InsertSegment { key, segment } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.segments.insert(segment.base_offset, segment.clone());
+                }
+            }
+            Write::DropRangesThrough { key, end_offset } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.wal_ranges.retain(|_, r| {
+                        let keep = r.end_offset > end_offset;
+                        if !keep {
+                            released.push(r.object_key.clone());
+                        }
+                        keep
+                    });
+                }
+            }
+            Write::SetLogStartOffset {
+                key,
+                log_start_offset,
+            } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.log_start_offset = log_start_offset;
+                }
+            }
+            Write::DropSegment { key, base_offset } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.segments.remove(&base_offset);
+                }
+            }
+            Write::UpsertOffset { group, offset: o } => {
+                self.offsets.entry(group.to_owned()).or_default().insert(
+                    (o.topic.clone(), o.partition),
+                    Offset {
+                        offset: o.offset,
+                        leader_epoch: o.leader_epoch,
+                        metadata: o.metadata.clone(),
+                        commit_timestamp_ms: o.commit_timestamp_ms,
+                    },
+                );
+            }
+            Write::DeleteOffsets { group, partition } => {
+                let Some(stored) = self.offsets.get_mut(group) else {
+                    return 0;
+                };
+                let deleted = match partition {
+                    None => std::mem::take(stored).len(),
+                    Some((topic, p)) => {
+                        usize::from(stored.remove(&(topic.to_owned(), p)).is_some())
+                    }
+                };
+                if stored.is_empty() {
+                    self.offsets.remove(group);
+                }
+                return deleted;
+            }
+            Write::ExpireOffsets { group, before_ms } => {
+                let Some(stored) = self.offsets.get_mut(group) else {
+                    return 0;
+                };
+                let before = stored.len();
+                stored.retain(|_, o| o.commit_timestamp_ms >= before_ms);
+                let deleted = before - stored.len();
+                if stored.is_empty() {
+                    self.offsets.remove(group);
+                }
+                return deleted;
+            }
+        }
+        for object_key in released {
+            self.unref(&object_key);
+        }
+        0
     }
 
     /// Applies one operation. Every check comes before the first change, so an
@@ -309,76 +499,27 @@ impl State {
                 p.epoch_history.push((epoch, p.high_watermark));
                 Ok(Out::Claimed(p.state()))
             }
-            Op::CommitWal { commit } => {
-                let fenced: Vec<PartitionKey> = commit
-                    .partitions
-                    .iter()
-                    .filter(|part| {
-                        self.partitions.get(&part.key).map(|p| p.leader_epoch)
-                            != Some(part.leader_epoch)
-                    })
-                    .map(|part| part.key)
-                    .collect();
-                if !fenced.is_empty() {
-                    return Err(MetaError::Fenced(fenced));
-                }
-                for part in &commit.partitions {
-                    let p = self.partitions.get_mut(&part.key).expect("checked above");
-                    let mut range = part.range.clone();
-                    range.object_key.clone_from(&commit.object_key);
-                    p.high_watermark = p.high_watermark.max(range.end_offset);
-                    if let Some(old) = p.wal_ranges.insert(range.base_offset, range) {
-                        let old_key = old.object_key;
-                        self.unref(&old_key);
-                    }
-                    let p = self.partitions.get_mut(&part.key).expect("checked above");
-                    for producer in &part.producers {
-                        p.producers.insert(producer.producer_id, producer.clone());
-                    }
-                    *self.wal_refs.entry(commit.object_key.clone()).or_default() += 1;
-                }
-                self.wal_objects
-                    .entry(commit.object_key.clone())
-                    .or_insert(commit.created_ms);
-                Ok(Out::Unit)
-            }
+            Op::CommitWal { commit } => self.fenced(semantics::Op::CommitWal(commit)),
             Op::CommitSegment {
                 key,
                 leader_epoch,
                 segment,
-            } => {
-                let p = self.owned(*key, *leader_epoch)?;
-                p.segments.insert(segment.base_offset, segment.clone());
-                let covered: Vec<i64> = p
-                    .wal_ranges
-                    .values()
-                    .filter(|r| r.end_offset <= segment.end_offset)
-                    .map(|r| r.base_offset)
-                    .collect();
-                let mut released = Vec::with_capacity(covered.len());
-                for base in covered {
-                    if let Some(r) = p.wal_ranges.remove(&base) {
-                        released.push(r.object_key);
-                    }
-                }
-                for object_key in released {
-                    self.unref(&object_key);
-                }
-                Ok(Out::Unit)
-            }
+            } => self.fenced(semantics::Op::CommitSegment {
+                key: *key,
+                leader_epoch: *leader_epoch,
+                segment,
+            }),
             Op::TrimLog {
                 key,
                 leader_epoch,
                 log_start_offset,
                 drop,
-            } => {
-                let p = self.owned(*key, *leader_epoch)?;
-                p.log_start_offset = p.log_start_offset.max(*log_start_offset);
-                for base in drop {
-                    p.segments.remove(base);
-                }
-                Ok(Out::Unit)
-            }
+            } => self.fenced(semantics::Op::TrimLog {
+                key: *key,
+                leader_epoch: *leader_epoch,
+                log_start_offset: *log_start_offset,
+                drop_segment_base_offsets: drop,
+            }),
             Op::ForgetWal { keys } => {
                 for k in keys {
                     self.wal_objects.remove(k);
@@ -401,60 +542,29 @@ impl State {
                 group,
                 offsets,
                 fence,
-            } => {
-                if let Some(f) = fence {
-                    self.owned(f.key, f.leader_epoch)?;
-                }
-                if offsets.is_empty() {
-                    return Ok(Out::Unit);
-                }
-                let stored = self.offsets.entry(group.clone()).or_default();
-                for o in offsets {
-                    stored.insert(
-                        (o.topic.clone(), o.partition),
-                        Offset {
-                            offset: o.offset,
-                            leader_epoch: o.leader_epoch,
-                            metadata: o.metadata.clone(),
-                            commit_timestamp_ms: o.commit_timestamp_ms,
-                        },
-                    );
-                }
-                Ok(Out::Unit)
-            }
-            Op::DeleteOffsets { group, partitions } => {
-                let Some(stored) = self.offsets.get_mut(group) else {
-                    return Ok(Out::Number(0));
-                };
-                let deleted = match partitions {
-                    None => stored.len(),
-                    Some(list) => {
-                        let mut n = 0;
-                        for (topic, partition) in list {
-                            n += usize::from(stored.remove(&(topic.clone(), *partition)).is_some());
-                        }
-                        n
-                    }
-                };
-                if partitions.is_none() || stored.is_empty() {
-                    self.offsets.remove(group);
-                }
-                Ok(Out::Number(deleted as i64))
-            }
-            Op::ExpireOffsets { groups, before_ms } => {
-                let mut deleted = 0;
-                for group in groups {
-                    if let Some(stored) = self.offsets.get_mut(group) {
-                        let before = stored.len();
-                        stored.retain(|_, o| o.commit_timestamp_ms >= *before_ms);
-                        deleted += before - stored.len();
-                        if stored.is_empty() {
-                            self.offsets.remove(group);
-                        }
-                    }
-                }
-                Ok(Out::Number(deleted as i64))
-            }
+            } => self.fenced(semantics::Op::CommitOffsets {
+                group,
+                offsets,
+                fence: *fence,
+            }),
+            Op::DeleteOffsets {
+                group,
+                partitions,
+                fence,
+            } => self.fenced(semantics::Op::DeleteOffsets {
+                group,
+                partitions: partitions.as_deref(),
+                fence: *fence,
+            }),
+            Op::ExpireOffsets {
+                groups,
+                before_ms,
+                fence,
+            } => self.fenced(semantics::Op::ExpireOffsets {
+                groups,
+                before_ms: *before_ms,
+                fence: *fence,
+            }),
             Op::HeartbeatBroker { broker } => {
                 if self
                     .brokers
@@ -486,6 +596,7 @@ impl State {
 
     fn snapshot(&self, seq: u64) -> Snapshot {
         Snapshot {
+            format: FORMAT,
             seq,
             topics: self.topics.values().cloned().collect(),
             partitions: self
@@ -637,8 +748,11 @@ async fn load(store: &tiering::Store) -> MetaResult<(State, u64, u64)> {
                 .await
                 .map_err(unavailable)?
                 .ok_or_else(|| unavailable(format!("snapshot {seq} vanished while opening")))?;
-            let snapshot: Snapshot = serde_json::from_slice(&bytes)
-                .map_err(|e| MetaError::Corrupt(format!("metadata snapshot {seq}: {e}")))?;
+            let snapshot: Snapshot = decode(
+                &bytes,
+                &format!("metadata snapshot {seq}"),
+                |s: &Snapshot| s.format,
+            )?;
             (State::from_snapshot(snapshot), seq)
         }
         None => (State::default(), 0),
@@ -670,8 +784,11 @@ async fn replay(store: &tiering::Store, state: &mut State, seq: u64) -> MetaResu
     let Some(bytes) = store.get(&log_key(seq)).await.map_err(unavailable)? else {
         return Ok(false);
     };
-    let record: Record = serde_json::from_slice(&bytes)
-        .map_err(|e| MetaError::Corrupt(format!("metadata log record {seq}: {e}")))?;
+    let record: Record = decode(
+        &bytes,
+        &format!("metadata log record {seq}"),
+        |r: &Record| r.format,
+    )?;
     for op in &record.ops {
         state.apply(op).map_err(|e| {
             MetaError::Corrupt(format!("metadata log record {seq} does not apply: {e}"))
@@ -714,6 +831,7 @@ impl Writer {
             return;
         }
         let record = Record {
+            format: FORMAT,
             seq: self.next_seq,
             ops,
         };
@@ -1063,14 +1181,19 @@ impl MetadataStore for BucketStore {
         &self,
         group: &str,
         partitions: Option<&[(String, i32)]>,
+        fence: Option<Fence>,
     ) -> MetaResult<usize> {
+        // Nothing to delete is an answer without a write, once the fence holds.
         if !self.read(|s| s.offsets.contains_key(group)) {
-            return Ok(0);
+            return self
+                .read(|s| fence.map_or(Ok(()), |f| s.owned_ref(f)))
+                .map(|()| 0);
         }
         match self
             .submit(Op::DeleteOffsets {
                 group: group.to_owned(),
                 partitions: partitions.map(<[(String, i32)]>::to_vec),
+                fence,
             })
             .await?
         {
@@ -1083,7 +1206,12 @@ impl MetadataStore for BucketStore {
         Ok(self.read(|s| s.offsets.keys().cloned().collect()))
     }
 
-    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
+    async fn expire_offsets(
+        &self,
+        groups: &[String],
+        before_ms: i64,
+        fence: Option<Fence>,
+    ) -> MetaResult<usize> {
         let any = self.read(|s| {
             groups.iter().any(|g| {
                 s.offsets
@@ -1092,12 +1220,15 @@ impl MetadataStore for BucketStore {
             })
         });
         if !any {
-            return Ok(0);
+            return self
+                .read(|s| fence.map_or(Ok(()), |f| s.owned_ref(f)))
+                .map(|()| 0);
         }
         match self
             .submit(Op::ExpireOffsets {
                 groups: groups.to_vec(),
                 before_ms,
+                fence,
             })
             .await?
         {
@@ -1127,6 +1258,144 @@ mod tests {
         )
     }
 
+    /// The golden files of the log format: `STRATA_UPDATE_GOLDEN=1` rewrites the ones of
+    /// the current format (never those of older formats, which are history).
+    fn golden(name: &str, current: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/metadata/testdata")
+            .join(name);
+        if std::env::var_os("STRATA_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, current).expect("write golden file");
+        }
+        std::fs::read_to_string(&path)
+            .expect("golden file")
+            .trim_end()
+            .to_owned()
+    }
+
+    fn golden_ops() -> Vec<Op> {
+        let topic = Uuid::from_u128(10);
+        let key = PartitionKey {
+            topic_id: topic,
+            partition: 0,
+        };
+        let fence = Some(Fence {
+            key,
+            leader_epoch: 1,
+        });
+        vec![
+            Op::CreateTopic {
+                topic: TopicRecord {
+                    name: "orders".into(),
+                    id: topic,
+                    partitions: 1,
+                    configs: BTreeMap::new(),
+                    created_ms: 1_700_000_000_000,
+                },
+            },
+            Op::Claim { key, broker_id: 1 },
+            Op::CommitWal {
+                commit: WalCommit {
+                    object_key: "wal/1/1/0".into(),
+                    created_ms: 1_700_000_000_001,
+                    partitions: vec![crate::metadata::PartitionCommit {
+                        key,
+                        leader_epoch: 1,
+                        range: WalRangeRecord {
+                            base_offset: 0,
+                            end_offset: 5,
+                            object_key: "wal/1/1/0".into(),
+                            position: 0,
+                            len: 100,
+                            max_timestamp: 1_700_000_000_001,
+                            object_size: 120,
+                        },
+                        producers: vec![],
+                    }],
+                },
+            },
+            Op::CommitOffsets {
+                group: "g".into(),
+                offsets: vec![CommittedOffset {
+                    topic: "orders".into(),
+                    partition: 0,
+                    offset: 5,
+                    leader_epoch: 1,
+                    metadata: String::new(),
+                    commit_timestamp_ms: 1_700_000_000_002,
+                }],
+                fence,
+            },
+            Op::DeleteOffsets {
+                group: "h".into(),
+                partitions: None,
+                fence,
+            },
+            Op::ExpireOffsets {
+                groups: vec!["g".into()],
+                before_ms: 0,
+                fence,
+            },
+        ]
+    }
+
+    /// What this code writes is exactly the golden record and snapshot of its format.
+    #[test]
+    fn the_current_format_is_pinned() {
+        let record = Record {
+            format: FORMAT,
+            seq: 3,
+            ops: golden_ops(),
+        };
+        let encoded = serde_json::to_string(&record).expect("encode");
+        assert_eq!(encoded, golden("bucket-record-v2.json", &encoded));
+        let mut state = State::default();
+        for op in &record.ops {
+            state.apply(op).expect("applies");
+        }
+        let snapshot = serde_json::to_string(&state.snapshot(3)).expect("encode");
+        assert_eq!(snapshot, golden("bucket-snapshot-v2.json", &snapshot));
+    }
+
+    /// Records of every earlier format still replay, with their meaning then: format 1
+    /// had no fences on offset deletion and expiry.
+    #[test]
+    fn records_of_every_format_replay() {
+        for name in ["bucket-record-v1.json", "bucket-record-v2.json"] {
+            let bytes = std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("src/metadata/testdata")
+                    .join(name),
+            )
+            .expect("golden file");
+            let record: Record = decode(&bytes, name, |r: &Record| r.format).expect(name);
+            let mut state = State::default();
+            for op in &record.ops {
+                state.apply(op).expect(name);
+            }
+            let p = state.partitions.values().next().expect("one partition");
+            assert_eq!((p.leader_epoch, p.high_watermark), (1, 5), "{name}");
+            assert_eq!(p.wal_ranges.len(), 1, "{name}");
+            // Group h was deleted; g's offset was committed after `before_ms` 0.
+            assert_eq!(
+                state.offsets.keys().collect::<Vec<_>>(),
+                vec!["g"],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_newer_format_is_refused() {
+        let newer = br#"{"format":99,"seq":1,"ops":[]}"#;
+        let refused = decode(newer, "record 1", |r: &Record| r.format);
+        assert!(
+            matches!(&refused, Err(MetaError::Corrupt(m)) if m.contains("newer")),
+            "{:?}",
+            refused.err()
+        );
+    }
+
     metadata_store_conformance!(BucketStore::open(memory()).await.expect("open"));
 
     #[tokio::test]
@@ -1144,7 +1413,7 @@ mod tests {
         let store = BucketStore::open(objects.clone()).await.expect("open");
         let topic = TopicRecord {
             name: "t".into(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 2,
             configs: BTreeMap::new(),
             created_ms: 1,
@@ -1200,7 +1469,7 @@ mod tests {
         let a = BucketStore::open(objects.clone()).await.expect("open a");
         let topic = TopicRecord {
             name: "t".into(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 1,
             configs: BTreeMap::new(),
             created_ms: 1,

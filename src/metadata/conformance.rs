@@ -22,8 +22,6 @@
 
 use std::collections::BTreeMap;
 
-use uuid::Uuid;
-
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetadataStore, PartitionCommit, PartitionKey,
     PartitionOwner, PartitionState, ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord,
@@ -43,6 +41,7 @@ macro_rules! metadata_store_conformance {
             check_claim_bumps_epoch,
             check_release_and_owners,
             check_fenced_offset_commit,
+            check_fenced_offset_delete_and_expiry,
             check_commit_wal_applies,
             check_stale_commit_is_fenced,
             check_commit_segment_drops_covered_ranges,
@@ -84,6 +83,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_claim_bumps_epoch(store).await;
     check_release_and_owners(store).await;
     check_fenced_offset_commit(store).await;
+    check_fenced_offset_delete_and_expiry(store).await;
     check_commit_wal_applies(store).await;
     check_stale_commit_is_fenced(store).await;
     check_commit_segment_drops_covered_ranges(store).await;
@@ -110,13 +110,13 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
 
 /// A name no other check (or earlier run against a shared store) uses.
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", Uuid::new_v4().simple())
+    format!("{prefix}-{}", crate::clock::unique_id().simple())
 }
 
 fn topic_record(name: &str, partitions: i32) -> TopicRecord {
     TopicRecord {
         name: name.to_owned(),
-        id: Uuid::new_v4(),
+        id: crate::clock::unique_id(),
         partitions,
         configs: BTreeMap::from([("retention.ms".to_owned(), "86400000".to_owned())]),
         created_ms: 1_700_000_000_000,
@@ -332,7 +332,7 @@ pub(crate) async fn check_topic_create_and_list(store: &dyn MetadataStore) {
     assert_eq!(find_topic(store, &topic.name).await, Some(topic.clone()));
 
     let duplicate = TopicRecord {
-        id: Uuid::new_v4(),
+        id: crate::clock::unique_id(),
         partitions: 7,
         ..topic.clone()
     };
@@ -420,7 +420,7 @@ pub(crate) async fn check_topic_delete(store: &dyn MetadataStore) {
     assert_fenced(result, &[old], "commit to a deleted topic's partition");
 
     let recreated = TopicRecord {
-        id: Uuid::new_v4(),
+        id: crate::clock::unique_id(),
         ..topic.clone()
     };
     store.create_topic(&recreated).await.expect("re-create");
@@ -555,7 +555,7 @@ pub(crate) async fn check_claim_bumps_epoch(store: &dyn MetadataStore) {
     assert!(matches!(
         store
             .read_partition(PartitionKey {
-                topic_id: Uuid::new_v4(),
+                topic_id: crate::clock::unique_id(),
                 partition: 0
             })
             .await,
@@ -578,7 +578,7 @@ pub(crate) async fn check_claim_bumps_epoch(store: &dyn MetadataStore) {
     assert_eq!(third.epoch_history, vec![(1, 0), (2, 10), (3, 12)]);
 
     let missing = PartitionKey {
-        topic_id: Uuid::new_v4(),
+        topic_id: crate::clock::unique_id(),
         partition: 0,
     };
     assert_partition_not_found(store.claim_partition(missing, 1).await, "claim unknown");
@@ -725,7 +725,7 @@ pub(crate) async fn check_commit_segment_drops_covered_ranges(store: &dyn Metada
     let stale = store.commit_segment(p, epoch - 1, &segment(30, 40)).await;
     assert_fenced(stale, &[p], "segment from a stale epoch");
     let missing = PartitionKey {
-        topic_id: Uuid::new_v4(),
+        topic_id: crate::clock::unique_id(),
         partition: 0,
     };
     assert_partition_not_found(
@@ -773,7 +773,7 @@ pub(crate) async fn check_trim_log(store: &dyn MetadataStore) {
         store
             .trim_log(
                 PartitionKey {
-                    topic_id: Uuid::new_v4(),
+                    topic_id: crate::clock::unique_id(),
                     partition: 0,
                 },
                 1,
@@ -872,7 +872,7 @@ pub(crate) async fn check_known_objects(store: &dyn MetadataStore) {
 /// they deregister; a newer session supersedes an older one of the same id.
 pub(crate) async fn check_broker_membership(store: &dyn MetadataStore) {
     // Ids far from other checks' so a shared store does not mix them up.
-    let id = 7_000_000 + (Uuid::new_v4().as_u128() % 1_000_000) as i32;
+    let id = 7_000_000 + (crate::clock::unique_id().as_u128() % 1_000_000) as i32;
     let record = |session: i64, expires: i64, zone: Option<&str>| BrokerRecord {
         broker_id: id,
         session,
@@ -974,7 +974,7 @@ pub(crate) async fn check_producer_ids(store: &dyn MetadataStore) {
 /// Broker sessions increase per broker, independently of other brokers.
 pub(crate) async fn check_broker_sessions(store: &dyn MetadataStore) {
     // Broker ids unlikely to be used by another check on a shared store.
-    let seed = Uuid::new_v4().as_u128();
+    let seed = crate::clock::unique_id().as_u128();
     let broker = i32::try_from(seed % 1_000_000).expect("fits") + 1_000;
     let other = broker + 1_000_000;
 
@@ -1178,7 +1178,7 @@ pub(crate) async fn check_offset_groups_isolated(store: &dyn MetadataStore) {
     );
 
     let deleted = store
-        .delete_offsets(&a, Some(&[(topic.clone(), 0)]))
+        .delete_offsets(&a, Some(&[(topic.clone(), 0)]), None)
         .await
         .expect("delete one offset");
     assert_eq!(deleted, 1);
@@ -1187,7 +1187,10 @@ pub(crate) async fn check_offset_groups_isolated(store: &dyn MetadataStore) {
         b_new,
         "deleting one group's partition leaves other groups"
     );
-    let deleted = store.delete_offsets(&a, None).await.expect("delete all");
+    let deleted = store
+        .delete_offsets(&a, None, None)
+        .await
+        .expect("delete all");
     assert_eq!(deleted, 1);
     assert_eq!(
         fetch_offsets(store, &b).await,
@@ -1196,7 +1199,7 @@ pub(crate) async fn check_offset_groups_isolated(store: &dyn MetadataStore) {
     );
     assert_eq!(
         store
-            .expire_offsets(std::slice::from_ref(&a), i64::MAX)
+            .expire_offsets(std::slice::from_ref(&a), i64::MAX, None)
             .await
             .expect("expire"),
         0
@@ -1230,6 +1233,7 @@ pub(crate) async fn check_offset_delete(store: &dyn MetadataStore) {
                 (unique("offsets"), 0), // unknown topic
                 (t1.clone(), 0),        // listed twice
             ]),
+            None,
         )
         .await
         .expect("delete some offsets");
@@ -1246,26 +1250,26 @@ pub(crate) async fn check_offset_delete(store: &dyn MetadataStore) {
     );
 
     let deleted = store
-        .delete_offsets(&group, Some(&[]))
+        .delete_offsets(&group, Some(&[]), None)
         .await
         .expect("delete an empty list");
     assert_eq!(deleted, 0);
     assert_eq!(fetch_offsets(store, &group).await.len(), 3);
 
     let deleted = store
-        .delete_offsets(&group, None)
+        .delete_offsets(&group, None, None)
         .await
         .expect("delete all offsets");
     assert_eq!(deleted, 3, "deleting all counts every remaining offset");
     assert!(fetch_offsets(store, &group).await.is_empty());
     let deleted = store
-        .delete_offsets(&group, None)
+        .delete_offsets(&group, None, None)
         .await
         .expect("delete all again");
     assert_eq!(deleted, 0, "nothing left to delete");
     assert_eq!(
         store
-            .delete_offsets(&unique("group"), None)
+            .delete_offsets(&unique("group"), None, None)
             .await
             .expect("delete an unknown group"),
         0
@@ -1311,11 +1315,11 @@ pub(crate) async fn check_offset_groups_listed(store: &dyn MetadataStore) {
     );
 
     store
-        .delete_offsets(&b, None)
+        .delete_offsets(&b, None, None)
         .await
         .expect("delete group b");
     store
-        .delete_offsets(&a, Some(&[(topic.clone(), 0)]))
+        .delete_offsets(&a, Some(&[(topic.clone(), 0)]), None)
         .await
         .expect("delete one of group a's offsets");
     assert_eq!(
@@ -1324,7 +1328,7 @@ pub(crate) async fn check_offset_groups_listed(store: &dyn MetadataStore) {
         "a group without offsets is no longer listed"
     );
     store
-        .expire_offsets(std::slice::from_ref(&c), i64::MAX)
+        .expire_offsets(std::slice::from_ref(&c), i64::MAX, None)
         .await
         .expect("expire group c");
     assert_eq!(offset_groups_with(store, &prefix).await, vec![a]);
@@ -1347,7 +1351,7 @@ pub(crate) async fn check_offset_expiry(store: &dyn MetadataStore) {
     commit_offsets(store, &unlisted, &unlisted_offsets).await;
 
     let expired = store
-        .expire_offsets(&[a.clone(), b.clone(), unique("group")], 200)
+        .expire_offsets(&[a.clone(), b.clone(), unique("group")], 200, None)
         .await
         .expect("expire before 200");
     assert_eq!(
@@ -1368,14 +1372,14 @@ pub(crate) async fn check_offset_expiry(store: &dyn MetadataStore) {
 
     assert_eq!(
         store
-            .expire_offsets(&[], i64::MAX)
+            .expire_offsets(&[], i64::MAX, None)
             .await
             .expect("expire no groups"),
         0
     );
     assert_eq!(
         store
-            .expire_offsets(std::slice::from_ref(&a), 200)
+            .expire_offsets(std::slice::from_ref(&a), 200, None)
             .await
             .expect("expire again"),
         0,
@@ -1386,7 +1390,7 @@ pub(crate) async fn check_offset_expiry(store: &dyn MetadataStore) {
     let renewed = committed(&topic, 1, 11, 1_000);
     commit_offsets(store, &a, std::slice::from_ref(&renewed)).await;
     let expired = store
-        .expire_offsets(std::slice::from_ref(&a), 500)
+        .expire_offsets(std::slice::from_ref(&a), 500, None)
         .await
         .expect("expire before 500");
     assert_eq!(
@@ -1420,7 +1424,7 @@ pub(crate) async fn check_offsets_independent_of_topics(store: &dyn MetadataStor
     assert!(offset_groups_with(store, &group).await.contains(&group));
 
     let recreated = TopicRecord {
-        id: Uuid::new_v4(),
+        id: crate::clock::unique_id(),
         ..topic
     };
     store.create_topic(&recreated).await.expect("re-create");
@@ -1477,7 +1481,7 @@ pub(crate) async fn check_large_offset_commit(store: &dyn MetadataStore) {
 
     assert_eq!(
         store
-            .delete_offsets(&group, None)
+            .delete_offsets(&group, None, None)
             .await
             .expect("delete all"),
         1000
@@ -1555,16 +1559,22 @@ pub(crate) async fn check_release_and_owners(store: &dyn MetadataStore) {
     ));
 }
 
-/// An offset commit under a fence is stored only while the fence's epoch is current.
-pub(crate) async fn check_fenced_offset_commit(store: &dyn MetadataStore) {
+/// A topic whose partition 0 stands in for a coordinator slot, a group, the slot, and
+/// a lease (fence) on it at broker 1.
+async fn leased_group(store: &dyn MetadataStore) -> (TopicRecord, String, PartitionKey, Fence) {
     let topic = new_topic(store, 1).await;
-    let group = unique("group");
     let slot = key(&topic, 0);
     let lease = store.claim_partition(slot, 1).await.expect("claim");
     let fence = Fence {
         key: slot,
         leader_epoch: lease.leader_epoch,
     };
+    (topic, unique("group"), slot, fence)
+}
+
+/// An offset commit under a fence is stored only while the fence's epoch is current.
+pub(crate) async fn check_fenced_offset_commit(store: &dyn MetadataStore) {
+    let (topic, group, slot, fence) = leased_group(store).await;
     let first = [committed(&topic.name, 0, 10, 1)];
     store
         .commit_offsets(&group, &first, Some(fence))
@@ -1577,4 +1587,57 @@ pub(crate) async fn check_fenced_offset_commit(store: &dyn MetadataStore) {
         Err(MetaError::Fenced(_))
     ));
     assert_eq!(fetch_offsets(store, &group).await, first.to_vec());
+}
+
+/// Deleting and expiring offsets under a fence happen only while the fence's epoch is
+/// current: a coordinator that lost the group's slot deletes nothing, even when there is
+/// nothing to delete (the answer still says it was fenced).
+pub(crate) async fn check_fenced_offset_delete_and_expiry(store: &dyn MetadataStore) {
+    let (topic, group, slot, fence) = leased_group(store).await;
+    let offsets = [
+        committed(&topic.name, 0, 10, 1),
+        committed(&topic.name, 1, 11, 1),
+    ];
+    commit_offsets(store, &group, &offsets).await;
+    let one = [(topic.name.clone(), 0)];
+    assert_eq!(
+        store
+            .delete_offsets(&group, Some(&one), Some(fence))
+            .await
+            .expect("delete under the current lease"),
+        1
+    );
+    store.claim_partition(slot, 2).await.expect("claim again");
+    assert!(matches!(
+        store.delete_offsets(&group, None, Some(fence)).await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert!(matches!(
+        store
+            .expire_offsets(std::slice::from_ref(&group), i64::MAX, Some(fence))
+            .await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert!(matches!(
+        store
+            .delete_offsets(&unique("group"), None, Some(fence))
+            .await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        vec![offsets[1].clone()],
+        "a fenced delete or expiry changes nothing"
+    );
+    let current = Fence {
+        key: slot,
+        leader_epoch: fence.leader_epoch + 1,
+    };
+    assert_eq!(
+        store
+            .expire_offsets(std::slice::from_ref(&group), i64::MAX, Some(current))
+            .await
+            .expect("expire under the new lease"),
+        1
+    );
 }

@@ -263,20 +263,26 @@ impl MetadataStore for Instrumented {
         &self,
         group: &str,
         partitions: Option<&[(String, i32)]>,
+        fence: Option<Fence>,
     ) -> MetaResult<usize> {
         timed(
             "delete_offsets",
-            self.inner.delete_offsets(group, partitions),
+            self.inner.delete_offsets(group, partitions, fence),
         )
         .await
     }
     async fn offset_groups(&self) -> MetaResult<Vec<String>> {
         timed("offset_groups", self.inner.offset_groups()).await
     }
-    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
+    async fn expire_offsets(
+        &self,
+        groups: &[String],
+        before_ms: i64,
+        fence: Option<Fence>,
+    ) -> MetaResult<usize> {
         timed(
             "expire_offsets",
-            self.inner.expire_offsets(groups, before_ms),
+            self.inner.expire_offsets(groups, before_ms, fence),
         )
         .await
     }

@@ -3,8 +3,9 @@
 //! It owns topics, per-partition leadership epochs, the partition manifests (sealed
 //! segments and the write-ahead ranges after them), the high watermark, idempotent
 //! producer state and producer-id allocation. The log bytes themselves never pass
-//! through it. Each backend implements the whole trait (fencing and epochs included);
-//! one conformance suite (`conformance`) holds the three to the same semantics.
+//! through it. What the fenced writes mean (epochs, ranges, trims, offsets) is written
+//! once, in `semantics`; the backends store rows. One conformance suite
+//! (`conformance`) holds the three to the same behaviour.
 //!
 //! Every write that belongs to a partition is conditional on the caller's leader epoch,
 //! so a former owner can never commit after its successor claimed the partition.
@@ -14,6 +15,7 @@ pub mod bucket;
 pub(crate) mod conformance;
 pub mod instrumented;
 pub mod postgres;
+pub mod semantics;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -280,17 +282,25 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     /// Every committed offset of a group, sorted by topic and partition.
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>>;
     /// Deletes a group's committed offsets: all of them (`None`) or the listed
-    /// (topic, partition) pairs. Returns how many were deleted.
+    /// (topic, partition) pairs. Returns how many were deleted. With a fence, only
+    /// while the fence's epoch is current (the coordinator's lease), else `Fenced`.
     async fn delete_offsets(
         &self,
         group: &str,
         partitions: Option<&[(String, i32)]>,
+        fence: Option<Fence>,
     ) -> MetaResult<usize>;
     /// Names of all groups that have committed offsets, sorted.
     async fn offset_groups(&self) -> MetaResult<Vec<String>>;
     /// Deletes every committed offset older than `before_ms` of the listed groups
     /// (offset retention for groups without members). Returns how many were deleted.
-    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize>;
+    /// With a fence, only while the fence's epoch is current, else `Fenced`.
+    async fn expire_offsets(
+        &self,
+        groups: &[String],
+        before_ms: i64,
+        fence: Option<Fence>,
+    ) -> MetaResult<usize>;
     /// Starts a broker session: returns a number higher than any before for this broker,
     /// used in object names so objects are never overwritten.
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;

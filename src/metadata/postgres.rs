@@ -39,6 +39,7 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
+use super::semantics;
 use super::PartitionOwner;
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
@@ -53,6 +54,13 @@ const FIRST_PRODUCER_ID: i64 = 1000;
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 /// Most connections one store opens; more concurrent operations wait for one.
 const POOL_SIZE: usize = 16;
+/// How long the server keeps a transaction of ours open while nothing arrives on it.
+/// Every transaction sends its statements back to back, so one that goes quiet belongs
+/// to a broker that was cut off mid-transaction (its connection hangs, the server does
+/// not see it close); its row locks would otherwise stall every other broker's claim of
+/// those partitions until the connection dies.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
+
 /// Connect timeout when the URL does not set `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Key of the transaction-scoped advisory lock that serialises schema migrations
@@ -366,6 +374,15 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
+    /// Runs a fenced write (`semantics`) in one transaction.
+    async fn fenced(&self, op: semantics::Op<'_>) -> MetaResult<usize> {
+        let mut conn = self.pool.get().await?;
+        let mut tx = conn.begin().await?;
+        let deleted = apply_fenced(&mut tx, op).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// Connects to the database named by `url` (`postgres://user[:password]@host:port/db`,
     /// libpq-style query parameters allowed) and creates or migrates the schema.
     pub async fn connect(url: &str) -> MetaResult<PostgresStore> {
@@ -380,6 +397,12 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout={}",
+            config.get_options().unwrap_or_default(),
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        config.options(options.trim_start());
         let store = PostgresStore {
             pool: Pool {
                 config,
@@ -645,61 +668,368 @@ async fn load_partition_state(
     })
 }
 
-/// A write-ahead commit flattened into column arrays for `unnest`.
-#[derive(Default)]
-struct WalColumns {
-    topic_ids: Vec<Uuid>,
-    partitions: Vec<i32>,
-    base_offsets: Vec<i64>,
-    end_offsets: Vec<i64>,
-    positions: Vec<i64>,
-    lens: Vec<i64>,
-    max_timestamps: Vec<i64>,
-    object_sizes: Vec<i64>,
-    producer_topic_ids: Vec<Uuid>,
-    producer_partitions: Vec<i32>,
-    producer_ids: Vec<i64>,
-    producer_states: Vec<String>,
+/// A fenced write (`semantics`) inside `tx`: locks the rows of its fences (in key
+/// order, so two writers never deadlock), plans, and applies the planned writes as a
+/// few batched statements pipelined on the connection. Returns how many offsets it
+/// deleted.
+async fn apply_fenced(tx: &mut Tx<'_>, op: semantics::Op<'_>) -> MetaResult<usize> {
+    let fences = op.fences();
+    let mut rows = semantics::Rows::new();
+    if !fences.is_empty() {
+        let ids: Vec<Uuid> = fences.iter().map(|k| k.topic_id).collect();
+        let numbers: Vec<i32> = fences.iter().map(|k| k.partition).collect();
+        let locked = tx
+            .query(
+                "SELECT p.topic_id, p.partition, p.leader_epoch, p.high_watermark,
+                        p.log_start_offset
+                 FROM partitions AS p
+                 JOIN unnest($1::UUID[], $2::INTEGER[]) AS k (topic_id, partition)
+                   ON p.topic_id = k.topic_id AND p.partition = k.partition
+                 ORDER BY p.topic_id, p.partition
+                 FOR UPDATE OF p",
+                &[&ids, &numbers],
+            )
+            .await?;
+        for row in &locked {
+            let key = PartitionKey {
+                topic_id: get(row, 0)?,
+                partition: get(row, 1)?,
+            };
+            rows.insert(
+                key,
+                semantics::PartitionRow {
+                    leader_epoch: get(row, 2)?,
+                    high_watermark: get(row, 3)?,
+                    log_start_offset: get(row, 4)?,
+                },
+            );
+        }
+    }
+    let writes = semantics::plan(&rows, op)?;
+    Columns::gather(writes)?.apply(tx).await
 }
 
-impl WalColumns {
-    fn new(commit: &WalCommit) -> MetaResult<WalColumns> {
-        let mut columns = WalColumns::default();
-        // The last state of a producer wins, like consecutive upserts would.
-        let mut producers = BTreeMap::new();
-        for part in &commit.partitions {
-            let range = &part.range;
-            columns.topic_ids.push(part.key.topic_id);
-            columns.partitions.push(part.key.partition);
-            columns.base_offsets.push(range.base_offset);
-            columns.end_offsets.push(range.end_offset);
-            columns
-                .positions
-                .push(u64_to_sql(range.position, "wal range position")?);
-            columns
-                .lens
-                .push(u64_to_sql(range.len, "wal range length")?);
-            columns.max_timestamps.push(range.max_timestamp);
-            columns
-                .object_sizes
-                .push(u64_to_sql(range.object_size, "wal object size")?);
-            for producer in &part.producers {
-                producers.insert(
-                    (part.key, producer.producer_id),
-                    encode_json(producer, "producer state")?,
-                );
+/// Planned writes flattened into column arrays, one batched statement per kind.
+#[derive(Default)]
+struct Columns<'a> {
+    range_topic_ids: Vec<Uuid>,
+    range_partitions: Vec<i32>,
+    range_bases: Vec<i64>,
+    range_ends: Vec<i64>,
+    range_objects: Vec<String>,
+    range_positions: Vec<i64>,
+    range_lens: Vec<i64>,
+    range_max_timestamps: Vec<i64>,
+    range_object_sizes: Vec<i64>,
+    hw_topic_ids: Vec<Uuid>,
+    hw_partitions: Vec<i32>,
+    hws: Vec<i64>,
+    /// By (partition, producer id): the last state wins, like consecutive upserts.
+    producers: BTreeMap<(PartitionKey, i64), String>,
+    wal_objects: Vec<(&'a str, i64)>,
+    segments: Vec<(PartitionKey, &'a SegmentRecord)>,
+    drop_ranges: Vec<(PartitionKey, i64)>,
+    log_starts: Vec<(PartitionKey, i64)>,
+    drop_segments: BTreeMap<PartitionKey, Vec<i64>>,
+    /// By group, then (topic, partition): the last commit wins.
+    offsets: BTreeMap<&'a str, BTreeMap<(&'a str, i32), &'a CommittedOffset>>,
+    delete_groups: Vec<&'a str>,
+    delete_offsets: BTreeMap<&'a str, (Vec<&'a str>, Vec<i32>)>,
+    expire: Vec<(&'a str, i64)>,
+}
+
+impl<'a> Columns<'a> {
+    fn gather(writes: Vec<semantics::Write<'a>>) -> MetaResult<Columns<'a>> {
+        use semantics::Write;
+        let mut c = Columns::default();
+        for write in writes {
+            match write {
+                Write::InsertRange { key, range } => {
+                    c.range_topic_ids.push(key.topic_id);
+                    c.range_partitions.push(key.partition);
+                    c.range_bases.push(range.base_offset);
+                    c.range_ends.push(range.end_offset);
+                    c.range_positions
+                        .push(u64_to_sql(range.position, "wal range position")?);
+                    c.range_lens
+                        .push(u64_to_sql(range.len, "wal range length")?);
+                    c.range_max_timestamps.push(range.max_timestamp);
+                    c.range_object_sizes
+                        .push(u64_to_sql(range.object_size, "wal object size")?);
+                    c.range_objects.push(range.object_key);
+                }
+                Write::SetHighWatermark {
+                    key,
+                    high_watermark,
+                } => {
+                    c.hw_topic_ids.push(key.topic_id);
+                    c.hw_partitions.push(key.partition);
+                    c.hws.push(high_watermark);
+                }
+                Write::UpsertProducer { key, state } => {
+                    c.producers.insert(
+                        (key, state.producer_id),
+                        encode_json(state, "producer state")?,
+                    );
+                }
+                Write::RememberWalObject {
+                    object_key,
+                    created_ms,
+                } => c.wal_objects.push((object_key, created_ms)),
+                Write::InsertSegment { key, segment } => c.segments.push((key, segment)),
+                Write::DropRangesThrough { key, end_offset } => {
+                    c.drop_ranges.push((key, end_offset))
+                }
+                Write::SetLogStartOffset {
+                    key,
+                    log_start_offset,
+                } => c.log_starts.push((key, log_start_offset)),
+                Write::DropSegment { key, base_offset } => {
+                    c.drop_segments.entry(key).or_default().push(base_offset)
+                }
+                Write::UpsertOffset { group, offset } => {
+                    c.offsets
+                        .entry(group)
+                        .or_default()
+                        .insert((offset.topic.as_str(), offset.partition), offset);
+                }
+                Write::DeleteOffsets {
+                    group,
+                    partition: None,
+                } => c.delete_groups.push(group),
+                Write::DeleteOffsets {
+                    group,
+                    partition: Some((topic, partition)),
+                } => {
+                    let (topics, partitions) = c.delete_offsets.entry(group).or_default();
+                    topics.push(topic);
+                    partitions.push(partition);
+                }
+                Write::ExpireOffsets { group, before_ms } => c.expire.push((group, before_ms)),
             }
         }
-        for ((key, producer_id), json) in producers {
-            columns.producer_topic_ids.push(key.topic_id);
-            columns.producer_partitions.push(key.partition);
-            columns.producer_ids.push(producer_id);
-            columns.producer_states.push(json);
+        Ok(c)
+    }
+
+    /// Runs the batched statements, pipelined (the writes of one operation are
+    /// independent of each other); returns the offsets deleted.
+    async fn apply(self, tx: &mut Tx<'_>) -> MetaResult<usize> {
+        type Params<'p> = Vec<&'p (dyn ToSql + Sync)>;
+        // (statement, parameters, whether its row count is an answer)
+        let mut jobs: Vec<(Statement, Params<'_>, bool)> = Vec::new();
+        if !self.range_bases.is_empty() {
+            let st = tx
+                .statement(
+                    "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
+                         object_key, position, len, max_timestamp, object_size)
+                     SELECT * FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[],
+                         $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
+                         $9::BIGINT[])",
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![
+                    &self.range_topic_ids,
+                    &self.range_partitions,
+                    &self.range_bases,
+                    &self.range_ends,
+                    &self.range_objects,
+                    &self.range_positions,
+                    &self.range_lens,
+                    &self.range_max_timestamps,
+                    &self.range_object_sizes,
+                ],
+                false,
+            ));
         }
-        Ok(columns)
+        if !self.hws.is_empty() {
+            let st = tx
+                .statement(
+                    "UPDATE partitions AS p SET high_watermark = k.high_watermark
+                     FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[])
+                          AS k (topic_id, partition, high_watermark)
+                     WHERE p.topic_id = k.topic_id AND p.partition = k.partition",
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![&self.hw_topic_ids, &self.hw_partitions, &self.hws],
+                false,
+            ));
+        }
+        let producer_topic_ids: Vec<Uuid> =
+            self.producers.keys().map(|(k, _)| k.topic_id).collect();
+        let producer_partitions: Vec<i32> =
+            self.producers.keys().map(|(k, _)| k.partition).collect();
+        let producer_ids: Vec<i64> = self.producers.keys().map(|(_, id)| *id).collect();
+        let producer_states: Vec<&str> = self.producers.values().map(String::as_str).collect();
+        if !producer_ids.is_empty() {
+            let st = tx
+                .statement(
+                    "INSERT INTO producers (topic_id, partition, producer_id, state)
+                     SELECT * FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[], $4::TEXT[])
+                     ON CONFLICT (topic_id, partition, producer_id)
+                     DO UPDATE SET state = excluded.state",
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![
+                    &producer_topic_ids,
+                    &producer_partitions,
+                    &producer_ids,
+                    &producer_states,
+                ],
+                false,
+            ));
+        }
+        for (object_key, created_ms) in &self.wal_objects {
+            let st = tx
+                .statement(
+                    "INSERT INTO wal_objects (object_key, created_ms) VALUES ($1, $2)
+                     ON CONFLICT (object_key) DO NOTHING",
+                )
+                .await?;
+            jobs.push((st, vec![object_key, created_ms], false));
+        }
+        let mut segment_sizes = Vec::with_capacity(self.segments.len());
+        for (_, segment) in &self.segments {
+            segment_sizes.push((
+                u64_to_sql(segment.size_bytes, "segment size")?,
+                u64_to_sql(segment.data_bytes, "segment data size")?,
+            ));
+        }
+        for ((key, segment), (size_bytes, data_bytes)) in self.segments.iter().zip(&segment_sizes) {
+            let st = tx
+                .statement(
+                    "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
+                         object_key, size_bytes, data_bytes, max_timestamp, created_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![
+                    &key.topic_id,
+                    &key.partition,
+                    &segment.base_offset,
+                    &segment.end_offset,
+                    &segment.object_key,
+                    size_bytes,
+                    data_bytes,
+                    &segment.max_timestamp,
+                    &segment.created_ms,
+                ],
+                false,
+            ));
+        }
+        for (key, end_offset) in &self.drop_ranges {
+            let st = tx
+                .statement(
+                    "DELETE FROM wal_ranges
+                     WHERE topic_id = $1 AND partition = $2 AND end_offset <= $3",
+                )
+                .await?;
+            jobs.push((st, vec![&key.topic_id, &key.partition, end_offset], false));
+        }
+        for (key, log_start_offset) in &self.log_starts {
+            let st = tx
+                .statement(
+                    "UPDATE partitions SET log_start_offset = $3
+                     WHERE topic_id = $1 AND partition = $2",
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![&key.topic_id, &key.partition, log_start_offset],
+                false,
+            ));
+        }
+        for (key, bases) in &self.drop_segments {
+            let st = tx
+                .statement(
+                    "DELETE FROM segments
+                     WHERE topic_id = $1 AND partition = $2 AND base_offset = ANY($3::BIGINT[])",
+                )
+                .await?;
+            jobs.push((st, vec![&key.topic_id, &key.partition, bases], false));
+        }
+        let mut offset_columns = Vec::with_capacity(self.offsets.len());
+        for (group, latest) in &self.offsets {
+            let o = latest.values();
+            offset_columns.push((
+                *group,
+                o.clone().map(|o| o.topic.as_str()).collect::<Vec<_>>(),
+                o.clone().map(|o| o.partition).collect::<Vec<_>>(),
+                o.clone().map(|o| o.offset).collect::<Vec<_>>(),
+                o.clone().map(|o| o.leader_epoch).collect::<Vec<_>>(),
+                o.clone().map(|o| o.metadata.as_str()).collect::<Vec<_>>(),
+                o.map(|o| o.commit_timestamp_ms).collect::<Vec<_>>(),
+            ));
+        }
+        for (group, topics, partitions, offsets, epochs, metadata, timestamps) in &offset_columns {
+            let st = tx
+                .statement(
+                    r#"INSERT INTO group_offsets (group_id, topic, partition, "offset",
+                           leader_epoch, metadata, commit_timestamp_ms)
+                       SELECT $1, k.* FROM unnest($2::TEXT[], $3::INTEGER[], $4::BIGINT[],
+                                                 $5::INTEGER[], $6::TEXT[], $7::BIGINT[]) AS k
+                       ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                           "offset" = excluded."offset",
+                           leader_epoch = excluded.leader_epoch,
+                           metadata = excluded.metadata,
+                           commit_timestamp_ms = excluded.commit_timestamp_ms"#,
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![
+                    group, topics, partitions, offsets, epochs, metadata, timestamps,
+                ],
+                false,
+            ));
+        }
+        for group in &self.delete_groups {
+            let st = tx
+                .statement("DELETE FROM group_offsets WHERE group_id = $1")
+                .await?;
+            jobs.push((st, vec![group], true));
+        }
+        for (group, (topics, partitions)) in &self.delete_offsets {
+            // A pair listed twice is deleted (and counted) once.
+            let st = tx
+                .statement(
+                    "DELETE FROM group_offsets AS g
+                     USING (SELECT DISTINCT * FROM unnest($2::TEXT[], $3::INTEGER[]))
+                           AS k (topic, partition)
+                     WHERE g.group_id = $1 AND g.topic = k.topic AND g.partition = k.partition",
+                )
+                .await?;
+            jobs.push((st, vec![group, topics, partitions], true));
+        }
+        for (group, before_ms) in &self.expire {
+            let st = tx
+                .statement(
+                    "DELETE FROM group_offsets WHERE group_id = $1 AND commit_timestamp_ms < $2",
+                )
+                .await?;
+            jobs.push((st, vec![group, before_ms], true));
+        }
+        let t = &tx.tx;
+        let counts =
+            futures::future::try_join_all(jobs.iter().map(|(st, params, _)| t.execute(st, params)))
+                .await
+                .db()?;
+        let mut deleted = 0;
+        for ((_, _, answers), rows) in jobs.iter().zip(counts) {
+            if *answers {
+                deleted += count(rows)?;
+            }
+        }
+        Ok(deleted)
     }
 }
-
 #[async_trait]
 impl MetadataStore for PostgresStore {
     async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
@@ -858,114 +1188,9 @@ impl MetadataStore for PostgresStore {
     /// A partition that no longer exists (its topic was deleted) is reported as fenced
     /// with the stale ones, as in the SQLite backend.
     async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
-        let columns = WalColumns::new(commit)?;
-        let mut conn = self.pool.get().await?;
-        let mut tx = conn.begin().await?;
-
-        if !commit.partitions.is_empty() {
-            // Lock every partition row in key order (no deadlock between two commits)
-            // and check the epochs under the locks.
-            let rows = tx
-                .query(
-                    "SELECT p.topic_id, p.partition, p.leader_epoch
-                     FROM partitions AS p
-                     JOIN unnest($1::UUID[], $2::INTEGER[]) AS k (topic_id, partition)
-                       ON p.topic_id = k.topic_id AND p.partition = k.partition
-                     ORDER BY p.topic_id, p.partition
-                     FOR UPDATE OF p",
-                    &[&columns.topic_ids, &columns.partitions],
-                )
-                .await?;
-            let mut stored = HashMap::with_capacity(rows.len());
-            for row in &rows {
-                let key = PartitionKey {
-                    topic_id: get(row, 0)?,
-                    partition: get(row, 1)?,
-                };
-                stored.insert(key, get::<i32>(row, 2)?);
-            }
-            let fenced: Vec<PartitionKey> = commit
-                .partitions
-                .iter()
-                .filter(|part| stored.get(&part.key) != Some(&part.leader_epoch))
-                .map(|part| part.key)
-                .collect();
-            if !fenced.is_empty() {
-                // Dropping `tx` rolls back; nothing was written anyway.
-                tracing::debug!(object_key = %commit.object_key, ?fenced, "fenced wal commit");
-                return Err(MetaError::Fenced(fenced));
-            }
-        }
-
-        let insert_ranges = tx
-            .statement(
-                "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
-                     object_key, position, len, max_timestamp, object_size)
-                 SELECT k.topic_id, k.partition, k.base_offset, k.end_offset, $8,
-                        k.position, k.len, k.max_timestamp, k.object_size
-                 FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[], $4::BIGINT[],
-                             $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $9::BIGINT[])
-                      AS k (topic_id, partition, base_offset, end_offset, position, len,
-                            max_timestamp, object_size)",
-            )
-            .await?;
-        let raise_hw = tx
-            .statement(
-                "UPDATE partitions AS p SET high_watermark = GREATEST(p.high_watermark, k.end_offset)
-                 FROM (SELECT topic_id, partition, MAX(end_offset) AS end_offset
-                       FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[])
-                            AS u (topic_id, partition, end_offset)
-                       GROUP BY topic_id, partition) AS k
-                 WHERE p.topic_id = k.topic_id AND p.partition = k.partition",
-            )
-            .await?;
-        let upsert_producers = tx
-            .statement(
-                "INSERT INTO producers (topic_id, partition, producer_id, state)
-                 SELECT * FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[], $4::TEXT[])
-                 ON CONFLICT (topic_id, partition, producer_id)
-                 DO UPDATE SET state = excluded.state",
-            )
-            .await?;
-        let remember_object = tx
-            .statement(
-                "INSERT INTO wal_objects (object_key, created_ms) VALUES ($1, $2)
-                 ON CONFLICT (object_key) DO NOTHING",
-            )
-            .await?;
-        let range_params: [&(dyn ToSql + Sync); 9] = [
-            &columns.topic_ids,
-            &columns.partitions,
-            &columns.base_offsets,
-            &columns.end_offsets,
-            &columns.positions,
-            &columns.lens,
-            &columns.max_timestamps,
-            &commit.object_key,
-            &columns.object_sizes,
-        ];
-        let hw_params: [&(dyn ToSql + Sync); 3] = [
-            &columns.topic_ids,
-            &columns.partitions,
-            &columns.end_offsets,
-        ];
-        let producer_params: [&(dyn ToSql + Sync); 4] = [
-            &columns.producer_topic_ids,
-            &columns.producer_partitions,
-            &columns.producer_ids,
-            &columns.producer_states,
-        ];
-        let object_params: [&(dyn ToSql + Sync); 2] = [&commit.object_key, &commit.created_ms];
-        // Independent statements of one transaction: pipelined, one round trip.
-        let t = &tx.tx;
-        tokio::try_join!(
-            t.execute(&insert_ranges, &range_params),
-            t.execute(&raise_hw, &hw_params),
-            t.execute(&upsert_producers, &producer_params),
-            t.execute(&remember_object, &object_params),
-        )
-        .db()?;
-        tx.commit().await
+        self.fenced(semantics::Op::CommitWal(commit))
+            .await
+            .map(|_| ())
     }
 
     async fn commit_segment(
@@ -974,35 +1199,12 @@ impl MetadataStore for PostgresStore {
         leader_epoch: i32,
         segment: &SegmentRecord,
     ) -> MetaResult<()> {
-        let size_bytes = u64_to_sql(segment.size_bytes, "segment size")?;
-        let data_bytes = u64_to_sql(segment.data_bytes, "segment data size")?;
-        let mut conn = self.pool.get().await?;
-        let mut tx = conn.begin().await?;
-        require_epoch(&mut tx, key, leader_epoch).await?;
-        tx.execute(
-            "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
-                 object_key, size_bytes, data_bytes, max_timestamp, created_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[
-                &key.topic_id,
-                &key.partition,
-                &segment.base_offset,
-                &segment.end_offset,
-                &segment.object_key,
-                &size_bytes,
-                &data_bytes,
-                &segment.max_timestamp,
-                &segment.created_ms,
-            ],
-        )
-        .await?;
-        tx.execute(
-            "DELETE FROM wal_ranges
-             WHERE topic_id = $1 AND partition = $2 AND end_offset <= $3",
-            &[&key.topic_id, &key.partition, &segment.end_offset],
-        )
-        .await?;
-        tx.commit().await
+        let op = semantics::Op::CommitSegment {
+            key,
+            leader_epoch,
+            segment,
+        };
+        self.fenced(op).await.map(|_| ())
     }
 
     async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
@@ -1072,24 +1274,13 @@ impl MetadataStore for PostgresStore {
         log_start_offset: i64,
         drop_segment_base_offsets: &[i64],
     ) -> MetaResult<()> {
-        let mut conn = self.pool.get().await?;
-        let mut tx = conn.begin().await?;
-        require_epoch(&mut tx, key, leader_epoch).await?;
-        tx.execute(
-            "UPDATE partitions SET log_start_offset = GREATEST(log_start_offset, $3)
-             WHERE topic_id = $1 AND partition = $2",
-            &[&key.topic_id, &key.partition, &log_start_offset],
-        )
-        .await?;
-        if !drop_segment_base_offsets.is_empty() {
-            tx.execute(
-                "DELETE FROM segments
-                 WHERE topic_id = $1 AND partition = $2 AND base_offset = ANY($3::BIGINT[])",
-                &[&key.topic_id, &key.partition, &drop_segment_base_offsets],
-            )
-            .await?;
-        }
-        tx.commit().await
+        let op = semantics::Op::TrimLog {
+            key,
+            leader_epoch,
+            log_start_offset,
+            drop_segment_base_offsets,
+        };
+        self.fenced(op).await.map(|_| ())
     }
 
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
@@ -1217,55 +1408,12 @@ impl MetadataStore for PostgresStore {
         offsets: &[CommittedOffset],
         fence: Option<Fence>,
     ) -> MetaResult<()> {
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        // The last commit of a partition wins, like consecutive upserts would.
-        let mut latest = BTreeMap::new();
-        for o in offsets {
-            latest.insert((o.topic.as_str(), o.partition), o);
-        }
-        let mut topics = Vec::with_capacity(latest.len());
-        let mut partitions = Vec::with_capacity(latest.len());
-        let mut committed = Vec::with_capacity(latest.len());
-        let mut epochs = Vec::with_capacity(latest.len());
-        let mut metadata = Vec::with_capacity(latest.len());
-        let mut timestamps = Vec::with_capacity(latest.len());
-        for o in latest.into_values() {
-            topics.push(o.topic.as_str());
-            partitions.push(o.partition);
-            committed.push(o.offset);
-            epochs.push(o.leader_epoch);
-            metadata.push(o.metadata.as_str());
-            timestamps.push(o.commit_timestamp_ms);
-        }
-        let mut conn = self.pool.get().await?;
-        let mut tx = conn.begin().await?;
-        if let Some(f) = fence {
-            require_epoch(&mut tx, f.key, f.leader_epoch).await?;
-        }
-        tx.execute(
-            r#"INSERT INTO group_offsets (group_id, topic, partition, "offset",
-                   leader_epoch, metadata, commit_timestamp_ms)
-               SELECT $1, k.* FROM unnest($2::TEXT[], $3::INTEGER[], $4::BIGINT[],
-                                         $5::INTEGER[], $6::TEXT[], $7::BIGINT[]) AS k
-               ON CONFLICT (group_id, topic, partition) DO UPDATE SET
-                   "offset" = excluded."offset",
-                   leader_epoch = excluded.leader_epoch,
-                   metadata = excluded.metadata,
-                   commit_timestamp_ms = excluded.commit_timestamp_ms"#,
-            &[
-                &group,
-                &topics,
-                &partitions,
-                &committed,
-                &epochs,
-                &metadata,
-                &timestamps,
-            ],
-        )
-        .await?;
-        tx.commit().await
+        let op = semantics::Op::CommitOffsets {
+            group,
+            offsets,
+            fence,
+        };
+        self.fenced(op).await.map(|_| ())
     }
 
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
@@ -1295,27 +1443,14 @@ impl MetadataStore for PostgresStore {
         &self,
         group: &str,
         partitions: Option<&[(String, i32)]>,
+        fence: Option<Fence>,
     ) -> MetaResult<usize> {
-        let mut conn = self.pool.get().await?;
-        let deleted = match partitions {
-            None => {
-                conn.execute("DELETE FROM group_offsets WHERE group_id = $1", &[&group])
-                    .await?
-            }
-            Some([]) => 0,
-            Some(partitions) => {
-                let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
-                let numbers: Vec<i32> = partitions.iter().map(|&(_, p)| p).collect();
-                conn.execute(
-                    "DELETE FROM group_offsets AS g
-                     USING unnest($2::TEXT[], $3::INTEGER[]) AS k (topic, partition)
-                     WHERE g.group_id = $1 AND g.topic = k.topic AND g.partition = k.partition",
-                    &[&group, &topics, &numbers],
-                )
-                .await?
-            }
+        let op = semantics::Op::DeleteOffsets {
+            group,
+            partitions,
+            fence,
         };
-        count(deleted)
+        self.fenced(op).await
     }
 
     async fn offset_groups(&self) -> MetaResult<Vec<String>> {
@@ -1329,19 +1464,18 @@ impl MetadataStore for PostgresStore {
         rows.iter().map(|row| get(row, 0)).collect()
     }
 
-    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
-        if groups.is_empty() {
-            return Ok(0);
-        }
-        let mut conn = self.pool.get().await?;
-        let deleted = conn
-            .execute(
-                "DELETE FROM group_offsets
-                 WHERE group_id = ANY($1::TEXT[]) AND commit_timestamp_ms < $2",
-                &[&groups, &before_ms],
-            )
-            .await?;
-        count(deleted)
+    async fn expire_offsets(
+        &self,
+        groups: &[String],
+        before_ms: i64,
+        fence: Option<Fence>,
+    ) -> MetaResult<usize> {
+        let op = semantics::Op::ExpireOffsets {
+            groups,
+            before_ms,
+            fence,
+        };
+        self.fenced(op).await
     }
 
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
@@ -1404,7 +1538,7 @@ mod tests {
     /// use it (each test sees an empty "database" of its own).
     async fn fresh_schema() -> Option<(Config, String)> {
         let mut config = test_config()?;
-        let schema = format!("strata_test_{}", Uuid::new_v4().simple());
+        let schema = format!("strata_test_{}", crate::clock::unique_id().simple());
         raw(&config)
             .await
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
@@ -1509,7 +1643,7 @@ mod tests {
         };
         let topic = TopicRecord {
             name: "orders".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 2,
             configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
             created_ms: 42,
@@ -1656,7 +1790,7 @@ mod tests {
         let b = PostgresStore::connect_with(config).await.expect("b");
         let topic = TopicRecord {
             name: "claimed".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 1,
             configs: BTreeMap::new(),
             created_ms: 0,
@@ -1707,7 +1841,7 @@ mod tests {
             .expect("new owner");
         let topic = TopicRecord {
             name: "raced".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 4,
             configs: BTreeMap::new(),
             created_ms: 0,
@@ -1788,7 +1922,7 @@ mod tests {
         };
         let topic = TopicRecord {
             name: "orders".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 2,
             configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
             created_ms: 42,
@@ -1898,7 +2032,7 @@ mod tests {
             .expect("connect");
         let topic = TopicRecord {
             name: "t".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 2,
             configs: BTreeMap::new(),
             created_ms: 0,

@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
+use super::semantics;
 use super::PartitionOwner;
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
@@ -438,6 +439,178 @@ fn require_epoch(tx: &Transaction<'_>, key: PartitionKey, leader_epoch: i32) -> 
     }
 }
 
+/// A fenced write (`semantics`): reads the rows of its fences inside `tx`, plans, and
+/// applies the planned writes. Returns how many offsets it deleted.
+fn apply_fenced(tx: &Transaction<'_>, op: semantics::Op<'_>) -> MetaResult<usize> {
+    let mut rows = semantics::Rows::new();
+    {
+        let mut read = tx
+            .prepare_cached(
+                "SELECT leader_epoch, high_watermark, log_start_offset FROM partitions
+                 WHERE topic_id = ?1 AND partition = ?2",
+            )
+            .db()?;
+        for key in op.fences() {
+            let row = read
+                .query_row(params![key.topic_id.as_bytes(), key.partition], |r| {
+                    Ok(semantics::PartitionRow {
+                        leader_epoch: r.get(0)?,
+                        high_watermark: r.get(1)?,
+                        log_start_offset: r.get(2)?,
+                    })
+                })
+                .optional()
+                .db()?;
+            if let Some(row) = row {
+                rows.insert(key, row);
+            }
+        }
+    }
+    let mut deleted = 0;
+    for write in semantics::plan(&rows, op)? {
+        deleted += apply_write(tx, write)?;
+    }
+    Ok(deleted)
+}
+
+/// One planned write in SQL; returns the rows an offset deletion removed.
+fn apply_write(tx: &Transaction<'_>, write: semantics::Write<'_>) -> MetaResult<usize> {
+    use semantics::Write;
+    let run = |sql: &str, params: &[&dyn rusqlite::ToSql]| -> MetaResult<usize> {
+        tx.prepare_cached(sql).db()?.execute(params).db()
+    };
+    match write {
+        Write::InsertRange { key, range } => run(
+            "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
+                 object_key, position, len, max_timestamp, object_size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                key.topic_id.as_bytes(),
+                key.partition,
+                range.base_offset,
+                range.end_offset,
+                range.object_key,
+                u64_to_sql(range.position, "wal range position")?,
+                u64_to_sql(range.len, "wal range length")?,
+                range.max_timestamp,
+                u64_to_sql(range.object_size, "wal object size")?
+            ],
+        )?,
+        Write::SetHighWatermark {
+            key,
+            high_watermark,
+        } => run(
+            "UPDATE partitions SET high_watermark = ?3 WHERE topic_id = ?1 AND partition = ?2",
+            params![key.topic_id.as_bytes(), key.partition, high_watermark],
+        )?,
+        Write::UpsertProducer { key, state } => run(
+            "INSERT INTO producers (topic_id, partition, producer_id, state)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (topic_id, partition, producer_id)
+             DO UPDATE SET state = excluded.state",
+            params![
+                key.topic_id.as_bytes(),
+                key.partition,
+                state.producer_id,
+                encode_json(state, "producer state")?
+            ],
+        )?,
+        Write::RememberWalObject {
+            object_key,
+            created_ms,
+        } => run(
+            "INSERT INTO wal_objects (object_key, created_ms) VALUES (?1, ?2)
+             ON CONFLICT (object_key) DO NOTHING",
+            params![object_key, created_ms],
+        )?,
+        Write::InsertSegment { key, segment } => run(
+            "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
+                 object_key, size_bytes, data_bytes, max_timestamp, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                key.topic_id.as_bytes(),
+                key.partition,
+                segment.base_offset,
+                segment.end_offset,
+                segment.object_key,
+                u64_to_sql(segment.size_bytes, "segment size")?,
+                u64_to_sql(segment.data_bytes, "segment data size")?,
+                segment.max_timestamp,
+                segment.created_ms
+            ],
+        )?,
+        Write::DropRangesThrough { key, end_offset } => run(
+            "DELETE FROM wal_ranges WHERE topic_id = ?1 AND partition = ?2 AND end_offset <= ?3",
+            params![key.topic_id.as_bytes(), key.partition, end_offset],
+        )?,
+        Write::SetLogStartOffset {
+            key,
+            log_start_offset,
+        } => run(
+            "UPDATE partitions SET log_start_offset = ?3 WHERE topic_id = ?1 AND partition = ?2",
+            params![key.topic_id.as_bytes(), key.partition, log_start_offset],
+        )?,
+        Write::DropSegment { key, base_offset } => run(
+            "DELETE FROM segments WHERE topic_id = ?1 AND partition = ?2 AND base_offset = ?3",
+            params![key.topic_id.as_bytes(), key.partition, base_offset],
+        )?,
+        Write::UpsertOffset { group, offset: o } => run(
+            "INSERT INTO group_offsets (group_id, topic, partition, offset,
+                 leader_epoch, metadata, commit_timestamp_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                 offset = excluded.offset,
+                 leader_epoch = excluded.leader_epoch,
+                 metadata = excluded.metadata,
+                 commit_timestamp_ms = excluded.commit_timestamp_ms",
+            params![
+                group,
+                o.topic,
+                o.partition,
+                o.offset,
+                o.leader_epoch,
+                o.metadata,
+                o.commit_timestamp_ms
+            ],
+        )?,
+        Write::DeleteOffsets {
+            group,
+            partition: None,
+        } => {
+            return run(
+                "DELETE FROM group_offsets WHERE group_id = ?1",
+                params![group],
+            )
+        }
+        Write::DeleteOffsets {
+            group,
+            partition: Some((topic, partition)),
+        } => {
+            return run(
+                "DELETE FROM group_offsets WHERE group_id = ?1 AND topic = ?2 AND partition = ?3",
+                params![group, topic, partition],
+            )
+        }
+        Write::ExpireOffsets { group, before_ms } => {
+            return run(
+                "DELETE FROM group_offsets WHERE group_id = ?1 AND commit_timestamp_ms < ?2",
+                params![group, before_ms],
+            )
+        }
+    };
+    Ok(0)
+}
+
+/// Runs a fenced write in one immediate transaction.
+fn fenced_tx(conn: &mut Connection, op: semantics::Op<'_>) -> MetaResult<usize> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    let deleted = apply_fenced(&tx, op)?;
+    tx.commit().db()?;
+    Ok(deleted)
+}
+
 /// Reads everything a new owner recovers from; the scalar columns come from the caller.
 fn load_partition_state(
     tx: &Transaction<'_>,
@@ -801,95 +974,9 @@ impl MetadataStore for SqliteStore {
     /// with the stale ones: its owner has lost it for good, and the rest of the commit
     /// can be retried without it.
     async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
-        // Encode outside the lock: it is the only per-record CPU work of the commit.
-        let mut producer_json = Vec::with_capacity(commit.partitions.len());
-        for part in &commit.partitions {
-            let encoded = part
-                .producers
-                .iter()
-                .map(|p| Ok((p.producer_id, encode_json(p, "producer state")?)))
-                .collect::<MetaResult<Vec<_>>>()?;
-            producer_json.push(encoded);
-        }
         let commit = commit.clone();
-        self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-
-            let mut fenced = Vec::new();
-            for part in &commit.partitions {
-                if stored_epoch(&tx, part.key)? != Some(part.leader_epoch) {
-                    fenced.push(part.key);
-                }
-            }
-            if !fenced.is_empty() {
-                // Dropping `tx` rolls back; nothing was written anyway.
-                tracing::debug!(object_key = %commit.object_key, ?fenced, "fenced wal commit");
-                return Err(MetaError::Fenced(fenced));
-            }
-
-            let mut insert_range = tx
-                .prepare_cached(
-                    "INSERT INTO wal_ranges (topic_id, partition, base_offset, end_offset,
-                         object_key, position, len, max_timestamp, object_size)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
-                .db()?;
-            let mut raise_hw = tx
-                .prepare_cached(
-                    "UPDATE partitions SET high_watermark = MAX(high_watermark, ?3)
-                     WHERE topic_id = ?1 AND partition = ?2",
-                )
-                .db()?;
-            let mut upsert_producer = tx
-                .prepare_cached(
-                    "INSERT INTO producers (topic_id, partition, producer_id, state)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (topic_id, partition, producer_id)
-                     DO UPDATE SET state = excluded.state",
-                )
-                .db()?;
-            for (part, producers) in commit.partitions.iter().zip(&producer_json) {
-                let id = part.key.topic_id.as_bytes();
-                let range = &part.range;
-                let position = u64_to_sql(range.position, "wal range position")?;
-                let len = u64_to_sql(range.len, "wal range length")?;
-                let object_size = u64_to_sql(range.object_size, "wal object size")?;
-                insert_range
-                    .execute(params![
-                        id,
-                        part.key.partition,
-                        range.base_offset,
-                        range.end_offset,
-                        commit.object_key,
-                        position,
-                        len,
-                        range.max_timestamp,
-                        object_size
-                    ])
-                    .db()?;
-                raise_hw
-                    .execute(params![id, part.key.partition, range.end_offset])
-                    .db()?;
-                for (producer_id, json) in producers {
-                    upsert_producer
-                        .execute(params![id, part.key.partition, producer_id, json])
-                        .db()?;
-                }
-            }
-            tx.prepare_cached(
-                "INSERT INTO wal_objects (object_key, created_ms) VALUES (?1, ?2)
-                 ON CONFLICT (object_key) DO NOTHING",
-            )
-            .db()?
-            .execute(params![commit.object_key, commit.created_ms])
-            .db()?;
-
-            drop((insert_range, raise_hw, upsert_producer));
-            tx.commit().db()
-        })
-        .await
+        self.run(move |conn| fenced_tx(conn, semantics::Op::CommitWal(&commit)).map(|_| ()))
+            .await
     }
 
     async fn commit_segment(
@@ -900,39 +987,12 @@ impl MetadataStore for SqliteStore {
     ) -> MetaResult<()> {
         let segment = segment.clone();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            require_epoch(&tx, key, leader_epoch)?;
-            let id = key.topic_id.as_bytes();
-            let size_bytes = u64_to_sql(segment.size_bytes, "segment size")?;
-            let data_bytes = u64_to_sql(segment.data_bytes, "segment data size")?;
-            tx.prepare_cached(
-                "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
-                     object_key, size_bytes, data_bytes, max_timestamp, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .db()?
-            .execute(params![
-                id,
-                key.partition,
-                segment.base_offset,
-                segment.end_offset,
-                segment.object_key,
-                size_bytes,
-                data_bytes,
-                segment.max_timestamp,
-                segment.created_ms
-            ])
-            .db()?;
-            tx.prepare_cached(
-                "DELETE FROM wal_ranges
-                 WHERE topic_id = ?1 AND partition = ?2 AND end_offset <= ?3",
-            )
-            .db()?
-            .execute(params![id, key.partition, segment.end_offset])
-            .db()?;
-            tx.commit().db()
+            let op = semantics::Op::CommitSegment {
+                key,
+                leader_epoch,
+                segment: &segment,
+            };
+            fenced_tx(conn, op).map(|_| ())
         })
         .await
     }
@@ -944,33 +1004,15 @@ impl MetadataStore for SqliteStore {
         log_start_offset: i64,
         drop_segment_base_offsets: &[i64],
     ) -> MetaResult<()> {
-        let drop_bases = drop_segment_base_offsets.to_vec();
+        let drop = drop_segment_base_offsets.to_vec();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            require_epoch(&tx, key, leader_epoch)?;
-            let id = key.topic_id.as_bytes();
-            tx.prepare_cached(
-                "UPDATE partitions SET log_start_offset = MAX(log_start_offset, ?3)
-                 WHERE topic_id = ?1 AND partition = ?2",
-            )
-            .db()?
-            .execute(params![id, key.partition, log_start_offset])
-            .db()?;
-            let mut delete = tx
-                .prepare_cached(
-                    "DELETE FROM segments
-                     WHERE topic_id = ?1 AND partition = ?2 AND base_offset = ?3",
-                )
-                .db()?;
-            for base_offset in &drop_bases {
-                delete
-                    .execute(params![id, key.partition, base_offset])
-                    .db()?;
-            }
-            drop(delete);
-            tx.commit().db()
+            let op = semantics::Op::TrimLog {
+                key,
+                leader_epoch,
+                log_start_offset,
+                drop_segment_base_offsets: &drop,
+            };
+            fenced_tx(conn, op).map(|_| ())
         })
         .await
     }
@@ -1138,45 +1180,15 @@ impl MetadataStore for SqliteStore {
         offsets: &[CommittedOffset],
         fence: Option<Fence>,
     ) -> MetaResult<()> {
-        if offsets.is_empty() {
-            return Ok(());
-        }
         let group = group.to_owned();
         let offsets = offsets.to_vec();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            if let Some(f) = fence {
-                require_epoch(&tx, f.key, f.leader_epoch)?;
-            }
-            let mut upsert = tx
-                .prepare_cached(
-                    "INSERT INTO group_offsets (group_id, topic, partition, offset,
-                         leader_epoch, metadata, commit_timestamp_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                     ON CONFLICT (group_id, topic, partition) DO UPDATE SET
-                         offset = excluded.offset,
-                         leader_epoch = excluded.leader_epoch,
-                         metadata = excluded.metadata,
-                         commit_timestamp_ms = excluded.commit_timestamp_ms",
-                )
-                .db()?;
-            for o in &offsets {
-                upsert
-                    .execute(params![
-                        group,
-                        o.topic,
-                        o.partition,
-                        o.offset,
-                        o.leader_epoch,
-                        o.metadata,
-                        o.commit_timestamp_ms
-                    ])
-                    .db()?;
-            }
-            drop(upsert);
-            tx.commit().db()
+            let op = semantics::Op::CommitOffsets {
+                group: &group,
+                offsets: &offsets,
+                fence,
+            };
+            fenced_tx(conn, op).map(|_| ())
         })
         .await
     }
@@ -1213,35 +1225,17 @@ impl MetadataStore for SqliteStore {
         &self,
         group: &str,
         partitions: Option<&[(String, i32)]>,
+        fence: Option<Fence>,
     ) -> MetaResult<usize> {
         let group = group.to_owned();
         let partitions = partitions.map(<[(String, i32)]>::to_vec);
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            let deleted = match &partitions {
-                None => tx
-                    .prepare_cached("DELETE FROM group_offsets WHERE group_id = ?1")
-                    .db()?
-                    .execute(params![group])
-                    .db()?,
-                Some(partitions) => {
-                    let mut delete = tx
-                        .prepare_cached(
-                            "DELETE FROM group_offsets
-                             WHERE group_id = ?1 AND topic = ?2 AND partition = ?3",
-                        )
-                        .db()?;
-                    let mut deleted = 0;
-                    for (topic, partition) in partitions {
-                        deleted += delete.execute(params![group, topic, partition]).db()?;
-                    }
-                    deleted
-                }
+            let op = semantics::Op::DeleteOffsets {
+                group: &group,
+                partitions: partitions.as_deref(),
+                fence,
             };
-            tx.commit().db()?;
-            Ok(deleted)
+            fenced_tx(conn, op)
         })
         .await
     }
@@ -1261,28 +1255,20 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
-    async fn expire_offsets(&self, groups: &[String], before_ms: i64) -> MetaResult<usize> {
-        if groups.is_empty() {
-            return Ok(0);
-        }
+    async fn expire_offsets(
+        &self,
+        groups: &[String],
+        before_ms: i64,
+        fence: Option<Fence>,
+    ) -> MetaResult<usize> {
         let groups = groups.to_vec();
         self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            let mut delete = tx
-                .prepare_cached(
-                    "DELETE FROM group_offsets
-                     WHERE group_id = ?1 AND commit_timestamp_ms < ?2",
-                )
-                .db()?;
-            let mut deleted = 0;
-            for group in &groups {
-                deleted += delete.execute(params![group, before_ms]).db()?;
-            }
-            drop(delete);
-            tx.commit().db()?;
-            Ok(deleted)
+            let op = semantics::Op::ExpireOffsets {
+                groups: &groups,
+                before_ms,
+                fence,
+            };
+            fenced_tx(conn, op)
         })
         .await
     }
@@ -1408,7 +1394,7 @@ mod tests {
         let (_dir, path) = temp_db();
         let topic = TopicRecord {
             name: "orders".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 2,
             configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
             created_ms: 42,
@@ -1483,7 +1469,7 @@ mod tests {
         let (_dir, path) = temp_db();
         let topic = TopicRecord {
             name: "t".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 1,
             configs: BTreeMap::new(),
             created_ms: 0,
@@ -1520,7 +1506,7 @@ mod tests {
         let (_dir, path) = temp_db();
         let topic = TopicRecord {
             name: "orders".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 2,
             configs: BTreeMap::from([("retention.ms".to_owned(), "1000".to_owned())]),
             created_ms: 42,
@@ -1628,7 +1614,7 @@ mod tests {
         let store = SqliteStore::open(Path::new(&path)).expect("open store");
         let topic = TopicRecord {
             name: "crash".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 1,
             configs: BTreeMap::new(),
             created_ms: 0,
@@ -1726,7 +1712,7 @@ mod tests {
         let store = SqliteStore::open(&path).expect("open store");
         let topic = TopicRecord {
             name: "t".to_owned(),
-            id: Uuid::new_v4(),
+            id: crate::clock::unique_id(),
             partitions: 1,
             configs: BTreeMap::new(),
             created_ms: 0,

@@ -434,6 +434,13 @@ impl<N: Clone> FlushCore<N> {
         }
     }
 
+    /// When the flush whose commit runs now must be done: its start plus the timeout.
+    pub fn commit_deadline(&self) -> Option<Instant> {
+        self.in_flight
+            .front()
+            .map(|f| f.started + self.rules.timeout)
+    }
+
     /// The commit of flush `seq` ended. `retry_wait`: how long to wait before trying a
     /// retriable failure again (the caller's backoff).
     pub fn committed(

@@ -109,7 +109,8 @@ impl Flusher {
             }
             if commit.is_none() {
                 if let Some((seq, wal_commit)) = core.next_commit(now, clock::now_ms()) {
-                    commit = Some(self.commit(seq, wal_commit));
+                    let deadline = core.commit_deadline().unwrap_or(now);
+                    commit = Some(self.commit(seq, wal_commit, deadline));
                 }
             }
             for (notify, notice) in core.take_notices() {
@@ -204,11 +205,24 @@ impl Flusher {
         })
     }
 
-    fn commit(&self, seq: u64, commit: WalCommit) -> Commit {
+    /// One commit attempt, bounded by the flush deadline (at least a second): a
+    /// metadata store that does not answer fails the flush instead of holding it, and
+    /// the partitions behind it, forever. A commit cut short this way may still apply,
+    /// so the core treats it as uncertain once the deadline has passed.
+    fn commit(&self, seq: u64, commit: WalCommit, deadline: std::time::Instant) -> Commit {
         let meta = self.meta.clone();
         Box::pin(async move {
             let begun = clock::instant();
-            let result = meta.commit_wal(&commit).await;
+            let budget = deadline
+                .saturating_duration_since(begun)
+                .max(Duration::from_secs(1));
+            let result = match tokio::time::timeout(budget, meta.commit_wal(&commit)).await {
+                Ok(result) => result,
+                Err(_) => Err(MetaError::Unavailable(format!(
+                    "no answer within {} ms",
+                    budget.as_millis()
+                ))),
+            };
             (seq, result, begun.elapsed())
         })
     }
