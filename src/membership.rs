@@ -24,6 +24,11 @@ pub struct Membership {
     me: BrokerRecord,
     lease: Duration,
     live: RwLock<Vec<BrokerRecord>>,
+    /// Reads of the live list, numbered as they start; the one stored last is kept in
+    /// `stored_read`, so a slow read never overwrites a newer one (the heartbeat, the
+    /// controller and the health check all refresh).
+    reads: std::sync::atomic::AtomicU64,
+    stored_read: std::sync::Mutex<u64>,
     /// Set by drain or shutdown: registered as draining from then on.
     draining: std::sync::atomic::AtomicBool,
     /// Set while stepped down for lack of a store (`crate::health`): registered as
@@ -47,6 +52,8 @@ impl Membership {
             me,
             lease,
             live: RwLock::new(Vec::new()),
+            reads: std::sync::atomic::AtomicU64::new(0),
+            stored_read: std::sync::Mutex::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             stepped_down: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -78,11 +85,18 @@ impl Membership {
     /// Re-reads the live brokers (the ownership loop calls this every pass, more often
     /// than heartbeats, so a broker whose lease ran out is noticed promptly).
     pub async fn refresh(&self) -> Result<(), MetaError> {
+        let read = 1 + self
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.meta.live_brokers(now_ms()).await;
         let mut settled = self.settled_since.lock().expect("membership lock poisoned");
         match result {
             Ok(live) => {
-                *self.live.write().expect("membership lock poisoned") = live;
+                let mut stored = self.stored_read.lock().expect("membership lock poisoned");
+                if read > *stored {
+                    *stored = read;
+                    *self.live.write().expect("membership lock poisoned") = live;
+                }
                 settled.get_or_insert_with(crate::clock::instant);
                 Ok(())
             }
