@@ -70,9 +70,6 @@ enum Request {
         validate_only: bool,
         reply: Reply<Result<(), TopicError>>,
     },
-    Pass {
-        reply: Reply<Result<(), MetaError>>,
-    },
     HandOff {
         reply: Reply<()>,
     },
@@ -197,13 +194,6 @@ impl ControllerHandle {
             reply,
         })
         .await
-    }
-
-    /// Runs an ownership pass now and waits for it.
-    pub async fn pass(&self) -> Result<(), MetaError> {
-        self.call(|reply| Request::Pass { reply })
-            .await
-            .unwrap_or_else(|| Err(MetaError::Unavailable("the controller has stopped".into())))
     }
 
     /// Registers as draining and hands every partition and coordinator slot off.
@@ -371,9 +361,6 @@ impl Controller {
                     self.run_set_topic_configs(&name, overrides, validate_only)
                         .await,
                 );
-            }
-            Request::Pass { reply } => {
-                let _ = reply.send(self.run_pass().await);
             }
             Request::HandOff { reply } => {
                 self.run_hand_off().await;

@@ -92,11 +92,7 @@ impl Membership {
         let mut settled = self.settled_since.lock().expect("membership lock poisoned");
         match result {
             Ok(live) => {
-                let mut stored = self.stored_read.lock().expect("membership lock poisoned");
-                if read > *stored {
-                    *stored = read;
-                    *self.live.write().expect("membership lock poisoned") = live;
-                }
+                self.store_read(read, live);
                 settled.get_or_insert_with(crate::clock::instant);
                 Ok(())
             }
@@ -104,6 +100,16 @@ impl Membership {
                 *settled = None;
                 Err(e)
             }
+        }
+    }
+
+    /// Keeps the list of read number `read` unless a read that started later was
+    /// stored already.
+    fn store_read(&self, read: u64, live: Vec<BrokerRecord>) {
+        let mut stored = self.stored_read.lock().expect("membership lock poisoned");
+        if read > *stored {
+            *stored = read;
+            *self.live.write().expect("membership lock poisoned") = live;
         }
     }
 
@@ -219,5 +225,47 @@ impl Membership {
         {
             warn!(error = %e, "could not deregister; the lease will expire");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(id: i32) -> BrokerRecord {
+        BrokerRecord {
+            broker_id: id,
+            session: 1,
+            host: "127.0.0.1".into(),
+            port: 9092 + id,
+            zone: None,
+            lease_expires_ms: i64::MAX,
+            draining: false,
+        }
+    }
+
+    /// Reads finishing out of order: the one that started last wins, whatever order
+    /// their answers come in.
+    #[tokio::test]
+    async fn a_slow_older_read_never_overwrites_a_newer_one() {
+        let store = Arc::new(
+            tiering::Store::open("memory://", &tiering::StoreOptions::default())
+                .expect("memory store"),
+        );
+        let meta: Arc<dyn MetadataStore> = Arc::new(
+            crate::metadata::bucket::BucketStore::open(store)
+                .await
+                .expect("bucket metadata"),
+        );
+        let m = Membership::join(meta, broker(1), Duration::from_secs(10))
+            .await
+            .expect("join");
+        let ids = |m: &Membership| m.live().iter().map(|b| b.broker_id).collect::<Vec<_>>();
+        // Reads 10 and 11 start; 11 (which saw broker 3 register) answers first.
+        m.store_read(11, vec![broker(1), broker(3)]);
+        m.store_read(10, vec![broker(1)]);
+        assert_eq!(ids(&m), vec![1, 3]);
+        m.store_read(12, vec![broker(1), broker(2), broker(3)]);
+        assert_eq!(ids(&m), vec![1, 2, 3]);
     }
 }

@@ -285,7 +285,7 @@ impl Sim {
             0..=34 => self.produce()?,
             35..=54 => self.now += Duration::from_millis(self.rng.below(8)),
             55..=74 => self.finish_write(),
-            75..=95 => self.finish_commit()?,
+            75..=95 => self.finish_commit(),
             96..=97 if self.faults => self.crash()?,
             _ => self.zombie_step()?,
         }
@@ -424,12 +424,11 @@ impl Sim {
         broker.core.written(seq, written);
     }
 
-    fn finish_commit(&mut self) -> Result<(), String> {
+    fn finish_commit(&mut self) {
         let placeholder = self.placeholder();
         let mut broker = std::mem::replace(&mut self.broker, placeholder);
         self.commit_one(&mut broker);
         self.broker = broker;
-        Ok(())
     }
 
     fn commit_one(&mut self, broker: &mut Broker) {
