@@ -95,7 +95,12 @@ impl Broker {
                 .await
                 .context("checking the cache disk")?;
         }
-        let meta = crate::metadata::open(&config.metadata_url, &store).await?;
+        let meta = crate::metadata::open(
+            &config.metadata_url,
+            &store,
+            Duration::from_millis(config.metadata_request_timeout_ms),
+        )
+        .await?;
         let session = meta.start_broker_session(config.broker_id).await?;
         let (host, port) = crate::config::host_port(&config.advertise);
         let membership = crate::membership::Membership::join(

@@ -155,6 +155,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "",
         "metadata store URL: sqlite://PATH, postgres://USER@HOST:PORT/DB, or bucket:// (in the object store itself); defaults to bucket:// when the object store is s3://, gs:// or az://, else sqlite://DATA_DIR/metadata.db",
     ),
+    def(
+        "metadata.request.timeout.ms",
+        "10000",
+        "longest one metadata-store operation may take before the caller gets a retriable error (a write cut short may still have applied; the write-ahead commit is bounded by wal.flush.timeout.ms instead)",
+    ),
     def("broker-id", "0", "this broker's id (node id in Kafka metadata)"),
     def("zone", "", "availability zone (rack) of this broker"),
     def(
@@ -495,6 +500,7 @@ pub struct Config {
     /// The block cache of object-store data.
     pub cache: tiering::CacheOptions,
     pub metadata_url: String,
+    pub metadata_request_timeout_ms: u64,
     pub broker_id: i32,
     pub zone: Option<String>,
     pub broker_lease_ms: u64,
@@ -644,6 +650,7 @@ impl Config {
                 readahead_blocks: num("cache.readahead.blocks")?.max(0) as u64,
             },
             metadata_url,
+            metadata_request_timeout_ms: positive("metadata.request.timeout.ms")?,
             broker_id,
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
             broker_lease_ms: positive("broker.lease.ms")?.max(300),

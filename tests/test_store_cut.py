@@ -29,7 +29,8 @@ SETTINGS = {"STRATA_BROKER_LEASE_MS": str(LEASE_MS), "STRATA_WAL_FLUSH_TIMEOUT_M
             "STRATA_STORE_UNREACHABLE_TIMEOUT_MS": str(DEADLINE_MS),
             "STRATA_OWNERSHIP_HOLD_DOWN_MS": str(HOLD_DOWN_MS),
             # A stalled request is abandoned quickly, so nothing waits on it long.
-            "STRATA_OBJECT_STORE_REQUEST_TIMEOUT_MS": "1000"}
+            "STRATA_OBJECT_STORE_REQUEST_TIMEOUT_MS": "1000",
+            "STRATA_METADATA_REQUEST_TIMEOUT_MS": "2000"}
 
 
 @pytest.fixture

@@ -1,7 +1,16 @@
-//! A decorator that measures every metadata-store operation (latency and errors by
-//! operation), whatever the backend. `metadata::open` wraps every store in it. It also
-//! notes when the store last answered ([`last_answer`]), which tells the broker whether
-//! it can still reach its metadata store.
+//! A decorator that measures and bounds every metadata-store operation (latency, errors
+//! and timeouts by operation), whatever the backend. `metadata::open` wraps every store
+//! in it. It also notes when the store last answered ([`last_answer`]), which tells the
+//! broker whether it can still reach its metadata store.
+//!
+//! Every operation but the write-ahead commit gets at most `metadata.request.timeout.ms`:
+//! a store that stops answering (a network partition swallows packets, so the
+//! connection never fails) must not hold a client request, a partition task or the
+//! controller forever. A timed-out operation is `Unavailable`, so callers retry it; a
+//! write cut short may still apply, which every caller already tolerates (claims are
+//! re-read, offset commits are retried by clients). The write-ahead commit is bounded
+//! by its caller, the flusher, with the flush deadline: a commit that may have applied
+//! must end its flush as uncertain rather than be retried.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +28,7 @@ use super::{
 struct StoreMetrics {
     seconds: HistogramVec,
     errors: IntCounterVec,
+    timeouts: IntCounterVec,
 }
 
 fn metrics() -> &'static StoreMetrics {
@@ -39,6 +49,14 @@ fn metrics() -> &'static StoreMetrics {
             Opts::new(
                 "strata_metadata_store_errors_total",
                 "failed metadata-store operations (fencing included)",
+            ),
+            &["op"],
+        )
+        .expect("valid metric"),
+        timeouts: IntCounterVec::new(
+            Opts::new(
+                "strata_metadata_store_timeouts_total",
+                "metadata-store operations abandoned after metadata.request.timeout.ms (counted among the errors too)",
             ),
             &["op"],
         )
@@ -81,20 +99,45 @@ pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     // alerts have series on a fresh broker.
     for op in OPS {
         metrics().errors.with_label_values(&[op]);
+        metrics().timeouts.with_label_values(&[op]);
     }
     registry.register(Box::new(metrics().seconds.clone()))?;
     registry.register(Box::new(metrics().errors.clone()))?;
+    registry.register(Box::new(metrics().timeouts.clone()))?;
     Ok(())
 }
 
 #[derive(Debug)]
 pub struct Instrumented {
     inner: Arc<dyn MetadataStore>,
+    /// Longest an operation (the write-ahead commit aside) may take.
+    timeout: Duration,
 }
 
 impl Instrumented {
-    pub fn new(inner: Arc<dyn MetadataStore>) -> Self {
-        Instrumented { inner }
+    pub fn new(inner: Arc<dyn MetadataStore>, timeout: Duration) -> Self {
+        Instrumented { inner, timeout }
+    }
+
+    /// Runs one operation within the timeout, measured.
+    async fn timed<T>(
+        &self,
+        op: &str,
+        f: impl std::future::Future<Output = MetaResult<T>>,
+    ) -> MetaResult<T> {
+        measured(op, async {
+            match tokio::time::timeout(self.timeout, f).await {
+                Ok(result) => result,
+                Err(_) => {
+                    metrics().timeouts.with_label_values(&[op]).inc();
+                    Err(super::MetaError::Unavailable(format!(
+                        "{op}: no answer within {} ms",
+                        self.timeout.as_millis()
+                    )))
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -116,7 +159,10 @@ pub fn last_answer() -> Option<Instant> {
     }
 }
 
-async fn timed<T>(op: &str, f: impl std::future::Future<Output = MetaResult<T>>) -> MetaResult<T> {
+async fn measured<T>(
+    op: &str,
+    f: impl std::future::Future<Output = MetaResult<T>>,
+) -> MetaResult<T> {
     let started = crate::clock::instant();
     let result = f.await;
     let m = metrics();
@@ -136,27 +182,29 @@ async fn timed<T>(op: &str, f: impl std::future::Future<Output = MetaResult<T>>)
 #[async_trait]
 impl MetadataStore for Instrumented {
     async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
-        timed("create_topic", self.inner.create_topic(topic)).await
+        self.timed("create_topic", self.inner.create_topic(topic))
+            .await
     }
     async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord> {
-        timed("delete_topic", self.inner.delete_topic(name)).await
+        self.timed("delete_topic", self.inner.delete_topic(name))
+            .await
     }
     async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
-        timed("list_topics", self.inner.list_topics()).await
+        self.timed("list_topics", self.inner.list_topics()).await
     }
     async fn set_topic_configs(
         &self,
         name: &str,
         configs: &BTreeMap<String, String>,
     ) -> MetaResult<()> {
-        timed(
+        self.timed(
             "set_topic_configs",
             self.inner.set_topic_configs(name, configs),
         )
         .await
     }
     async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
-        timed(
+        self.timed(
             "set_partition_count",
             self.inner.set_partition_count(name, count),
         )
@@ -167,27 +215,30 @@ impl MetadataStore for Instrumented {
         key: PartitionKey,
         broker_id: i32,
     ) -> MetaResult<PartitionState> {
-        timed(
+        self.timed(
             "claim_partition",
             self.inner.claim_partition(key, broker_id),
         )
         .await
     }
     async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
-        timed("read_partition", self.inner.read_partition(key)).await
+        self.timed("read_partition", self.inner.read_partition(key))
+            .await
     }
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
-        timed(
+        self.timed(
             "release_partition",
             self.inner.release_partition(key, leader_epoch),
         )
         .await
     }
     async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
-        timed("partition_owners", self.inner.partition_owners()).await
+        self.timed("partition_owners", self.inner.partition_owners())
+            .await
     }
     async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
-        timed("commit_wal", self.inner.commit_wal(commit)).await
+        // Bounded by the flusher (see the module docs), not here.
+        measured("commit_wal", self.inner.commit_wal(commit)).await
     }
     async fn commit_segment(
         &self,
@@ -195,7 +246,7 @@ impl MetadataStore for Instrumented {
         leader_epoch: i32,
         segment: &SegmentRecord,
     ) -> MetaResult<()> {
-        timed(
+        self.timed(
             "commit_segment",
             self.inner.commit_segment(key, leader_epoch, segment),
         )
@@ -208,7 +259,7 @@ impl MetadataStore for Instrumented {
         log_start_offset: i64,
         drop: &[i64],
     ) -> MetaResult<()> {
-        timed(
+        self.timed(
             "trim_log",
             self.inner
                 .trim_log(key, leader_epoch, log_start_offset, drop),
@@ -216,33 +267,38 @@ impl MetadataStore for Instrumented {
         .await
     }
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
-        timed(
+        self.timed(
             "unreferenced_wal_objects",
             self.inner.unreferenced_wal_objects(),
         )
         .await
     }
     async fn known_objects(&self) -> MetaResult<Vec<String>> {
-        timed("known_objects", self.inner.known_objects()).await
+        self.timed("known_objects", self.inner.known_objects())
+            .await
     }
     async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()> {
-        timed("heartbeat_broker", self.inner.heartbeat_broker(broker)).await
+        self.timed("heartbeat_broker", self.inner.heartbeat_broker(broker))
+            .await
     }
     async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
-        timed("live_brokers", self.inner.live_brokers(now_ms)).await
+        self.timed("live_brokers", self.inner.live_brokers(now_ms))
+            .await
     }
     async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()> {
-        timed(
+        self.timed(
             "deregister_broker",
             self.inner.deregister_broker(broker_id, session),
         )
         .await
     }
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
-        timed("forget_wal_objects", self.inner.forget_wal_objects(keys)).await
+        self.timed("forget_wal_objects", self.inner.forget_wal_objects(keys))
+            .await
     }
     async fn next_producer_id(&self) -> MetaResult<i64> {
-        timed("next_producer_id", self.inner.next_producer_id()).await
+        self.timed("next_producer_id", self.inner.next_producer_id())
+            .await
     }
     async fn commit_offsets(
         &self,
@@ -250,14 +306,15 @@ impl MetadataStore for Instrumented {
         offsets: &[CommittedOffset],
         fence: Option<Fence>,
     ) -> MetaResult<()> {
-        timed(
+        self.timed(
             "commit_offsets",
             self.inner.commit_offsets(group, offsets, fence),
         )
         .await
     }
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
-        timed("fetch_offsets", self.inner.fetch_offsets(group)).await
+        self.timed("fetch_offsets", self.inner.fetch_offsets(group))
+            .await
     }
     async fn delete_offsets(
         &self,
@@ -265,14 +322,15 @@ impl MetadataStore for Instrumented {
         partitions: Option<&[(String, i32)]>,
         fence: Option<Fence>,
     ) -> MetaResult<usize> {
-        timed(
+        self.timed(
             "delete_offsets",
             self.inner.delete_offsets(group, partitions, fence),
         )
         .await
     }
     async fn offset_groups(&self) -> MetaResult<Vec<String>> {
-        timed("offset_groups", self.inner.offset_groups()).await
+        self.timed("offset_groups", self.inner.offset_groups())
+            .await
     }
     async fn expire_offsets(
         &self,
@@ -280,17 +338,56 @@ impl MetadataStore for Instrumented {
         before_ms: i64,
         fence: Option<Fence>,
     ) -> MetaResult<usize> {
-        timed(
+        self.timed(
             "expire_offsets",
             self.inner.expire_offsets(groups, before_ms, fence),
         )
         .await
     }
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
-        timed(
+        self.timed(
             "start_broker_session",
             self.inner.start_broker_session(broker_id),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation the store never answers ends, after the timeout, as a retriable
+    /// `Unavailable` error, counted as a timeout of its operation.
+    #[tokio::test]
+    async fn an_operation_without_answer_times_out_as_unavailable() {
+        let objects = Arc::new(
+            tiering::Store::open("memory://", &tiering::StoreOptions::default())
+                .expect("memory store"),
+        );
+        let inner = Arc::new(
+            super::super::bucket::BucketStore::open(objects)
+                .await
+                .expect("bucket store"),
+        );
+        let store = Instrumented::new(inner, Duration::from_millis(100));
+        let before = metrics()
+            .timeouts
+            .with_label_values(&["offset_groups"])
+            .get();
+        let result: MetaResult<()> = store.timed("offset_groups", std::future::pending()).await;
+        match result {
+            Err(e @ super::super::MetaError::Unavailable(_)) => assert!(e.is_retriable()),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert_eq!(
+            metrics()
+                .timeouts
+                .with_label_values(&["offset_groups"])
+                .get(),
+            before + 1
+        );
+        // An answer within the timeout passes through.
+        assert!(store.offset_groups().await.expect("answers").is_empty());
     }
 }

@@ -315,31 +315,28 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Opens the metadata store named by a URL: `sqlite://PATH`, `postgres://...`, or
-/// `bucket://` (kept in `objects`, the broker's object store, under `meta/`).
+/// `bucket://` (kept in `objects`, the broker's object store, under `meta/`), measured
+/// and bounded by `timeout` per operation (see [`instrumented`]).
 pub async fn open(
     url: &str,
     objects: &std::sync::Arc<tiering::Store>,
+    timeout: std::time::Duration,
 ) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
-    if url == "bucket://" {
-        let store = bucket::BucketStore::open(objects.clone()).await?;
-        return Ok(std::sync::Arc::new(instrumented::Instrumented::new(
-            std::sync::Arc::new(store),
-        )));
-    }
-    if let Some(path) = url.strip_prefix("sqlite://") {
+    let store: std::sync::Arc<dyn MetadataStore> = if url == "bucket://" {
+        std::sync::Arc::new(bucket::BucketStore::open(objects.clone()).await?)
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
-        let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??;
-        return Ok(std::sync::Arc::new(instrumented::Instrumented::new(
-            std::sync::Arc::new(store),
-        )));
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = postgres::PostgresStore::connect(url).await?;
-        return Ok(std::sync::Arc::new(instrumented::Instrumented::new(
-            std::sync::Arc::new(store),
-        )));
-    }
-    anyhow::bail!(
-        "unsupported metadata URL {url:?}: expected sqlite://PATH, postgres://... or bucket://"
-    )
+        std::sync::Arc::new(
+            tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??,
+        )
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        std::sync::Arc::new(postgres::PostgresStore::connect(url).await?)
+    } else {
+        anyhow::bail!(
+            "unsupported metadata URL {url:?}: expected sqlite://PATH, postgres://... or bucket://"
+        )
+    };
+    Ok(std::sync::Arc::new(instrumented::Instrumented::new(
+        store, timeout,
+    )))
 }
