@@ -47,18 +47,27 @@ pub struct Broker {
     /// The one task that changes what this broker serves: topic admin, ownership.
     pub controller: ControllerHandle,
     /// Whether this broker reaches its stores, and whether it stepped down for lack of one.
-    health: std::sync::Mutex<crate::health::Health>,
+    health: crate::health::StoreWatch,
     /// Every background task, cancelled and awaited at shutdown.
     tasks: Arc<crate::tasks::Tasks>,
 }
 
-impl Broker {
-    /// Opens the stores, joins the cluster, starts the flusher, and claims and recovers
-    /// this broker's share of the partitions and coordinator slots.
-    pub async fn start(config: Config) -> anyhow::Result<Arc<Broker>> {
-        if config.metrics_partition_labels {
-            crate::metrics::metrics().enable_partition_labels();
-        }
+/// The parts a broker runs on: its object store, metadata store and block cache.
+/// [`Components::open`] opens them from the settings; tests and the simulation build
+/// their own (a fault-injecting object store, a metadata store in it) and hand them to
+/// [`Broker::start`]. Time and random ids come from the one seam, `crate::clock`,
+/// which a paused test runtime controls.
+#[derive(Debug, Clone)]
+pub struct Components {
+    pub store: Arc<tiering::Store>,
+    pub meta: Arc<dyn MetadataStore>,
+    pub blocks: Arc<tiering::BlockCache>,
+}
+
+impl Components {
+    /// Opens the object store named by the settings (checking that it supports
+    /// create-only writes), the block cache over it and the metadata store.
+    pub async fn open(config: &Config) -> anyhow::Result<Components> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let store = Arc::new(
@@ -82,6 +91,32 @@ impl Broker {
         )
         .await
         .context("opening the block cache")?;
+        let meta = crate::metadata::open(
+            &config.metadata_url,
+            &store,
+            Duration::from_millis(config.metadata_request_timeout_ms),
+        )
+        .await?;
+        Ok(Components {
+            store,
+            meta,
+            blocks,
+        })
+    }
+}
+
+impl Broker {
+    /// Joins the cluster on the given components, starts the flusher, and claims and
+    /// recovers this broker's share of the partitions and coordinator slots.
+    pub async fn start(config: Config, components: Components) -> anyhow::Result<Arc<Broker>> {
+        if config.metrics_partition_labels {
+            crate::metrics::metrics().enable_partition_labels();
+        }
+        let Components {
+            store,
+            meta,
+            blocks,
+        } = components;
         let disk = Arc::new(crate::disk::CacheDisk::new(
             config.data_dir.join("cache"),
             config.cache_disk_min_free_bytes,
@@ -95,12 +130,6 @@ impl Broker {
                 .await
                 .context("checking the cache disk")?;
         }
-        let meta = crate::metadata::open(
-            &config.metadata_url,
-            &store,
-            Duration::from_millis(config.metadata_request_timeout_ms),
-        )
-        .await?;
         let session = meta.start_broker_session(config.broker_id).await?;
         let (host, port) = crate::config::host_port(&config.advertise);
         let membership = crate::membership::Membership::join(
@@ -178,13 +207,15 @@ impl Broker {
             Duration::from_millis(config.zone_reads_refresh_ms),
             config.index_cache_entries,
         );
-        let health = crate::health::Health::new(
-            Duration::from_millis(config.store_unreachable_timeout_ms),
-            Duration::from_millis(config.ownership_hold_down_ms),
-            crate::clock::instant(),
-        );
         let indexes = IndexCache::new(config.index_cache_entries);
         let (controller, requests) = ControllerHandle::new(config.controller_queue_length);
+        let health = crate::health::StoreWatch::new(
+            Duration::from_millis(config.store_unreachable_timeout_ms),
+            Duration::from_millis(config.ownership_hold_down_ms),
+            store.clone(),
+            membership.clone(),
+            controller.clone(),
+        );
         let registry = Arc::new(TopicRegistry::default());
         let broker = Arc::new(Broker {
             groups,
@@ -199,7 +230,7 @@ impl Broker {
             blocks,
             registry,
             controller,
-            health: std::sync::Mutex::new(health),
+            health,
             tasks,
         });
         let controller = Controller {
@@ -261,83 +292,17 @@ impl Broker {
         });
     }
 
-    /// Once a second: whether the stores still answer (an idle object store is asked
-    /// about a key that never exists), and stepping down or back accordingly.
+    /// Once a second: whether the stores still answer, and stepping down or back.
     fn spawn_health_check(self: &Arc<Self>) {
-        let deadline = Duration::from_millis(self.config.store_unreachable_timeout_ms);
-        // An idle store is probed often enough to notice a cut well within the deadline.
-        let probe_every = (deadline / 4).max(Duration::from_millis(100));
         self.spawn_every(
-            Duration::from_secs(1).min(probe_every),
-            move |b| async move {
-                // Ask a store that has been quiet, so a broker that was merely idle (or
-                // paused) is never taken for one cut off.
-                let now = crate::clock::instant();
-                let quiet =
-                    |t: Option<std::time::Instant>| t.is_none_or(|t| now - t >= probe_every);
-                if quiet(b.store.last_answer()) {
-                    b.store.probe(probe_every).await;
-                }
-                if quiet(crate::metadata::instrumented::last_answer()) {
-                    let _ = tokio::time::timeout(probe_every, b.membership.refresh()).await;
-                }
-                let observation = crate::health::Observation {
-                    now: crate::clock::instant(),
-                    object_answered: b.store.last_answer(),
-                    metadata_answered: crate::metadata::instrumented::last_answer(),
-                    others_serving: b.membership.others_serving(),
-                };
-                let (change, object, metadata) = {
-                    let mut health = b.health.lock().expect("health lock poisoned");
-                    let change = health.step(&observation);
-                    (
-                        change,
-                        health.object_reachable(),
-                        health.metadata_reachable(),
-                    )
-                };
-                let m = crate::metrics::metrics();
-                m.store_reachable
-                    .with_label_values(&["object"])
-                    .set(i64::from(object));
-                m.store_reachable
-                    .with_label_values(&["metadata"])
-                    .set(i64::from(metadata));
-                match change {
-                    Some(crate::health::Change::StepDown { object, metadata }) => {
-                        b.controller.step_down(object, metadata).await
-                    }
-                    Some(crate::health::Change::Return) => {
-                        m.stepped_down.set(0);
-                        info!("both stores answer again: taking partitions again");
-                        let back = b.membership.set_stepped_down(false);
-                        if !matches!(tokio::time::timeout(probe_every, back).await, Ok(Ok(()))) {
-                            warn!(
-                                "could not register as serving again yet; the next heartbeat will"
-                            );
-                        }
-                    }
-                    None => {}
-                }
-            },
+            self.health.period(),
+            |b| async move { b.health.check().await },
         );
     }
 
     /// Whether this broker has stepped down for lack of a store; `Some(reason)` if so.
     pub fn stepped_down(&self) -> Option<&'static str> {
-        let health = self.health.lock().expect("health lock poisoned");
-        if !health.stepped_down() {
-            return None;
-        }
-        Some(
-            match (health.object_reachable(), health.metadata_reachable()) {
-                (false, _) => "stepped down: the object store is unreachable\n",
-                (true, false) => "stepped down: the metadata store is unreachable\n",
-                (true, true) => {
-                    "stepped down: waiting out the hold-down after the stores came back\n"
-                }
-            },
-        )
+        self.health.stepped_down()
     }
 
     fn spawn_wal_gc(self: &Arc<Self>) {
@@ -437,5 +402,159 @@ impl Broker {
             ),
             ("controller", controller.0, controller.1),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Whole brokers on injected components: an in-memory object store that fails or
+    //! stalls on demand, with the metadata kept in it (`bucket://`).
+
+    use std::collections::BTreeMap;
+
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ProduceRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    use tiering::faults::{FaultyStore, PutFault};
+
+    use super::*;
+    use crate::metadata::bucket::BucketStore;
+    use crate::metadata::instrumented::Instrumented;
+
+    /// A broker on `bucket`, its cache in memory only, with `settings` over the defaults.
+    async fn broker_on(
+        bucket: &Arc<FaultyStore>,
+        dir: &std::path::Path,
+        settings: &[(&str, &str)],
+    ) -> Arc<Broker> {
+        let mut given = BTreeMap::from([
+            ("data-dir".to_owned(), dir.display().to_string()),
+            ("cache.disk.bytes".to_owned(), "0".to_owned()),
+            ("broker-id".to_owned(), "1".to_owned()),
+        ]);
+        given.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Config::from_values(given).expect("settings");
+        let store = Arc::new(tiering::Store::new(
+            bucket.clone(),
+            "faulty".into(),
+            &config.object_store,
+        ));
+        let blocks = tiering::BlockCache::open(store.clone(), &config.cache, None)
+            .await
+            .expect("block cache");
+        let meta = Arc::new(Instrumented::new(
+            Arc::new(BucketStore::open(store.clone()).await.expect("metadata")),
+            Duration::from_millis(config.metadata_request_timeout_ms),
+        ));
+        Broker::start(
+            config,
+            Components {
+                store,
+                meta,
+                blocks,
+            },
+        )
+        .await
+        .expect("broker starts")
+    }
+
+    /// One acks=all batch of `count` records to partition 0 of `topic`: (error, base offset).
+    async fn produce(broker: &Arc<Broker>, topic: &str, count: i32) -> (i16, i64) {
+        let batch = crate::log::batch::tests::make_batch(count, -1, -1, -1, crate::clock::now_ms());
+        let request = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(batch))])]);
+        let response = crate::handlers::produce::produce(broker, request, 9, None)
+            .await
+            .expect("acks=all answers");
+        let partition = &response.responses[0].partition_responses[0];
+        (partition.error_code, partition.base_offset)
+    }
+
+    /// A write-ahead object the store refuses is never acknowledged and takes no
+    /// offsets: once the store takes writes again, the next batch starts at 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_the_injected_store_refuses_is_not_acknowledged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bucket = Arc::new(FaultyStore::new());
+        let broker = broker_on(&bucket, dir.path(), &[("wal.flush.timeout.ms", "300")]).await;
+        broker
+            .controller
+            .create_topic("t", 1, BTreeMap::new(), false)
+            .await
+            .expect("topic created");
+        bucket.fail_always(Some(PutFault::Fail { retriable: true }));
+        let (error, _) = produce(&broker, "t", 3).await;
+        assert_ne!(
+            error, 0,
+            "a batch whose object was never written was acknowledged"
+        );
+        bucket.fail_always(None);
+        assert_eq!(produce(&broker, "t", 2).await, (0, 0));
+        assert_eq!(produce(&broker, "t", 1).await, (0, 2));
+        broker.shutdown().await;
+    }
+
+    /// Stepping down does not wait behind a controller job stuck on a store that does
+    /// not answer: the job is dropped (its caller hears that the controller stopped),
+    /// and the controller serves the next request once the store answers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stepping_down_drops_a_controller_job_stuck_on_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bucket = Arc::new(FaultyStore::new());
+        // Nothing gives up on the stalled write by itself within the test.
+        let long = [
+            ("metadata.request.timeout.ms", "600000"),
+            ("object-store.request.timeout.ms", "600000"),
+            ("object-store.retry.timeout.ms", "600000"),
+            // Shutdown waits at most this for tasks still stuck on stalled writes.
+            ("wal.flush.timeout.ms", "1000"),
+        ];
+        let broker = broker_on(&bucket, dir.path(), &long).await;
+        bucket.fail_always(Some(PutFault::Stall { land: false }));
+        let stuck = {
+            let controller = broker.controller.clone();
+            tokio::spawn(async move {
+                controller
+                    .create_topic("stuck", 1, BTreeMap::new(), false)
+                    .await
+            })
+        };
+        // The controller runs the request, which waits on the stalled metadata write.
+        while bucket.stalled() == 0 {
+            crate::clock::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !stuck.is_finished(),
+            "the create should be stuck on the store"
+        );
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            broker.controller.step_down(false, true),
+        )
+        .await
+        .expect("the step-down did not wait for the stuck job");
+        let answer = tokio::time::timeout(Duration::from_secs(30), stuck)
+            .await
+            .expect("the dropped job's caller was answered")
+            .expect("task");
+        assert!(
+            matches!(answer, Err(TopicError::Internal(_))),
+            "unexpected answer {answer:?}"
+        );
+        // The bucket store's writer gives up on the stalled write after its own
+        // deadline; then the next request goes through.
+        bucket.fail_always(None);
+        broker
+            .controller
+            .create_topic("next", 1, BTreeMap::new(), false)
+            .await
+            .expect("the controller serves again");
+        broker.shutdown().await;
     }
 }

@@ -116,7 +116,8 @@ fn run_serve(config: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("binding http endpoint {}: {e}", config.http))?;
         let slot = crate::http::BrokerSlot::default();
         tokio::spawn(crate::http::serve(http, slot.clone()));
-        let broker = crate::broker::Broker::start(config).await?;
+        let components = crate::broker::Components::open(&config).await?;
+        let broker = crate::broker::Broker::start(config, components).await?;
         let _ = slot.set(broker.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(crate::server::serve(broker.clone(), listener, stop_rx));

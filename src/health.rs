@@ -17,9 +17,17 @@
 //! soon as it reaches both stores again.
 //!
 //! [`Health`] is the decision, a plain state machine over the times the stores last
-//! answered; the broker's health loop feeds it once a second and acts on its output.
+//! answered; [`StoreWatch`] is the loop around it: it asks quiet stores, feeds the
+//! decision once a second and acts on its output (the controller steps down, the
+//! membership record says whether this broker serves).
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::controller::ControllerHandle;
+use crate::membership::Membership;
 
 /// What one look at the stores found.
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +121,108 @@ impl Health {
             return Some(Change::Return);
         }
         None
+    }
+}
+
+/// The broker's store watch: the I/O around [`Health`].
+#[derive(Debug)]
+pub struct StoreWatch {
+    health: Mutex<Health>,
+    store: Arc<tiering::Store>,
+    membership: Arc<Membership>,
+    controller: ControllerHandle,
+    /// A store quiet for this long is asked (so an idle broker is never taken for one
+    /// cut off); also the bound on each question.
+    probe_every: Duration,
+}
+
+impl StoreWatch {
+    pub fn new(
+        deadline: Duration,
+        hold_down: Duration,
+        store: Arc<tiering::Store>,
+        membership: Arc<Membership>,
+        controller: ControllerHandle,
+    ) -> StoreWatch {
+        StoreWatch {
+            health: Mutex::new(Health::new(deadline, hold_down, crate::clock::instant())),
+            store,
+            membership,
+            controller,
+            // An idle store is probed often enough to notice a cut well within the deadline.
+            probe_every: (deadline / 4).max(Duration::from_millis(100)),
+        }
+    }
+
+    /// How often [`check`](Self::check) should run.
+    pub fn period(&self) -> Duration {
+        Duration::from_secs(1).min(self.probe_every)
+    }
+
+    /// One look at the stores, and stepping down or back accordingly.
+    pub async fn check(&self) {
+        let probe_every = self.probe_every;
+        let now = crate::clock::instant();
+        let quiet = |t: Option<Instant>| t.is_none_or(|t| now - t >= probe_every);
+        if quiet(self.store.last_answer()) {
+            self.store.probe(probe_every).await;
+        }
+        if quiet(crate::metadata::instrumented::last_answer()) {
+            let _ = tokio::time::timeout(probe_every, self.membership.refresh()).await;
+        }
+        let observation = Observation {
+            now: crate::clock::instant(),
+            object_answered: self.store.last_answer(),
+            metadata_answered: crate::metadata::instrumented::last_answer(),
+            others_serving: self.membership.others_serving(),
+        };
+        let (change, object, metadata) = {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            let change = health.step(&observation);
+            (
+                change,
+                health.object_reachable(),
+                health.metadata_reachable(),
+            )
+        };
+        let m = crate::metrics::metrics();
+        m.store_reachable
+            .with_label_values(&["object"])
+            .set(i64::from(object));
+        m.store_reachable
+            .with_label_values(&["metadata"])
+            .set(i64::from(metadata));
+        match change {
+            Some(Change::StepDown { object, metadata }) => {
+                self.controller.step_down(object, metadata).await
+            }
+            Some(Change::Return) => {
+                m.stepped_down.set(0);
+                info!("both stores answer again: taking partitions again");
+                let back = self.membership.set_stepped_down(false);
+                if !matches!(tokio::time::timeout(probe_every, back).await, Ok(Ok(()))) {
+                    warn!("could not register as serving again yet; the next heartbeat will");
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Whether this broker has stepped down for lack of a store; `Some(reason)` if so.
+    pub fn stepped_down(&self) -> Option<&'static str> {
+        let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if !health.stepped_down() {
+            return None;
+        }
+        Some(
+            match (health.object_reachable(), health.metadata_reachable()) {
+                (false, _) => "stepped down: the object store is unreachable\n",
+                (true, false) => "stepped down: the metadata store is unreachable\n",
+                (true, true) => {
+                    "stepped down: waiting out the hold-down after the stores came back\n"
+                }
+            },
+        )
     }
 }
 

@@ -31,7 +31,7 @@ pub struct Membership {
     stored_read: std::sync::Mutex<u64>,
     /// Set by drain or shutdown: registered as draining from then on.
     draining: std::sync::atomic::AtomicBool,
-    /// Set while stepped down for lack of a store (`crate::health`): registered as
+    /// Set while stepped down for lack of a store (see the `health` module): registered as
     /// draining until it is cleared.
     stepped_down: std::sync::atomic::AtomicBool,
     /// Set once deregistered: heartbeats stop.

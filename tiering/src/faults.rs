@@ -3,6 +3,7 @@
 //! everything else goes straight to the in-memory store.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use object_store::memory::InMemory;
@@ -28,6 +29,17 @@ pub struct FaultyStore {
     next: Mutex<VecDeque<PutFault>>,
     /// Applied to every PUT once the queue is empty.
     always: Mutex<Option<PutFault>>,
+    /// PUTs stalled right now (waiting forever, not yet dropped by their caller).
+    stalled: AtomicUsize,
+}
+
+/// Counts one stalled PUT for as long as its future lives.
+struct StallGuard<'a>(&'a AtomicUsize);
+
+impl Drop for StallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl FaultyStore {
@@ -43,6 +55,11 @@ impl FaultyStore {
     /// Every PUT after the queued faults fails this way (`None`: none does).
     pub fn fail_always(&self, fault: Option<PutFault>) {
         *self.always.lock().expect("fault setting") = fault;
+    }
+
+    /// PUTs that are stalled right now: their callers wait and have not given up.
+    pub fn stalled(&self) -> usize {
+        self.stalled.load(Ordering::Acquire)
     }
 
     /// Forgets the queued faults.
@@ -95,6 +112,8 @@ impl ObjectStore for FaultyStore {
                 if land {
                     self.inner.put_opts(location, payload, opts).await?;
                 }
+                self.stalled.fetch_add(1, Ordering::AcqRel);
+                let _guard = StallGuard(&self.stalled);
                 std::future::pending().await
             }
         }
