@@ -14,7 +14,8 @@
 //!   [`SNAPSHOT_EVERY`] records; opening reads the newest snapshot and the records after
 //!   it, and records a snapshot covers are deleted once a newer snapshot exists.
 //!
-//! One writer task applies operations: it checks each against a working copy of the
+//! One writer task applies operations: it checks each (by the rules of [`semantics`],
+//! which decide every operation for all three stores) against a working copy of the
 //! state (an operation that fails changes nothing and is answered at once), writes the
 //! batch as one record (one PUT, however many callers were waiting: group commit), and
 //! only then applies the batch to the state that readers see and answers the callers.
@@ -41,8 +42,6 @@ use super::{
 pub const SNAPSHOT_EVERY: u64 = 1000;
 /// Operations written in one record at most.
 const MAX_BATCH: usize = 512;
-/// Producer ids start here, as in the other stores.
-const FIRST_PRODUCER_ID: i64 = 1000;
 /// How long one record write keeps retrying before its callers see `Unavailable`.
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -62,6 +61,31 @@ struct Partition {
 }
 
 impl Partition {
+    /// A new partition of a created or grown topic.
+    fn new() -> Partition {
+        let mut p = Partition::default();
+        p.set_row(semantics::PartitionRow::NEW);
+        p
+    }
+
+    /// The scalar columns, as the semantics read them.
+    fn row(&self) -> semantics::PartitionRow {
+        semantics::PartitionRow {
+            leader_epoch: self.leader_epoch,
+            high_watermark: self.high_watermark,
+            log_start_offset: self.log_start_offset,
+            owner: self.owner,
+        }
+    }
+
+    /// Stores the scalar columns the semantics decided.
+    fn set_row(&mut self, row: semantics::PartitionRow) {
+        self.leader_epoch = row.leader_epoch;
+        self.high_watermark = row.high_watermark;
+        self.log_start_offset = row.log_start_offset;
+        self.owner = row.owner;
+    }
+
     /// What a claim or a read answers: everything an owner or a reader needs.
     fn state(&self) -> PartitionState {
         PartitionState {
@@ -251,24 +275,28 @@ impl State {
             .ok_or(MetaError::PartitionNotFound)
     }
 
-    /// The fence check of a write that turned out to change nothing.
-    fn owned_ref(&self, fence: Fence) -> MetaResult<()> {
-        let p = self.partition(fence.key)?;
-        if p.leader_epoch != fence.leader_epoch {
-            return Err(MetaError::Fenced(vec![fence.key]));
-        }
-        Ok(())
+    /// The stored rows of the partitions (or coordinator slots) `keys`, as the semantics
+    /// read them.
+    fn rows(&self, keys: impl IntoIterator<Item = PartitionKey>) -> semantics::Rows {
+        keys.into_iter()
+            .filter_map(|key| Some((key, self.partitions.get(&key)?.row())))
+            .collect()
     }
 
-    fn owned(&mut self, key: PartitionKey, leader_epoch: i32) -> MetaResult<&mut Partition> {
-        let p = self
-            .partitions
-            .get_mut(&key)
-            .ok_or(MetaError::PartitionNotFound)?;
-        if p.leader_epoch != leader_epoch {
-            return Err(MetaError::Fenced(vec![key]));
+    /// The fence check of a write that turned out to change nothing.
+    fn check_fence(&self, fence: Option<Fence>) -> MetaResult<()> {
+        semantics::check_fence(&self.rows(fence.map(|f| f.key)), fence)
+    }
+
+    /// Adds a topic's new partitions.
+    fn add_partitions(&mut self, topic_id: uuid::Uuid, partitions: std::ops::Range<i32>) {
+        for partition in partitions {
+            let key = PartitionKey {
+                topic_id,
+                partition,
+            };
+            self.partitions.insert(key, Partition::new());
         }
-        Ok(p)
     }
 
     fn unref(&mut self, object_key: &str) {
@@ -284,21 +312,7 @@ impl State {
     /// then applied (the writes cannot fail, so a refused operation changes nothing).
     /// Answers the number of offsets deleted, for the writes that count.
     fn fenced(&mut self, op: semantics::Op<'_>) -> MetaResult<Out> {
-        let rows: semantics::Rows = op
-            .fences()
-            .into_iter()
-            .filter_map(|key| {
-                let p = self.partitions.get(&key)?;
-                Some((
-                    key,
-                    semantics::PartitionRow {
-                        leader_epoch: p.leader_epoch,
-                        high_watermark: p.high_watermark,
-                        log_start_offset: p.log_start_offset,
-                    },
-                ))
-            })
-            .collect();
+        let rows = self.rows(op.fences());
         let counts = matches!(
             op,
             semantics::Op::DeleteOffsets { .. } | semantics::Op::ExpireOffsets { .. }
@@ -428,25 +442,16 @@ impl State {
     fn apply(&mut self, op: &Op) -> MetaResult<Out> {
         match op {
             Op::CreateTopic { topic } => {
-                if self.topics.contains_key(&topic.name) {
-                    return Err(MetaError::TopicExists);
-                }
-                for partition in 0..topic.partitions {
-                    self.partitions.insert(
-                        PartitionKey {
-                            topic_id: topic.id,
-                            partition,
-                        },
-                        Partition::default(),
-                    );
-                }
+                let partitions =
+                    semantics::create_topic(self.topics.contains_key(&topic.name), topic)?;
+                self.add_partitions(topic.id, partitions);
                 self.topics.insert(topic.name.clone(), topic.clone());
                 Ok(Out::Unit)
             }
             Op::DeleteTopic { name } => {
-                let topic = self.topics.remove(name).ok_or(MetaError::TopicNotFound)?;
-                // Write-ahead objects stay (as garbage once unreferenced), and so do
-                // committed offsets, as in the other stores.
+                let topic = semantics::stored_topic(self.topics.remove(name))?;
+                // What stays (write-ahead objects, committed offsets) is `stored_topic`'s
+                // rule; the ranges of the removed partitions stop referencing objects.
                 for partition in 0..topic.partitions {
                     let key = PartitionKey {
                         topic_id: topic.id,
@@ -461,42 +466,27 @@ impl State {
                 Ok(Out::Topic(topic))
             }
             Op::SetTopicConfigs { name, configs } => {
-                let topic = self.topics.get_mut(name).ok_or(MetaError::TopicNotFound)?;
+                let topic = semantics::stored_topic(self.topics.get_mut(name))?;
                 topic.configs = configs.clone();
                 Ok(Out::Unit)
             }
             Op::SetPartitionCount { name, count } => {
-                let topic = self.topics.get_mut(name).ok_or(MetaError::TopicNotFound)?;
-                if *count <= topic.partitions {
+                let topic = semantics::stored_topic(self.topics.get_mut(name))?;
+                let Some(added) = semantics::new_partitions(topic, *count) else {
                     return Ok(Out::Unit);
-                }
-                let (id, from) = (topic.id, topic.partitions);
+                };
                 topic.partitions = *count;
-                for partition in from..*count {
-                    self.partitions.insert(
-                        PartitionKey {
-                            topic_id: id,
-                            partition,
-                        },
-                        Partition::default(),
-                    );
-                }
+                let id = topic.id;
+                self.add_partitions(id, added);
                 Ok(Out::Unit)
             }
             Op::Claim { key, broker_id } => {
-                let p = self
-                    .partitions
-                    .get_mut(key)
-                    .ok_or(MetaError::PartitionNotFound)?;
-                let epoch = p.leader_epoch.checked_add(1).ok_or_else(|| {
-                    MetaError::Corrupt(format!(
-                        "leader epoch of {key:?} cannot grow past {}",
-                        p.leader_epoch
-                    ))
-                })?;
-                p.leader_epoch = epoch;
-                p.owner = Some(*broker_id);
-                p.epoch_history.push((epoch, p.high_watermark));
+                let stored = self.partitions.get_mut(key);
+                let claim = semantics::claim(*key, stored.as_ref().map(|p| p.row()), *broker_id)?;
+                // Present: the claim answered a missing partition already.
+                let p = stored.ok_or(MetaError::PartitionNotFound)?;
+                p.set_row(claim.row);
+                p.epoch_history.push(claim.history);
                 Ok(Out::Claimed(p.state()))
             }
             Op::CommitWal { commit } => self.fenced(semantics::Op::CommitWal(commit)),
@@ -527,15 +517,19 @@ impl State {
                 Ok(Out::Unit)
             }
             Op::NextProducerId => {
-                self.last_producer_id = if self.last_producer_id == 0 {
-                    FIRST_PRODUCER_ID
-                } else {
-                    self.last_producer_id + 1
-                };
+                // 0: none handed out yet.
+                let last = Some(self.last_producer_id).filter(|&id| id != 0);
+                self.last_producer_id = semantics::next_producer_id(last)?;
                 Ok(Out::Number(self.last_producer_id))
             }
             Op::Release { key, leader_epoch } => {
-                self.owned(*key, *leader_epoch)?.owner = None;
+                let stored = self.partitions.get_mut(key);
+                let released =
+                    semantics::release(*key, stored.as_ref().map(|p| p.row()), *leader_epoch)?;
+                // Present: the release answered a missing partition already.
+                stored
+                    .ok_or(MetaError::PartitionNotFound)?
+                    .set_row(released);
                 Ok(Out::Unit)
             }
             Op::CommitOffsets {
@@ -566,30 +560,22 @@ impl State {
                 fence: *fence,
             }),
             Op::HeartbeatBroker { broker } => {
-                if self
-                    .brokers
-                    .get(&broker.broker_id)
-                    .is_some_and(|b| b.session > broker.session)
-                {
-                    return Err(MetaError::Superseded);
-                }
+                let stored = self.brokers.get(&broker.broker_id).map(|b| b.session);
+                semantics::heartbeat(stored, broker)?;
                 self.brokers.insert(broker.broker_id, broker.clone());
                 Ok(Out::Unit)
             }
             Op::DeregisterBroker { broker_id, session } => {
-                if self
-                    .brokers
-                    .get(broker_id)
-                    .is_some_and(|b| b.session == *session)
-                {
+                let stored = self.brokers.get(broker_id).map(|b| b.session);
+                if semantics::deregisters(stored, *session) {
                     self.brokers.remove(broker_id);
                 }
                 Ok(Out::Unit)
             }
             Op::StartSession { broker_id } => {
-                let session = self.sessions.entry(*broker_id).or_insert(0);
-                *session += 1;
-                Ok(Out::Number(*session))
+                let session = semantics::next_session(self.sessions.get(broker_id).copied())?;
+                self.sessions.insert(*broker_id, session);
+                Ok(Out::Number(session))
             }
         }
     }
@@ -1026,11 +1012,7 @@ impl MetadataStore for BucketStore {
         Ok(self.read(|s| {
             s.partitions
                 .iter()
-                .map(|(key, p)| PartitionOwner {
-                    key: *key,
-                    leader_epoch: p.leader_epoch,
-                    owner: p.owner,
-                })
+                .map(|(key, p)| p.row().as_owner(*key))
                 .collect()
         }))
     }
@@ -1077,14 +1059,13 @@ impl MetadataStore for BucketStore {
 
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         Ok(self.read(|s| {
-            let mut keys: Vec<(i64, String)> = s
-                .wal_objects
-                .iter()
-                .filter(|(k, _)| !s.wal_refs.contains_key(*k))
-                .map(|(k, t)| (*t, k.clone()))
-                .collect();
-            keys.sort();
-            keys.into_iter().map(|(_, k)| k).collect()
+            semantics::unreferenced_wal_objects(s.wal_objects.iter().map(|(key, created_ms)| {
+                semantics::WalObject {
+                    object_key: key.clone(),
+                    created_ms: *created_ms,
+                    referenced: s.wal_refs.contains_key(key),
+                }
+            }))
         }))
     }
 
@@ -1110,7 +1091,7 @@ impl MetadataStore for BucketStore {
         Ok(self.read(|s| {
             s.brokers
                 .values()
-                .filter(|b| b.lease_expires_ms > now_ms)
+                .filter(|b| semantics::is_live(b, now_ms))
                 .cloned()
                 .collect()
         }))
@@ -1185,9 +1166,7 @@ impl MetadataStore for BucketStore {
     ) -> MetaResult<usize> {
         // Nothing to delete is an answer without a write, once the fence holds.
         if !self.read(|s| s.offsets.contains_key(group)) {
-            return self
-                .read(|s| fence.map_or(Ok(()), |f| s.owned_ref(f)))
-                .map(|()| 0);
+            return self.read(|s| s.check_fence(fence)).map(|()| 0);
         }
         match self
             .submit(Op::DeleteOffsets {
@@ -1220,9 +1199,7 @@ impl MetadataStore for BucketStore {
             })
         });
         if !any {
-            return self
-                .read(|s| fence.map_or(Ok(()), |f| s.owned_ref(f)))
-                .map(|()| 0);
+            return self.read(|s| s.check_fence(fence)).map(|()| 0);
         }
         match self
             .submit(Op::ExpireOffsets {

@@ -3,9 +3,11 @@
 //! It owns topics, per-partition leadership epochs, the partition manifests (sealed
 //! segments and the write-ahead ranges after them), the high watermark, idempotent
 //! producer state and producer-id allocation. The log bytes themselves never pass
-//! through it. What the fenced writes mean (epochs, ranges, trims, offsets) is written
-//! once, in `semantics`; the backends store rows. One conformance suite
-//! (`conformance`) holds the three to the same behaviour.
+//! through it. What the operations mean (epochs, claims, ranges, trims, offsets, topic
+//! rules, counters, broker sessions) is written once, in `semantics`; the backends read
+//! and store rows (SQLite and PostgreSQL decode each table's row in the one function
+//! `rows` has for it). One conformance suite (`conformance`) holds the three to
+//! the same behaviour.
 //!
 //! Every write that belongs to a partition is conditional on the caller's leader epoch,
 //! so a former owner can never commit after its successor claimed the partition.
@@ -15,6 +17,7 @@ pub mod bucket;
 pub(crate) mod conformance;
 pub mod instrumented;
 pub mod postgres;
+mod rows;
 pub mod semantics;
 pub mod sqlite;
 

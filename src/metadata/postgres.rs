@@ -12,14 +12,18 @@
 //! collation so that every `ORDER BY` is bytewise, like Rust's `String` order.
 //!
 //! Concurrency: every trait method is one transaction (a lone statement is its own).
-//! Writes that belong to a partition first lock its `partitions` row (`FOR UPDATE`, in
-//! key order when there are several) and check the caller's leader epoch under that
-//! lock, so a claim by another broker (an `UPDATE ... SET leader_epoch = leader_epoch +
-//! 1 ... RETURNING`) either happens before the check and fences the write, or waits
-//! for it. Producer ids and broker sessions are `INSERT ... ON CONFLICT DO UPDATE ...
-//! RETURNING` on one row, atomic across brokers. Connecting creates or migrates the
-//! schema in one transaction under a transaction-scoped advisory lock, so brokers
-//! starting together do not race.
+//! What an operation decides is [`semantics`]'s; this backend reads the rows it decides
+//! on under their locks. Writes that belong to a partition, claims and releases first
+//! lock its `partitions` row (`FOR UPDATE`, in key order when there are several), so a
+//! claim by another broker either commits before the epoch check and fences the write,
+//! or waits for it. Producer ids, broker sessions and broker registrations are one row
+//! each, read `FOR UPDATE` and written back; a row that does not exist yet cannot be
+//! locked, so it is inserted with `ON CONFLICT DO NOTHING`, and the transaction that
+//! loses that race reads the row again (see [`lost_row_races`]), atomic across brokers.
+//! Every table's row is decoded by the one decoder [`rows`] has for it, shared with
+//! SQLite. Connecting creates or migrates the schema in one
+//! transaction under a transaction-scoped advisory lock, so brokers starting together
+//! do not race.
 //!
 //! Errors: anything the server or the connection reports is `Unavailable` (retriable);
 //! a stored value that does not decode is `Corrupt`.
@@ -30,6 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,17 +44,15 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use uuid::Uuid;
 
-use super::semantics;
 use super::PartitionOwner;
+use super::{rows, semantics};
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
-    PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    PartitionState, SegmentRecord, TopicRecord, WalCommit,
 };
 
 /// The schema version this code reads and writes.
 const SCHEMA_VERSION: i64 = 4;
-/// The first producer id handed out. Persisted in the `counters` row below; stable.
-const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 /// Most connections one store opens; more concurrent operations wait for one.
@@ -173,13 +176,29 @@ ALTER TABLE brokers ADD COLUMN draining BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE wal_ranges ADD COLUMN object_size BIGINT NOT NULL DEFAULT 0;
 "#;
 
-const SELECT_TOPIC_FOR_UPDATE: &str =
-    "SELECT name, id, partitions, configs, created_ms FROM topics WHERE name = $1 FOR UPDATE";
+const SELECT_TOPIC_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    rows::topic_columns!(),
+    " FROM topics WHERE name = $1 FOR UPDATE"
+);
+/// A topic's new partition rows: `$1` the topic, `$2..$3` the partitions, the rest
+/// `semantics::PartitionRow::NEW`'s columns.
 const INSERT_PARTITIONS: &str = "INSERT INTO partitions
          (topic_id, partition, leader_epoch, log_start_offset, high_watermark, owner_broker)
-     SELECT $1, p, 0, 0, 0, NULL FROM generate_series($2::INTEGER, $3::INTEGER - 1) AS p";
-const LOCK_EPOCH: &str = "SELECT leader_epoch FROM partitions
-     WHERE topic_id = $1 AND partition = $2 FOR UPDATE";
+     SELECT $1, p, $4, $5, $6, $7 FROM generate_series($2::INTEGER, $3::INTEGER - 1) AS p";
+const LOCK_PARTITION: &str = concat!(
+    "SELECT ",
+    rows::partition_columns!(),
+    " FROM partitions WHERE topic_id = $1 AND partition = $2 FOR UPDATE"
+);
+const LOCK_BROKER: &str = concat!(
+    "SELECT ",
+    rows::broker_columns!(),
+    " FROM brokers WHERE broker_id = $1 FOR UPDATE"
+);
+/// How many times a write of one row that may not exist yet reads it again after a
+/// concurrent transaction inserted it first (see [`lost_row_races`]).
+const ROW_RACE_ATTEMPTS: usize = 3;
 
 /// One pooled connection and the statements prepared on it.
 struct Conn {
@@ -434,7 +453,7 @@ async fn migrate(client: &mut Client) -> MetaResult<()> {
         .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
         .await
         .db()?;
-    let current: i64 = get(&row, 0)?;
+    let current = rows::number(&row)?;
     if current > SCHEMA_VERSION {
         return Err(MetaError::Unavailable(format!(
             "metadata schema version {current} is newer than this broker supports \
@@ -504,22 +523,6 @@ impl<T> PgResultExt<T> for Result<T, tokio_postgres::Error> {
     }
 }
 
-/// Reads a column; a value that does not decode is corruption, not unavailability.
-fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> MetaResult<T> {
-    row.try_get(idx)
-        .map_err(|e| MetaError::Corrupt(format!("postgres value does not decode: {e}")))
-}
-
-/// Reads a non-negative `BIGINT` column; a negative value is corruption.
-fn get_u64(row: &Row, idx: usize) -> MetaResult<u64> {
-    let value: i64 = get(row, idx)?;
-    u64::try_from(value).map_err(|_| {
-        MetaError::Corrupt(format!(
-            "stored value {value} in column {idx} must not be negative"
-        ))
-    })
-}
-
 /// Sizes and positions are `u64` in the API and `BIGINT` in the database.
 fn u64_to_sql(value: u64, what: &str) -> MetaResult<i64> {
     i64::try_from(value)
@@ -531,36 +534,194 @@ fn count(rows: u64) -> MetaResult<usize> {
         .map_err(|_| MetaError::Unavailable(format!("row count {rows} does not fit in usize")))
 }
 
-fn encode_json<T: serde::Serialize>(value: &T, what: &str) -> MetaResult<String> {
-    serde_json::to_string(value)
-        .map_err(|e| MetaError::Unavailable(format!("cannot encode {what} as json: {e}")))
-}
-
-fn decode_topic(row: &Row) -> MetaResult<TopicRecord> {
-    let configs: String = get(row, 3)?;
-    Ok(TopicRecord {
-        name: get(row, 0)?,
-        id: get(row, 1)?,
-        partitions: get(row, 2)?,
-        configs: serde_json::from_str(&configs).map_err(|e| {
-            MetaError::Corrupt(format!("stored topic configs are not valid json: {e}"))
-        })?,
-        created_ms: get(row, 4)?,
-    })
-}
-
-/// The epoch check of single-partition writes; locks the partition row until commit.
-async fn require_epoch(tx: &mut Tx<'_>, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
-    let row = tx
-        .query_opt(LOCK_EPOCH, &[&key.topic_id, &key.partition])
-        .await?
-        .ok_or(MetaError::PartitionNotFound)?;
-    let stored: i32 = get(&row, 0)?;
-    if stored != leader_epoch {
-        tracing::debug!(?key, stored, leader_epoch, "fenced partition write");
-        return Err(MetaError::Fenced(vec![key]));
+/// How the shared decoders ([`rows`]) read a PostgreSQL column: a value that does not
+/// decode is corruption, not unavailability.
+impl rows::StoredRow for Row {
+    fn int(&self, idx: usize) -> MetaResult<i32> {
+        get(self, idx)
     }
+    fn opt_int(&self, idx: usize) -> MetaResult<Option<i32>> {
+        get(self, idx)
+    }
+    fn bigint(&self, idx: usize) -> MetaResult<i64> {
+        get(self, idx)
+    }
+    fn text(&self, idx: usize) -> MetaResult<String> {
+        get(self, idx)
+    }
+    fn opt_text(&self, idx: usize) -> MetaResult<Option<String>> {
+        get(self, idx)
+    }
+    fn flag(&self, idx: usize) -> MetaResult<bool> {
+        get(self, idx)
+    }
+    fn uuid(&self, idx: usize) -> MetaResult<Uuid> {
+        get(self, idx)
+    }
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> MetaResult<T> {
+    row.try_get(idx)
+        .map_err(|e| MetaError::Corrupt(format!("postgres value does not decode: {e}")))
+}
+
+/// Decodes every row of an answer with its table's decoder (see [`rows`]).
+fn decode_all<T>(
+    found: &[Row],
+    decode: fn(&dyn rows::StoredRow) -> MetaResult<T>,
+) -> MetaResult<Vec<T>> {
+    found.iter().map(|row| decode(row)).collect()
+}
+
+/// Decodes the row of an answer of at most one row with its table's decoder.
+fn decode_opt<T>(
+    found: Option<Row>,
+    decode: fn(&dyn rows::StoredRow) -> MetaResult<T>,
+) -> MetaResult<Option<T>> {
+    found.as_ref().map(|row| decode(row)).transpose()
+}
+
+/// The stored row of a partition, locked until commit; `None` if it does not exist.
+async fn lock_partition(
+    tx: &mut Tx<'_>,
+    key: PartitionKey,
+) -> MetaResult<Option<semantics::PartitionRow>> {
+    let row = tx
+        .query_opt(LOCK_PARTITION, &[&key.topic_id, &key.partition])
+        .await?;
+    Ok(decode_opt(row, rows::partition)?.map(|(_, stored)| stored))
+}
+
+/// The stored topic named `name`, locked until commit.
+async fn lock_topic(tx: &mut Tx<'_>, name: &str) -> MetaResult<Option<TopicRecord>> {
+    let row = tx.query_opt(SELECT_TOPIC_FOR_UPDATE, &[&name]).await?;
+    decode_opt(row, rows::topic)
+}
+
+/// Inserts a topic's new partition rows (`semantics::PartitionRow::NEW`).
+async fn insert_partitions(
+    tx: &mut Tx<'_>,
+    topic_id: Uuid,
+    partitions: Range<i32>,
+) -> MetaResult<()> {
+    let new = semantics::PartitionRow::NEW;
+    tx.execute(
+        INSERT_PARTITIONS,
+        &[
+            &topic_id,
+            &partitions.start,
+            &partitions.end,
+            &new.leader_epoch,
+            &new.log_start_offset,
+            &new.high_watermark,
+            &new.owner,
+        ],
+    )
+    .await?;
     Ok(())
+}
+
+/// Stores what a claim or a release decided: the partition's epoch and owner.
+async fn store_owner(
+    tx: &mut Tx<'_>,
+    key: PartitionKey,
+    row: &semantics::PartitionRow,
+) -> MetaResult<()> {
+    tx.execute(
+        "UPDATE partitions SET leader_epoch = $3, owner_broker = $4
+         WHERE topic_id = $1 AND partition = $2",
+        &[&key.topic_id, &key.partition, &row.leader_epoch, &row.owner],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writing one row that may not exist yet under its lock: an attempt reads the row
+/// `FOR UPDATE`, lets the semantics decide, and updates the row, or inserts it (`ON
+/// CONFLICT DO NOTHING`) when there was none. An absent row cannot be locked, so a
+/// concurrent transaction may insert it first; the attempt's insert then changes
+/// nothing and the caller tries again, now finding the row and waiting for its lock, at
+/// most [`ROW_RACE_ATTEMPTS`] times before this error.
+fn lost_row_races(what: &str) -> MetaError {
+    MetaError::Unavailable(format!(
+        "{what}: concurrent writers kept inserting and removing the row; try again"
+    ))
+}
+
+/// The SQL of one counter table: lock its row, update it, insert it.
+struct CounterSql {
+    lock: &'static str,
+    update: &'static str,
+    insert: &'static str,
+}
+
+const PRODUCER_ID_SQL: CounterSql = CounterSql {
+    lock: "SELECT value FROM counters WHERE name = $1 FOR UPDATE",
+    update: "UPDATE counters SET value = $2 WHERE name = $1",
+    insert: "INSERT INTO counters (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+};
+
+const SESSION_SQL: CounterSql = CounterSql {
+    lock: "SELECT session FROM broker_sessions WHERE broker_id = $1 FOR UPDATE",
+    update: "UPDATE broker_sessions SET session = $2 WHERE broker_id = $1",
+    insert: "INSERT INTO broker_sessions (broker_id, session) VALUES ($1, $2)
+             ON CONFLICT (broker_id) DO NOTHING",
+};
+
+/// The last value of a counter row (`None`: never counted), advanced by `next` (a rule
+/// of [`semantics`]) and stored under the row's lock; returns the new value.
+async fn advance_counter(
+    tx: &mut Tx<'_>,
+    sql: &CounterSql,
+    key: &(dyn ToSql + Sync),
+    next: fn(Option<i64>) -> MetaResult<i64>,
+) -> MetaResult<i64> {
+    for _ in 0..ROW_RACE_ATTEMPTS {
+        let row = tx.query_opt(sql.lock, &[key]).await?;
+        let last = decode_opt(row, rows::number)?;
+        let value = next(last)?;
+        let write = if last.is_some() {
+            sql.update
+        } else {
+            sql.insert
+        };
+        if tx.execute(write, &[key, &value]).await? == 1 {
+            return Ok(value);
+        }
+    }
+    Err(lost_row_races("counter"))
+}
+
+/// A heartbeat under the lock of the broker's registration (see [`lost_row_races`]).
+async fn register_broker(tx: &mut Tx<'_>, b: &BrokerRecord) -> MetaResult<()> {
+    let params: [&(dyn ToSql + Sync); 7] = [
+        &b.broker_id,
+        &b.session,
+        &b.host,
+        &b.port,
+        &b.zone,
+        &b.lease_expires_ms,
+        &b.draining,
+    ];
+    for _ in 0..ROW_RACE_ATTEMPTS {
+        let row = tx.query_opt(LOCK_BROKER, &[&b.broker_id]).await?;
+        let stored = decode_opt(row, rows::broker)?;
+        semantics::heartbeat(stored.as_ref().map(|s| s.session), b)?;
+        let write = if stored.is_some() {
+            "UPDATE brokers SET session = $2, host = $3, port = $4, zone = $5,
+                 lease_expires_ms = $6, draining = $7
+             WHERE broker_id = $1"
+        } else {
+            "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms,
+                                  draining)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (broker_id) DO NOTHING"
+        };
+        if tx.execute(write, &params).await? == 1 {
+            return Ok(());
+        }
+    }
+    Err(lost_row_races("broker heartbeat"))
 }
 
 /// Reads everything a new owner recovers from; the scalar columns come from the caller.
@@ -568,35 +729,35 @@ async fn require_epoch(tx: &mut Tx<'_>, key: PartitionKey, leader_epoch: i32) ->
 async fn load_partition_state(
     tx: &mut Tx<'_>,
     key: PartitionKey,
-    leader_epoch: i32,
-    log_start_offset: i64,
-    high_watermark: i64,
+    row: &semantics::PartitionRow,
 ) -> MetaResult<PartitionState> {
     let segments_sql = tx
-        .statement(
-            "SELECT base_offset, end_offset, object_key, size_bytes, data_bytes,
-                    max_timestamp, created_ms
-             FROM segments WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset",
-        )
+        .statement(concat!(
+            "SELECT ",
+            rows::segment_columns!(),
+            " FROM segments WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset"
+        ))
         .await?;
     let ranges_sql = tx
-        .statement(
-            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp,
-                    object_size
-             FROM wal_ranges WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset",
-        )
+        .statement(concat!(
+            "SELECT ",
+            rows::wal_range_columns!(),
+            " FROM wal_ranges WHERE topic_id = $1 AND partition = $2 ORDER BY base_offset"
+        ))
         .await?;
     let producers_sql = tx
-        .statement(
-            "SELECT producer_id, state FROM producers
-             WHERE topic_id = $1 AND partition = $2 ORDER BY producer_id",
-        )
+        .statement(concat!(
+            "SELECT ",
+            rows::producer_columns!(),
+            " FROM producers WHERE topic_id = $1 AND partition = $2 ORDER BY producer_id"
+        ))
         .await?;
     let history_sql = tx
-        .statement(
-            "SELECT epoch, start_offset FROM epoch_history
-             WHERE topic_id = $1 AND partition = $2 ORDER BY epoch",
-        )
+        .statement(concat!(
+            "SELECT ",
+            rows::epoch_columns!(),
+            " FROM epoch_history WHERE topic_id = $1 AND partition = $2 ORDER BY epoch"
+        ))
         .await?;
     let params: [&(dyn ToSql + Sync); 2] = [&key.topic_id, &key.partition];
     let (segment_rows, range_rows, producer_rows, history_rows) = tokio::try_join!(
@@ -606,65 +767,14 @@ async fn load_partition_state(
         tx.tx.query(&history_sql, &params),
     )
     .db()?;
-
-    let segments = segment_rows
-        .iter()
-        .map(|row| {
-            Ok(SegmentRecord {
-                base_offset: get(row, 0)?,
-                end_offset: get(row, 1)?,
-                object_key: get(row, 2)?,
-                size_bytes: get_u64(row, 3)?,
-                data_bytes: get_u64(row, 4)?,
-                max_timestamp: get(row, 5)?,
-                created_ms: get(row, 6)?,
-            })
-        })
-        .collect::<MetaResult<Vec<_>>>()?;
-    let wal_ranges = range_rows
-        .iter()
-        .map(|row| {
-            Ok(WalRangeRecord {
-                base_offset: get(row, 0)?,
-                end_offset: get(row, 1)?,
-                object_key: get(row, 2)?,
-                position: get_u64(row, 3)?,
-                len: get_u64(row, 4)?,
-                max_timestamp: get(row, 5)?,
-                object_size: get_u64(row, 6)?,
-            })
-        })
-        .collect::<MetaResult<Vec<_>>>()?;
-    let mut producers = Vec::with_capacity(producer_rows.len());
-    for row in &producer_rows {
-        let producer_id: i64 = get(row, 0)?;
-        let json: &str = get(row, 1)?;
-        let state: ProducerStateRecord = serde_json::from_str(json).map_err(|e| {
-            MetaError::Corrupt(format!(
-                "stored state of producer {producer_id} is not valid json: {e}"
-            ))
-        })?;
-        if state.producer_id != producer_id {
-            return Err(MetaError::Corrupt(format!(
-                "producer row {producer_id} holds the state of producer {}",
-                state.producer_id
-            )));
-        }
-        producers.push(state);
-    }
-    let epoch_history = history_rows
-        .iter()
-        .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
-        .collect::<MetaResult<Vec<_>>>()?;
-
     Ok(PartitionState {
-        leader_epoch,
-        log_start_offset,
-        high_watermark,
-        segments,
-        wal_ranges,
-        producers,
-        epoch_history,
+        leader_epoch: row.leader_epoch,
+        log_start_offset: row.log_start_offset,
+        high_watermark: row.high_watermark,
+        segments: decode_all(&segment_rows, rows::segment)?,
+        wal_ranges: decode_all(&range_rows, rows::wal_range)?,
+        producers: decode_all(&producer_rows, rows::producer)?,
+        epoch_history: decode_all(&history_rows, rows::epoch)?,
     })
 }
 
@@ -674,38 +784,30 @@ async fn load_partition_state(
 /// deleted.
 async fn apply_fenced(tx: &mut Tx<'_>, op: semantics::Op<'_>) -> MetaResult<usize> {
     let fences = op.fences();
-    let mut rows = semantics::Rows::new();
+    let mut fenced_rows = semantics::Rows::new();
     if !fences.is_empty() {
         let ids: Vec<Uuid> = fences.iter().map(|k| k.topic_id).collect();
         let numbers: Vec<i32> = fences.iter().map(|k| k.partition).collect();
         let locked = tx
             .query(
-                "SELECT p.topic_id, p.partition, p.leader_epoch, p.high_watermark,
-                        p.log_start_offset
-                 FROM partitions AS p
-                 JOIN unnest($1::UUID[], $2::INTEGER[]) AS k (topic_id, partition)
-                   ON p.topic_id = k.topic_id AND p.partition = k.partition
-                 ORDER BY p.topic_id, p.partition
-                 FOR UPDATE OF p",
+                concat!(
+                    "SELECT ",
+                    rows::partition_columns!(),
+                    " FROM partitions
+                      JOIN unnest($1::UUID[], $2::INTEGER[]) AS k (id, number)
+                        ON topic_id = k.id AND partition = k.number
+                      ORDER BY topic_id, partition
+                      FOR UPDATE OF partitions"
+                ),
                 &[&ids, &numbers],
             )
             .await?;
         for row in &locked {
-            let key = PartitionKey {
-                topic_id: get(row, 0)?,
-                partition: get(row, 1)?,
-            };
-            rows.insert(
-                key,
-                semantics::PartitionRow {
-                    leader_epoch: get(row, 2)?,
-                    high_watermark: get(row, 3)?,
-                    log_start_offset: get(row, 4)?,
-                },
-            );
+            let (key, stored) = rows::partition(row)?;
+            fenced_rows.insert(key, stored);
         }
     }
-    let writes = semantics::plan(&rows, op)?;
+    let writes = semantics::plan(&fenced_rows, op)?;
     Columns::gather(writes)?.apply(tx).await
 }
 
@@ -769,7 +871,7 @@ impl<'a> Columns<'a> {
                 Write::UpsertProducer { key, state } => {
                     c.producers.insert(
                         (key, state.producer_id),
-                        encode_json(state, "producer state")?,
+                        rows::encode_json(state, "producer state")?,
                     );
                 }
                 Write::RememberWalObject {
@@ -1033,9 +1135,10 @@ impl<'a> Columns<'a> {
 #[async_trait]
 impl MetadataStore for PostgresStore {
     async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
-        let configs = encode_json(&topic.configs, "topic configs")?;
+        let configs = rows::encode_json(&topic.configs, "topic configs")?;
         let mut conn = self.pool.get().await?;
         let mut tx = conn.begin().await?;
+        // The insert is the read: a name taken (or being taken) inserts nothing.
         let inserted = tx
             .execute(
                 "INSERT INTO topics (name, id, partitions, configs, created_ms)
@@ -1049,24 +1152,16 @@ impl MetadataStore for PostgresStore {
                 ],
             )
             .await?;
-        if inserted == 0 {
-            return Err(MetaError::TopicExists);
-        }
-        tx.execute(INSERT_PARTITIONS, &[&topic.id, &0_i32, &topic.partitions])
-            .await?;
+        let partitions = semantics::create_topic(inserted == 0, topic)?;
+        insert_partitions(&mut tx, topic.id, partitions).await?;
         tx.commit().await
     }
 
     async fn delete_topic(&self, name: &str) -> MetaResult<TopicRecord> {
         let mut conn = self.pool.get().await?;
         let mut tx = conn.begin().await?;
-        let row = tx
-            .query_opt(SELECT_TOPIC_FOR_UPDATE, &[&name])
-            .await?
-            .ok_or(MetaError::TopicNotFound)?;
-        let topic = decode_topic(&row)?;
-        // wal_objects rows stay (garbage collection removes them once unreferenced) and
-        // group_offsets rows stay (the broker removes them), as in the SQLite backend.
+        let topic = semantics::stored_topic(lock_topic(&mut tx, name).await?)?;
+        // What stays (write-ahead objects, committed offsets) is `stored_topic`'s rule.
         for sql in [
             "DELETE FROM partitions WHERE topic_id = $1",
             "DELETE FROM epoch_history WHERE topic_id = $1",
@@ -1084,13 +1179,17 @@ impl MetadataStore for PostgresStore {
 
     async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
-                "SELECT name, id, partitions, configs, created_ms FROM topics ORDER BY name",
+                concat!(
+                    "SELECT ",
+                    rows::topic_columns!(),
+                    " FROM topics ORDER BY name"
+                ),
                 &[],
             )
             .await?;
-        rows.iter().map(decode_topic).collect()
+        decode_all(&found, rows::topic)
     }
 
     async fn set_topic_configs(
@@ -1098,34 +1197,26 @@ impl MetadataStore for PostgresStore {
         name: &str,
         configs: &BTreeMap<String, String>,
     ) -> MetaResult<()> {
-        let configs = encode_json(configs, "topic configs")?;
+        let configs = rows::encode_json(configs, "topic configs")?;
         let mut conn = self.pool.get().await?;
-        let changed = conn
-            .execute(
-                "UPDATE topics SET configs = $2 WHERE name = $1",
-                &[&name, &configs],
-            )
-            .await?;
-        if changed == 0 {
-            return Err(MetaError::TopicNotFound);
-        }
-        Ok(())
+        let mut tx = conn.begin().await?;
+        semantics::stored_topic(lock_topic(&mut tx, name).await?)?;
+        tx.execute(
+            "UPDATE topics SET configs = $2 WHERE name = $1",
+            &[&name, &configs],
+        )
+        .await?;
+        tx.commit().await
     }
 
-    /// A count at or below the current one changes nothing and returns `Ok`.
     async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
         let mut conn = self.pool.get().await?;
         let mut tx = conn.begin().await?;
-        let row = tx
-            .query_opt(SELECT_TOPIC_FOR_UPDATE, &[&name])
-            .await?
-            .ok_or(MetaError::TopicNotFound)?;
-        let topic = decode_topic(&row)?;
-        if count <= topic.partitions {
+        let topic = semantics::stored_topic(lock_topic(&mut tx, name).await?)?;
+        let Some(added) = semantics::new_partitions(&topic, count) else {
             return Ok(());
-        }
-        tx.execute(INSERT_PARTITIONS, &[&topic.id, &topic.partitions, &count])
-            .await?;
+        };
+        insert_partitions(&mut tx, topic.id, added).await?;
         tx.execute(
             "UPDATE topics SET partitions = $2 WHERE name = $1",
             &[&name, &count],
@@ -1141,47 +1232,20 @@ impl MetadataStore for PostgresStore {
     ) -> MetaResult<PartitionState> {
         let mut conn = self.pool.get().await?;
         let mut tx = conn.begin().await?;
-        // Atomic against other claimers: the row lock is held until commit.
-        let claimed = tx
-            .query_opt(
-                "UPDATE partitions SET leader_epoch = leader_epoch + 1, owner_broker = $3
-                 WHERE topic_id = $1 AND partition = $2 AND leader_epoch < 2147483647
-                 RETURNING leader_epoch, log_start_offset, high_watermark",
-                &[&key.topic_id, &key.partition, &broker_id],
-            )
-            .await?;
-        let Some(row) = claimed else {
-            return match tx
-                .query_opt(LOCK_EPOCH, &[&key.topic_id, &key.partition])
-                .await?
-            {
-                None => Err(MetaError::PartitionNotFound),
-                Some(row) => {
-                    let epoch: i32 = get(&row, 0)?;
-                    Err(MetaError::Corrupt(format!(
-                        "leader epoch of {key:?} cannot grow past {epoch}"
-                    )))
-                }
-            };
-        };
-        let new_epoch: i32 = get(&row, 0)?;
-        let log_start_offset: i64 = get(&row, 1)?;
-        let high_watermark: i64 = get(&row, 2)?;
+        // Other claimers wait for the row lock until this claim commits.
+        let stored = lock_partition(&mut tx, key).await?;
+        let claim = semantics::claim(key, stored, broker_id)?;
+        store_owner(&mut tx, key, &claim.row).await?;
+        let (epoch, start_offset) = claim.history;
         tx.execute(
             "INSERT INTO epoch_history (topic_id, partition, epoch, start_offset)
              VALUES ($1, $2, $3, $4)",
-            &[&key.topic_id, &key.partition, &new_epoch, &high_watermark],
+            &[&key.topic_id, &key.partition, &epoch, &start_offset],
         )
         .await?;
-        let state =
-            load_partition_state(&mut tx, key, new_epoch, log_start_offset, high_watermark).await?;
+        let state = load_partition_state(&mut tx, key, &claim.row).await?;
         tx.commit().await?;
-        tracing::debug!(
-            ?key,
-            broker_id,
-            leader_epoch = new_epoch,
-            "claimed partition"
-        );
+        tracing::debug!(?key, broker_id, leader_epoch = epoch, "claimed partition");
         Ok(state)
     }
 
@@ -1220,14 +1284,16 @@ impl MetadataStore for PostgresStore {
         .await?;
         let row = tx
             .query_opt(
-                "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
-                 WHERE topic_id = $1 AND partition = $2",
+                concat!(
+                    "SELECT ",
+                    rows::partition_columns!(),
+                    " FROM partitions WHERE topic_id = $1 AND partition = $2"
+                ),
                 &[&key.topic_id, &key.partition],
             )
-            .await?
-            .ok_or(MetaError::PartitionNotFound)?;
-        let state =
-            load_partition_state(&mut tx, key, get(&row, 0)?, get(&row, 1)?, get(&row, 2)?).await?;
+            .await?;
+        let (_, stored) = decode_opt(row, rows::partition)?.ok_or(MetaError::PartitionNotFound)?;
+        let state = load_partition_state(&mut tx, key, &stored).await?;
         tx.commit().await?;
         Ok(state)
     }
@@ -1235,35 +1301,27 @@ impl MetadataStore for PostgresStore {
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
         let mut conn = self.pool.get().await?;
         let mut tx = conn.begin().await?;
-        require_epoch(&mut tx, key, leader_epoch).await?;
-        tx.execute(
-            "UPDATE partitions SET owner_broker = NULL WHERE topic_id = $1 AND partition = $2",
-            &[&key.topic_id, &key.partition],
-        )
-        .await?;
+        let stored = lock_partition(&mut tx, key).await?;
+        let released = semantics::release(key, stored, leader_epoch)?;
+        store_owner(&mut tx, key, &released).await?;
         tx.commit().await
     }
 
     async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
-                "SELECT topic_id, partition, leader_epoch, owner_broker FROM partitions
-                 ORDER BY topic_id, partition",
+                concat!(
+                    "SELECT ",
+                    rows::partition_columns!(),
+                    " FROM partitions ORDER BY topic_id, partition"
+                ),
                 &[],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(PartitionOwner {
-                    key: PartitionKey {
-                        topic_id: get(row, 0)?,
-                        partition: get(row, 1)?,
-                    },
-                    leader_epoch: get(row, 2)?,
-                    owner: get(row, 3)?,
-                })
-            })
+        found
+            .iter()
+            .map(|row| rows::partition(row).map(|(key, stored)| stored.as_owner(key)))
             .collect()
     }
 
@@ -1285,91 +1343,66 @@ impl MetadataStore for PostgresStore {
 
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
-                "SELECT object_key FROM wal_objects AS o
-                 WHERE NOT EXISTS (SELECT 1 FROM wal_ranges AS r
-                                   WHERE r.object_key = o.object_key)
-                 ORDER BY created_ms, object_key",
+                concat!("SELECT ", rows::wal_object_columns!(), " FROM wal_objects"),
                 &[],
             )
             .await?;
-        rows.iter().map(|row| get(row, 0)).collect()
+        let objects = decode_all(&found, rows::wal_object)?;
+        Ok(semantics::unreferenced_wal_objects(objects))
     }
 
     async fn known_objects(&self) -> MetaResult<Vec<String>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
                 "SELECT object_key FROM segments UNION SELECT object_key FROM wal_objects",
                 &[],
             )
             .await?;
-        rows.iter().map(|row| get(row, 0)).collect()
+        decode_all(&found, rows::name)
     }
 
     async fn heartbeat_broker(&self, broker: &BrokerRecord) -> MetaResult<()> {
         let mut conn = self.pool.get().await?;
-        let changed = conn
-            .execute(
-                "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms,
-                                      draining)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (broker_id) DO UPDATE SET
-                     session = EXCLUDED.session, host = EXCLUDED.host,
-                     port = EXCLUDED.port, zone = EXCLUDED.zone,
-                     lease_expires_ms = EXCLUDED.lease_expires_ms,
-                     draining = EXCLUDED.draining
-                 WHERE brokers.session <= EXCLUDED.session",
-                &[
-                    &broker.broker_id,
-                    &broker.session,
-                    &broker.host,
-                    &broker.port,
-                    &broker.zone,
-                    &broker.lease_expires_ms,
-                    &broker.draining,
-                ],
-            )
-            .await?;
-        if changed == 0 {
-            return Err(MetaError::Superseded);
-        }
-        Ok(())
+        let mut tx = conn.begin().await?;
+        register_broker(&mut tx, broker).await?;
+        tx.commit().await
     }
 
     async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
-                "SELECT broker_id, session, host, port, zone, lease_expires_ms, draining
-                 FROM brokers WHERE lease_expires_ms > $1 ORDER BY broker_id",
-                &[&now_ms],
+                concat!(
+                    "SELECT ",
+                    rows::broker_columns!(),
+                    " FROM brokers ORDER BY broker_id"
+                ),
+                &[],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(BrokerRecord {
-                    broker_id: get(row, 0)?,
-                    session: get(row, 1)?,
-                    host: get(row, 2)?,
-                    port: get(row, 3)?,
-                    zone: get(row, 4)?,
-                    lease_expires_ms: get(row, 5)?,
-                    draining: get(row, 6)?,
-                })
-            })
-            .collect()
+        let mut live = Vec::with_capacity(found.len());
+        for row in &found {
+            let broker = rows::broker(row)?;
+            if semantics::is_live(&broker, now_ms) {
+                live.push(broker);
+            }
+        }
+        Ok(live)
     }
 
     async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()> {
         let mut conn = self.pool.get().await?;
-        conn.execute(
-            "DELETE FROM brokers WHERE broker_id = $1 AND session = $2",
-            &[&broker_id, &session],
-        )
-        .await?;
-        Ok(())
+        let mut tx = conn.begin().await?;
+        let row = tx.query_opt(LOCK_BROKER, &[&broker_id]).await?;
+        let stored = decode_opt(row, rows::broker)?;
+        if semantics::deregisters(stored.map(|s| s.session), session) {
+            tx.execute("DELETE FROM brokers WHERE broker_id = $1", &[&broker_id])
+                .await?;
+        }
+        tx.commit().await
     }
 
     async fn forget_wal_objects(&self, keys: &[String]) -> MetaResult<()> {
@@ -1387,19 +1420,16 @@ impl MetadataStore for PostgresStore {
 
     async fn next_producer_id(&self) -> MetaResult<i64> {
         let mut conn = self.pool.get().await?;
-        // One statement, atomic across brokers: the row lock serialises increments.
-        let rows = conn
-            .query(
-                "INSERT INTO counters (name, value) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET value = counters.value + 1
-                 RETURNING value",
-                &[&PRODUCER_ID_COUNTER, &FIRST_PRODUCER_ID],
-            )
-            .await?;
-        let row = rows.first().ok_or_else(|| {
-            MetaError::Unavailable("producer id allocation returned no row".to_owned())
-        })?;
-        get(row, 0)
+        let mut tx = conn.begin().await?;
+        let id = advance_counter(
+            &mut tx,
+            &PRODUCER_ID_SQL,
+            &PRODUCER_ID_COUNTER,
+            semantics::next_producer_id,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     async fn commit_offsets(
@@ -1418,25 +1448,17 @@ impl MetadataStore for PostgresStore {
 
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
-                r#"SELECT topic, partition, "offset", leader_epoch, metadata, commit_timestamp_ms
-                   FROM group_offsets WHERE group_id = $1 ORDER BY topic, partition"#,
+                concat!(
+                    "SELECT ",
+                    rows::offset_columns!(),
+                    " FROM group_offsets WHERE group_id = $1 ORDER BY topic, partition"
+                ),
                 &[&group],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(CommittedOffset {
-                    topic: get(row, 0)?,
-                    partition: get(row, 1)?,
-                    offset: get(row, 2)?,
-                    leader_epoch: get(row, 3)?,
-                    metadata: get(row, 4)?,
-                    commit_timestamp_ms: get(row, 5)?,
-                })
-            })
-            .collect()
+        decode_all(&found, rows::offset)
     }
 
     async fn delete_offsets(
@@ -1455,13 +1477,13 @@ impl MetadataStore for PostgresStore {
 
     async fn offset_groups(&self) -> MetaResult<Vec<String>> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
+        let found = conn
             .query(
                 "SELECT DISTINCT group_id FROM group_offsets ORDER BY group_id",
                 &[],
             )
             .await?;
-        rows.iter().map(|row| get(row, 0)).collect()
+        decode_all(&found, rows::name)
     }
 
     async fn expire_offsets(
@@ -1480,18 +1502,11 @@ impl MetadataStore for PostgresStore {
 
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
         let mut conn = self.pool.get().await?;
-        let rows = conn
-            .query(
-                "INSERT INTO broker_sessions (broker_id, session) VALUES ($1, 1)
-                 ON CONFLICT (broker_id) DO UPDATE SET session = broker_sessions.session + 1
-                 RETURNING session",
-                &[&broker_id],
-            )
-            .await?;
-        let row = rows.first().ok_or_else(|| {
-            MetaError::Unavailable("broker session allocation returned no row".to_owned())
-        })?;
-        get(row, 0)
+        let mut tx = conn.begin().await?;
+        let session =
+            advance_counter(&mut tx, &SESSION_SQL, &broker_id, semantics::next_session).await?;
+        tx.commit().await?;
+        Ok(session)
     }
 }
 
@@ -1499,7 +1514,8 @@ impl MetadataStore for PostgresStore {
 mod tests {
     use super::*;
     use crate::metadata::conformance::{self, metadata_store_conformance};
-    use crate::metadata::{PartitionCommit, ProducerBatch};
+    use crate::metadata::rows::encode_json;
+    use crate::metadata::{PartitionCommit, ProducerBatch, ProducerStateRecord, WalRangeRecord};
 
     /// Set to a database URL (see `tests/postgres.sh`) to run these tests.
     const URL_ENV: &str = "STRATA_TEST_POSTGRES_URL";
@@ -1671,9 +1687,21 @@ mod tests {
             )
             .await
             .expect("topic");
-            tx.execute(INSERT_PARTITIONS, &[&topic.id, &0_i32, &topic.partitions])
-                .await
-                .expect("partitions");
+            let new = semantics::PartitionRow::NEW;
+            tx.execute(
+                INSERT_PARTITIONS,
+                &[
+                    &topic.id,
+                    &0_i32,
+                    &topic.partitions,
+                    &new.leader_epoch,
+                    &new.log_start_offset,
+                    &new.high_watermark,
+                    &new.owner,
+                ],
+            )
+            .await
+            .expect("partitions");
             tx.commit().await.expect("commit");
         }
         let store = PostgresStore::connect_with(config.clone())

@@ -1,21 +1,34 @@
-//! What the fenced metadata writes mean, written once for every backend.
+//! What the metadata operations mean, written once for every backend.
 //!
-//! A backend is storage: inside one transaction it reads the rows of the partitions an
-//! operation is fenced on ([`Op::fences`]), hands them to [`plan`], and applies the
-//! [`Write`]s that come back in its own terms (SQL statements, or changes to the bucket
-//! store's in-memory state). Everything an operation decides (which epochs fence it,
-//! what a missing partition means, that a high watermark or a log start offset never
-//! moves backwards, which ranges a segment replaces, which offsets go) is decided here,
-//! so the three backends cannot drift apart, and a new operation is one planner plus
-//! the storage writes it needs. The conformance suite (`conformance.rs`) holds every
-//! backend to it.
+//! A backend is storage: inside one transaction it reads the rows an operation depends
+//! on, hands them to a function here, and stores what comes back in its own terms (SQL
+//! statements, or changes to the bucket store's in-memory state). The fenced writes go
+//! through one planner: the backend reads the rows of the partitions an operation is
+//! fenced on ([`Op::fences`]), [`plan`] answers the [`Write`]s to apply. Everything an
+//! operation decides (which epochs fence it, what a missing partition means, that a high
+//! watermark or a log start offset never moves backwards, which ranges a segment
+//! replaces, which offsets go) is decided here. The unfenced operations' rules are plain
+//! functions beside it: topic creation, deletion and growth ([`create_topic`],
+//! [`stored_topic`], [`new_partitions`]), claims and releases ([`claim`], [`release`]),
+//! producer ids and broker sessions ([`next_producer_id`], [`next_session`]), broker
+//! registrations ([`heartbeat`], [`deregisters`], [`is_live`]) and write-ahead garbage
+//! ([`unreferenced_wal_objects`]). So the three backends cannot drift apart, and a new
+//! operation is one function here plus the storage it needs. The conformance suite
+//! (`conformance.rs`) holds every backend to it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use super::{
-    CommittedOffset, Fence, MetaError, MetaResult, PartitionKey, ProducerStateRecord,
-    SegmentRecord, WalCommit, WalRangeRecord,
+    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, PartitionKey, PartitionOwner,
+    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
 };
+
+/// The first producer id handed out. Persisted (every backend's counter starts here);
+/// stable.
+pub const FIRST_PRODUCER_ID: i64 = 1000;
+/// The first session of a broker id.
+const FIRST_SESSION: i64 = 1;
 
 /// A fenced write, as callers ask for it.
 #[derive(Debug, Clone, Copy)]
@@ -50,12 +63,35 @@ pub enum Op<'a> {
     },
 }
 
-/// The stored scalar columns of one partition that the semantics read.
+/// The stored scalar columns of one partition: what the semantics read, and what a
+/// claim or a release writes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionRow {
     pub leader_epoch: i32,
     pub high_watermark: i64,
     pub log_start_offset: i64,
+    /// The broker that claimed it last; `None` once released (or never claimed).
+    pub owner: Option<i32>,
+}
+
+impl PartitionRow {
+    /// A partition as topic creation and growth make it: epoch 0, an empty log, no
+    /// owner.
+    pub const NEW: PartitionRow = PartitionRow {
+        leader_epoch: 0,
+        high_watermark: 0,
+        log_start_offset: 0,
+        owner: None,
+    };
+
+    /// Who holds the partition `key` of this row, for assignment and Metadata answers.
+    pub fn as_owner(&self, key: PartitionKey) -> PartitionOwner {
+        PartitionOwner {
+            key,
+            leader_epoch: self.leader_epoch,
+            owner: self.owner,
+        }
+    }
 }
 
 /// The rows read for an operation's fences; a key absent here does not exist.
@@ -129,8 +165,12 @@ impl Op<'_> {
 
 /// The epoch check of a write on one partition (or coordinator slot): a missing one is
 /// `PartitionNotFound`, a newer epoch `Fenced`.
-fn require(rows: &Rows, key: PartitionKey, leader_epoch: i32) -> MetaResult<&PartitionRow> {
-    let row = rows.get(&key).ok_or(MetaError::PartitionNotFound)?;
+pub fn check_epoch(
+    key: PartitionKey,
+    stored: Option<&PartitionRow>,
+    leader_epoch: i32,
+) -> MetaResult<&PartitionRow> {
+    let row = stored.ok_or(MetaError::PartitionNotFound)?;
     if row.leader_epoch != leader_epoch {
         tracing::debug!(
             ?key,
@@ -143,7 +183,13 @@ fn require(rows: &Rows, key: PartitionKey, leader_epoch: i32) -> MetaResult<&Par
     Ok(row)
 }
 
-fn require_fence(rows: &Rows, fence: Option<Fence>) -> MetaResult<()> {
+fn require(rows: &Rows, key: PartitionKey, leader_epoch: i32) -> MetaResult<&PartitionRow> {
+    check_epoch(key, rows.get(&key), leader_epoch)
+}
+
+/// The fence check of a coordinator's write (none: unfenced). Also what a write that
+/// turns out to change nothing still answers.
+pub fn check_fence(rows: &Rows, fence: Option<Fence>) -> MetaResult<()> {
     match fence {
         Some(f) => require(rows, f.key, f.leader_epoch).map(|_| ()),
         None => Ok(()),
@@ -241,7 +287,7 @@ pub fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
             offsets,
             fence,
         } => {
-            require_fence(rows, fence)?;
+            check_fence(rows, fence)?;
             Ok(offsets
                 .iter()
                 .map(|offset| Write::UpsertOffset { group, offset })
@@ -252,7 +298,7 @@ pub fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
             partitions,
             fence,
         } => {
-            require_fence(rows, fence)?;
+            check_fence(rows, fence)?;
             Ok(match partitions {
                 None => vec![Write::DeleteOffsets {
                     group,
@@ -272,13 +318,143 @@ pub fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
             before_ms,
             fence,
         } => {
-            require_fence(rows, fence)?;
+            check_fence(rows, fence)?;
             Ok(groups
                 .iter()
                 .map(|group| Write::ExpireOffsets { group, before_ms })
                 .collect())
         }
     }
+}
+
+/// Creating a topic: a name already taken is `TopicExists`; otherwise the topic is
+/// stored with its partitions `0..partitions`, each [`PartitionRow::NEW`].
+pub fn create_topic(name_taken: bool, topic: &TopicRecord) -> MetaResult<Range<i32>> {
+    if name_taken {
+        return Err(MetaError::TopicExists);
+    }
+    Ok(0..topic.partitions)
+}
+
+/// The topic an operation names (deletion, configs, growth): one that is not stored is
+/// `TopicNotFound`. Deleting a topic removes its partitions with everything they hold;
+/// the write-ahead objects they referenced stay (as garbage once unreferenced) and so
+/// do committed offsets (keyed by topic name; the broker removes them).
+pub fn stored_topic<T>(stored: Option<T>) -> MetaResult<T> {
+    stored.ok_or(MetaError::TopicNotFound)
+}
+
+/// Growing a topic to `count` partitions: the partitions to add, each
+/// [`PartitionRow::NEW`], or `None` when `count` is not above the current count (a
+/// topic never shrinks, and callers validate requests, so that is a no-op, not an
+/// error).
+pub fn new_partitions(topic: &TopicRecord, count: i32) -> Option<Range<i32>> {
+    (count > topic.partitions).then_some(topic.partitions..count)
+}
+
+/// What a claim stores: the partition's new row and the epoch history entry it adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub row: PartitionRow,
+    /// (the new epoch, the first offset it writes: the high watermark at the claim).
+    pub history: (i32, i64),
+}
+
+/// Claiming a partition: the leader epoch goes one past the stored one (fencing every
+/// earlier owner) and the claimer becomes the owner. A missing partition is
+/// `PartitionNotFound`; an epoch that cannot grow is `Corrupt`.
+pub fn claim(key: PartitionKey, stored: Option<PartitionRow>, broker_id: i32) -> MetaResult<Claim> {
+    let row = stored.ok_or(MetaError::PartitionNotFound)?;
+    let leader_epoch = row.leader_epoch.checked_add(1).ok_or_else(|| {
+        MetaError::Corrupt(format!(
+            "leader epoch of {key:?} cannot grow past {}",
+            row.leader_epoch
+        ))
+    })?;
+    Ok(Claim {
+        row: PartitionRow {
+            leader_epoch,
+            owner: Some(broker_id),
+            ..row
+        },
+        history: (leader_epoch, row.high_watermark),
+    })
+}
+
+/// Releasing a partition (graceful hand-off): only at the caller's epoch (else `Fenced`,
+/// or `PartitionNotFound`); the row loses its owner and keeps its epoch, so the next
+/// claim fences the releaser all the same.
+pub fn release(
+    key: PartitionKey,
+    stored: Option<PartitionRow>,
+    leader_epoch: i32,
+) -> MetaResult<PartitionRow> {
+    let row = *check_epoch(key, stored.as_ref(), leader_epoch)?;
+    Ok(PartitionRow { owner: None, ..row })
+}
+
+/// The next producer id after the last one handed out (`None`: none yet). Ids are never
+/// reused, so exhausting them is an error rather than a wrap.
+pub fn next_producer_id(last: Option<i64>) -> MetaResult<i64> {
+    match last {
+        None => Ok(FIRST_PRODUCER_ID),
+        Some(last) => last
+            .checked_add(1)
+            .ok_or_else(|| MetaError::Corrupt(format!("producer ids are exhausted at {last}"))),
+    }
+}
+
+/// The next session of a broker id after its last one (`None`: never started): higher
+/// than every earlier one, so a restarted broker supersedes its old self.
+pub fn next_session(last: Option<i64>) -> MetaResult<i64> {
+    match last {
+        None => Ok(FIRST_SESSION),
+        Some(last) => last
+            .checked_add(1)
+            .ok_or_else(|| MetaError::Corrupt(format!("broker sessions are exhausted at {last}"))),
+    }
+}
+
+/// A heartbeat against the stored registration's session (`None`: not registered):
+/// refused with `Superseded` when a newer session of the broker id is registered;
+/// otherwise `broker` replaces the stored registration (same or newer session).
+pub fn heartbeat(stored_session: Option<i64>, broker: &BrokerRecord) -> MetaResult<()> {
+    match stored_session {
+        Some(stored) if stored > broker.session => Err(MetaError::Superseded),
+        _ => Ok(()),
+    }
+}
+
+/// Whether deregistering `session` removes the stored registration (`None`: not
+/// registered): only its own, never a newer session's.
+pub fn deregisters(stored_session: Option<i64>, session: i64) -> bool {
+    stored_session == Some(session)
+}
+
+/// Whether a registered broker is live at `now_ms`: strictly before its lease expires.
+pub fn is_live(broker: &BrokerRecord, now_ms: i64) -> bool {
+    broker.lease_expires_ms > now_ms
+}
+
+/// A remembered write-ahead object, as garbage collection judges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalObject {
+    pub object_key: String,
+    pub created_ms: i64,
+    /// Whether any partition's range still points into it.
+    pub referenced: bool,
+}
+
+/// The write-ahead objects that are garbage: those no range references, oldest first
+/// (ties by key), so collection deletes in the order they were written.
+pub fn unreferenced_wal_objects(objects: impl IntoIterator<Item = WalObject>) -> Vec<String> {
+    let mut garbage: Vec<(i64, String)> = objects
+        .into_iter()
+        .filter(|o| !o.referenced)
+        .map(|o| (o.created_ms, o.object_key))
+        .collect();
+    garbage.sort();
+    garbage.into_iter().map(|(_, key)| key).collect()
 }
 
 #[cfg(test)]
@@ -302,6 +478,7 @@ mod tests {
                         leader_epoch,
                         high_watermark,
                         log_start_offset,
+                        owner: None,
                     },
                 )
             })
@@ -418,5 +595,147 @@ mod tests {
             fence: fence(1),
         };
         assert!(matches!(plan(&slot, expire), Err(MetaError::Fenced(_))));
+    }
+
+    fn topic(partitions: i32) -> TopicRecord {
+        TopicRecord {
+            name: "t".into(),
+            id: uuid::Uuid::nil(),
+            partitions,
+            configs: Default::default(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn topics_are_created_once_and_only_grow() {
+        assert_eq!(create_topic(false, &topic(3)).expect("new name"), 0..3);
+        assert!(matches!(
+            create_topic(true, &topic(3)),
+            Err(MetaError::TopicExists)
+        ));
+        assert!(matches!(
+            stored_topic::<TopicRecord>(None),
+            Err(MetaError::TopicNotFound)
+        ));
+        assert_eq!(new_partitions(&topic(3), 5), Some(3..5));
+        assert_eq!(new_partitions(&topic(3), 3), None);
+        assert_eq!(new_partitions(&topic(3), 1), None, "never shrinks");
+    }
+
+    #[test]
+    fn a_claim_bumps_the_epoch_and_records_where_it_starts() {
+        let stored = PartitionRow {
+            leader_epoch: 4,
+            high_watermark: 70,
+            log_start_offset: 10,
+            owner: Some(1),
+        };
+        let claimed = claim(key(0), Some(stored), 2).expect("claim");
+        assert_eq!(
+            claimed,
+            Claim {
+                row: PartitionRow {
+                    leader_epoch: 5,
+                    owner: Some(2),
+                    ..stored
+                },
+                history: (5, 70),
+            }
+        );
+        assert!(matches!(
+            claim(key(0), None, 2),
+            Err(MetaError::PartitionNotFound)
+        ));
+        let worn_out = PartitionRow {
+            leader_epoch: i32::MAX,
+            ..stored
+        };
+        assert!(matches!(
+            claim(key(0), Some(worn_out), 2),
+            Err(MetaError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_current_epoch_releases() {
+        let stored = PartitionRow {
+            leader_epoch: 4,
+            high_watermark: 70,
+            log_start_offset: 10,
+            owner: Some(1),
+        };
+        assert_eq!(
+            release(key(0), Some(stored), 4).expect("current"),
+            PartitionRow {
+                owner: None,
+                ..stored
+            }
+        );
+        assert!(matches!(
+            release(key(0), Some(stored), 3),
+            Err(MetaError::Fenced(_))
+        ));
+        assert!(matches!(
+            release(key(0), None, 4),
+            Err(MetaError::PartitionNotFound)
+        ));
+    }
+
+    #[test]
+    fn counters_start_at_their_documented_values_and_never_wrap() {
+        assert_eq!(next_producer_id(None).expect("first"), FIRST_PRODUCER_ID);
+        assert_eq!(next_producer_id(Some(1000)).expect("next"), 1001);
+        assert!(matches!(
+            next_producer_id(Some(i64::MAX)),
+            Err(MetaError::Corrupt(_))
+        ));
+        assert_eq!(next_session(None).expect("first"), 1);
+        assert_eq!(next_session(Some(7)).expect("next"), 8);
+        assert!(matches!(
+            next_session(Some(i64::MAX)),
+            Err(MetaError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_newer_session_supersedes_and_only_its_own_session_deregisters() {
+        let broker = BrokerRecord {
+            broker_id: 1,
+            session: 2,
+            host: "h".into(),
+            port: 9092,
+            zone: None,
+            lease_expires_ms: 100,
+            draining: false,
+        };
+        assert!(heartbeat(None, &broker).is_ok(), "first registration");
+        assert!(heartbeat(Some(2), &broker).is_ok(), "renewal");
+        assert!(heartbeat(Some(1), &broker).is_ok(), "restart takes over");
+        assert!(matches!(
+            heartbeat(Some(3), &broker),
+            Err(MetaError::Superseded)
+        ));
+        assert!(deregisters(Some(2), 2));
+        assert!(!deregisters(Some(3), 2), "a newer session stays");
+        assert!(!deregisters(None, 2));
+        assert!(is_live(&broker, 99));
+        assert!(!is_live(&broker, 100), "live strictly before expiry");
+    }
+
+    #[test]
+    fn garbage_is_the_unreferenced_objects_oldest_first() {
+        let object = |key: &str, created_ms, referenced| WalObject {
+            object_key: key.into(),
+            created_ms,
+            referenced,
+        };
+        let garbage = unreferenced_wal_objects([
+            object("wal/c", 2, false),
+            object("wal/a", 1, true),
+            object("wal/b", 2, false),
+            object("wal/d", 1, false),
+        ]);
+        assert_eq!(garbage, vec!["wal/d", "wal/b", "wal/c"]);
     }
 }

@@ -6,6 +6,10 @@
 //! transaction, which is what makes the epoch checks and the multi-partition
 //! write-ahead commit atomic.
 //!
+//! What an operation decides is [`semantics`]'s: this backend reads rows inside the
+//! transaction, each table's by the one decoder [`rows`] has for it (shared with
+//! PostgreSQL), and stores what the semantics answer.
+//!
 //! rusqlite is blocking, so the one connection lives behind a mutex and every operation
 //! runs on tokio's blocking pool (never on a runtime worker). A single connection also
 //! serialises all writers inside the process, which is what an embedded, single-broker
@@ -21,19 +25,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
-use super::semantics;
 use super::PartitionOwner;
+use super::{rows, semantics};
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
-    PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    PartitionState, SegmentRecord, TopicRecord, WalCommit,
 };
 
 /// How long a statement waits for a lock held by another connection to the same file
@@ -45,8 +50,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// The schema version this code reads and writes.
 const SCHEMA_VERSION: i64 = 4;
-/// The first producer id handed out. Persisted in the `counters` row below; stable.
-const FIRST_PRODUCER_ID: i64 = 1000;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 
@@ -265,13 +268,13 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
         "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY)",
     )
     .db()?;
-    let current: i64 = tx
-        .query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-            [],
-            |row| row.get(0),
-        )
-        .db()?;
+    let current = query_opt(
+        &tx,
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        rows::number,
+    )?
+    .ok_or_else(|| MetaError::Unavailable("sqlite answered no schema version".to_owned()))?;
     if current > SCHEMA_VERSION {
         return Err(MetaError::Unavailable(format!(
             "metadata schema version {current} is newer than this broker supports \
@@ -343,131 +346,183 @@ fn u64_to_sql(value: u64, what: &str) -> MetaResult<i64> {
     })
 }
 
-/// Reads a non-negative integer column; a negative value is a decode (corruption) error.
-fn get_u64(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<u64> {
-    let value: i64 = row.get(idx)?;
-    u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, value))
+/// Runs a query and decodes every row with its table's decoder (see [`rows`]).
+fn query_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&dyn rows::StoredRow) -> MetaResult<T>,
+) -> MetaResult<Vec<T>> {
+    let mut statement = conn.prepare_cached(sql).db()?;
+    let mut rows = statement.query(params).db()?;
+    let mut decoded = Vec::new();
+    while let Some(row) = rows.next().db()? {
+        decoded.push(decode(row)?);
+    }
+    Ok(decoded)
 }
 
-fn decode_uuid(bytes: &[u8]) -> MetaResult<Uuid> {
-    Uuid::from_slice(bytes)
-        .map_err(|e| MetaError::Corrupt(format!("stored topic id is not a 16-byte uuid: {e}")))
+/// Runs a query for at most one row and decodes it with its table's decoder.
+fn query_opt<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    decode: fn(&dyn rows::StoredRow) -> MetaResult<T>,
+) -> MetaResult<Option<T>> {
+    let mut statement = conn.prepare_cached(sql).db()?;
+    let mut rows = statement.query(params).db()?;
+    let decoded = match rows.next().db()? {
+        Some(row) => Some(decode(row)?),
+        None => None,
+    };
+    Ok(decoded)
 }
 
-fn decode_configs(json: &str) -> MetaResult<BTreeMap<String, String>> {
-    serde_json::from_str(json)
-        .map_err(|e| MetaError::Corrupt(format!("stored topic configs are not valid json: {e}")))
+/// How the shared decoders ([`rows`]) read an SQLite column.
+impl rows::StoredRow for rusqlite::Row<'_> {
+    fn int(&self, idx: usize) -> MetaResult<i32> {
+        self.get(idx).db()
+    }
+    fn opt_int(&self, idx: usize) -> MetaResult<Option<i32>> {
+        self.get(idx).db()
+    }
+    fn bigint(&self, idx: usize) -> MetaResult<i64> {
+        self.get(idx).db()
+    }
+    fn text(&self, idx: usize) -> MetaResult<String> {
+        self.get(idx).db()
+    }
+    fn opt_text(&self, idx: usize) -> MetaResult<Option<String>> {
+        self.get(idx).db()
+    }
+    fn flag(&self, idx: usize) -> MetaResult<bool> {
+        self.get(idx).db()
+    }
+    /// A 16-byte big-endian blob.
+    fn uuid(&self, idx: usize) -> MetaResult<Uuid> {
+        let bytes: Vec<u8> = self.get(idx).db()?;
+        Uuid::from_slice(&bytes)
+            .map_err(|e| MetaError::Corrupt(format!("stored topic id is not a 16-byte uuid: {e}")))
+    }
 }
 
-fn encode_json<T: serde::Serialize>(value: &T, what: &str) -> MetaResult<String> {
-    serde_json::to_string(value)
-        .map_err(|e| MetaError::Unavailable(format!("cannot encode {what} as json: {e}")))
-}
-
-/// The raw columns of a `topics` row, decoded outside rusqlite's row callback.
-type TopicRow = (String, Vec<u8>, i32, String, i64);
-
-fn topic_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TopicRow> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-    ))
-}
-
-fn decode_topic((name, id, partitions, configs, created_ms): TopicRow) -> MetaResult<TopicRecord> {
-    Ok(TopicRecord {
-        name,
-        id: decode_uuid(&id)?,
-        partitions,
-        configs: decode_configs(&configs)?,
-        created_ms,
-    })
-}
+const SELECT_TOPIC: &str = concat!(
+    "SELECT ",
+    rows::topic_columns!(),
+    " FROM topics WHERE name = ?1"
+);
+const SELECT_PARTITION: &str = concat!(
+    "SELECT ",
+    rows::partition_columns!(),
+    " FROM partitions WHERE topic_id = ?1 AND partition = ?2"
+);
+const SELECT_BROKER: &str = concat!(
+    "SELECT ",
+    rows::broker_columns!(),
+    " FROM brokers WHERE broker_id = ?1"
+);
 
 fn find_topic(tx: &Transaction<'_>, name: &str) -> MetaResult<Option<TopicRecord>> {
-    let row = tx
-        .prepare_cached(
-            "SELECT name, id, partitions, configs, created_ms FROM topics WHERE name = ?1",
-        )
-        .db()?
-        .query_row(params![name], topic_from_row)
-        .optional()
-        .db()?;
-    row.map(decode_topic).transpose()
+    query_opt(tx, SELECT_TOPIC, params![name], rows::topic)
 }
 
-/// Inserts partition rows `from..to` of a topic: epoch 0, empty log, no owner.
-fn insert_partitions(tx: &Transaction<'_>, topic_id: Uuid, from: i32, to: i32) -> MetaResult<()> {
+/// The stored row of a partition, `None` if it does not exist.
+fn stored_partition(
+    tx: &Transaction<'_>,
+    key: PartitionKey,
+) -> MetaResult<Option<semantics::PartitionRow>> {
+    let found = query_opt(
+        tx,
+        SELECT_PARTITION,
+        params![key.topic_id.as_bytes(), key.partition],
+        rows::partition,
+    )?;
+    Ok(found.map(|(_, stored)| stored))
+}
+
+/// The stored registration of a broker id, `None` if it has none.
+fn stored_broker(tx: &Transaction<'_>, broker_id: i32) -> MetaResult<Option<BrokerRecord>> {
+    query_opt(tx, SELECT_BROKER, params![broker_id], rows::broker)
+}
+
+/// Inserts a topic's new partition rows (`semantics::PartitionRow::NEW`).
+fn insert_partitions(
+    tx: &Transaction<'_>,
+    topic_id: Uuid,
+    partitions: Range<i32>,
+) -> MetaResult<()> {
+    let new = semantics::PartitionRow::NEW;
     let mut insert = tx
         .prepare_cached(
             "INSERT INTO partitions
                  (topic_id, partition, leader_epoch, log_start_offset, high_watermark, owner_broker)
-             VALUES (?1, ?2, 0, 0, 0, NULL)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .db()?;
-    for partition in from..to {
+    for partition in partitions {
         insert
-            .execute(params![topic_id.as_bytes(), partition])
+            .execute(params![
+                topic_id.as_bytes(),
+                partition,
+                new.leader_epoch,
+                new.log_start_offset,
+                new.high_watermark,
+                new.owner
+            ])
             .db()?;
     }
     Ok(())
 }
 
-/// The stored leader epoch of a partition, `None` if the partition does not exist.
-fn stored_epoch(tx: &Transaction<'_>, key: PartitionKey) -> MetaResult<Option<i32>> {
-    tx.prepare_cached("SELECT leader_epoch FROM partitions WHERE topic_id = ?1 AND partition = ?2")
-        .db()?
-        .query_row(params![key.topic_id.as_bytes(), key.partition], |row| {
-            row.get(0)
-        })
-        .optional()
-        .db()
+/// Stores what a claim or a release decided: the partition's epoch and owner.
+fn store_owner(
+    tx: &Transaction<'_>,
+    key: PartitionKey,
+    row: &semantics::PartitionRow,
+) -> MetaResult<()> {
+    tx.prepare_cached(
+        "UPDATE partitions SET leader_epoch = ?3, owner_broker = ?4
+         WHERE topic_id = ?1 AND partition = ?2",
+    )
+    .db()?
+    .execute(params![
+        key.topic_id.as_bytes(),
+        key.partition,
+        row.leader_epoch,
+        row.owner
+    ])
+    .db()?;
+    Ok(())
 }
 
-/// The epoch check of single-partition writes.
-fn require_epoch(tx: &Transaction<'_>, key: PartitionKey, leader_epoch: i32) -> MetaResult<()> {
-    match stored_epoch(tx, key)? {
-        None => Err(MetaError::PartitionNotFound),
-        Some(stored) if stored != leader_epoch => {
-            tracing::debug!(?key, stored, leader_epoch, "fenced partition write");
-            Err(MetaError::Fenced(vec![key]))
-        }
-        Some(_) => Ok(()),
-    }
+/// The last value of a counter row (`None`: never counted), advanced by `next` (a rule
+/// of [`semantics`]) and stored; returns the new value.
+fn advance_counter(
+    tx: &Transaction<'_>,
+    select: &str,
+    upsert: &str,
+    key: &dyn rusqlite::ToSql,
+    next: fn(Option<i64>) -> MetaResult<i64>,
+) -> MetaResult<i64> {
+    let value = next(query_opt(tx, select, params![key], rows::number)?)?;
+    tx.prepare_cached(upsert)
+        .db()?
+        .execute(params![key, value])
+        .db()?;
+    Ok(value)
 }
 
 /// A fenced write (`semantics`): reads the rows of its fences inside `tx`, plans, and
 /// applies the planned writes. Returns how many offsets it deleted.
 fn apply_fenced(tx: &Transaction<'_>, op: semantics::Op<'_>) -> MetaResult<usize> {
-    let mut rows = semantics::Rows::new();
-    {
-        let mut read = tx
-            .prepare_cached(
-                "SELECT leader_epoch, high_watermark, log_start_offset FROM partitions
-                 WHERE topic_id = ?1 AND partition = ?2",
-            )
-            .db()?;
-        for key in op.fences() {
-            let row = read
-                .query_row(params![key.topic_id.as_bytes(), key.partition], |r| {
-                    Ok(semantics::PartitionRow {
-                        leader_epoch: r.get(0)?,
-                        high_watermark: r.get(1)?,
-                        log_start_offset: r.get(2)?,
-                    })
-                })
-                .optional()
-                .db()?;
-            if let Some(row) = row {
-                rows.insert(key, row);
-            }
+    let mut fenced_rows = semantics::Rows::new();
+    for key in op.fences() {
+        if let Some(stored) = stored_partition(tx, key)? {
+            fenced_rows.insert(key, stored);
         }
     }
     let mut deleted = 0;
-    for write in semantics::plan(&rows, op)? {
+    for write in semantics::plan(&fenced_rows, op)? {
         deleted += apply_write(tx, write)?;
     }
     Ok(deleted)
@@ -512,7 +567,7 @@ fn apply_write(tx: &Transaction<'_>, write: semantics::Write<'_>) -> MetaResult<
                 key.topic_id.as_bytes(),
                 key.partition,
                 state.producer_id,
-                encode_json(state, "producer state")?
+                rows::encode_json(state, "producer state")?
             ],
         )?,
         Write::RememberWalObject {
@@ -615,101 +670,53 @@ fn fenced_tx(conn: &mut Connection, op: semantics::Op<'_>) -> MetaResult<usize> 
 fn load_partition_state(
     tx: &Transaction<'_>,
     key: PartitionKey,
-    leader_epoch: i32,
-    log_start_offset: i64,
-    high_watermark: i64,
+    row: &semantics::PartitionRow,
 ) -> MetaResult<PartitionState> {
-    let id = key.topic_id.as_bytes();
-
-    let segments = tx
-        .prepare_cached(
-            "SELECT base_offset, end_offset, object_key, size_bytes, data_bytes,
-                    max_timestamp, created_ms
-             FROM segments WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset",
-        )
-        .db()?
-        .query_map(params![id, key.partition], |row| {
-            Ok(SegmentRecord {
-                base_offset: row.get(0)?,
-                end_offset: row.get(1)?,
-                object_key: row.get(2)?,
-                size_bytes: get_u64(row, 3)?,
-                data_bytes: get_u64(row, 4)?,
-                max_timestamp: row.get(5)?,
-                created_ms: row.get(6)?,
-            })
-        })
-        .db()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .db()?;
-
-    let wal_ranges = tx
-        .prepare_cached(
-            "SELECT base_offset, end_offset, object_key, position, len, max_timestamp,
-                    object_size
-             FROM wal_ranges WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset",
-        )
-        .db()?
-        .query_map(params![id, key.partition], |row| {
-            Ok(WalRangeRecord {
-                base_offset: row.get(0)?,
-                end_offset: row.get(1)?,
-                object_key: row.get(2)?,
-                position: get_u64(row, 3)?,
-                len: get_u64(row, 4)?,
-                max_timestamp: row.get(5)?,
-                object_size: get_u64(row, 6)?,
-            })
-        })
-        .db()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .db()?;
-
-    let producer_rows = tx
-        .prepare_cached(
-            "SELECT producer_id, state FROM producers
-             WHERE topic_id = ?1 AND partition = ?2 ORDER BY producer_id",
-        )
-        .db()?
-        .query_map(params![id, key.partition], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
-        })
-        .db()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .db()?;
-    let mut producers = Vec::with_capacity(producer_rows.len());
-    for (producer_id, json) in producer_rows {
-        let state: ProducerStateRecord = serde_json::from_str(&json).map_err(|e| {
-            MetaError::Corrupt(format!(
-                "stored state of producer {producer_id} is not valid json: {e}"
-            ))
-        })?;
-        if state.producer_id != producer_id {
-            return Err(MetaError::Corrupt(format!(
-                "producer row {producer_id} holds the state of producer {}",
-                state.producer_id
-            )));
-        }
-        producers.push(state);
-    }
-
-    let epoch_history = tx
-        .prepare_cached(
-            "SELECT epoch, start_offset FROM epoch_history
-             WHERE topic_id = ?1 AND partition = ?2 ORDER BY epoch",
-        )
-        .db()?
-        .query_map(params![id, key.partition], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .db()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .db()?;
-
+    let params = params![key.topic_id.as_bytes(), key.partition];
+    let segments = query_all(
+        tx,
+        concat!(
+            "SELECT ",
+            rows::segment_columns!(),
+            " FROM segments WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset"
+        ),
+        params,
+        rows::segment,
+    )?;
+    let wal_ranges = query_all(
+        tx,
+        concat!(
+            "SELECT ",
+            rows::wal_range_columns!(),
+            " FROM wal_ranges WHERE topic_id = ?1 AND partition = ?2 ORDER BY base_offset"
+        ),
+        params,
+        rows::wal_range,
+    )?;
+    let producers = query_all(
+        tx,
+        concat!(
+            "SELECT ",
+            rows::producer_columns!(),
+            " FROM producers WHERE topic_id = ?1 AND partition = ?2 ORDER BY producer_id"
+        ),
+        params,
+        rows::producer,
+    )?;
+    let epoch_history = query_all(
+        tx,
+        concat!(
+            "SELECT ",
+            rows::epoch_columns!(),
+            " FROM epoch_history WHERE topic_id = ?1 AND partition = ?2 ORDER BY epoch"
+        ),
+        params,
+        rows::epoch,
+    )?;
     Ok(PartitionState {
-        leader_epoch,
-        log_start_offset,
-        high_watermark,
+        leader_epoch: row.leader_epoch,
+        log_start_offset: row.log_start_offset,
+        high_watermark: row.high_watermark,
         segments,
         wal_ranges,
         producers,
@@ -725,10 +732,9 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            if find_topic(&tx, &topic.name)?.is_some() {
-                return Err(MetaError::TopicExists);
-            }
-            let configs = encode_json(&topic.configs, "topic configs")?;
+            let taken = find_topic(&tx, &topic.name)?.is_some();
+            let partitions = semantics::create_topic(taken, &topic)?;
+            let configs = rows::encode_json(&topic.configs, "topic configs")?;
             tx.prepare_cached(
                 "INSERT INTO topics (name, id, partitions, configs, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -742,7 +748,7 @@ impl MetadataStore for SqliteStore {
                 topic.created_ms
             ])
             .db()?;
-            insert_partitions(&tx, topic.id, 0, topic.partitions)?;
+            insert_partitions(&tx, topic.id, partitions)?;
             tx.commit().db()
         })
         .await
@@ -754,12 +760,9 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let topic = find_topic(&tx, &name)?.ok_or(MetaError::TopicNotFound)?;
+            let topic = semantics::stored_topic(find_topic(&tx, &name)?)?;
             let id = topic.id.as_bytes();
-            // wal_objects rows stay: they become unreferenced once no range points at
-            // them, and garbage collection deletes the objects and then the rows.
-            // group_offsets rows stay too: committed offsets are the broker's to
-            // remove (the store keys them by topic name, independent of topics).
+            // What stays (write-ahead objects, committed offsets) is `stored_topic`'s rule.
             for table in [
                 "partitions",
                 "epoch_history",
@@ -785,16 +788,16 @@ impl MetadataStore for SqliteStore {
     async fn list_topics(&self) -> MetaResult<Vec<TopicRecord>> {
         self.run(|conn| {
             let tx = conn.transaction().db()?;
-            let rows = tx
-                .prepare_cached(
-                    "SELECT name, id, partitions, configs, created_ms FROM topics ORDER BY name",
-                )
-                .db()?
-                .query_map([], topic_from_row)
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            rows.into_iter().map(decode_topic).collect()
+            query_all(
+                &tx,
+                concat!(
+                    "SELECT ",
+                    rows::topic_columns!(),
+                    " FROM topics ORDER BY name"
+                ),
+                [],
+                rows::topic,
+            )
         })
         .await
     }
@@ -805,37 +808,32 @@ impl MetadataStore for SqliteStore {
         configs: &BTreeMap<String, String>,
     ) -> MetaResult<()> {
         let name = name.to_owned();
-        let configs = encode_json(configs, "topic configs")?;
+        let configs = rows::encode_json(configs, "topic configs")?;
         self.run(move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let changed = tx
-                .prepare_cached("UPDATE topics SET configs = ?2 WHERE name = ?1")
+            semantics::stored_topic(find_topic(&tx, &name)?)?;
+            tx.prepare_cached("UPDATE topics SET configs = ?2 WHERE name = ?1")
                 .db()?
                 .execute(params![name, configs])
                 .db()?;
-            if changed == 0 {
-                return Err(MetaError::TopicNotFound);
-            }
             tx.commit().db()
         })
         .await
     }
 
-    /// A count at or below the current one changes nothing and returns `Ok` (callers
-    /// validate requests before calling).
     async fn set_partition_count(&self, name: &str, count: i32) -> MetaResult<()> {
         let name = name.to_owned();
         self.run(move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let topic = find_topic(&tx, &name)?.ok_or(MetaError::TopicNotFound)?;
-            if count <= topic.partitions {
+            let topic = semantics::stored_topic(find_topic(&tx, &name)?)?;
+            let Some(added) = semantics::new_partitions(&topic, count) else {
                 return Ok(());
-            }
-            insert_partitions(&tx, topic.id, topic.partitions, count)?;
+            };
+            insert_partitions(&tx, topic.id, added)?;
             tx.prepare_cached("UPDATE topics SET partitions = ?2 WHERE name = ?1")
                 .db()?
                 .execute(params![name, count])
@@ -854,45 +852,24 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let id = key.topic_id.as_bytes();
-            let (epoch, log_start_offset, high_watermark): (i32, i64, i64) = tx
-                .prepare_cached(
-                    "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
-                     WHERE topic_id = ?1 AND partition = ?2",
-                )
-                .db()?
-                .query_row(params![id, key.partition], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })
-                .optional()
-                .db()?
-                .ok_or(MetaError::PartitionNotFound)?;
-            let new_epoch = epoch.checked_add(1).ok_or_else(|| {
-                MetaError::Corrupt(format!("leader epoch of {key:?} cannot grow past {epoch}"))
-            })?;
-            tx.prepare_cached(
-                "UPDATE partitions SET leader_epoch = ?3, owner_broker = ?4
-                 WHERE topic_id = ?1 AND partition = ?2",
-            )
-            .db()?
-            .execute(params![id, key.partition, new_epoch, broker_id])
-            .db()?;
+            let claim = semantics::claim(key, stored_partition(&tx, key)?, broker_id)?;
+            store_owner(&tx, key, &claim.row)?;
+            let (epoch, start_offset) = claim.history;
             tx.prepare_cached(
                 "INSERT INTO epoch_history (topic_id, partition, epoch, start_offset)
                  VALUES (?1, ?2, ?3, ?4)",
             )
             .db()?
-            .execute(params![id, key.partition, new_epoch, high_watermark])
+            .execute(params![
+                key.topic_id.as_bytes(),
+                key.partition,
+                epoch,
+                start_offset
+            ])
             .db()?;
-            let state =
-                load_partition_state(&tx, key, new_epoch, log_start_offset, high_watermark)?;
+            let state = load_partition_state(&tx, key, &claim.row)?;
             tx.commit().db()?;
-            tracing::debug!(
-                ?key,
-                broker_id,
-                leader_epoch = new_epoch,
-                "claimed partition"
-            );
+            tracing::debug!(?key, broker_id, leader_epoch = epoch, "claimed partition");
             Ok(state)
         })
         .await
@@ -901,19 +878,8 @@ impl MetadataStore for SqliteStore {
     async fn read_partition(&self, key: PartitionKey) -> MetaResult<PartitionState> {
         self.run(move |conn| {
             let tx = conn.transaction().db()?;
-            let (epoch, log_start_offset, high_watermark): (i32, i64, i64) = tx
-                .prepare_cached(
-                    "SELECT leader_epoch, log_start_offset, high_watermark FROM partitions
-                     WHERE topic_id = ?1 AND partition = ?2",
-                )
-                .db()?
-                .query_row(params![key.topic_id.as_bytes(), key.partition], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })
-                .optional()
-                .db()?
-                .ok_or(MetaError::PartitionNotFound)?;
-            load_partition_state(&tx, key, epoch, log_start_offset, high_watermark)
+            let stored = stored_partition(&tx, key)?.ok_or(MetaError::PartitionNotFound)?;
+            load_partition_state(&tx, key, &stored)
         })
         .await
     }
@@ -923,13 +889,8 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            require_epoch(&tx, key, leader_epoch)?;
-            tx.prepare_cached(
-                "UPDATE partitions SET owner_broker = NULL WHERE topic_id = ?1 AND partition = ?2",
-            )
-            .db()?
-            .execute(params![key.topic_id.as_bytes(), key.partition])
-            .db()?;
+            let released = semantics::release(key, stored_partition(&tx, key)?, leader_epoch)?;
+            store_owner(&tx, key, &released)?;
             tx.commit().db()
         })
         .await
@@ -937,35 +898,21 @@ impl MetadataStore for SqliteStore {
 
     async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>> {
         self.run(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT topic_id, partition, leader_epoch, owner_broker FROM partitions
-                     ORDER BY topic_id, partition",
-                )
-                .db()?;
-            let rows = stmt
-                .query_map([], |row| {
-                    Ok((
-                        row.get::<_, Vec<u8>>(0)?,
-                        row.get::<_, i32>(1)?,
-                        row.get::<_, i32>(2)?,
-                        row.get::<_, Option<i32>>(3)?,
-                    ))
-                })
-                .db()?;
-            let mut owners = Vec::new();
-            for row in rows {
-                let (id, partition, leader_epoch, owner) = row.db()?;
-                owners.push(PartitionOwner {
-                    key: PartitionKey {
-                        topic_id: decode_uuid(&id)?,
-                        partition,
-                    },
-                    leader_epoch,
-                    owner,
-                });
-            }
-            Ok(owners)
+            let tx = conn.transaction().db()?;
+            let found = query_all(
+                &tx,
+                concat!(
+                    "SELECT ",
+                    rows::partition_columns!(),
+                    " FROM partitions ORDER BY topic_id, partition"
+                ),
+                [],
+                rows::partition,
+            )?;
+            Ok(found
+                .into_iter()
+                .map(|(key, stored)| stored.as_owner(key))
+                .collect())
         })
         .await
     }
@@ -1020,19 +967,13 @@ impl MetadataStore for SqliteStore {
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         self.run(|conn| {
             let tx = conn.transaction().db()?;
-            let keys = tx
-                .prepare_cached(
-                    "SELECT object_key FROM wal_objects AS o
-                     WHERE NOT EXISTS (SELECT 1 FROM wal_ranges AS r
-                                       WHERE r.object_key = o.object_key)
-                     ORDER BY created_ms, object_key",
-                )
-                .db()?
-                .query_map([], |row| row.get(0))
-                .db()?
-                .collect::<rusqlite::Result<Vec<String>>>()
-                .db()?;
-            Ok(keys)
+            let objects = query_all(
+                &tx,
+                concat!("SELECT ", rows::wal_object_columns!(), " FROM wal_objects"),
+                [],
+                rows::wal_object,
+            )?;
+            Ok(semantics::unreferenced_wal_objects(objects))
         })
         .await
     }
@@ -1040,17 +981,12 @@ impl MetadataStore for SqliteStore {
     async fn known_objects(&self) -> MetaResult<Vec<String>> {
         self.run(|conn| {
             let tx = conn.transaction().db()?;
-            let keys = tx
-                .prepare_cached(
-                    "SELECT object_key FROM segments
-                     UNION SELECT object_key FROM wal_objects",
-                )
-                .db()?
-                .query_map([], |row| row.get(0))
-                .db()?
-                .collect::<rusqlite::Result<Vec<String>>>()
-                .db()?;
-            Ok(keys)
+            query_all(
+                &tx,
+                "SELECT object_key FROM segments UNION SELECT object_key FROM wal_objects",
+                [],
+                rows::name,
+            )
         })
         .await
     }
@@ -1061,32 +997,29 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let changed = tx
-                .prepare_cached(
-                    "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms,
-                                          draining)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                     ON CONFLICT (broker_id) DO UPDATE SET
-                         session = excluded.session, host = excluded.host,
-                         port = excluded.port, zone = excluded.zone,
-                         lease_expires_ms = excluded.lease_expires_ms,
-                         draining = excluded.draining
-                     WHERE brokers.session <= excluded.session",
-                )
-                .db()?
-                .execute(params![
-                    b.broker_id,
-                    b.session,
-                    b.host,
-                    b.port,
-                    b.zone,
-                    b.lease_expires_ms,
-                    b.draining
-                ])
-                .db()?;
-            if changed == 0 {
-                return Err(MetaError::Superseded);
-            }
+            let stored = stored_broker(&tx, b.broker_id)?;
+            semantics::heartbeat(stored.map(|s| s.session), &b)?;
+            tx.prepare_cached(
+                "INSERT INTO brokers (broker_id, session, host, port, zone, lease_expires_ms,
+                                      draining)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (broker_id) DO UPDATE SET
+                     session = excluded.session, host = excluded.host,
+                     port = excluded.port, zone = excluded.zone,
+                     lease_expires_ms = excluded.lease_expires_ms,
+                     draining = excluded.draining",
+            )
+            .db()?
+            .execute(params![
+                b.broker_id,
+                b.session,
+                b.host,
+                b.port,
+                b.zone,
+                b.lease_expires_ms,
+                b.draining
+            ])
+            .db()?;
             tx.commit().db()
         })
         .await
@@ -1095,27 +1028,20 @@ impl MetadataStore for SqliteStore {
     async fn live_brokers(&self, now_ms: i64) -> MetaResult<Vec<BrokerRecord>> {
         self.run(move |conn| {
             let tx = conn.transaction().db()?;
-            let brokers = tx
-                .prepare_cached(
-                    "SELECT broker_id, session, host, port, zone, lease_expires_ms, draining
-                     FROM brokers WHERE lease_expires_ms > ?1 ORDER BY broker_id",
-                )
-                .db()?
-                .query_map(params![now_ms], |row| {
-                    Ok(BrokerRecord {
-                        broker_id: row.get(0)?,
-                        session: row.get(1)?,
-                        host: row.get(2)?,
-                        port: row.get(3)?,
-                        zone: row.get(4)?,
-                        lease_expires_ms: row.get(5)?,
-                        draining: row.get(6)?,
-                    })
-                })
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            Ok(brokers)
+            let brokers = query_all(
+                &tx,
+                concat!(
+                    "SELECT ",
+                    rows::broker_columns!(),
+                    " FROM brokers ORDER BY broker_id"
+                ),
+                [],
+                rows::broker,
+            )?;
+            Ok(brokers
+                .into_iter()
+                .filter(|b| semantics::is_live(b, now_ms))
+                .collect())
         })
         .await
     }
@@ -1125,10 +1051,13 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            tx.prepare_cached("DELETE FROM brokers WHERE broker_id = ?1 AND session = ?2")
-                .db()?
-                .execute(params![broker_id, session])
-                .db()?;
+            let stored = stored_broker(&tx, broker_id)?;
+            if semantics::deregisters(stored.map(|s| s.session), session) {
+                tx.prepare_cached("DELETE FROM brokers WHERE broker_id = ?1")
+                    .db()?
+                    .execute(params![broker_id])
+                    .db()?;
+            }
             tx.commit().db()
         })
         .await
@@ -1157,17 +1086,14 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let id = tx
-                .prepare_cached(
-                    "INSERT INTO counters (name, value) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET value = value + 1
-                     RETURNING value",
-                )
-                .db()?
-                .query_row(params![PRODUCER_ID_COUNTER, FIRST_PRODUCER_ID], |row| {
-                    row.get(0)
-                })
-                .db()?;
+            let id = advance_counter(
+                &tx,
+                "SELECT value FROM counters WHERE name = ?1",
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                &PRODUCER_ID_COUNTER,
+                semantics::next_producer_id,
+            )?;
             tx.commit().db()?;
             Ok(id)
         })
@@ -1197,30 +1123,19 @@ impl MetadataStore for SqliteStore {
         let group = group.to_owned();
         self.run(move |conn| {
             let tx = conn.transaction().db()?;
-            let offsets = tx
-                .prepare_cached(
-                    "SELECT topic, partition, offset, leader_epoch, metadata, commit_timestamp_ms
-                     FROM group_offsets WHERE group_id = ?1 ORDER BY topic, partition",
-                )
-                .db()?
-                .query_map(params![group], |row| {
-                    Ok(CommittedOffset {
-                        topic: row.get(0)?,
-                        partition: row.get(1)?,
-                        offset: row.get(2)?,
-                        leader_epoch: row.get(3)?,
-                        metadata: row.get(4)?,
-                        commit_timestamp_ms: row.get(5)?,
-                    })
-                })
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            Ok(offsets)
+            query_all(
+                &tx,
+                concat!(
+                    "SELECT ",
+                    rows::offset_columns!(),
+                    " FROM group_offsets WHERE group_id = ?1 ORDER BY topic, partition"
+                ),
+                params![group],
+                rows::offset,
+            )
         })
         .await
     }
-
     async fn delete_offsets(
         &self,
         group: &str,
@@ -1243,14 +1158,12 @@ impl MetadataStore for SqliteStore {
     async fn offset_groups(&self) -> MetaResult<Vec<String>> {
         self.run(|conn| {
             let tx = conn.transaction().db()?;
-            let groups = tx
-                .prepare_cached("SELECT DISTINCT group_id FROM group_offsets ORDER BY group_id")
-                .db()?
-                .query_map([], |row| row.get(0))
-                .db()?
-                .collect::<rusqlite::Result<Vec<String>>>()
-                .db()?;
-            Ok(groups)
+            query_all(
+                &tx,
+                "SELECT DISTINCT group_id FROM group_offsets ORDER BY group_id",
+                [],
+                rows::name,
+            )
         })
         .await
     }
@@ -1278,15 +1191,14 @@ impl MetadataStore for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let session = tx
-                .prepare_cached(
-                    "INSERT INTO broker_sessions (broker_id, session) VALUES (?1, 1)
-                     ON CONFLICT (broker_id) DO UPDATE SET session = session + 1
-                     RETURNING session",
-                )
-                .db()?
-                .query_row(params![broker_id], |row| row.get(0))
-                .db()?;
+            let session = advance_counter(
+                &tx,
+                "SELECT session FROM broker_sessions WHERE broker_id = ?1",
+                "INSERT INTO broker_sessions (broker_id, session) VALUES (?1, ?2)
+                 ON CONFLICT (broker_id) DO UPDATE SET session = excluded.session",
+                &broker_id,
+                semantics::next_session,
+            )?;
             tx.commit().db()?;
             Ok(session)
         })
@@ -1298,7 +1210,8 @@ impl MetadataStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::metadata::conformance::{self, metadata_store_conformance};
-    use crate::metadata::{PartitionCommit, ProducerBatch};
+    use crate::metadata::rows::encode_json;
+    use crate::metadata::{PartitionCommit, ProducerBatch, ProducerStateRecord, WalRangeRecord};
 
     metadata_store_conformance!(SqliteStore::open_in_memory().expect("open in-memory store"));
 
