@@ -108,7 +108,7 @@ async fn refresh_group_lag(broker: &Broker, m: &Metrics) {
 /// sealed segment's maximum for older data).
 fn batch_timestamp(part: &crate::log::partition::PartitionShared, offset: i64) -> Option<i64> {
     let view = part.view.read().ok()?;
-    for seg in &view.local {
+    for seg in view.segments.local() {
         let i = seg.entries.partition_point(|e| e.last_offset < offset);
         if let Some(e) = seg
             .entries
@@ -120,12 +120,14 @@ fn batch_timestamp(part: &crate::log::partition::PartitionShared, offset: i64) -
             }
         }
     }
-    view.remote
+    view.segments
+        .remote()
         .iter()
         .find(|s| offset >= s.base_offset && offset < s.end_offset)
         .map(|s| s.max_timestamp)
         .or_else(|| {
-            view.wal
+            view.segments
+                .wal()
                 .iter()
                 .find(|r| offset >= r.base_offset && offset < r.end_offset)
                 .map(|r| r.max_timestamp)

@@ -8,5 +8,6 @@ pub mod local;
 pub mod partition;
 pub mod producer;
 pub mod read;
+pub mod segments;
 pub mod tail;
 pub mod zone;

@@ -17,8 +17,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use std::time::Instant;
-
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
@@ -27,7 +25,10 @@ use super::appender::Appender;
 use super::batch::ValidBatch;
 use super::local::LocalSegment;
 use super::producer::{ProducerTable, SeqError};
-use super::tail::{self, CheckError, LocalSpan, NextUpload, TailState};
+use super::segments::{
+    AfterUpload, DeleteTo, Manifest, SegmentRules, Segments, Trim, UploadFrom, UploadOutcome,
+};
+use super::tail::{self, CheckError};
 use crate::clock::now_ms;
 use crate::config::TopicConfig;
 use crate::disk::{CacheDisk, WriteFailure};
@@ -55,17 +56,10 @@ pub struct LogContext {
 /// What readers see of a partition; written only by the owner task.
 #[derive(Debug)]
 pub struct PartitionView {
-    pub log_start_offset: i64,
-    /// Sealed segments in object storage, ascending.
-    pub remote: Vec<SegmentRecord>,
-    /// Local segment files, ascending, each holding whole batches with no offset
-    /// missing; there may be holes between them (and before the first) that only the
-    /// write-ahead ranges hold. The last may be the active one; the others await upload.
-    pub local: Vec<LocalSegment>,
-    /// The committed write-ahead ranges after the last sealed segment object, ascending
-    /// and contiguous: they hold every offset from the end of `remote` to the high
-    /// watermark, whatever the local files hold.
-    pub wal: Vec<WalRangeRecord>,
+    /// The log start offset, the sealed segment objects, the write-ahead ranges after
+    /// them (every offset up to the high watermark) and the local files caching the
+    /// tail; with the owner's decisions about them.
+    pub segments: Segments<LocalSegment>,
     /// (leader epoch, start offset), ascending.
     pub epoch_history: Vec<(i32, i64)>,
 }
@@ -100,7 +94,10 @@ impl PartitionShared {
     }
 
     pub fn log_start_offset(&self) -> i64 {
-        self.view.read().map(|v| v.log_start_offset).unwrap_or(0)
+        self.view
+            .read()
+            .map(|v| v.segments.log_start_offset())
+            .unwrap_or(0)
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -199,6 +196,19 @@ pub enum UploadError {
 }
 
 impl UploadError {
+    /// The outcome the segments' decisions see.
+    fn outcome(&self) -> UploadOutcome {
+        match self {
+            UploadError::Fenced => UploadOutcome::Fenced,
+            UploadError::Check {
+                base, source_name, ..
+            } if *source_name == LOCAL => UploadOutcome::LocalRefused { base_offset: *base },
+            e => UploadOutcome::Failed {
+                retriable: e.is_retriable(),
+            },
+        }
+    }
+
     /// Whether trying again may succeed. A segment that failed its check, or an upload
     /// fenced by a newer owner, will fail the same way again; so will a store's final
     /// answer (an object already there with other bytes).
@@ -233,7 +243,7 @@ pub async fn start(
     key: PartitionKey,
     config: TopicConfig,
 ) -> anyhow::Result<(PartitionHandle, tokio::task::JoinHandle<()>)> {
-    let state = ctx.meta.claim_partition(key, ctx.broker_id).await?;
+    let mut state = ctx.meta.claim_partition(key, ctx.broker_id).await?;
     let stream: Arc<str> = Arc::from(format!("{}/{}", key.topic_id, key.partition));
     let dir = ctx
         .cache_dir
@@ -244,25 +254,20 @@ pub async fn start(
         high_watermark = state.high_watermark, segments = state.segments.len(),
         wal_ranges = state.wal_ranges.len(), local = local.is_some(), "partition claimed"
     );
-    // Segment objects follow each other; the write-ahead ranges start where they end.
-    let sealed_end = state
-        .segments
-        .last()
-        .map(|s| s.end_offset)
-        .or_else(|| state.wal_ranges.first().map(|r| r.base_offset))
-        .unwrap_or(state.high_watermark);
     let (hw, _) = watch::channel(state.high_watermark);
-    let appending = local.is_some();
+    let segments = Segments::new(
+        SegmentRules::from_config(&config),
+        Manifest::take_from(&mut state),
+        local,
+        now_ms(),
+    );
     let shared = Arc::new(PartitionShared {
         key,
         stream: stream.clone(),
         leader_epoch: state.leader_epoch,
         hw,
         view: RwLock::new(PartitionView {
-            log_start_offset: state.log_start_offset,
-            remote: state.segments,
-            local: local.into_iter().collect(),
-            wal: state.wal_ranges,
+            segments,
             epoch_history: state.epoch_history,
         }),
         fenced: std::sync::atomic::AtomicBool::new(false),
@@ -283,10 +288,6 @@ pub async fn start(
         dir,
         writes,
         config,
-        sealed_end,
-        appending,
-        wal_only_since_ms: now_ms(),
-        upload: UploadState::default(),
         flush_tx,
         upload_tx,
         released: None,
@@ -334,18 +335,6 @@ async fn open_local_tail(disk: &Arc<CacheDisk>, dir: PathBuf, base: i64) -> Opti
 /// Write-ahead range reads one segment built from them keeps in flight.
 const RANGE_READS_IN_FLIGHT: usize = 32;
 
-/// Longest wait before an upload that failed is tried again.
-const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-/// The segment upload of a partition: one at a time, in offset order.
-#[derive(Debug, Default)]
-struct UploadState {
-    running: bool,
-    /// Failures in a row; the wait before the next try doubles with each.
-    failures: u32,
-    retry_at: Option<Instant>,
-}
-
 struct Owner {
     ctx: Arc<LogContext>,
     key: PartitionKey,
@@ -356,14 +345,6 @@ struct Owner {
     /// Offsets, producer sequences and waiting producers (the write state machine).
     writes: Appender<(AppendOk, AppendReply)>,
     config: TopicConfig,
-    /// End of the log sealed in segment objects: the next upload starts here.
-    sealed_end: i64,
-    /// Whether the last local segment is the active one, taking each commit's batches.
-    appending: bool,
-    /// Since when commits have gone to write-ahead objects only (no local file took
-    /// them), for sealing that stretch by age.
-    wal_only_since_ms: i64,
-    upload: UploadState,
     /// Handed to the flusher with every batch.
     flush_tx: mpsc::UnboundedSender<FlushNotice>,
     /// Handed to every upload job.
@@ -396,7 +377,7 @@ impl Owner {
                     Some(cmd) => self.on_cmd(cmd).await,
                 },
                 _ = tick.tick() => {
-                    self.maybe_seal(false);
+                    self.maybe_seal();
                     self.maybe_upload();
                     if last_retention.elapsed() >= self.ctx.retention_check_interval {
                         last_retention = crate::clock::instant();
@@ -422,7 +403,11 @@ impl Owner {
             }
             PartitionCmd::Configure(config) => {
                 self.config = config;
-                self.maybe_seal(false);
+                self.shared
+                    .view_mut()
+                    .segments
+                    .configure(SegmentRules::from_config(&self.config));
+                self.maybe_seal();
                 self.maybe_upload();
             }
             PartitionCmd::Release(reply) => {
@@ -512,14 +497,14 @@ impl Owner {
             let mut view = shared.view_mut();
             // The range is recorded before the high watermark moves, so every offset
             // below it is readable from the write-ahead objects whatever the disk does.
-            view.wal.push(range);
-            self.store_local(&mut view, &durable.batches, durable.from);
+            view.segments.committed(range);
+            self.store_local(&mut view.segments, &durable.batches, durable.from);
         }
         self.shared.hw.send_replace(end_offset);
         for (ok, reply) in durable.answered {
             let _ = reply.send(Ok(ok));
         }
-        self.maybe_seal(false);
+        self.maybe_seal();
         self.maybe_upload();
         self.maybe_released();
     }
@@ -529,27 +514,23 @@ impl Owner {
     /// rules out, stops the file where it was (whole batches, no offset missing); the
     /// batches stay readable from their write-ahead range, and sealing rebuilds the
     /// stretch from there.
-    fn store_local(&mut self, view: &mut PartitionView, durable: &[Bytes], from: i64) {
+    fn store_local(&self, segments: &mut Segments<LocalSegment>, durable: &[Bytes], from: i64) {
         let disk = self.ctx.disk.clone();
         if !disk.writable() {
             disk.note_failure(WriteFailure::Skipped, "local append", None);
-            self.stop_appending(view);
+            stop_appending(segments);
             return;
         }
-        if !self.appending {
+        if !segments.appending() {
             match LocalSegment::create(&self.dir, from, now_ms()) {
-                Ok(seg) => {
-                    view.local.push(seg);
-                    self.appending = true;
-                }
+                Ok(seg) => segments.start_appending(seg),
                 Err(e) => {
                     disk.note_error("opening a local segment", &e);
                     return;
                 }
             }
         }
-        let Some(active) = view.local.last_mut() else {
-            self.appending = false;
+        let Some(active) = segments.active_mut() else {
             return;
         };
         if let Err(e) = active.append(durable) {
@@ -559,22 +540,7 @@ impl Owner {
                 reason = failure.label(), error = %e,
                 "local segment append failed; the tail is served and sealed from write-ahead objects"
             );
-            self.stop_appending(view);
-        }
-    }
-
-    /// Closes the active local file: later commits go to write-ahead objects only
-    /// until the disk takes writes again. An empty file is dropped.
-    fn stop_appending(&mut self, view: &mut PartitionView) {
-        if !self.appending {
-            return;
-        }
-        self.appending = false;
-        self.wal_only_since_ms = now_ms();
-        if view.local.last().is_some_and(|s| s.size == 0) {
-            if let Some(seg) = view.local.pop() {
-                seg.remove_file();
-            }
+            stop_appending(segments);
         }
     }
 
@@ -612,117 +578,39 @@ impl Owner {
     /// Seals the active local file when it is big or old enough: it then waits for
     /// upload, and commits go to a fresh file (or, on a full disk, to write-ahead
     /// objects only).
-    fn maybe_seal(&mut self, force: bool) {
-        if !self.appending {
-            return;
-        }
+    fn maybe_seal(&mut self) {
         let mut view = self.shared.view_mut();
-        let Some(active) = view.local.last() else {
-            self.appending = false;
+        let now = now_ms();
+        let Some(end) = view.segments.seal_due(now) else {
             return;
         };
-        let age = now_ms() - active.created_ms;
-        let due = active.size > 0
-            && (force || active.size >= self.config.segment_bytes || age >= self.config.segment_ms);
-        if !due {
-            return;
-        }
-        let end = active.end_offset;
         let next = if self.ctx.disk.writable() {
-            LocalSegment::create(&self.dir, end, now_ms())
+            LocalSegment::create(&self.dir, end, now)
                 .map_err(|e| self.ctx.disk.note_error("opening a local segment", &e))
                 .ok()
         } else {
             None
         };
-        match next {
-            Some(seg) => view.local.push(seg),
-            None => {
-                self.appending = false;
-                self.wal_only_since_ms = now_ms();
-            }
-        }
+        view.segments.sealed(next, now);
     }
 
-    /// Starts the next upload when one is due and none is running (see `super::tail`).
+    /// Starts the next upload when one is due and none is running (see
+    /// `super::segments`).
     fn maybe_upload(&mut self) {
-        if self.upload.running
-            || self
-                .upload
-                .retry_at
-                .is_some_and(|t| crate::clock::instant() < t)
-        {
-            return;
-        }
         let job = {
-            let view = self.shared.view();
-            // The common case, checked first on every commit: one active file that
-            // starts where the sealed log ends, so nothing is due.
-            let only_active = self.appending
-                && view.local.len() == 1
-                && view.local[0].base_offset == self.sealed_end;
-            if only_active {
+            let mut view = self.shared.view_mut();
+            let Some(upload) = view.segments.next_upload(crate::clock::instant(), now_ms()) else {
                 return;
-            }
-            let last = view.local.len().saturating_sub(1);
-            let spans: Vec<LocalSpan> = view
-                .local
-                .iter()
-                .enumerate()
-                .map(|(i, s)| LocalSpan {
-                    base: s.base_offset,
-                    end: s.end_offset,
-                    active: self.appending && i == last,
-                })
-                .collect();
-            let high_watermark = self.shared.high_watermark();
-            let open_stretch_due = !self.appending && {
-                let open_bytes: u64 = view
-                    .wal
-                    .iter()
-                    .filter(|r| r.base_offset >= self.sealed_end)
-                    .map(|r| r.len)
-                    .sum();
-                open_bytes >= self.config.segment_bytes
-                    || now_ms() - self.wal_only_since_ms >= self.config.segment_ms
             };
-            let next = tail::next_upload(&TailState {
-                sealed_end: self.sealed_end,
-                high_watermark,
-                local: &spans,
-                open_stretch_due,
-            });
-            match next {
-                None => return,
-                Some(NextUpload::Local { base }) => {
-                    let Some(seg) = view.local.iter().find(|s| s.base_offset == base) else {
-                        return;
-                    };
-                    self.upload_job(
-                        base,
-                        seg.end_offset,
-                        UploadSource::Local {
-                            file: seg.file.clone(),
-                            size: seg.size,
-                        },
-                    )
-                }
-                Some(NextUpload::WriteAhead { base, end }) => {
-                    if end == high_watermark && !self.appending {
-                        // The open stretch is sealed up to here; what follows ages anew.
-                        self.wal_only_since_ms = now_ms();
-                    }
-                    let ranges = view
-                        .wal
-                        .iter()
-                        .filter(|r| r.base_offset >= base && r.end_offset <= end)
-                        .cloned()
-                        .collect();
-                    self.upload_job(base, end, UploadSource::WriteAhead(ranges))
-                }
-            }
+            let source = match upload.from {
+                UploadFrom::Local(seg) => UploadSource::Local {
+                    file: seg.file.clone(),
+                    size: seg.size,
+                },
+                UploadFrom::WriteAhead(ranges) => UploadSource::WriteAhead(ranges),
+            };
+            self.upload_job(upload.base_offset, upload.end_offset, source)
         };
-        self.upload.running = true;
         self.ctx.tasks.spawn(job.run());
     }
 
@@ -741,123 +629,89 @@ impl Owner {
     }
 
     fn on_uploaded(&mut self, result: Result<SegmentRecord, UploadError>) {
-        self.upload.running = false;
-        match result {
-            Ok(record) => {
-                self.upload = UploadState::default();
-                self.sealed_end = self.sealed_end.max(record.end_offset);
-                let mut view = self.shared.view_mut();
-                self.drop_local(&mut view, record.base_offset);
-                view.wal.retain(|r| r.end_offset > record.end_offset);
+        let outcome = match &result {
+            Ok(record) => UploadOutcome::Committed(record.clone()),
+            Err(e) => e.outcome(),
+        };
+        let after = self
+            .shared
+            .view_mut()
+            .segments
+            .uploaded(outcome, crate::clock::instant());
+        match (after, result) {
+            (AfterUpload::Committed { dropped }, Ok(record)) => {
+                if let Some(file) = dropped {
+                    file.remove_file();
+                }
                 info!(topic = %self.topic, partition = self.key.partition, base = record.base_offset, end = record.end_offset, bytes = record.size_bytes, "segment uploaded");
-                view.remote.push(record);
             }
-            Err(UploadError::Fenced) => {
+            (AfterUpload::Fenced, _) => {
                 self.shared
                     .fenced
                     .store(true, std::sync::atomic::Ordering::Release);
             }
-            Err(e @ UploadError::Check { source_name, .. }) if source_name == LOCAL => {
+            (AfterUpload::LocalDropped(dropped), result) => {
                 crate::metrics::metrics()
                     .segment_check_failures
                     .with_label_values(&[LOCAL])
                     .inc();
-                warn!(topic = %self.topic, partition = self.key.partition, error = %e, "dropping the local file; its stretch is sealed from the write-ahead objects");
-                let UploadError::Check { base, .. } = e else {
-                    return;
-                };
-                let mut view = self.shared.view_mut();
-                self.drop_local(&mut view, base);
-            }
-            Err(e) => {
-                self.upload.failures += 1;
-                // Transient failures back off from half a second; a final one (it would
-                // fail the same way again) waits the longest at once.
-                let wait = if e.is_retriable() {
-                    Duration::from_millis(500)
-                        .saturating_mul(1 << (self.upload.failures - 1).min(10))
-                        .min(UPLOAD_BACKOFF_MAX)
-                } else {
-                    UPLOAD_BACKOFF_MAX
-                };
-                self.upload.retry_at = Some(crate::clock::instant() + wait);
-                if let UploadError::Check { source_name, .. } = &e {
-                    // Committed data that does not read back whole: never sealed, so
-                    // its write-ahead objects are kept. Loud, and retried slowly.
-                    crate::metrics::metrics()
-                        .segment_check_failures
-                        .with_label_values(&[source_name])
-                        .inc();
-                    tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "a stretch of committed write-ahead data failed its check; it stays unsealed");
-                } else if e.is_retriable() {
-                    warn!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "segment upload failed; will retry");
-                } else {
-                    tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms = wait.as_millis() as u64, "segment upload failed in a way a retry will not fix; trying again slowly");
+                if let Err(e) = result {
+                    warn!(topic = %self.topic, partition = self.key.partition, error = %e, "dropping the local file; its stretch is sealed from the write-ahead objects");
+                }
+                if let Some(file) = dropped {
+                    file.remove_file();
                 }
             }
+            (AfterUpload::RetryIn(wait), Err(e)) => self.upload_failed(&e, wait),
+            (AfterUpload::Committed { .. } | AfterUpload::RetryIn(_), _) => {}
         }
-        self.maybe_seal(false);
+        self.maybe_seal();
         self.maybe_upload();
     }
 
-    /// Forgets and deletes the closed local file starting at `base` (never the active one).
-    fn drop_local(&self, view: &mut PartitionView, base: i64) {
-        let last = view.local.len().saturating_sub(1);
-        if let Some(i) = view
-            .local
-            .iter()
-            .position(|s| s.base_offset == base)
-            .filter(|&i| !(self.appending && i == last))
-        {
-            view.local.remove(i).remove_file();
+    /// Reports an upload that is tried again after `wait`.
+    fn upload_failed(&self, e: &UploadError, wait: Duration) {
+        let retry_in_ms = wait.as_millis() as u64;
+        if let UploadError::Check { source_name, .. } = e {
+            // Committed data that does not read back whole: never sealed, so its
+            // write-ahead objects are kept. Loud, and retried slowly.
+            crate::metrics::metrics()
+                .segment_check_failures
+                .with_label_values(&[source_name])
+                .inc();
+            tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms, "a stretch of committed write-ahead data failed its check; it stays unsealed");
+        } else if e.is_retriable() {
+            warn!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms, "segment upload failed; will retry");
+        } else {
+            tracing::error!(topic = %self.topic, partition = self.key.partition, error = %e, retry_in_ms, "segment upload failed in a way a retry will not fix; trying again slowly");
         }
     }
 
     async fn apply_retention(&mut self) {
-        let now = now_ms();
-        let (drop, new_start) = {
-            let view = self.shared.view();
-            let mut total: i64 = view.remote.iter().map(|s| s.size_bytes as i64).sum();
-            let mut drop = Vec::new();
-            for seg in &view.remote {
-                let too_old = self.config.retention_ms >= 0
-                    && seg.max_timestamp < now - self.config.retention_ms;
-                let too_big =
-                    self.config.retention_bytes >= 0 && total > self.config.retention_bytes;
-                let below_start = seg.end_offset <= view.log_start_offset;
-                if !(too_old || too_big || below_start) {
-                    break;
-                }
-                total -= seg.size_bytes as i64;
-                drop.push(seg.clone());
-            }
-            let new_start = drop.last().map_or(view.log_start_offset, |s| {
-                s.end_offset.max(view.log_start_offset)
-            });
-            (drop, new_start)
-        };
-        if drop.is_empty() {
+        let trim = self.shared.view().segments.retention(now_ms());
+        let Some(trim) = trim else {
             return;
-        }
-        if let Err(e) = self.trim(new_start, &drop).await {
+        };
+        if let Err(e) = self.trim(&trim).await {
             warn!(topic = %self.topic, partition = self.key.partition, error = %e, "retention failed; will retry");
         }
     }
 
     /// Raises the log start offset in the metadata store, then forgets and deletes the
     /// dropped segments.
-    async fn trim(&mut self, new_start: i64, drop: &[SegmentRecord]) -> Result<(), MetaError> {
-        let bases: Vec<i64> = drop.iter().map(|s| s.base_offset).collect();
+    async fn trim(&mut self, trim: &Trim) -> Result<(), MetaError> {
+        let bases: Vec<i64> = trim.drop.iter().map(|s| s.base_offset).collect();
         self.ctx
             .meta
-            .trim_log(self.key, self.shared.leader_epoch, new_start, &bases)
+            .trim_log(
+                self.key,
+                self.shared.leader_epoch,
+                trim.log_start_offset,
+                &bases,
+            )
             .await?;
-        {
-            let mut view = self.shared.view_mut();
-            view.log_start_offset = view.log_start_offset.max(new_start);
-            view.remote.retain(|s| !bases.contains(&s.base_offset));
-        }
-        for seg in drop {
+        self.shared.view_mut().segments.trimmed(trim);
+        for seg in &trim.drop {
             let key = object_store::path::Path::from(seg.object_key.as_str());
             self.ctx
                 .blocks
@@ -866,7 +720,7 @@ impl Owner {
                 warn!(object = %seg.object_key, error = %e, "could not delete a dropped segment; the orphan collector will");
             }
         }
-        info!(topic = %self.topic, partition = self.key.partition, log_start_offset = new_start, dropped = drop.len(), "log trimmed");
+        info!(topic = %self.topic, partition = self.key.partition, log_start_offset = trim.log_start_offset, dropped = trim.drop.len(), "log trimmed");
         Ok(())
     }
 
@@ -874,28 +728,25 @@ impl Owner {
         if !self.shared.is_serving() {
             return Err(DeleteRecordsError::NotLeader);
         }
-        let hw = self.shared.high_watermark();
-        let offset = if offset == -1 { hw } else { offset };
-        if offset < 0 || offset > hw {
-            return Err(DeleteRecordsError::OffsetOutOfRange);
-        }
-        let current = self.shared.log_start_offset();
-        if offset <= current {
-            return Ok(current);
-        }
-        let drop: Vec<SegmentRecord> = {
-            let view = self.shared.view();
-            view.remote
-                .iter()
-                .filter(|s| s.end_offset <= offset)
-                .cloned()
-                .collect()
+        let decided = self.shared.view().segments.delete_records(offset);
+        let trim = match decided {
+            Err(_) => return Err(DeleteRecordsError::OffsetOutOfRange),
+            Ok(DeleteTo::Already(start)) => return Ok(start),
+            Ok(DeleteTo::Trim(trim)) => trim,
         };
-        match self.trim(offset, &drop).await {
-            Ok(()) => Ok(offset),
+        match self.trim(&trim).await {
+            Ok(()) => Ok(trim.log_start_offset),
             Err(MetaError::Fenced(_)) => Err(DeleteRecordsError::NotLeader),
             Err(_) => Err(DeleteRecordsError::Unavailable),
         }
+    }
+}
+
+/// Closes the active local file (an empty one is deleted): later commits go to
+/// write-ahead objects only until the disk takes writes again.
+fn stop_appending(segments: &mut Segments<LocalSegment>) {
+    if let Some(empty) = segments.stop_appending(now_ms()) {
+        empty.remove_file();
     }
 }
 

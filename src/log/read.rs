@@ -110,13 +110,14 @@ pub async fn read(
     let hw = part.high_watermark();
     let (log_start, plan) = {
         let view = part.view();
-        if offset < view.log_start_offset || offset > hw {
+        if offset < view.segments.log_start_offset() || offset > hw {
             return Err(ReadError::OffsetOutOfRange);
         }
         let plan = if offset == hw {
             Plan::Empty
         } else if let Some(seg) = view
-            .local
+            .segments
+            .local()
             .iter()
             .find(|s| offset >= s.base_offset && offset < s.end_offset)
         {
@@ -129,13 +130,15 @@ pub async fn read(
                 None => Plan::Empty,
             }
         } else if let Some(seg) = view
-            .remote
+            .segments
+            .remote()
             .iter()
             .find(|s| offset >= s.base_offset && offset < s.end_offset)
         {
             Plan::Remote(seg.clone())
         } else if let Some(range) = view
-            .wal
+            .segments
+            .wal()
             .iter()
             .find(|r| offset >= r.base_offset && offset < r.end_offset)
         {
@@ -143,7 +146,7 @@ pub async fn read(
         } else {
             return Err(ReadError::OffsetOutOfRange);
         };
-        (view.log_start_offset, plan)
+        (view.segments.log_start_offset(), plan)
     };
     let records = match plan {
         Plan::Empty => Bytes::new(),
@@ -287,19 +290,22 @@ pub async fn offset_for_timestamp(
     let (remote, local_batch, wal) = {
         let view = part.view();
         let remote = view
-            .remote
+            .segments
+            .remote()
             .iter()
-            .find(|s| s.end_offset > view.log_start_offset && s.max_timestamp >= ts)
+            .find(|s| s.end_offset > view.segments.log_start_offset() && s.max_timestamp >= ts)
             .cloned();
         // The write-ahead ranges hold the whole unsealed tail; a local file answers
         // instead when it holds the first range that reaches `ts`.
         let wal = view
-            .wal
+            .segments
+            .wal()
             .iter()
-            .find(|r| r.end_offset > view.log_start_offset && r.max_timestamp >= ts)
+            .find(|r| r.end_offset > view.segments.log_start_offset() && r.max_timestamp >= ts)
             .cloned();
         let local = view
-            .local
+            .segments
+            .local()
             .iter()
             .filter(|s| {
                 wal.as_ref()
@@ -307,7 +313,7 @@ pub async fn offset_for_timestamp(
             })
             .find_map(|s| {
                 s.offset_for_timestamp(ts)
-                    .filter(|e| e.last_offset >= view.log_start_offset)
+                    .filter(|e| e.last_offset >= view.segments.log_start_offset())
                     .map(|e| (s.file.clone(), e.position, e.len as u64))
             });
         (remote, local, wal)
@@ -361,20 +367,23 @@ pub async fn max_timestamp(
     let max = {
         let view = part.view();
         let remote = view
-            .remote
+            .segments
+            .remote()
             .iter()
-            .filter(|s| s.end_offset > view.log_start_offset)
+            .filter(|s| s.end_offset > view.segments.log_start_offset())
             .map(|s| s.max_timestamp);
         let local = view
-            .local
+            .segments
+            .local()
             .iter()
             .flat_map(|s| s.entries.iter())
-            .filter(|e| e.last_offset >= view.log_start_offset)
+            .filter(|e| e.last_offset >= view.segments.log_start_offset())
             .map(|e| e.max_timestamp);
         let wal = view
-            .wal
+            .segments
+            .wal()
             .iter()
-            .filter(|r| r.end_offset > view.log_start_offset)
+            .filter(|r| r.end_offset > view.segments.log_start_offset())
             .map(|r| r.max_timestamp);
         remote.chain(local).chain(wal).max()
     };
