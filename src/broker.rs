@@ -95,6 +95,7 @@ impl Components {
             &config.metadata_url,
             &store,
             Duration::from_millis(config.metadata_request_timeout_ms),
+            config.metadata_bucket_queue_length,
         )
         .await?;
         Ok(Components {
@@ -388,7 +389,7 @@ impl Broker {
             .map(|p| p.cmd.max_capacity() - p.cmd.capacity())
             .max()
             .unwrap_or(0);
-        vec![
+        let mut depths = vec![
             (
                 "wal_flush",
                 flusher.max_capacity() - flusher.capacity(),
@@ -401,7 +402,11 @@ impl Broker {
                 self.config.group_queue_length,
             ),
             ("controller", controller.0, controller.1),
-        ]
+        ];
+        if let Some((depth, capacity)) = self.meta.queue_depth() {
+            depths.push(("metadata_bucket", depth, capacity));
+        }
+        depths
     }
 }
 

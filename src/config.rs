@@ -160,6 +160,11 @@ pub const SETTINGS: &[SettingDef] = &[
         "10000",
         "longest one metadata-store operation may take before the caller gets a retriable error (a write cut short may still have applied; the write-ahead commit is bounded by wal.flush.timeout.ms instead)",
     ),
+    def(
+        "metadata.bucket.queue.length",
+        "4096",
+        "bucket:// metadata only: operations waiting for the store's single writer at most (callers beyond it wait for room)",
+    ),
     def("broker-id", "0", "this broker's id (node id in Kafka metadata)"),
     def("zone", "", "availability zone (rack) of this broker"),
     def(
@@ -501,6 +506,7 @@ pub struct Config {
     pub cache: tiering::CacheOptions,
     pub metadata_url: String,
     pub metadata_request_timeout_ms: u64,
+    pub metadata_bucket_queue_length: usize,
     pub broker_id: i32,
     pub zone: Option<String>,
     pub broker_lease_ms: u64,
@@ -651,6 +657,7 @@ impl Config {
             },
             metadata_url,
             metadata_request_timeout_ms: positive("metadata.request.timeout.ms")?,
+            metadata_bucket_queue_length: positive("metadata.bucket.queue.length")? as usize,
             broker_id,
             zone: Some(text("zone")).filter(|z| !z.is_empty()),
             broker_lease_ms: positive("broker.lease.ms")?.max(300),

@@ -24,11 +24,12 @@ pub struct Membership {
     me: BrokerRecord,
     lease: Duration,
     live: RwLock<Vec<BrokerRecord>>,
-    /// Reads of the live list, numbered as they start; the one stored last is kept in
-    /// `stored_read`, so a slow read never overwrites a newer one (the heartbeat, the
-    /// controller and the health check all refresh).
-    reads: std::sync::atomic::AtomicU64,
-    stored_read: std::sync::Mutex<u64>,
+    /// Held for the whole of a read of the live list and its storing: the heartbeat,
+    /// the controller and the health check all refresh, and reads one after another
+    /// are the only order that is also the order in which the store answered them (a
+    /// read numbered later may run its query earlier, while an older one waits for a
+    /// connection), so a slow read never overwrites a newer one.
+    reading: tokio::sync::Mutex<()>,
     /// Set by drain or shutdown: registered as draining from then on.
     draining: std::sync::atomic::AtomicBool,
     /// Set while stepped down for lack of a store (see the `health` module): registered as
@@ -52,8 +53,7 @@ impl Membership {
             me,
             lease,
             live: RwLock::new(Vec::new()),
-            reads: std::sync::atomic::AtomicU64::new(0),
-            stored_read: std::sync::Mutex::new(0),
+            reading: tokio::sync::Mutex::new(()),
             draining: std::sync::atomic::AtomicBool::new(false),
             stepped_down: std::sync::atomic::AtomicBool::new(false),
             left: std::sync::atomic::AtomicBool::new(false),
@@ -84,15 +84,14 @@ impl Membership {
 
     /// Re-reads the live brokers (the ownership loop calls this every pass, more often
     /// than heartbeats, so a broker whose lease ran out is noticed promptly).
+    /// A refresh returns a list at least as new as the store was when it was called.
     pub async fn refresh(&self) -> Result<(), MetaError> {
-        let read = 1 + self
-            .reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _reading = self.reading.lock().await;
         let result = self.meta.live_brokers(now_ms()).await;
         let mut settled = self.settled_since.lock().expect("membership lock poisoned");
         match result {
             Ok(live) => {
-                self.store_read(read, live);
+                *self.live.write().expect("membership lock poisoned") = live;
                 settled.get_or_insert_with(crate::clock::instant);
                 Ok(())
             }
@@ -100,16 +99,6 @@ impl Membership {
                 *settled = None;
                 Err(e)
             }
-        }
-    }
-
-    /// Keeps the list of read number `read` unless a read that started later was
-    /// stored already.
-    fn store_read(&self, read: u64, live: Vec<BrokerRecord>) {
-        let mut stored = self.stored_read.lock().expect("membership lock poisoned");
-        if read > *stored {
-            *stored = read;
-            *self.live.write().expect("membership lock poisoned") = live;
         }
     }
 
@@ -225,47 +214,5 @@ impl Membership {
         {
             warn!(error = %e, "could not deregister; the lease will expire");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn broker(id: i32) -> BrokerRecord {
-        BrokerRecord {
-            broker_id: id,
-            session: 1,
-            host: "127.0.0.1".into(),
-            port: 9092 + id,
-            zone: None,
-            lease_expires_ms: i64::MAX,
-            draining: false,
-        }
-    }
-
-    /// Reads finishing out of order: the one that started last wins, whatever order
-    /// their answers come in.
-    #[tokio::test]
-    async fn a_slow_older_read_never_overwrites_a_newer_one() {
-        let store = Arc::new(
-            tiering::Store::open("memory://", &tiering::StoreOptions::default())
-                .expect("memory store"),
-        );
-        let meta: Arc<dyn MetadataStore> = Arc::new(
-            crate::metadata::bucket::BucketStore::open(store)
-                .await
-                .expect("bucket metadata"),
-        );
-        let m = Membership::join(meta, broker(1), Duration::from_secs(10))
-            .await
-            .expect("join");
-        let ids = |m: &Membership| m.live().iter().map(|b| b.broker_id).collect::<Vec<_>>();
-        // Reads 10 and 11 start; 11 (which saw broker 3 register) answers first.
-        m.store_read(11, vec![broker(1), broker(3)]);
-        m.store_read(10, vec![broker(1)]);
-        assert_eq!(ids(&m), vec![1, 3]);
-        m.store_read(12, vec![broker(1), broker(2), broker(3)]);
-        assert_eq!(ids(&m), vec![1, 2, 3]);
     }
 }

@@ -830,7 +830,42 @@ impl UploadJob {
         }
     }
 
+    /// Uploads and commits the segment. A failed attempt first asks whether the
+    /// segment is already committed: a commit whose answer was lost (the metadata
+    /// store timed out after applying it) leaves the owner's view with write-ahead
+    /// ranges the manifest no longer holds, whose objects garbage collection may
+    /// already have deleted, so a retry could neither read them nor commit again.
     async fn upload(&self) -> Result<SegmentRecord, UploadError> {
+        match self.upload_once().await {
+            Err(e) if !matches!(e, UploadError::Fenced) => match self.stored().await {
+                Some(record) => {
+                    info!(
+                        base = self.base_offset,
+                        end = self.end_offset,
+                        "segment commit had applied; its answer was lost"
+                    );
+                    Ok(record)
+                }
+                None => Err(e),
+            },
+            result => result,
+        }
+    }
+
+    /// This upload's segment as the metadata store holds it, if committed (by this
+    /// owner: the object key names its leader epoch).
+    async fn stored(&self) -> Option<SegmentRecord> {
+        let key =
+            tiering::keys::segment_object_key(&self.stream, self.base_offset, self.leader_epoch);
+        let state = self.ctx.meta.read_partition(self.key).await.ok()?;
+        state.segments.into_iter().find(|s| {
+            s.base_offset == self.base_offset
+                && s.end_offset == self.end_offset
+                && s.object_key == key.as_ref()
+        })
+    }
+
+    async fn upload_once(&self) -> Result<SegmentRecord, UploadError> {
         let _permit = self
             .ctx
             .upload_permits

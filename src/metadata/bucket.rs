@@ -42,8 +42,25 @@ use super::{
 pub const SNAPSHOT_EVERY: u64 = 1000;
 /// Operations written in one record at most.
 const MAX_BATCH: usize = 512;
-/// How long one record write keeps retrying before its callers see `Unavailable`.
-const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// How the bucket store's writer is bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct BucketOptions {
+    /// Operations waiting for the writer at most (`metadata.bucket.queue.length`);
+    /// callers beyond it wait for room.
+    pub queue_length: usize,
+    /// How long one record write keeps retrying before its callers see `Unavailable`
+    /// (`metadata.request.timeout.ms`).
+    pub write_deadline: Duration,
+}
+
+impl Default for BucketOptions {
+    fn default() -> Self {
+        BucketOptions {
+            queue_length: 4096,
+            write_deadline: Duration::from_secs(10),
+        }
+    }
+}
 
 /// One partition's row.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -680,12 +697,21 @@ struct Writer {
     next_seq: u64,
     /// Sequence number of the newest snapshot (0: none).
     snapshot_seq: u64,
+    write_deadline: Duration,
 }
 
 impl BucketStore {
     /// Loads the state from the store's `meta/` objects (empty if there are none) and
-    /// starts the writer.
+    /// starts the writer, with the default bounds.
     pub async fn open(store: Arc<tiering::Store>) -> MetaResult<BucketStore> {
+        Self::open_with(store, BucketOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with the writer's bounds given.
+    pub async fn open_with(
+        store: Arc<tiering::Store>,
+        options: BucketOptions,
+    ) -> MetaResult<BucketStore> {
         let (state, next_seq, snapshot_seq) = load(&store).await?;
         tracing::info!(store = %store.name(), records = next_seq - 1, snapshot = snapshot_seq, "opened metadata in the object store");
         let state = Arc::new(RwLock::new(state));
@@ -695,8 +721,9 @@ impl BucketStore {
             state: state.clone(),
             next_seq,
             snapshot_seq,
+            write_deadline: options.write_deadline,
         };
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(options.queue_length.max(1));
         tokio::spawn(writer.run(rx));
         Ok(BucketStore {
             name: store.name().to_owned(),
@@ -827,7 +854,7 @@ impl Writer {
                 .put_new(
                     &log_key(record.seq),
                     bytes.into(),
-                    Some(crate::clock::instant() + WRITE_DEADLINE),
+                    Some(crate::clock::instant() + self.write_deadline),
                 )
                 .await
                 .map_err(|e| {
@@ -937,6 +964,10 @@ impl Writer {
 
 #[async_trait]
 impl MetadataStore for BucketStore {
+    fn queue_depth(&self) -> Option<(usize, usize)> {
+        let capacity = self.requests.max_capacity();
+        Some((capacity - self.requests.capacity(), capacity))
+    }
     async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
         self.submit(Op::CreateTopic {
             topic: topic.clone(),

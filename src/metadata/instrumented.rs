@@ -181,6 +181,9 @@ async fn measured<T>(
 
 #[async_trait]
 impl MetadataStore for Instrumented {
+    fn queue_depth(&self) -> Option<(usize, usize)> {
+        self.inner.queue_depth()
+    }
     async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()> {
         self.timed("create_topic", self.inner.create_topic(topic))
             .await

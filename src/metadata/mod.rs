@@ -315,18 +315,29 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     /// Removes the broker's registration if it is still this session's (graceful
     /// shutdown: the others need not wait for the lease to expire).
     async fn deregister_broker(&self, broker_id: i32, session: i64) -> MetaResult<()>;
+    /// Operations waiting in the store's own queue, against its capacity; `None` for a
+    /// store without one (only the bucket store queues for its single writer).
+    fn queue_depth(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Opens the metadata store named by a URL: `sqlite://PATH`, `postgres://...`, or
-/// `bucket://` (kept in `objects`, the broker's object store, under `meta/`), measured
-/// and bounded by `timeout` per operation (see [`instrumented`]).
+/// `bucket://` (kept in `objects`, the broker's object store, under `meta/`, its
+/// writer's queue `bucket_queue_length` long), measured and bounded by `timeout` per
+/// operation (see [`instrumented`]).
 pub async fn open(
     url: &str,
     objects: &std::sync::Arc<tiering::Store>,
     timeout: std::time::Duration,
+    bucket_queue_length: usize,
 ) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
     let store: std::sync::Arc<dyn MetadataStore> = if url == "bucket://" {
-        std::sync::Arc::new(bucket::BucketStore::open(objects.clone()).await?)
+        let options = bucket::BucketOptions {
+            queue_length: bucket_queue_length,
+            write_deadline: timeout,
+        };
+        std::sync::Arc::new(bucket::BucketStore::open_with(objects.clone(), options).await?)
     } else if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
         std::sync::Arc::new(

@@ -1611,7 +1611,7 @@ mod tests {
             tiering::Store::open("memory://", &tiering::StoreOptions::default())
                 .expect("memory store"),
         );
-        let store = crate::metadata::open(&url, &objects, std::time::Duration::from_secs(30))
+        let store = crate::metadata::open(&url, &objects, std::time::Duration::from_secs(30), 16)
             .await
             .expect("open by url");
         store.list_topics().await.expect("list");
