@@ -20,14 +20,14 @@ use crate::log::partition::{LogContext, PartitionHandle};
 use crate::log::read::IndexCache;
 use crate::metadata::MetadataStore;
 use crate::ownership::Ownership;
-pub use crate::registry::Topic;
+pub(crate) use crate::registry::Topic;
 use crate::registry::{stop_task, TopicRegistry};
 use crate::wal::{Flusher, FlusherConfig};
 
-pub use crate::registry::{serve, validate_topic_name, TopicError};
+pub(crate) use crate::registry::{serve, validate_topic_name, TopicError};
 
 #[derive(Debug)]
-pub struct Broker {
+pub(crate) struct Broker {
     pub config: Config,
     pub store: Arc<tiering::Store>,
     pub meta: Arc<dyn MetadataStore>,
@@ -58,7 +58,7 @@ pub struct Broker {
 /// [`Broker::start`]. Time and random ids come from the one seam, `crate::clock`,
 /// which a paused test runtime controls.
 #[derive(Debug, Clone)]
-pub struct Components {
+pub(crate) struct Components {
     pub store: Arc<tiering::Store>,
     pub meta: Arc<dyn MetadataStore>,
     pub blocks: Arc<tiering::BlockCache>,
@@ -67,7 +67,7 @@ pub struct Components {
 impl Components {
     /// Opens the object store named by the settings (checking that it supports
     /// create-only writes), the block cache over it and the metadata store.
-    pub async fn open(config: &Config) -> anyhow::Result<Components> {
+    pub(crate) async fn open(config: &Config) -> anyhow::Result<Components> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let store = Arc::new(
@@ -109,7 +109,10 @@ impl Components {
 impl Broker {
     /// Joins the cluster on the given components, starts the flusher, and claims and
     /// recovers this broker's share of the partitions and coordinator slots.
-    pub async fn start(config: Config, components: Components) -> anyhow::Result<Arc<Broker>> {
+    pub(crate) async fn start(
+        config: Config,
+        components: Components,
+    ) -> anyhow::Result<Arc<Broker>> {
         if config.metrics_partition_labels {
             crate::metrics::metrics().enable_partition_labels();
         }
@@ -302,7 +305,7 @@ impl Broker {
     }
 
     /// Whether this broker has stepped down for lack of a store; `Some(reason)` if so.
-    pub fn stepped_down(&self) -> Option<&'static str> {
+    pub(crate) fn stepped_down(&self) -> Option<&'static str> {
         self.health.stepped_down()
     }
 
@@ -333,28 +336,28 @@ impl Broker {
         });
     }
 
-    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+    pub(crate) fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.registry.topic(name)
     }
 
-    pub fn topic_by_id(&self, id: &Uuid) -> Option<Arc<Topic>> {
+    pub(crate) fn topic_by_id(&self, id: &Uuid) -> Option<Arc<Topic>> {
         self.registry.topic_by_id(id)
     }
 
     /// Every topic, by name.
-    pub fn topics(&self) -> Vec<Arc<Topic>> {
+    pub(crate) fn topics(&self) -> Vec<Arc<Topic>> {
         self.registry.topics()
     }
 
     /// This broker's task for a partition, if it runs one.
-    pub fn local_partition(&self, topic: &str, partition: i32) -> Option<PartitionHandle> {
+    pub(crate) fn local_partition(&self, topic: &str, partition: i32) -> Option<PartitionHandle> {
         let topic = self.topic(topic)?;
         let slot = topic.partitions.get(usize::try_from(partition).ok()?)?;
         slot.get()
     }
 
     /// Partition tasks this broker runs.
-    pub fn local_partition_count(&self) -> usize {
+    pub(crate) fn local_partition_count(&self) -> usize {
         self.registry.local_partition_count()
     }
 }
@@ -362,7 +365,7 @@ impl Broker {
 impl Broker {
     /// Graceful shutdown, second half (the listener is closed): stops what is left,
     /// deregisters and closes the cache.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         let tasks: Vec<PartitionHandle> = self
             .topics()
             .iter()
@@ -379,7 +382,7 @@ impl Broker {
 
     /// Depths of the broker's queues against their capacities, for the scrape:
     /// (queue, depth, capacity); per-partition and per-group queues report the fullest.
-    pub fn queue_depths(&self) -> Vec<(&'static str, usize, usize)> {
+    pub(crate) fn queue_depths(&self) -> Vec<(&'static str, usize, usize)> {
         let flusher = &self.log.flusher;
         let controller = self.controller.depth();
         let partitions = self

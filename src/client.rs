@@ -18,13 +18,13 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// A pipelined client connection: requests go out in order, responses are matched FIFO.
-pub struct Conn {
+pub(crate) struct Conn {
     tx: mpsc::Sender<(Bytes, Option<oneshot::Sender<Bytes>>)>,
     next_id: std::sync::atomic::AtomicI32,
 }
 
 impl Conn {
-    pub async fn connect(addr: &str) -> anyhow::Result<Conn> {
+    pub(crate) async fn connect(addr: &str) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -69,7 +69,7 @@ impl Conn {
     }
 
     /// Sends a request; the returned receiver yields the response body.
-    pub async fn send<R: Request>(
+    pub(crate) async fn send<R: Request>(
         &self,
         req: &R,
         version: i16,
@@ -99,7 +99,11 @@ impl Conn {
         Ok(rx)
     }
 
-    pub async fn call<R: Request>(&self, req: &R, version: i16) -> anyhow::Result<R::Response> {
+    pub(crate) async fn call<R: Request>(
+        &self,
+        req: &R,
+        version: i16,
+    ) -> anyhow::Result<R::Response> {
         let rx = self
             .send(req, version, true)
             .await?
@@ -108,7 +112,10 @@ impl Conn {
     }
 }
 
-pub fn decode_response<R: Request>(mut body: Bytes, version: i16) -> anyhow::Result<R::Response> {
+pub(crate) fn decode_response<R: Request>(
+    mut body: Bytes,
+    version: i16,
+) -> anyhow::Result<R::Response> {
     ResponseHeader::decode(&mut body, R::Response::header_version(version))?;
     R::Response::decode(&mut body, version)
 }
@@ -116,7 +123,7 @@ pub fn decode_response<R: Request>(mut body: Bytes, version: i16) -> anyhow::Res
 /// Each partition's leader address (`host:port`) from a Metadata request for `topics`;
 /// partitions without a live leader are left out. The tools send each request to the
 /// broker that serves it, so they work against a fleet.
-pub async fn partition_leaders(
+pub(crate) async fn partition_leaders(
     conn: &Conn,
     topics: &[&str],
 ) -> anyhow::Result<std::collections::BTreeMap<(String, i32), String>> {

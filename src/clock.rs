@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -21,17 +21,17 @@ pub fn now_ms() -> i64 {
 }
 
 /// The monotonic now.
-pub fn instant() -> Instant {
+pub(crate) fn instant() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
 /// Waits for `d`.
-pub async fn sleep(d: Duration) {
+pub(crate) async fn sleep(d: Duration) {
     tokio::time::sleep(d).await
 }
 
 /// Waits until `at`; forever when `None`.
-pub async fn sleep_until(at: Option<Instant>) {
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
@@ -39,13 +39,13 @@ pub async fn sleep_until(at: Option<Instant>) {
 }
 
 /// A ticker every `period` whose missed ticks are delayed, not bunched.
-pub fn interval(period: Duration) -> tokio::time::Interval {
+pub(crate) fn interval(period: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
 }
 
 /// A fresh random id (topic ids, group member ids).
-pub fn unique_id() -> uuid::Uuid {
+pub(crate) fn unique_id() -> uuid::Uuid {
     uuid::Uuid::new_v4()
 }

@@ -20,7 +20,7 @@ use crate::clock::now_ms;
 
 /// One broker as the cluster view shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BrokerView {
+pub(crate) struct BrokerView {
     pub id: i32,
     pub host: String,
     pub port: i32,
@@ -37,7 +37,7 @@ pub struct BrokerView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterView {
+pub(crate) struct ClusterView {
     /// The broker that answered.
     pub answered_by: i32,
     pub brokers: Vec<BrokerView>,
@@ -46,7 +46,7 @@ pub struct ClusterView {
 }
 
 /// Builds the view from this broker's membership and ownership caches.
-pub fn view(broker: &Broker) -> ClusterView {
+pub(crate) fn view(broker: &Broker) -> ClusterView {
     let now = now_ms();
     let mut brokers: BTreeMap<i32, BrokerView> = broker
         .membership
@@ -122,7 +122,7 @@ fn entry(brokers: &mut BTreeMap<i32, BrokerView>, id: i32) -> &mut BrokerView {
     })
 }
 
-pub fn command() -> Command {
+pub(crate) fn command() -> Command {
     let http = Arg::new("http")
         .long("http")
         .default_value("127.0.0.1:9644")
@@ -154,7 +154,7 @@ pub fn command() -> Command {
         )
 }
 
-pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
+pub(crate) fn run(m: &ArgMatches) -> anyhow::Result<()> {
     match m.subcommand() {
         Some(("status", m)) => {
             let addr = m.get_one::<String>("http").expect("has a default");
@@ -178,7 +178,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
 }
 
 /// The view as a table, brokers by id.
-pub fn render(view: &ClusterView, partitions: bool) -> String {
+pub(crate) fn render(view: &ClusterView, partitions: bool) -> String {
     let mut out = format!(
         "{:<8} {:<22} {:<12} {:<9} {:>9} {:>10} {:>6}\n",
         "BROKER", "ADDRESS", "ZONE", "STATE", "LEASE", "PARTITIONS", "SLOTS"

@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 /// Upper bound on partitions per topic (each is a task, a file and metadata rows).
-pub const MAX_PARTITIONS: i32 = 10_000;
+pub(crate) const MAX_PARTITIONS: i32 = 10_000;
 
 /// Host and port of a `HOST:PORT` address (`[v6]:PORT` too); port 9092 when missing.
-pub fn host_port(addr: &str) -> (String, i32) {
+pub(crate) fn host_port(addr: &str) -> (String, i32) {
     match addr.rsplit_once(':') {
         Some((h, p)) => (
             h.trim_matches(['[', ']']).to_string(),
@@ -28,7 +28,7 @@ pub fn host_port(addr: &str) -> (String, i32) {
 
 /// One setting: its Kafka-style name, default and meaning.
 #[derive(Debug, Clone, Copy)]
-pub struct SettingDef {
+pub(crate) struct SettingDef {
     /// Name in TOML files and DescribeConfigs (`wal.flush.interval.ms`).
     pub name: &'static str,
     /// Default value as text; empty means "derived" (see the doc).
@@ -40,12 +40,12 @@ pub struct SettingDef {
 
 impl SettingDef {
     /// `--wal-flush-interval-ms`
-    pub fn flag(&self) -> String {
+    pub(crate) fn flag(&self) -> String {
         self.name.replace('.', "-")
     }
 
     /// `STRATA_WAL_FLUSH_INTERVAL_MS`
-    pub fn env(&self) -> String {
+    pub(crate) fn env(&self) -> String {
         format!(
             "STRATA_{}",
             self.name.replace(['.', '-'], "_").to_uppercase()
@@ -72,7 +72,7 @@ const fn topic(name: &'static str, default: &'static str, doc: &'static str) -> 
 }
 
 /// Every setting the broker knows. Names are a stable interface.
-pub const SETTINGS: &[SettingDef] = &[
+pub(crate) const SETTINGS: &[SettingDef] = &[
     def("listen", "127.0.0.1:9092", "Kafka listener address (HOST:PORT)"),
     def(
         "advertise",
@@ -402,7 +402,7 @@ pub const SETTINGS: &[SettingDef] = &[
     ),
 ];
 
-pub fn setting(name: &str) -> Option<&'static SettingDef> {
+pub(crate) fn setting(name: &str) -> Option<&'static SettingDef> {
     SETTINGS.iter().find(|s| s.name == name)
 }
 

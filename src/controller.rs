@@ -33,7 +33,7 @@ type Reply<T> = oneshot::Sender<T>;
 
 /// The controller's queues, as the task reads them: requests in order, and stepping
 /// down, which goes first.
-pub struct Requests {
+pub(crate) struct Requests {
     requests: mpsc::Receiver<Request>,
     urgent: mpsc::Receiver<StepDown>,
 }
@@ -77,7 +77,7 @@ enum Request {
 
 /// How the rest of the broker reaches the controller.
 #[derive(Debug, Clone)]
-pub struct ControllerHandle {
+pub(crate) struct ControllerHandle {
     tx: mpsc::Sender<Request>,
     urgent: mpsc::Sender<StepDown>,
 }
@@ -94,7 +94,7 @@ fn stopped() -> TopicError {
 
 impl ControllerHandle {
     /// A handle and the queue the controller task reads.
-    pub fn new(capacity: usize) -> (ControllerHandle, Requests) {
+    pub(crate) fn new(capacity: usize) -> (ControllerHandle, Requests) {
         let (tx, requests) = mpsc::channel(capacity.max(1));
         let (urgent_tx, urgent) = mpsc::channel(1);
         (
@@ -107,7 +107,7 @@ impl ControllerHandle {
     }
 
     /// Requests waiting, against the queue's capacity.
-    pub fn depth(&self) -> (usize, usize) {
+    pub(crate) fn depth(&self) -> (usize, usize) {
         (
             self.tx.max_capacity() - self.tx.capacity(),
             self.tx.max_capacity(),
@@ -130,7 +130,7 @@ impl ControllerHandle {
 
     /// Validates and creates a topic (`partitions` -1: `num.partitions`) and claims
     /// this broker's share of it.
-    pub async fn create_topic(
+    pub(crate) async fn create_topic(
         &self,
         name: &str,
         partitions: i32,
@@ -150,20 +150,20 @@ impl ControllerHandle {
 
     /// Auto-creation on Metadata/Produce; a topic another broker just made is picked
     /// up from the metadata store.
-    pub async fn auto_create(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
+    pub(crate) async fn auto_create(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
         let name = name.to_owned();
         self.topic_call(|reply| Request::AutoCreate { name, reply })
             .await
     }
 
-    pub async fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {
+    pub(crate) async fn delete_topic(&self, name: &str) -> Result<Uuid, TopicError> {
         let name = name.to_owned();
         self.topic_call(|reply| Request::DeleteTopic { name, reply })
             .await
     }
 
     /// Grows a topic to `count` partitions.
-    pub async fn create_partitions(
+    pub(crate) async fn create_partitions(
         &self,
         name: &str,
         count: i32,
@@ -180,7 +180,7 @@ impl ControllerHandle {
     }
 
     /// Replaces a topic's overrides and tells its partitions.
-    pub async fn set_topic_configs(
+    pub(crate) async fn set_topic_configs(
         &self,
         name: &str,
         overrides: BTreeMap<String, String>,
@@ -197,12 +197,12 @@ impl ControllerHandle {
     }
 
     /// Registers as draining and hands every partition and coordinator slot off.
-    pub async fn hand_off(&self) {
+    pub(crate) async fn hand_off(&self) {
         self.call(|reply| Request::HandOff { reply }).await;
     }
 
     /// Gives up everything at once for lack of a store.
-    pub async fn step_down(&self, object: bool, metadata: bool) {
+    pub(crate) async fn step_down(&self, object: bool, metadata: bool) {
         let (reply, answer) = oneshot::channel();
         if self.urgent.send((object, metadata, reply)).await.is_ok() {
             let _ = answer.await;
@@ -212,7 +212,7 @@ impl ControllerHandle {
 
 /// What the controller works with: the components it changes or consults.
 #[derive(Debug)]
-pub struct Controller {
+pub(crate) struct Controller {
     pub config: Config,
     pub store: Arc<tiering::Store>,
     pub meta: Arc<dyn crate::metadata::MetadataStore>,
@@ -224,7 +224,7 @@ pub struct Controller {
 }
 
 /// The controller task: requests one at a time, and an ownership pass on every tick.
-pub async fn run(
+pub(crate) async fn run(
     broker: Controller,
     Requests {
         mut requests,
@@ -272,7 +272,7 @@ pub async fn run(
 
 /// Start-up, before the task runs: the coordinator slots' topic exists and this
 /// broker has claimed and recovered its share.
-pub async fn first_pass(broker: &Controller) -> anyhow::Result<()> {
+pub(crate) async fn first_pass(broker: &Controller) -> anyhow::Result<()> {
     broker.ensure_coordinator_topic().await?;
     broker.run_pass().await.context("claiming partitions")
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 /// The state of the cache disk, shared by every writer of it.
 #[derive(Debug)]
-pub struct CacheDisk {
+pub(crate) struct CacheDisk {
     dir: PathBuf,
     min_free_bytes: u64,
     full: AtomicBool,
@@ -27,7 +27,7 @@ pub struct CacheDisk {
 
 /// Why a local write did not happen (the label of `strata_local_write_failures_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteFailure {
+pub(crate) enum WriteFailure {
     /// The disk had no room (ENOSPC, EDQUOT).
     NoSpace,
     /// Any other I/O error.
@@ -37,13 +37,7 @@ pub enum WriteFailure {
 }
 
 impl WriteFailure {
-    pub const ALL: [WriteFailure; 3] = [
-        WriteFailure::NoSpace,
-        WriteFailure::Io,
-        WriteFailure::Skipped,
-    ];
-
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             WriteFailure::NoSpace => "no_space",
             WriteFailure::Io => "io",
@@ -51,7 +45,7 @@ impl WriteFailure {
         }
     }
 
-    pub fn of(e: &std::io::Error) -> WriteFailure {
+    pub(crate) fn of(e: &std::io::Error) -> WriteFailure {
         match e.kind() {
             std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
                 WriteFailure::NoSpace
@@ -62,7 +56,11 @@ impl WriteFailure {
 }
 
 impl CacheDisk {
-    pub fn new(dir: PathBuf, min_free_bytes: u64, blocks: Arc<tiering::BlockCache>) -> CacheDisk {
+    pub(crate) fn new(
+        dir: PathBuf,
+        min_free_bytes: u64,
+        blocks: Arc<tiering::BlockCache>,
+    ) -> CacheDisk {
         crate::metrics::metrics().cache_disk_full.set(0);
         CacheDisk {
             dir,
@@ -73,13 +71,18 @@ impl CacheDisk {
     }
 
     /// Whether local writes may be attempted.
-    pub fn writable(&self) -> bool {
+    pub(crate) fn writable(&self) -> bool {
         !self.full.load(Ordering::Acquire)
     }
 
     /// Counts a local write that failed (or was skipped); one that failed for lack of
     /// space marks the disk full at once.
-    pub fn note_failure(&self, failure: WriteFailure, what: &str, error: Option<&std::io::Error>) {
+    pub(crate) fn note_failure(
+        &self,
+        failure: WriteFailure,
+        what: &str,
+        error: Option<&std::io::Error>,
+    ) {
         crate::metrics::metrics()
             .local_write_failures
             .with_label_values(&[failure.label()])
@@ -92,7 +95,7 @@ impl CacheDisk {
     }
 
     /// Counts a failed local write and returns the error's class.
-    pub fn note_error(&self, what: &str, e: &std::io::Error) -> WriteFailure {
+    pub(crate) fn note_error(&self, what: &str, e: &std::io::Error) -> WriteFailure {
         let failure = WriteFailure::of(e);
         self.note_failure(failure, what, Some(e));
         failure
@@ -100,7 +103,7 @@ impl CacheDisk {
 
     /// Checks the free space of the cache directory (a blocking `statvfs`: call it off
     /// the runtime's workers) and updates the state. Returns whether writes may go on.
-    pub fn check(&self) -> bool {
+    pub(crate) fn check(&self) -> bool {
         let free = match fs4::available_space(&self.dir) {
             Ok(free) => free,
             Err(e) => {

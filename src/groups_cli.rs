@@ -21,7 +21,7 @@ use kafka_protocol::protocol::{Decodable, StrBytes};
 
 use crate::client::Conn;
 
-pub fn command() -> Command {
+pub(crate) fn command() -> Command {
     let bootstrap = Arg::new("bootstrap")
         .long("bootstrap")
         .default_value("127.0.0.1:9092")
@@ -53,7 +53,7 @@ pub fn command() -> Command {
         .subcommand(Command::new("delete").about("delete a group without members and its offsets").arg(bootstrap).arg(group))
 }
 
-pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
+pub(crate) fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -367,7 +367,7 @@ async fn describe(cluster: &Cluster, group: &str) -> anyhow::Result<()> {
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.mmm]Z` (UTC) into epoch milliseconds.
-pub fn parse_datetime(text: &str) -> anyhow::Result<i64> {
+pub(crate) fn parse_datetime(text: &str) -> anyhow::Result<i64> {
     let bad = || anyhow::anyhow!("expected YYYY-MM-DDTHH:MM:SS[.mmm]Z, got {text:?}");
     let t = text.strip_suffix('Z').ok_or_else(bad)?;
     let (date, time) = t.split_once('T').ok_or_else(bad)?;

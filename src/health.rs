@@ -31,7 +31,7 @@ use crate::membership::Membership;
 
 /// What one look at the stores found.
 #[derive(Debug, Clone, Copy)]
-pub struct Observation {
+pub(crate) struct Observation {
     pub now: Instant,
     /// When the object store last answered (`None`: not yet).
     pub object_answered: Option<Instant>,
@@ -44,7 +44,7 @@ pub struct Observation {
 
 /// What the broker must do after an observation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     /// Give up every partition and slot and register as draining.
     StepDown { object: bool, metadata: bool },
     /// Take partitions again: register as serving.
@@ -52,7 +52,7 @@ pub enum Change {
 }
 
 #[derive(Debug, Clone)]
-pub struct Health {
+pub(crate) struct Health {
     deadline: Duration,
     hold_down: Duration,
     /// Counts as the last answer of a store that has not answered yet.
@@ -65,7 +65,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(deadline: Duration, hold_down: Duration, started: Instant) -> Health {
+    pub(crate) fn new(deadline: Duration, hold_down: Duration, started: Instant) -> Health {
         Health {
             deadline,
             hold_down,
@@ -77,15 +77,15 @@ impl Health {
         }
     }
 
-    pub fn stepped_down(&self) -> bool {
+    pub(crate) fn stepped_down(&self) -> bool {
         self.stepped_down
     }
 
-    pub fn object_reachable(&self) -> bool {
+    pub(crate) fn object_reachable(&self) -> bool {
         self.object_reachable
     }
 
-    pub fn metadata_reachable(&self) -> bool {
+    pub(crate) fn metadata_reachable(&self) -> bool {
         self.metadata_reachable
     }
 
@@ -95,7 +95,7 @@ impl Health {
     }
 
     /// Takes in one observation; returns what the broker must do, if anything.
-    pub fn step(&mut self, o: &Observation) -> Option<Change> {
+    pub(crate) fn step(&mut self, o: &Observation) -> Option<Change> {
         self.object_reachable = self.reachable(o.now, o.object_answered);
         self.metadata_reachable = self.reachable(o.now, o.metadata_answered);
         let both = self.object_reachable && self.metadata_reachable;
@@ -126,7 +126,7 @@ impl Health {
 
 /// The broker's store watch: the I/O around [`Health`].
 #[derive(Debug)]
-pub struct StoreWatch {
+pub(crate) struct StoreWatch {
     health: Mutex<Health>,
     store: Arc<tiering::Store>,
     membership: Arc<Membership>,
@@ -137,7 +137,7 @@ pub struct StoreWatch {
 }
 
 impl StoreWatch {
-    pub fn new(
+    pub(crate) fn new(
         deadline: Duration,
         hold_down: Duration,
         store: Arc<tiering::Store>,
@@ -155,12 +155,12 @@ impl StoreWatch {
     }
 
     /// How often [`check`](Self::check) should run.
-    pub fn period(&self) -> Duration {
+    pub(crate) fn period(&self) -> Duration {
         Duration::from_secs(1).min(self.probe_every)
     }
 
     /// One look at the stores, and stepping down or back accordingly.
-    pub async fn check(&self) {
+    pub(crate) async fn check(&self) {
         let probe_every = self.probe_every;
         let now = crate::clock::instant();
         let quiet = |t: Option<Instant>| t.is_none_or(|t| now - t >= probe_every);
@@ -209,7 +209,7 @@ impl StoreWatch {
     }
 
     /// Whether this broker has stepped down for lack of a store; `Some(reason)` if so.
-    pub fn stepped_down(&self) -> Option<&'static str> {
+    pub(crate) fn stepped_down(&self) -> Option<&'static str> {
         let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         if !health.stepped_down() {
             return None;

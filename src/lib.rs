@@ -1,35 +1,38 @@
 //! Strata: a Kafka-compatible message broker whose log lives in object storage.
 //!
-//! The crate is laid out by what each part owns: [`server`] (listener and connections),
-//! [`protocol`] (versions, framing, dispatch), [`handlers`] (one file per API family),
-//! [`log`] (the partition owner task and reads), [`wal`] (the write-ahead flusher),
-//! [`metadata`] (the metadata store trait and its backends), [`broker`] (the topic
-//! registry that ties them together) and [`config`] (every setting).
+//! The crate is laid out by what each part owns (ARCHITECTURE.md has the table and
+//! the layers): `server` (listener and connections), `protocol` (versions, framing,
+//! codec), `handlers` (one file per API family), `controller` and `registry` (what
+//! this broker serves), `log` (the partition owner and reads), `wal` (the write-ahead
+//! flusher), `metadata` (the metadata store, its semantics and backends), `broker`
+//! (the wiring of the components) and `config` (every setting). Only `cli`, the
+//! command line the `strata` binary runs, is public: nothing outside the crate uses
+//! the rest.
 
-pub mod broker;
+mod broker;
 pub mod cli;
-pub mod client;
-pub mod clock;
-pub mod cluster;
-pub mod config;
-pub mod controller;
-pub mod disk;
-pub mod group;
-pub mod groups_cli;
-pub mod handlers;
-pub mod health;
-pub mod http;
-pub mod log;
-pub mod membership;
-pub mod metadata;
-pub mod metrics;
-pub mod orphans;
-pub mod ownership;
-pub mod perf;
-pub mod protocol;
-pub mod registry;
-pub mod server;
+mod client;
+mod clock;
+mod cluster;
+mod config;
+mod controller;
+mod disk;
+mod group;
+mod groups_cli;
+mod handlers;
+mod health;
+mod http;
+mod log;
+mod membership;
+mod metadata;
+mod metrics;
+mod orphans;
+mod ownership;
+mod perf;
+mod protocol;
+mod registry;
+mod server;
 #[cfg(test)]
 mod sim;
-pub mod tasks;
-pub mod wal;
+mod tasks;
+mod wal;

@@ -18,7 +18,7 @@ use crate::clock::now_ms;
 use crate::metadata::{BrokerRecord, MetaError, MetadataStore};
 
 #[derive(Debug)]
-pub struct Membership {
+pub(crate) struct Membership {
     meta: Arc<dyn MetadataStore>,
     /// This broker's registration; `lease_expires_ms` is set at each heartbeat.
     me: BrokerRecord,
@@ -43,7 +43,7 @@ pub struct Membership {
 
 impl Membership {
     /// Registers this broker (failing if the metadata store refuses) and loads the list.
-    pub async fn join(
+    pub(crate) async fn join(
         meta: Arc<dyn MetadataStore>,
         me: BrokerRecord,
         lease: Duration,
@@ -85,7 +85,7 @@ impl Membership {
     /// Re-reads the live brokers (the ownership loop calls this every pass, more often
     /// than heartbeats, so a broker whose lease ran out is noticed promptly).
     /// A refresh returns a list at least as new as the store was when it was called.
-    pub async fn refresh(&self) -> Result<(), MetaError> {
+    pub(crate) async fn refresh(&self) -> Result<(), MetaError> {
         let _reading = self.reading.lock().await;
         let result = self.meta.live_brokers(now_ms()).await;
         let mut settled = self.settled_since.lock().expect("membership lock poisoned");
@@ -106,7 +106,7 @@ impl Membership {
     /// succeeding for half a lease, so every live broker has heartbeated since. After a
     /// metadata-store outage every lease looks expired until the brokers heartbeat
     /// again; taking partitions over in that window would only move them needlessly.
-    pub fn settled(&self) -> bool {
+    pub(crate) fn settled(&self) -> bool {
         self.settled_since
             .lock()
             .expect("membership lock poisoned")
@@ -114,39 +114,39 @@ impl Membership {
     }
 
     /// This broker's registration as it is heartbeated now.
-    pub fn me(&self) -> BrokerRecord {
+    pub(crate) fn me(&self) -> BrokerRecord {
         BrokerRecord {
             draining: self.is_draining(),
             ..self.me.clone()
         }
     }
 
-    pub fn lease(&self) -> Duration {
+    pub(crate) fn lease(&self) -> Duration {
         self.lease
     }
 
     /// Whether this broker takes no partitions: drained, shutting down, or stepped
     /// down for lack of a store.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire) || self.stepped_down.load(Ordering::Acquire)
     }
 
     /// Marks this broker stepped down (registered as draining) or back, and tells the
     /// metadata store if it can.
-    pub async fn set_stepped_down(&self, stepped_down: bool) -> Result<(), MetaError> {
+    pub(crate) async fn set_stepped_down(&self, stepped_down: bool) -> Result<(), MetaError> {
         self.mark_stepped_down(stepped_down);
         self.heartbeat().await
     }
 
     /// Marks this broker stepped down (or back) in its own view only; the next
     /// heartbeat tells the others.
-    pub fn mark_stepped_down(&self, stepped_down: bool) {
+    pub(crate) fn mark_stepped_down(&self, stepped_down: bool) {
         self.stepped_down.store(stepped_down, Ordering::Release);
     }
 
     /// Whether another broker was live and serving (not draining) at the last read of
     /// the list: someone who can take this broker's partitions over.
-    pub fn others_serving(&self) -> bool {
+    pub(crate) fn others_serving(&self) -> bool {
         self.live
             .read()
             .expect("membership lock poisoned")
@@ -156,13 +156,13 @@ impl Membership {
 
     /// Registers this broker as draining: the others stop assigning it work, while it
     /// stays live (and its partitions served) until it has handed everything off.
-    pub async fn drain(&self) -> Result<(), MetaError> {
+    pub(crate) async fn drain(&self) -> Result<(), MetaError> {
         self.draining.store(true, Ordering::Release);
         self.heartbeat().await
     }
 
     /// Heartbeats every third of the lease until shutdown (or the membership is dropped).
-    pub fn spawn(self: &Arc<Self>, tasks: &crate::tasks::Tasks) {
+    pub(crate) fn spawn(self: &Arc<Self>, tasks: &crate::tasks::Tasks) {
         let weak: Weak<Membership> = Arc::downgrade(self);
         let every = self.lease / 3;
         tasks.spawn_every(every, move || {
@@ -187,7 +187,7 @@ impl Membership {
 
     /// Live brokers by id as last seen, those whose lease ran out since dropped; this
     /// broker is always among them.
-    pub fn live(&self) -> Vec<BrokerRecord> {
+    pub(crate) fn live(&self) -> Vec<BrokerRecord> {
         let now = now_ms();
         let mut live: Vec<BrokerRecord> = self
             .live
@@ -205,7 +205,7 @@ impl Membership {
     }
 
     /// Deregisters (graceful shutdown), so the others need not wait out the lease.
-    pub async fn leave(&self) {
+    pub(crate) async fn leave(&self) {
         self.left.store(true, Ordering::Release);
         if let Err(e) = self
             .meta

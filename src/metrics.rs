@@ -17,7 +17,7 @@ use prometheus::{
     Registry,
 };
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub registry: Registry,
     pub started: Instant,
     pub uptime_seconds: IntGauge,
@@ -78,7 +78,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Turns on the per-partition series (once; later calls do nothing).
-    pub fn enable_partition_labels(&self) {
+    pub(crate) fn enable_partition_labels(&self) {
         if self
             .partition_labels
             .swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -92,7 +92,7 @@ impl Metrics {
         }
     }
 
-    pub fn partition_labels(&self) -> bool {
+    pub(crate) fn partition_labels(&self) -> bool {
         self.partition_labels
             .load(std::sync::atomic::Ordering::Acquire)
     }
@@ -141,7 +141,7 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     g
 }
 
-pub fn metrics() -> &'static Metrics {
+pub(crate) fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(|| {
         let registry = Registry::new();

@@ -18,7 +18,7 @@ use object_store::path::Path;
 use crate::metadata::MetadataStore;
 
 /// Deletes the orphans older than `grace` as of `now_ms`; returns how many.
-pub async fn collect(
+pub(crate) async fn collect(
     store: &tiering::Store,
     meta: &dyn MetadataStore,
     grace: Duration,

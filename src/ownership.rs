@@ -33,7 +33,7 @@ use crate::membership::Membership;
 use crate::metadata::{BrokerRecord, Fence, PartitionKey, PartitionOwner};
 
 /// The internal topic whose partitions are the group coordinator slots.
-pub const COORDINATOR_TOPIC: &str = "__consumer_offsets";
+pub(crate) const COORDINATOR_TOPIC: &str = "__consumer_offsets";
 
 /// 64-bit FNV-1a over the parts, finished with the splitmix64 mixer. Deliberately not
 /// a std hasher: every broker, of every version in a rolling upgrade, must compute the
@@ -61,7 +61,10 @@ fn seed(key: &PartitionKey) -> u64 {
 }
 
 /// The broker among `brokers` that scores highest for `key` (rendezvous hashing).
-pub fn rendezvous(key: &PartitionKey, brokers: impl IntoIterator<Item = i32>) -> Option<i32> {
+pub(crate) fn rendezvous(
+    key: &PartitionKey,
+    brokers: impl IntoIterator<Item = i32>,
+) -> Option<i32> {
     let s = seed(key);
     brokers
         .into_iter()
@@ -69,20 +72,20 @@ pub fn rendezvous(key: &PartitionKey, brokers: impl IntoIterator<Item = i32>) ->
 }
 
 /// The coordinator slot of a group.
-pub fn group_slot(group: &str, slots: i32) -> i32 {
+pub(crate) fn group_slot(group: &str, slots: i32) -> i32 {
     (hash(&[group.as_bytes()]) % slots.max(1) as u64) as i32
 }
 
 /// What this broker holds of one key, as the plan needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Held {
+pub(crate) struct Held {
     pub leader_epoch: i32,
     /// A newer owner fenced this one (a commit was refused).
     pub fenced: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Take the key over (claim: a new epoch).
     Claim(PartitionKey),
     /// Hand it off: finish in-flight work, then release it.
@@ -93,7 +96,7 @@ pub enum Action {
 
 /// Inputs of one planning pass.
 #[derive(Debug)]
-pub struct PlanInput<'a> {
+pub(crate) struct PlanInput<'a> {
     pub me: i32,
     pub live: &'a [BrokerRecord],
     pub owners: &'a HashMap<PartitionKey, PartitionOwner>,
@@ -109,7 +112,7 @@ pub struct PlanInput<'a> {
 /// Decides, for every key, whether this broker claims, releases or steps down from it.
 /// `waiting` remembers since when this broker has wanted a key a live broker still
 /// holds; entries are dropped when no longer needed.
-pub fn plan(
+pub(crate) fn plan(
     input: &PlanInput<'_>,
     keys: impl IntoIterator<Item = PartitionKey>,
     waiting: &mut HashMap<PartitionKey, Instant>,
@@ -170,7 +173,7 @@ struct Slots {
 
 /// The cluster's ownership as this broker knows it.
 #[derive(Debug)]
-pub struct Ownership {
+pub(crate) struct Ownership {
     pub membership: Arc<Membership>,
     /// Every partition's and slot's last known owner and epoch (refreshed every pass).
     owners: RwLock<HashMap<PartitionKey, PartitionOwner>>,
@@ -181,14 +184,14 @@ pub struct Ownership {
 
 /// Where clients should go for a partition or a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Leader {
+pub(crate) struct Leader {
     /// `None`: no live owner (clients retry).
     pub broker_id: Option<i32>,
     pub leader_epoch: i32,
 }
 
 impl Ownership {
-    pub fn new(membership: Arc<Membership>) -> Ownership {
+    pub(crate) fn new(membership: Arc<Membership>) -> Ownership {
         Ownership {
             membership,
             owners: RwLock::new(HashMap::new()),
@@ -199,7 +202,7 @@ impl Ownership {
 
     /// The plan of one pass (see [`plan`]), remembering across passes which keys wait
     /// for a live owner to let go.
-    pub fn decide(
+    pub(crate) fn decide(
         &self,
         input: &PlanInput<'_>,
         keys: impl IntoIterator<Item = PartitionKey>,
@@ -208,21 +211,21 @@ impl Ownership {
         plan(input, keys, &mut waiting)
     }
 
-    pub fn me(&self) -> i32 {
+    pub(crate) fn me(&self) -> i32 {
         self.membership.me().broker_id
     }
 
-    pub fn set_owners(&self, owners: Vec<PartitionOwner>) {
+    pub(crate) fn set_owners(&self, owners: Vec<PartitionOwner>) {
         let map = owners.into_iter().map(|o| (o.key, o)).collect();
         *self.owners.write().expect("owners lock poisoned") = map;
     }
 
-    pub fn owners(&self) -> HashMap<PartitionKey, PartitionOwner> {
+    pub(crate) fn owners(&self) -> HashMap<PartitionKey, PartitionOwner> {
         self.owners.read().expect("owners lock poisoned").clone()
     }
 
     /// Records a claim or release this broker made, ahead of the next refresh.
-    pub fn note_owner(&self, key: PartitionKey, leader_epoch: i32, owner: Option<i32>) {
+    pub(crate) fn note_owner(&self, key: PartitionKey, leader_epoch: i32, owner: Option<i32>) {
         self.owners.write().expect("owners lock poisoned").insert(
             key,
             PartitionOwner {
@@ -237,7 +240,7 @@ impl Ownership {
     /// (a new topic, a hand-off, an expired lease) there is none: clients get
     /// LEADER_NOT_AVAILABLE and ask again, as in Kafka during a leader election.
     /// `live` is the membership's live list, read once by callers that ask for many keys.
-    pub fn leader(&self, live: &[BrokerRecord], key: &PartitionKey) -> Leader {
+    pub(crate) fn leader(&self, live: &[BrokerRecord], key: &PartitionKey) -> Leader {
         let recorded = self
             .owners
             .read()
@@ -254,12 +257,12 @@ impl Ownership {
         }
     }
 
-    pub fn set_slot_topic(&self, id: Uuid, count: i32) {
+    pub(crate) fn set_slot_topic(&self, id: Uuid, count: i32) {
         self.slots.write().expect("slots lock poisoned").topic = Some((id, count));
     }
 
     /// The coordinator slot keys (empty until the internal topic is known).
-    pub fn slot_keys(&self) -> Vec<PartitionKey> {
+    pub(crate) fn slot_keys(&self) -> Vec<PartitionKey> {
         let slots = self.slots.read().expect("slots lock poisoned");
         slots.topic.map_or_else(Vec::new, |(topic_id, count)| {
             (0..count)
@@ -271,13 +274,13 @@ impl Ownership {
         })
     }
 
-    pub fn is_slot(&self, key: &PartitionKey) -> bool {
+    pub(crate) fn is_slot(&self, key: &PartitionKey) -> bool {
         let slots = self.slots.read().expect("slots lock poisoned");
         slots.topic.is_some_and(|(id, _)| id == key.topic_id)
     }
 
     /// The slot key of a group, once the internal topic is known.
-    pub fn group_key(&self, group: &str) -> Option<PartitionKey> {
+    pub(crate) fn group_key(&self, group: &str) -> Option<PartitionKey> {
         let slots = self.slots.read().expect("slots lock poisoned");
         slots.topic.map(|(topic_id, count)| PartitionKey {
             topic_id,
@@ -286,7 +289,7 @@ impl Ownership {
     }
 
     /// The held slots with their epochs.
-    pub fn held_slots(&self) -> HashMap<PartitionKey, Held> {
+    pub(crate) fn held_slots(&self) -> HashMap<PartitionKey, Held> {
         let slots = self.slots.read().expect("slots lock poisoned");
         let Some((topic_id, _)) = slots.topic else {
             return HashMap::new();
@@ -309,7 +312,7 @@ impl Ownership {
             .collect()
     }
 
-    pub fn hold_slot(&self, key: PartitionKey, leader_epoch: i32) {
+    pub(crate) fn hold_slot(&self, key: PartitionKey, leader_epoch: i32) {
         self.slots
             .write()
             .expect("slots lock poisoned")
@@ -319,7 +322,7 @@ impl Ownership {
     }
 
     /// Stops coordinating a slot; returns the epoch it was held under.
-    pub fn drop_slot(&self, key: &PartitionKey) -> Option<i32> {
+    pub(crate) fn drop_slot(&self, key: &PartitionKey) -> Option<i32> {
         self.slots
             .write()
             .expect("slots lock poisoned")
@@ -329,7 +332,7 @@ impl Ownership {
     }
 
     /// The fence for a group's offset commits if this broker coordinates it.
-    pub fn group_fence(&self, group: &str) -> Option<Fence> {
+    pub(crate) fn group_fence(&self, group: &str) -> Option<Fence> {
         let key = self.group_key(group)?;
         let slots = self.slots.read().expect("slots lock poisoned");
         slots.held.get(&key.partition).map(|(epoch, _)| Fence {
@@ -339,7 +342,7 @@ impl Ownership {
     }
 
     /// How long this broker has coordinated a group's slot (`None`: it does not).
-    pub fn group_held_for(&self, group: &str) -> Option<Duration> {
+    pub(crate) fn group_held_for(&self, group: &str) -> Option<Duration> {
         let key = self.group_key(group)?;
         let slots = self.slots.read().expect("slots lock poisoned");
         slots
@@ -349,7 +352,7 @@ impl Ownership {
     }
 
     /// The broker that coordinates a group (FindCoordinator).
-    pub fn coordinator(&self, group: &str) -> Option<BrokerRecord> {
+    pub(crate) fn coordinator(&self, group: &str) -> Option<BrokerRecord> {
         if self.group_fence(group).is_some() {
             return Some(self.membership.me());
         }

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::client::{decode_response, Conn};
 
-pub fn command() -> Command {
+pub(crate) fn command() -> Command {
     Command::new("perf")
         .about("measure produce throughput, acks=all latency and consume throughput against a running broker")
         .arg(Arg::new("bootstrap").long("bootstrap").default_value("127.0.0.1:9092").help("broker address"))
@@ -60,7 +60,7 @@ struct Settings {
     latency_seconds: u64,
 }
 
-pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
+pub(crate) fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let s = Settings {
         bootstrap: m
             .get_one::<String>("bootstrap")

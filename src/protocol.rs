@@ -8,7 +8,7 @@ use kafka_protocol::messages::{ApiKey, ResponseKind};
 use kafka_protocol::protocol::{Encodable, HeaderVersion};
 
 /// (api key, name, min version, max version) this broker implements fully.
-pub const SUPPORTED: &[(ApiKey, &str, i16, i16)] = &[
+pub(crate) const SUPPORTED: &[(ApiKey, &str, i16, i16)] = &[
     (ApiKey::Produce, "Produce", 3, 9),
     (ApiKey::Fetch, "Fetch", 4, 12),
     (ApiKey::ListOffsets, "ListOffsets", 1, 7),
@@ -50,14 +50,14 @@ pub const SUPPORTED: &[(ApiKey, &str, i16, i16)] = &[
 ];
 
 /// The API's name as a metric label (`Produce`, `Fetch`, ...).
-pub fn api_name(api_key: i16) -> &'static str {
+pub(crate) fn api_name(api_key: i16) -> &'static str {
     SUPPORTED
         .iter()
         .find(|(k, ..)| *k as i16 == api_key)
         .map_or("Unsupported", |(_, name, ..)| name)
 }
 
-pub fn supported_range(api_key: ApiKey) -> Option<(i16, i16)> {
+pub(crate) fn supported_range(api_key: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED
         .iter()
         .find(|(k, ..)| *k == api_key)
@@ -69,7 +69,7 @@ pub fn supported_range(api_key: ApiKey) -> Option<(i16, i16)> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     #[error("unknown api key {0}")]
     UnknownApiKey(i16),
     #[error("unsupported version {version} of {api:?}")]
@@ -80,7 +80,7 @@ pub enum FrameError {
 
 /// Where a request came from and what it must wait for.
 #[derive(Debug)]
-pub struct RequestContext {
+pub(crate) struct RequestContext {
     pub peer: std::net::SocketAddr,
     /// Set for Produce: the order in which its batches reach the partitions.
     pub order: Option<ProduceOrder>,
@@ -89,7 +89,7 @@ pub struct RequestContext {
 /// Produce requests of one connection enqueue their batches one after another, in the
 /// order they arrived, then wait for their answers concurrently.
 #[derive(Debug)]
-pub struct ProduceOrder {
+pub(crate) struct ProduceOrder {
     /// Fires when the previous produce request of the connection has enqueued.
     pub after: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Fire once this request has enqueued (dropping it counts).
@@ -98,7 +98,7 @@ pub struct ProduceOrder {
 
 /// A request frame with its routing fields read; the body is decoded by the handlers.
 #[derive(Debug)]
-pub struct Frame {
+pub(crate) struct Frame {
     pub api_key: i16,
     pub api_version: i16,
     pub correlation_id: i32,
@@ -106,7 +106,7 @@ pub struct Frame {
 }
 
 impl Frame {
-    pub fn parse(bytes: Bytes) -> Result<Frame, FrameError> {
+    pub(crate) fn parse(bytes: Bytes) -> Result<Frame, FrameError> {
         if bytes.len() < 8 {
             return Err(FrameError::Decode(
                 "frame shorter than a request header".into(),
@@ -125,7 +125,7 @@ impl Frame {
 }
 
 /// Encodes a response frame (size, header, body) in one buffer, without copying the body.
-pub fn encode(
+pub(crate) fn encode(
     correlation_id: i32,
     api: ApiKey,
     version: i16,

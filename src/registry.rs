@@ -19,11 +19,11 @@ use crate::metadata::{MetaError, PartitionKey};
 /// One partition as this broker sees it: the owner task's handle while this broker
 /// owns the partition, nothing otherwise.
 #[derive(Debug, Default)]
-pub struct PartitionSlot(RwLock<Option<PartitionHandle>>);
+pub(crate) struct PartitionSlot(RwLock<Option<PartitionHandle>>);
 
 impl PartitionSlot {
     /// The local owner task, if any (serving, handing off, or fenced).
-    pub fn get(&self) -> Option<PartitionHandle> {
+    pub(crate) fn get(&self) -> Option<PartitionHandle> {
         self.0.read().expect("partition slot lock poisoned").clone()
     }
 
@@ -38,7 +38,7 @@ impl PartitionSlot {
 
 /// A topic of the cluster; this broker serves the partitions whose slot holds a task.
 #[derive(Debug)]
-pub struct Topic {
+pub(crate) struct Topic {
     pub name: Arc<str>,
     pub id: Uuid,
     /// Topic-level overrides (Kafka names).
@@ -48,11 +48,11 @@ pub struct Topic {
 }
 
 impl Topic {
-    pub fn partition_count(&self) -> i32 {
+    pub(crate) fn partition_count(&self) -> i32 {
         self.partitions.len() as i32
     }
 
-    pub fn key(&self, index: i32) -> PartitionKey {
+    pub(crate) fn key(&self, index: i32) -> PartitionKey {
         PartitionKey {
             topic_id: self.id,
             partition: index,
@@ -62,7 +62,7 @@ impl Topic {
     /// The partition's owner task if this broker leads it now: UNKNOWN_TOPIC_OR_PARTITION
     /// for an index the topic lacks, NOT_LEADER_OR_FOLLOWER when another broker owns it
     /// (or this one is handing it off).
-    pub fn partition(&self, index: i32) -> Result<PartitionHandle, ResponseError> {
+    pub(crate) fn partition(&self, index: i32) -> Result<PartitionHandle, ResponseError> {
         let slot = usize::try_from(index)
             .ok()
             .and_then(|i| self.partitions.get(i))
@@ -74,13 +74,16 @@ impl Topic {
     }
 
     /// Every partition task this broker runs for the topic.
-    pub fn local_partitions(&self) -> Vec<PartitionHandle> {
+    pub(crate) fn local_partitions(&self) -> Vec<PartitionHandle> {
         self.partitions.iter().filter_map(|s| s.get()).collect()
     }
 }
 
 /// The partition of an optional topic (a missing topic is UNKNOWN_TOPIC_OR_PARTITION).
-pub fn serve(topic: Option<&Arc<Topic>>, index: i32) -> Result<PartitionHandle, ResponseError> {
+pub(crate) fn serve(
+    topic: Option<&Arc<Topic>>,
+    index: i32,
+) -> Result<PartitionHandle, ResponseError> {
     topic
         .ok_or(ResponseError::UnknownTopicOrPartition)?
         .partition(index)
@@ -94,30 +97,30 @@ struct Maps {
 
 /// The registry; see the module docs.
 #[derive(Debug, Default)]
-pub struct TopicRegistry(RwLock<Maps>);
+pub(crate) struct TopicRegistry(RwLock<Maps>);
 
 impl TopicRegistry {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
         self.0.read().expect("registry lock poisoned")
     }
 
-    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+    pub(crate) fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.read().by_name.get(name).cloned()
     }
 
-    pub fn topic_by_id(&self, id: &Uuid) -> Option<Arc<Topic>> {
+    pub(crate) fn topic_by_id(&self, id: &Uuid) -> Option<Arc<Topic>> {
         self.read().by_id.get(id).cloned()
     }
 
     /// Every topic, by name.
-    pub fn topics(&self) -> Vec<Arc<Topic>> {
+    pub(crate) fn topics(&self) -> Vec<Arc<Topic>> {
         let mut v: Vec<_> = self.read().by_name.values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     /// Partition tasks this broker runs.
-    pub fn local_partition_count(&self) -> usize {
+    pub(crate) fn local_partition_count(&self) -> usize {
         self.topics()
             .iter()
             .map(|t| t.local_partitions().len())
@@ -161,7 +164,7 @@ pub(crate) async fn stop_task(h: &PartitionHandle) {
 
 /// Why a topic operation failed; the handlers map each to a Kafka error code.
 #[derive(Debug, thiserror::Error)]
-pub enum TopicError {
+pub(crate) enum TopicError {
     #[error("topic already exists")]
     Exists,
     #[error("topic does not exist")]
@@ -179,7 +182,7 @@ pub enum TopicError {
 }
 
 /// Kafka's topic name rules: 1..=249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
+pub(crate) fn validate_topic_name(name: &str) -> Result<(), TopicError> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));

@@ -17,18 +17,18 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 #[derive(Debug, Default)]
-pub struct Tasks {
+pub(crate) struct Tasks {
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl Tasks {
-    pub fn new() -> Tasks {
+    pub(crate) fn new() -> Tasks {
         Tasks::default()
     }
 
     /// Spawns a tracked task.
-    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
@@ -37,12 +37,12 @@ impl Tasks {
     }
 
     /// Resolves once shutdown has begun.
-    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+    pub(crate) fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.cancel.clone().cancelled_owned()
     }
 
     /// Runs `job` every `every` until shutdown (or until `job` returns `false`).
-    pub fn spawn_every<F, Fut>(&self, every: Duration, mut job: F)
+    pub(crate) fn spawn_every<F, Fut>(&self, every: Duration, mut job: F)
     where
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = bool> + Send,
@@ -63,7 +63,7 @@ impl Tasks {
 
     /// Cancels every task and waits for them to end, at most `deadline`. Returns how
     /// many were still running then.
-    pub async fn shutdown(&self, deadline: Duration) -> usize {
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> usize {
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(deadline, self.tracker.wait())

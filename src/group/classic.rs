@@ -15,7 +15,7 @@ use kafka_protocol::ResponseError;
 
 /// Kafka's group states; the names are what DescribeGroups and ListGroups report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupState {
+pub(crate) enum GroupState {
     Empty,
     PreparingRebalance,
     CompletingRebalance,
@@ -24,7 +24,7 @@ pub enum GroupState {
 }
 
 impl GroupState {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             GroupState::Empty => "Empty",
             GroupState::PreparingRebalance => "PreparingRebalance",
@@ -37,7 +37,7 @@ impl GroupState {
 
 /// Limits and delays the coordinator applies (broker settings).
 #[derive(Debug, Clone, Copy)]
-pub struct GroupLimits {
+pub(crate) struct GroupLimits {
     pub min_session_timeout_ms: i32,
     pub max_session_timeout_ms: i32,
     pub initial_rebalance_delay_ms: i64,
@@ -45,7 +45,7 @@ pub struct GroupLimits {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
+pub(crate) struct Member {
     pub member_id: String,
     pub instance_id: Option<String>,
     pub client_id: String,
@@ -78,7 +78,7 @@ impl Member {
 
 /// What a JoinGroup gets back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinResult {
+pub(crate) struct JoinResult {
     pub error: Option<ResponseError>,
     pub generation: i32,
     pub protocol_type: Option<String>,
@@ -107,7 +107,7 @@ impl JoinResult {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncResult {
+pub(crate) struct SyncResult {
     pub error: Option<ResponseError>,
     pub protocol_type: Option<String>,
     pub protocol_name: Option<String>,
@@ -126,7 +126,7 @@ impl SyncResult {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     Join(JoinResult),
     Sync(SyncResult),
     Heartbeat(Option<ResponseError>),
@@ -135,7 +135,7 @@ pub enum Reply {
 }
 
 #[derive(Debug, Clone)]
-pub struct JoinRequest {
+pub(crate) struct JoinRequest {
     pub token: u64,
     pub member_id: String,
     pub instance_id: Option<String>,
@@ -152,7 +152,7 @@ pub struct JoinRequest {
 }
 
 #[derive(Debug, Clone)]
-pub struct SyncRequest {
+pub(crate) struct SyncRequest {
     pub token: u64,
     pub member_id: String,
     pub instance_id: Option<String>,
@@ -164,7 +164,7 @@ pub struct SyncRequest {
 }
 
 #[derive(Debug, Clone)]
-pub enum Event {
+pub(crate) enum Event {
     Join(JoinRequest),
     Sync(SyncRequest),
     Heartbeat {
@@ -182,7 +182,7 @@ pub enum Event {
 }
 
 #[derive(Debug, Clone)]
-pub struct Group {
+pub(crate) struct Group {
     pub id: String,
     pub state: GroupState,
     pub generation: i32,
@@ -208,7 +208,7 @@ pub struct Group {
 type Replies = Vec<(u64, Reply)>;
 
 impl Group {
-    pub fn new(id: &str, limits: GroupLimits) -> Group {
+    pub(crate) fn new(id: &str, limits: GroupLimits) -> Group {
         Group {
             id: id.to_string(),
             state: GroupState::Empty,
@@ -228,7 +228,7 @@ impl Group {
     }
 
     /// The earliest time at which `Tick` has something to do.
-    pub fn next_deadline(&self) -> Option<i64> {
+    pub(crate) fn next_deadline(&self) -> Option<i64> {
         let sessions = self
             .members
             .values()
@@ -241,7 +241,7 @@ impl Group {
             .min()
     }
 
-    pub fn handle(&mut self, event: Event, now: i64) -> Replies {
+    pub(crate) fn handle(&mut self, event: Event, now: i64) -> Replies {
         let mut out = Vec::new();
         match event {
             Event::Join(j) => self.join(j, now, &mut out),
@@ -271,7 +271,7 @@ impl Group {
     }
 
     /// Checks an OffsetCommit's membership claims. `Ok` means the commit may be stored.
-    pub fn validate_commit(
+    pub(crate) fn validate_commit(
         &self,
         member_id: &str,
         instance_id: Option<&str>,

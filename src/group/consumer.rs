@@ -15,19 +15,19 @@ use indexmap::IndexMap;
 use kafka_protocol::ResponseError;
 use uuid::Uuid;
 
-pub type TopicPartition = (Uuid, i32);
+pub(crate) type TopicPartition = (Uuid, i32);
 
 /// Subscribed topics as the broker knows them: name -> (topic id, partition count).
-pub type TopicsSnapshot = BTreeMap<String, (Uuid, i32)>;
+pub(crate) type TopicsSnapshot = BTreeMap<String, (Uuid, i32)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Assignor {
+pub(crate) enum Assignor {
     Uniform,
     Range,
 }
 
 impl Assignor {
-    pub fn parse(name: Option<&str>) -> Option<Assignor> {
+    pub(crate) fn parse(name: Option<&str>) -> Option<Assignor> {
         match name {
             None | Some("uniform") => Some(Assignor::Uniform),
             Some("range") => Some(Assignor::Range),
@@ -35,7 +35,7 @@ impl Assignor {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Assignor::Uniform => "uniform",
             Assignor::Range => "range",
@@ -44,14 +44,14 @@ impl Assignor {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct ConsumerLimits {
+pub(crate) struct ConsumerLimits {
     pub session_timeout_ms: i64,
     pub heartbeat_interval_ms: i32,
     pub max_members: usize,
 }
 
 #[derive(Debug, Clone)]
-pub struct CMember {
+pub(crate) struct CMember {
     pub member_id: String,
     pub instance_id: Option<String>,
     pub rack_id: Option<String>,
@@ -72,7 +72,7 @@ pub struct CMember {
 }
 
 #[derive(Debug, Clone)]
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     pub member_id: String,
     pub member_epoch: i32,
     pub instance_id: Option<String>,
@@ -92,7 +92,7 @@ pub struct Heartbeat {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeartbeatReply {
+pub(crate) struct HeartbeatReply {
     pub error: Option<(ResponseError, &'static str)>,
     pub member_id: String,
     pub member_epoch: i32,
@@ -102,8 +102,7 @@ pub struct HeartbeatReply {
 }
 
 #[derive(Debug, Clone)]
-pub struct ConsumerGroup {
-    pub id: String,
+pub(crate) struct ConsumerGroup {
     pub epoch: i32,
     /// Epoch the target assignment was computed for.
     pub assignment_epoch: i32,
@@ -115,9 +114,8 @@ pub struct ConsumerGroup {
 }
 
 impl ConsumerGroup {
-    pub fn new(id: &str, limits: ConsumerLimits) -> ConsumerGroup {
+    pub(crate) fn new(limits: ConsumerLimits) -> ConsumerGroup {
         ConsumerGroup {
-            id: id.to_string(),
             epoch: 0,
             assignment_epoch: 0,
             assignor: Assignor::Uniform,
@@ -129,7 +127,7 @@ impl ConsumerGroup {
     }
 
     /// Kafka's consumer-group states.
-    pub fn state(&self) -> &'static str {
+    pub(crate) fn state(&self) -> &'static str {
         if self.members.is_empty() {
             "Empty"
         } else if self.assignment_epoch < self.epoch {
@@ -141,7 +139,7 @@ impl ConsumerGroup {
         }
     }
 
-    pub fn next_deadline(&self) -> Option<i64> {
+    pub(crate) fn next_deadline(&self) -> Option<i64> {
         self.members
             .values()
             .flat_map(|m| [Some(m.session_deadline_ms), m.revoke_deadline_ms])
@@ -150,7 +148,7 @@ impl ConsumerGroup {
     }
 
     /// Expires sessions and members that did not revoke in time.
-    pub fn tick(&mut self, now: i64) {
+    pub(crate) fn tick(&mut self, now: i64) {
         let gone: Vec<String> = self
             .members
             .values()
@@ -173,7 +171,7 @@ impl ConsumerGroup {
     }
 
     /// Checks an OffsetCommit's member id and epoch.
-    pub fn validate_commit(&self, member_id: &str, epoch: i32) -> Result<(), ResponseError> {
+    pub(crate) fn validate_commit(&self, member_id: &str, epoch: i32) -> Result<(), ResponseError> {
         if member_id.is_empty() && epoch < 0 {
             return if self.members.is_empty() {
                 Ok(())
@@ -192,7 +190,7 @@ impl ConsumerGroup {
         }
     }
 
-    pub fn heartbeat(&mut self, hb: Heartbeat, now: i64) -> HeartbeatReply {
+    pub(crate) fn heartbeat(&mut self, hb: Heartbeat, now: i64) -> HeartbeatReply {
         let fail = |e: ResponseError, msg: &'static str, id: &str, epoch: i32| HeartbeatReply {
             error: Some((e, msg)),
             member_id: id.to_string(),
@@ -509,7 +507,7 @@ mod tests {
     #[test]
     fn one_member_gets_everything_then_shares_without_overlap() {
         let (id, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         let r = g.heartbeat(hb("a", 0, Some(vec![]), &topics), 0);
         assert_eq!(r.member_epoch, 1);
         let a_parts = r.assignment.expect("initial assignment");
@@ -554,7 +552,7 @@ mod tests {
     #[test]
     fn leave_and_session_expiry_move_partitions() {
         let (_, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         let a = g
             .heartbeat(hb("a", 0, Some(vec![]), &topics), 0)
             .assignment
@@ -579,7 +577,7 @@ mod tests {
     #[test]
     fn stale_epochs_are_fenced_and_unknown_assignors_refused() {
         let (_, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         g.heartbeat(hb("a", 0, Some(vec![]), &topics), 0);
         let r = g.heartbeat(hb("a", 7, None, &topics), 0);
         assert_eq!(r.error.map(|e| e.0), Some(ResponseError::FencedMemberEpoch));
@@ -594,7 +592,7 @@ mod tests {
     #[test]
     fn range_assignor_splits_contiguously() {
         let (id, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         for m in ["a", "b", "c", "d"] {
             let mut h = hb(m, 0, Some(vec![]), &topics);
             h.assignor = Some("range".into());
@@ -609,7 +607,7 @@ mod tests {
     #[test]
     fn uniform_assignment_is_sticky() {
         let (_, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         let a = g
             .heartbeat(hb("a", 0, Some(vec![]), &topics), 0)
             .assignment
@@ -627,7 +625,7 @@ mod tests {
     #[test]
     fn unchanged_fields_do_not_bump_the_epoch() {
         let (_, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         let mut h = hb("a", 0, Some(vec![]), &topics);
         h.assignor = Some("range".into());
         let r = g.heartbeat(h, 0);
@@ -642,7 +640,7 @@ mod tests {
     #[test]
     fn partition_growth_bumps_the_epoch() {
         let (id, topics) = topic();
-        let mut g = ConsumerGroup::new("g", LIMITS);
+        let mut g = ConsumerGroup::new(LIMITS);
         g.heartbeat(hb("a", 0, Some(vec![]), &topics), 0);
         let epoch = g.epoch;
         let grown: TopicsSnapshot = [("t".to_string(), (id, 8))].into_iter().collect();

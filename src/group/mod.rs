@@ -7,8 +7,8 @@
 //! hands (or the broker restarts) members simply rejoin at the new coordinator, while
 //! committed offsets survive in the metadata store.
 
-pub mod classic;
-pub mod consumer;
+pub(crate) mod classic;
+pub(crate) mod consumer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +28,7 @@ use consumer::{ConsumerGroup, ConsumerLimits, Heartbeat, HeartbeatReply};
 
 /// Settings of the coordinator.
 #[derive(Debug, Clone, Copy)]
-pub struct CoordinatorConfig {
+pub(crate) struct CoordinatorConfig {
     pub limits: GroupLimits,
     pub consumer_limits: ConsumerLimits,
     pub max_groups: usize,
@@ -41,20 +41,19 @@ pub struct CoordinatorConfig {
 
 /// A snapshot for DescribeGroups and ListGroups.
 #[derive(Debug, Clone)]
-pub struct GroupSummary {
+pub(crate) struct GroupSummary {
     /// "classic" or "consumer" (KIP-848).
     pub group_type: &'static str,
     /// Kafka's state name for the group's type.
     pub state_name: &'static str,
     pub protocol_type: String,
     pub protocol_name: String,
-    pub generation: i32,
     /// (member id, instance id, client id, client host, metadata, assignment)
     pub members: Vec<MemberSummary>,
 }
 
 #[derive(Debug, Clone)]
-pub struct MemberSummary {
+pub(crate) struct MemberSummary {
     pub member_id: String,
     pub instance_id: Option<String>,
     pub client_id: String,
@@ -65,7 +64,7 @@ pub struct MemberSummary {
 
 /// Why a commit was refused as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommitError {
+pub(crate) enum CommitError {
     Group(ResponseError),
     Store(ResponseError),
 }
@@ -93,7 +92,7 @@ enum GroupCmd {
 }
 
 #[derive(Debug)]
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     groups: Mutex<HashMap<String, mpsc::Sender<GroupCmd>>>,
     meta: Arc<dyn MetadataStore>,
     ownership: Arc<Ownership>,
@@ -110,7 +109,7 @@ impl std::fmt::Debug for GroupCmd {
 }
 
 impl Coordinator {
-    pub fn new(
+    pub(crate) fn new(
         meta: Arc<dyn MetadataStore>,
         ownership: Arc<Ownership>,
         config: CoordinatorConfig,
@@ -129,7 +128,7 @@ impl Coordinator {
     }
 
     /// NOT_COORDINATOR unless this broker holds the group's coordinator slot.
-    pub fn check_coordinator(&self, group_id: &str) -> Result<(), ResponseError> {
+    pub(crate) fn check_coordinator(&self, group_id: &str) -> Result<(), ResponseError> {
         match self.ownership.group_fence(group_id) {
             Some(_) => Ok(()),
             None => Err(ResponseError::NotCoordinator),
@@ -138,14 +137,14 @@ impl Coordinator {
 
     /// Ends the tasks of the groups `gone` selects (their coordinator slot moved away):
     /// their members get NOT_COORDINATOR and rejoin at the new coordinator.
-    pub fn evict(&self, gone: impl Fn(&str) -> bool) -> usize {
+    pub(crate) fn evict(&self, gone: impl Fn(&str) -> bool) -> usize {
         let mut groups = self.groups.lock().expect("groups lock poisoned");
         let before = groups.len();
         groups.retain(|id, _| !gone(id));
         before - groups.len()
     }
 
-    pub fn token(&self) -> u64 {
+    pub(crate) fn token(&self) -> u64 {
         self.tokens.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -173,7 +172,7 @@ impl Coordinator {
         }
         let (tx, rx) = mpsc::channel(self.config.queue_length);
         let group = Group::new(group_id, self.config.limits);
-        let consumer = ConsumerGroup::new(group_id, self.config.consumer_limits);
+        let consumer = ConsumerGroup::new(self.config.consumer_limits);
         let cancelled = self.tasks.cancelled();
         let (self_meta, self_ownership) = (self.meta.clone(), self.ownership.clone());
         self.tasks.spawn(async move {
@@ -187,7 +186,7 @@ impl Coordinator {
     }
 
     /// Requests waiting in the fullest group queue (at most `group.queue.length`).
-    pub fn queue_depth_max(&self) -> usize {
+    pub(crate) fn queue_depth_max(&self) -> usize {
         self.groups
             .lock()
             .expect("groups lock poisoned")
@@ -198,7 +197,11 @@ impl Coordinator {
     }
 
     /// Sends a join/sync/heartbeat/leave event and waits for its reply.
-    pub async fn request(&self, group_id: &str, event: Event) -> Result<Reply, ResponseError> {
+    pub(crate) async fn request(
+        &self,
+        group_id: &str,
+        event: Event,
+    ) -> Result<Reply, ResponseError> {
         let tx = self
             .handle(group_id, true)?
             .ok_or(ResponseError::CoordinatorNotAvailable)?;
@@ -210,7 +213,7 @@ impl Coordinator {
     }
 
     /// Validates membership and stores offsets, serialized with the group's other events.
-    pub async fn commit(
+    pub(crate) async fn commit(
         &self,
         group_id: &str,
         member_id: String,
@@ -238,7 +241,7 @@ impl Coordinator {
     }
 
     /// A KIP-848 ConsumerGroupHeartbeat.
-    pub async fn consumer_heartbeat(
+    pub(crate) async fn consumer_heartbeat(
         &self,
         group_id: &str,
         hb: Heartbeat,
@@ -255,7 +258,7 @@ impl Coordinator {
 
     /// OffsetFetch v9 from a member: refuses a stale or unknown member epoch of a
     /// consumer-protocol group (a group with no task has nothing to check).
-    pub async fn check_member_epoch(
+    pub(crate) async fn check_member_epoch(
         &self,
         group_id: &str,
         member_id: &str,
@@ -277,7 +280,7 @@ impl Coordinator {
     }
 
     /// The KIP-848 group's state, if the group is one.
-    pub async fn consumer_describe(&self, group_id: &str) -> Option<ConsumerGroup> {
+    pub(crate) async fn consumer_describe(&self, group_id: &str) -> Option<ConsumerGroup> {
         let tx = self.handle(group_id, false).ok()??;
         let (reply, rx) = oneshot::channel();
         tx.send(GroupCmd::ConsumerDescribe(reply)).await.ok()?;
@@ -285,14 +288,14 @@ impl Coordinator {
     }
 
     /// The group's live state, or `None` when no task runs for it.
-    pub async fn describe(&self, group_id: &str) -> Option<GroupSummary> {
+    pub(crate) async fn describe(&self, group_id: &str) -> Option<GroupSummary> {
         let tx = self.handle(group_id, false).ok()??;
         let (reply, rx) = oneshot::channel();
         tx.send(GroupCmd::Describe(reply)).await.ok()?;
         rx.await.ok()
     }
 
-    pub fn live_groups(&self) -> Vec<String> {
+    pub(crate) fn live_groups(&self) -> Vec<String> {
         let groups = self.groups.lock().expect("groups lock poisoned");
         let mut v: Vec<String> = groups
             .iter()
@@ -304,7 +307,7 @@ impl Coordinator {
     }
 
     /// Deletes a group with no members, and its committed offsets.
-    pub async fn delete(&self, group_id: &str) -> Result<(), ResponseError> {
+    pub(crate) async fn delete(&self, group_id: &str) -> Result<(), ResponseError> {
         let live = self.handle(group_id, false)?;
         if let Some(tx) = live {
             let (reply, rx) = oneshot::channel();
@@ -327,7 +330,7 @@ impl Coordinator {
 
     /// Deletes committed offsets of a group this broker coordinates, under its lease on
     /// the group's slot: NOT_COORDINATOR once another broker coordinates it.
-    pub async fn delete_offsets(
+    pub(crate) async fn delete_offsets(
         &self,
         group_id: &str,
         partitions: Option<&[(String, i32)]>,
@@ -592,7 +595,6 @@ fn consumer_summary(g: &ConsumerGroup) -> GroupSummary {
         state_name: g.state(),
         protocol_type: "consumer".to_string(),
         protocol_name: g.assignor.name().to_string(),
-        generation: g.epoch,
         members: g
             .members
             .values()
@@ -624,7 +626,6 @@ fn summary(g: &Group) -> GroupSummary {
         state_name: g.state.name(),
         protocol_type: g.protocol_type.clone().unwrap_or_default(),
         protocol_name: protocol.clone(),
-        generation: g.generation,
         members: g
             .members
             .values()

@@ -6,7 +6,7 @@ use kafka_protocol::messages::ApiVersionsResponse;
 
 use crate::protocol::{supported_range, SUPPORTED};
 
-pub fn response() -> ApiVersionsResponse {
+pub(crate) fn response() -> ApiVersionsResponse {
     let mut r = ApiVersionsResponse::default();
     r.api_keys = SUPPORTED
         .iter()

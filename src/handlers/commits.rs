@@ -32,7 +32,10 @@ use crate::metadata::CommittedOffset;
 /// A partition of a commit: the offset to store, or its own error.
 type PartitionCheck = (i32, Result<CommittedOffset, ResponseError>);
 
-pub async fn offset_commit(broker: &Arc<Broker>, req: OffsetCommitRequest) -> OffsetCommitResponse {
+pub(crate) async fn offset_commit(
+    broker: &Arc<Broker>,
+    req: OffsetCommitRequest,
+) -> OffsetCommitResponse {
     let max_metadata = broker.groups.config.offset_metadata_max_bytes;
     let now = now_ms();
     // Per (topic, partition): Ok(offset to store) or the partition's own error.
@@ -192,7 +195,7 @@ macro_rules! offset_topics {
     };
 }
 
-pub async fn offset_fetch(
+pub(crate) async fn offset_fetch(
     broker: &Arc<Broker>,
     req: OffsetFetchRequest,
     version: i16,
@@ -266,7 +269,10 @@ fn subscribed_topics(members: &[crate::group::MemberSummary]) -> HashSet<String>
     topics
 }
 
-pub async fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+pub(crate) async fn offset_delete(
+    broker: &Arc<Broker>,
+    req: OffsetDeleteRequest,
+) -> OffsetDeleteResponse {
     let mut resp = OffsetDeleteResponse::default();
     if let Err(e) = broker.groups.check_coordinator(&req.group_id.0) {
         resp.error_code = e.code();

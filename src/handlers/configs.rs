@@ -28,7 +28,7 @@ const TYPE_STRING: i8 = 2;
 const TYPE_LONG: i8 = 5;
 
 /// Every topic-level setting with its effective value: (name, value, is_default).
-pub fn topic_entries(
+pub(crate) fn topic_entries(
     broker: &Broker,
     overrides: &BTreeMap<String, String>,
 ) -> Vec<(String, String, bool)> {
@@ -54,7 +54,7 @@ fn config_type(value: &str) -> i8 {
     }
 }
 
-pub fn describe_configs(
+pub(crate) fn describe_configs(
     broker: &Arc<Broker>,
     req: DescribeConfigsRequest,
     version: i16,
@@ -167,7 +167,10 @@ fn alter_error(e: &TopicError) -> (i16, Option<kafka_protocol::protocol::StrByte
     )
 }
 
-pub async fn alter_configs(broker: &Arc<Broker>, req: AlterConfigsRequest) -> AlterConfigsResponse {
+pub(crate) async fn alter_configs(
+    broker: &Arc<Broker>,
+    req: AlterConfigsRequest,
+) -> AlterConfigsResponse {
     let mut resp = AlterConfigsResponse::default();
     for res in req.resources {
         let mut out = AlterConfigsResourceResponse::default()
@@ -205,7 +208,7 @@ pub async fn alter_configs(broker: &Arc<Broker>, req: AlterConfigsRequest) -> Al
     resp
 }
 
-pub async fn incremental_alter_configs(
+pub(crate) async fn incremental_alter_configs(
     broker: &Arc<Broker>,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {

@@ -9,11 +9,7 @@ use crate::log::producer::SeqError;
 use crate::log::read::ReadError;
 use crate::metadata::MetaError;
 
-pub fn code(e: ResponseError) -> i16 {
-    e.code()
-}
-
-pub fn topic_error(e: &TopicError) -> ResponseError {
+pub(crate) fn topic_error(e: &TopicError) -> ResponseError {
     match e {
         TopicError::Exists => ResponseError::TopicAlreadyExists,
         TopicError::NotFound => ResponseError::UnknownTopicOrPartition,
@@ -25,7 +21,7 @@ pub fn topic_error(e: &TopicError) -> ResponseError {
     }
 }
 
-pub fn meta_error(e: &MetaError) -> ResponseError {
+pub(crate) fn meta_error(e: &MetaError) -> ResponseError {
     match e {
         MetaError::TopicExists => ResponseError::TopicAlreadyExists,
         MetaError::TopicNotFound | MetaError::PartitionNotFound => {
@@ -38,7 +34,7 @@ pub fn meta_error(e: &MetaError) -> ResponseError {
     }
 }
 
-pub fn batch_error(e: &BatchError) -> ResponseError {
+pub(crate) fn batch_error(e: &BatchError) -> ResponseError {
     match e {
         BatchError::Corrupt | BatchError::CrcMismatch | BatchError::Empty => {
             ResponseError::CorruptMessage
@@ -48,7 +44,7 @@ pub fn batch_error(e: &BatchError) -> ResponseError {
     }
 }
 
-pub fn append_error(e: &AppendError) -> ResponseError {
+pub(crate) fn append_error(e: &AppendError) -> ResponseError {
     match e {
         AppendError::Sequence(SeqError::OutOfOrder) => ResponseError::OutOfOrderSequenceNumber,
         AppendError::Sequence(SeqError::InvalidEpoch) => ResponseError::InvalidProducerEpoch,
@@ -57,21 +53,21 @@ pub fn append_error(e: &AppendError) -> ResponseError {
     }
 }
 
-pub fn read_error(e: &ReadError) -> ResponseError {
+pub(crate) fn read_error(e: &ReadError) -> ResponseError {
     match e {
         ReadError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,
         ReadError::Storage(_) => ResponseError::KafkaStorageError,
     }
 }
 
-pub fn zone_read_error(e: &crate::log::zone::ZoneReadError) -> ResponseError {
+pub(crate) fn zone_read_error(e: &crate::log::zone::ZoneReadError) -> ResponseError {
     match e {
         crate::log::zone::ZoneReadError::Read(e) => read_error(e),
         crate::log::zone::ZoneReadError::NotYetVisible => ResponseError::OffsetNotAvailable,
     }
 }
 
-pub fn delete_records_error(e: &DeleteRecordsError) -> ResponseError {
+pub(crate) fn delete_records_error(e: &DeleteRecordsError) -> ResponseError {
     match e {
         DeleteRecordsError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,
         DeleteRecordsError::Unavailable => ResponseError::RequestTimedOut,

@@ -22,7 +22,7 @@ use crate::ownership::rendezvous;
 
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-pub async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
+pub(crate) async fn fetch(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
     let resp = fetch_until_ready(broker, req, version).await;
     let m = crate::metrics::metrics();
     // Bytes out count every answer, zone-local ones included.

@@ -51,7 +51,7 @@ fn valid_group(id: &GroupId) -> bool {
     !id.0.is_empty()
 }
 
-pub fn find_coordinator(
+pub(crate) fn find_coordinator(
     broker: &Arc<Broker>,
     req: FindCoordinatorRequest,
     version: i16,
@@ -110,7 +110,7 @@ pub fn find_coordinator(
     resp
 }
 
-pub async fn join_group(
+pub(crate) async fn join_group(
     broker: &Arc<Broker>,
     req: JoinGroupRequest,
     version: i16,
@@ -179,7 +179,7 @@ pub async fn join_group(
     }
 }
 
-pub async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGroupResponse {
+pub(crate) async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGroupResponse {
     let fail = |e: ResponseError| SyncGroupResponse::default().with_error_code(e.code());
     if !valid_group(&req.group_id) {
         return fail(ResponseError::InvalidGroupId);
@@ -209,7 +209,7 @@ pub async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGrou
     }
 }
 
-pub async fn heartbeat(broker: &Arc<Broker>, req: HeartbeatRequest) -> HeartbeatResponse {
+pub(crate) async fn heartbeat(broker: &Arc<Broker>, req: HeartbeatRequest) -> HeartbeatResponse {
     if !valid_group(&req.group_id) {
         return HeartbeatResponse::default().with_error_code(ResponseError::InvalidGroupId.code());
     }
@@ -228,7 +228,7 @@ pub async fn heartbeat(broker: &Arc<Broker>, req: HeartbeatRequest) -> Heartbeat
     HeartbeatResponse::default().with_error_code(code(error))
 }
 
-pub async fn leave_group(
+pub(crate) async fn leave_group(
     broker: &Arc<Broker>,
     req: LeaveGroupRequest,
     version: i16,
@@ -276,7 +276,10 @@ pub async fn leave_group(
 
 /// All groups: live ones with their state, and groups that only have committed offsets
 /// (Empty).
-pub async fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGroupsResponse {
+pub(crate) async fn list_groups(
+    broker: &Arc<Broker>,
+    req: ListGroupsRequest,
+) -> ListGroupsResponse {
     let mut resp = ListGroupsResponse::default();
     let mut seen = std::collections::BTreeMap::new();
     for g in broker.groups.live_groups() {
@@ -315,7 +318,7 @@ pub async fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGr
     resp
 }
 
-pub async fn describe_groups(
+pub(crate) async fn describe_groups(
     broker: &Arc<Broker>,
     req: DescribeGroupsRequest,
 ) -> DescribeGroupsResponse {
@@ -371,7 +374,10 @@ pub async fn describe_groups(
     resp
 }
 
-pub async fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+pub(crate) async fn delete_groups(
+    broker: &Arc<Broker>,
+    req: DeleteGroupsRequest,
+) -> DeleteGroupsResponse {
     let mut resp = DeleteGroupsResponse::default();
     for id in req.groups_names {
         let error = if id.0.is_empty() {
@@ -389,7 +395,7 @@ pub async fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> De
 }
 
 /// KIP-848: the consumer protocol's single request.
-pub async fn consumer_group_heartbeat(
+pub(crate) async fn consumer_group_heartbeat(
     broker: &Arc<Broker>,
     req: ConsumerGroupHeartbeatRequest,
     client_id: &str,
@@ -486,7 +492,7 @@ fn group_by_topic(parts: &[(uuid::Uuid, i32)]) -> Vec<HeartbeatTopicPartitions> 
         .collect()
 }
 
-pub async fn consumer_group_describe(
+pub(crate) async fn consumer_group_describe(
     broker: &Arc<Broker>,
     req: ConsumerGroupDescribeRequest,
 ) -> ConsumerGroupDescribeResponse {

@@ -27,7 +27,7 @@ const CLUSTER_OPERATIONS: i32 =
     (1 << 5) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12);
 const OPERATIONS_NOT_REQUESTED: i32 = i32::MIN;
 
-pub async fn metadata(
+pub(crate) async fn metadata(
     broker: &Arc<Broker>,
     req: MetadataRequest,
     version: i16,
@@ -151,7 +151,7 @@ fn describe(broker: &Broker, live: &[BrokerRecord], t: &Topic, ops: i32) -> Meta
         )
 }
 
-pub fn describe_cluster(
+pub(crate) fn describe_cluster(
     broker: &Arc<Broker>,
     req: DescribeClusterRequest,
 ) -> DescribeClusterResponse {

@@ -1,16 +1,16 @@
 //! Request handlers, one file per API family. Each takes the decoded request and
 //! returns the response; errors reach clients as Kafka error codes (see [`errors`]).
 
-pub mod api_versions;
-pub mod commits;
-pub mod configs;
-pub mod errors;
-pub mod fetch;
-pub mod groups;
-pub mod metadata;
-pub mod offsets;
-pub mod produce;
-pub mod topics;
+pub(crate) mod api_versions;
+pub(crate) mod commits;
+pub(crate) mod configs;
+pub(crate) mod errors;
+pub(crate) mod fetch;
+pub(crate) mod groups;
+pub(crate) mod metadata;
+pub(crate) mod offsets;
+pub(crate) mod produce;
+pub(crate) mod topics;
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use crate::protocol::{self, Frame, FrameError, RequestContext};
 
 /// Handles one request. `Ok(None)` sends nothing (acks=0 produce); `Err` closes the
 /// connection (the caller logs the reason with the peer).
-pub async fn handle(
+pub(crate) async fn handle(
     broker: &Arc<Broker>,
     ctx: RequestContext,
     frame: Frame,
@@ -65,7 +65,7 @@ pub async fn handle(
 }
 
 /// Routes a decoded request. `None` means no response is sent (acks=0 produce).
-pub async fn dispatch(
+pub(crate) async fn dispatch(
     broker: &Arc<Broker>,
     header: &RequestHeader,
     ctx: crate::protocol::RequestContext,

@@ -38,7 +38,10 @@ fn epoch_error(shared: &PartitionShared, current: i32) -> Option<ResponseError> 
     }
 }
 
-pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> ListOffsetsResponse {
+pub(crate) async fn list_offsets(
+    broker: &Arc<Broker>,
+    req: ListOffsetsRequest,
+) -> ListOffsetsResponse {
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let topic = broker.topic(&t.name.0);
@@ -90,7 +93,7 @@ pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> List
 
 /// The end offset of the largest epoch at or below `requested`: the start of the next
 /// epoch, or the high watermark for the current one.
-pub fn epoch_end(history: &[(i32, i64)], high_watermark: i64, requested: i32) -> (i32, i64) {
+pub(crate) fn epoch_end(history: &[(i32, i64)], high_watermark: i64, requested: i32) -> (i32, i64) {
     let Some(i) = history.iter().rposition(|(e, _)| *e <= requested) else {
         return (-1, -1);
     };
@@ -100,7 +103,7 @@ pub fn epoch_end(history: &[(i32, i64)], high_watermark: i64, requested: i32) ->
     (history[i].0, end)
 }
 
-pub fn offset_for_leader_epoch(
+pub(crate) fn offset_for_leader_epoch(
     broker: &Arc<Broker>,
     req: OffsetForLeaderEpochRequest,
 ) -> OffsetForLeaderEpochResponse {
@@ -141,7 +144,7 @@ pub fn offset_for_leader_epoch(
     resp
 }
 
-pub async fn delete_records(
+pub(crate) async fn delete_records(
     broker: &Arc<Broker>,
     req: DeleteRecordsRequest,
 ) -> DeleteRecordsResponse {

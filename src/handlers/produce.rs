@@ -49,7 +49,7 @@ fn refused(index: i32, e: ResponseError, msg: Option<String>) -> PartitionProduc
         .with_error_message(msg.map(str_bytes))
 }
 
-pub async fn produce(
+pub(crate) async fn produce(
     broker: &Arc<Broker>,
     req: ProduceRequest,
     _version: i16,
@@ -226,7 +226,7 @@ pub async fn produce(
     Some(ProduceResponse::default().with_responses(responses))
 }
 
-pub async fn init_producer_id(
+pub(crate) async fn init_producer_id(
     broker: &Arc<Broker>,
     req: InitProducerIdRequest,
 ) -> InitProducerIdResponse {

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::{errors, str_bytes};
 use crate::broker::Broker;
 
-pub async fn create_topics(
+pub(crate) async fn create_topics(
     broker: &Arc<Broker>,
     req: CreateTopicsRequest,
     version: i16,
@@ -98,7 +98,7 @@ pub async fn create_topics(
     resp
 }
 
-pub async fn delete_topics(
+pub(crate) async fn delete_topics(
     broker: &Arc<Broker>,
     req: DeleteTopicsRequest,
     version: i16,
@@ -146,7 +146,7 @@ pub async fn delete_topics(
     resp
 }
 
-pub async fn create_partitions(
+pub(crate) async fn create_partitions(
     broker: &Arc<Broker>,
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {

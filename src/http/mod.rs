@@ -23,12 +23,12 @@ use crate::broker::Broker;
 mod scrape;
 
 /// Filled in once the broker has started.
-pub type BrokerSlot = Arc<OnceLock<Arc<Broker>>>;
+pub(crate) type BrokerSlot = Arc<OnceLock<Arc<Broker>>>;
 
 /// How long a readiness probe waits for the metadata store.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn serve(listener: TcpListener, slot: BrokerSlot) {
+pub(crate) async fn serve(listener: TcpListener, slot: BrokerSlot) {
     info!(addr = ?listener.local_addr().ok(), "http endpoint ready");
     loop {
         let Ok((stream, peer)) = listener.accept().await else {

@@ -23,7 +23,7 @@ use crate::metadata::ProducerStateRecord;
 
 /// A batch given offsets: to hand to the flusher.
 #[derive(Debug, Clone)]
-pub struct Stamped {
+pub(crate) struct Stamped {
     pub base_offset: i64,
     pub end_offset: i64,
     pub max_timestamp: i64,
@@ -34,7 +34,7 @@ pub struct Stamped {
 
 /// What one produce request became.
 #[derive(Debug)]
-pub struct Appended {
+pub(crate) struct Appended {
     /// Offset of the request's first batch (a duplicate's original one).
     pub base_offset: i64,
     /// The offset after the request's last batch: the high watermark that makes it durable.
@@ -45,7 +45,7 @@ pub struct Appended {
 
 /// A commit reached the owner: what became durable and who may now be answered.
 #[derive(Debug)]
-pub struct Durable<R> {
+pub(crate) struct Durable<R> {
     /// The high watermark before the commit: the offset of `batches[0]`.
     pub from: i64,
     /// The committed batches (stamped bytes), in offset order.
@@ -66,7 +66,7 @@ struct Waiter<R> {
 }
 
 /// The partition's write state. `R` is what a waiting producer is answered through.
-pub struct Appender<R> {
+pub(crate) struct Appender<R> {
     leader_epoch: i32,
     /// Next offset to assign (log end, including batches not yet durable).
     next_offset: i64,
@@ -86,7 +86,7 @@ impl<R> Appender<R> {
     /// The state a claim recovered. Generations start from the leader epoch, so a later
     /// incarnation of the partition on this broker never reuses one the flusher already
     /// abandoned.
-    pub fn new(leader_epoch: i32, high_watermark: i64, producers: ProducerTable) -> Self {
+    pub(crate) fn new(leader_epoch: i32, high_watermark: i64, producers: ProducerTable) -> Self {
         Appender {
             leader_epoch,
             next_offset: high_watermark,
@@ -99,23 +99,28 @@ impl<R> Appender<R> {
         }
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.gen
     }
 
-    pub fn high_watermark(&self) -> i64 {
+    #[cfg(test)]
+    pub(crate) fn high_watermark(&self) -> i64 {
         self.high_watermark
     }
 
     /// Whether every batch taken has been committed or abandoned.
-    pub fn all_settled(&self) -> bool {
+    pub(crate) fn all_settled(&self) -> bool {
         self.unflushed.is_empty()
     }
 
     /// Checks every batch of a request first (so it applies whole or not at all), then
     /// assigns offsets to the new ones; duplicates of batches already written are
     /// answered with their original offsets.
-    pub fn append(&mut self, batches: &[ValidBatch], now_ms: i64) -> Result<Appended, SeqError> {
+    pub(crate) fn append(
+        &mut self,
+        batches: &[ValidBatch],
+        now_ms: i64,
+    ) -> Result<Appended, SeqError> {
         let mut decisions = Vec::with_capacity(batches.len());
         {
             // Several batches are checked against a scratch copy, each after the others.
@@ -169,7 +174,7 @@ impl<R> Appender<R> {
 
     /// Answers `reply` once the high watermark reaches `end_offset`: at once (returned
     /// back) if it already has.
-    pub fn wait(&mut self, end_offset: i64, reply: R) -> Option<R> {
+    pub(crate) fn wait(&mut self, end_offset: i64, reply: R) -> Option<R> {
         if end_offset <= self.high_watermark {
             return Some(reply);
         }
@@ -179,7 +184,7 @@ impl<R> Appender<R> {
 
     /// The flusher committed this partition's batches up to `end_offset` in generation
     /// `gen`; `None` for a notice about an abandoned generation.
-    pub fn flushed(&mut self, gen: u64, end_offset: i64) -> Option<Durable<R>> {
+    pub(crate) fn flushed(&mut self, gen: u64, end_offset: i64) -> Option<Durable<R>> {
         if gen != self.gen || end_offset <= self.high_watermark {
             return None;
         }
@@ -214,7 +219,7 @@ impl<R> Appender<R> {
     /// A flush of generation `gen` failed: every batch not yet committed is abandoned
     /// and offsets continue from the high watermark. Returns the waiting producers, to
     /// be told their writes failed; `None` for a notice about an abandoned generation.
-    pub fn failed(&mut self, gen: u64) -> Option<Vec<R>> {
+    pub(crate) fn failed(&mut self, gen: u64) -> Option<Vec<R>> {
         if gen != self.gen {
             return None;
         }
@@ -226,12 +231,12 @@ impl<R> Appender<R> {
     }
 
     /// Every producer still waiting (the owner stops).
-    pub fn take_waiters(&mut self) -> Vec<R> {
+    pub(crate) fn take_waiters(&mut self) -> Vec<R> {
         self.waiters.drain(..).map(|w| w.reply).collect()
     }
 
     /// Batches taken and not yet committed or abandoned.
-    pub fn unflushed_len(&self) -> usize {
+    pub(crate) fn unflushed_len(&self) -> usize {
         self.unflushed.len()
     }
 }

@@ -8,9 +8,9 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Size of the fixed v2 batch header.
-pub const HEADER_LEN: usize = 61;
+pub(crate) const HEADER_LEN: usize = 61;
 /// Bytes before the `batch_length` field's coverage starts (base offset + length).
-pub const LOG_OVERHEAD: usize = 12;
+pub(crate) const LOG_OVERHEAD: usize = 12;
 const MAGIC_OFFSET: usize = 16;
 const CRC_OFFSET: usize = 17;
 const ATTRIBUTES_OFFSET: usize = 21;
@@ -18,7 +18,7 @@ const LEADER_EPOCH_OFFSET: usize = 12;
 
 /// Why a batch was refused; each maps to one Kafka error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BatchError {
+pub(crate) enum BatchError {
     #[error("record batch is truncated or its length is inconsistent")]
     Corrupt,
     #[error("record batch crc does not match its contents")]
@@ -33,7 +33,7 @@ pub enum BatchError {
 
 /// The fields of a v2 batch header the broker acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchHeader {
+pub(crate) struct BatchHeader {
     pub base_offset: i64,
     /// Whole batch size, including the 12-byte offset/length prefix.
     pub total_len: usize,
@@ -49,7 +49,7 @@ pub struct BatchHeader {
 
 impl BatchHeader {
     /// Reads the header at the start of `buf` without checking the CRC.
-    pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
+    pub(crate) fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < HEADER_LEN {
             return Err(BatchError::Corrupt);
         }
@@ -90,35 +90,35 @@ impl BatchHeader {
         })
     }
 
-    pub fn last_offset(&self) -> i64 {
+    pub(crate) fn last_offset(&self) -> i64 {
         self.base_offset + self.last_offset_delta as i64
     }
 
     /// Number of offsets the batch occupies.
-    pub fn offset_count(&self) -> i64 {
+    pub(crate) fn offset_count(&self) -> i64 {
         self.last_offset_delta as i64 + 1
     }
 
-    pub fn is_transactional(&self) -> bool {
+    pub(crate) fn is_transactional(&self) -> bool {
         self.attributes & 0x10 != 0
     }
 
-    pub fn is_control(&self) -> bool {
+    pub(crate) fn is_control(&self) -> bool {
         self.attributes & 0x20 != 0
     }
 
-    pub fn has_producer_id(&self) -> bool {
+    pub(crate) fn has_producer_id(&self) -> bool {
         self.producer_id >= 0
     }
 
     /// Sequence of the batch's last record (sequences wrap at i32::MAX).
-    pub fn last_sequence(&self) -> i32 {
+    pub(crate) fn last_sequence(&self) -> i32 {
         increment_sequence(self.base_sequence, self.last_offset_delta)
     }
 }
 
 /// Sequence arithmetic as Kafka defines it: wraps from i32::MAX to 0.
-pub fn increment_sequence(seq: i32, by: i32) -> i32 {
+pub(crate) fn increment_sequence(seq: i32, by: i32) -> i32 {
     if seq > i32::MAX - by {
         by - (i32::MAX - seq) - 1
     } else {
@@ -128,14 +128,14 @@ pub fn increment_sequence(seq: i32, by: i32) -> i32 {
 
 /// One validated batch inside a produce request's record set.
 #[derive(Debug, Clone)]
-pub struct ValidBatch {
+pub(crate) struct ValidBatch {
     pub header: BatchHeader,
     pub bytes: Bytes,
 }
 
 /// Splits a produce record set into batches, checking each header and CRC.
 /// All-or-nothing: any bad batch rejects the whole set, as Kafka does.
-pub fn validate_record_set(
+pub(crate) fn validate_record_set(
     records: &Bytes,
     max_batch_bytes: usize,
 ) -> Result<Vec<ValidBatch>, BatchError> {
@@ -167,7 +167,7 @@ pub fn validate_record_set(
 
 /// Whether a whole batch's CRC-32C (over everything from the attributes on) matches
 /// the one in its header. `batch` must hold at least a header.
-pub fn crc_matches(batch: &[u8]) -> bool {
+pub(crate) fn crc_matches(batch: &[u8]) -> bool {
     let Some(stored) = batch.get(CRC_OFFSET..CRC_OFFSET + 4) else {
         return false;
     };
@@ -179,7 +179,7 @@ pub fn crc_matches(batch: &[u8]) -> bool {
 
 /// Copies a batch with its base offset and partition leader epoch set (neither is
 /// covered by the CRC). This is the one copy the produce path makes of record bytes.
-pub fn stamp(batch: &[u8], base_offset: i64, leader_epoch: i32) -> Bytes {
+pub(crate) fn stamp(batch: &[u8], base_offset: i64, leader_epoch: i32) -> Bytes {
     let mut out = BytesMut::with_capacity(batch.len());
     out.extend_from_slice(batch);
     out[0..8].copy_from_slice(&base_offset.to_be_bytes());
@@ -190,7 +190,7 @@ pub fn stamp(batch: &[u8], base_offset: i64, leader_epoch: i32) -> Bytes {
 
 /// Walks stored batches (already validated once) and yields their headers and positions.
 /// Stops at the first incomplete or unreadable batch.
-pub fn walk(buf: &[u8]) -> impl Iterator<Item = (usize, BatchHeader)> + '_ {
+pub(crate) fn walk(buf: &[u8]) -> impl Iterator<Item = (usize, BatchHeader)> + '_ {
     let mut pos = 0usize;
     std::iter::from_fn(move || {
         let header = BatchHeader::parse(buf.get(pos..)?).ok()?;

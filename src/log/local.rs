@@ -16,7 +16,7 @@ use tiering::segment::BatchEntry;
 use super::batch;
 
 #[derive(Debug)]
-pub struct LocalSegment {
+pub(crate) struct LocalSegment {
     pub base_offset: i64,
     /// Exclusive end offset.
     pub end_offset: i64,
@@ -30,7 +30,11 @@ pub struct LocalSegment {
 }
 
 impl LocalSegment {
-    pub fn create(dir: &Path, base_offset: i64, created_ms: i64) -> std::io::Result<LocalSegment> {
+    pub(crate) fn create(
+        dir: &Path,
+        base_offset: i64,
+        created_ms: i64,
+    ) -> std::io::Result<LocalSegment> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{base_offset:020}.log"));
         let file = std::fs::OpenOptions::new()
@@ -55,7 +59,7 @@ impl LocalSegment {
     /// segment is left exactly as it was, so it always holds whole batches with no
     /// offset missing. Writes go to the page cache (no fsync: the object store is what
     /// makes them durable).
-    pub fn append(&mut self, batches: &[Bytes]) -> std::io::Result<()> {
+    pub(crate) fn append(&mut self, batches: &[Bytes]) -> std::io::Result<()> {
         let before = (
             self.entries.len(),
             self.size,
@@ -103,7 +107,7 @@ impl LocalSegment {
 
     /// The byte range to serve for a fetch at `offset`: whole batches from the one that
     /// contains it, at most `max_bytes` (but always the first batch).
-    pub fn range_for(&self, offset: i64, max_bytes: u64) -> Option<(u64, u64)> {
+    pub(crate) fn range_for(&self, offset: i64, max_bytes: u64) -> Option<(u64, u64)> {
         let first = self.entries.partition_point(|e| e.last_offset < offset);
         let start = self.entries.get(first)?;
         let mut end = start.position + start.len as u64;
@@ -118,22 +122,23 @@ impl LocalSegment {
     }
 
     /// Position of the first batch whose max timestamp is at or after `ts`.
-    pub fn offset_for_timestamp(&self, ts: i64) -> Option<&BatchEntry> {
+    pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Option<&BatchEntry> {
         self.entries.iter().find(|e| e.max_timestamp >= ts)
     }
 
-    pub fn read_all(&self) -> std::io::Result<Bytes> {
+    #[cfg(test)]
+    pub(crate) fn read_all(&self) -> std::io::Result<Bytes> {
         read_at(&self.file, 0, self.size)
     }
 
-    pub fn remove_file(&self) {
+    pub(crate) fn remove_file(&self) {
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove local segment");
         }
     }
 }
 
-pub fn read_at(file: &File, pos: u64, len: u64) -> std::io::Result<Bytes> {
+pub(crate) fn read_at(file: &File, pos: u64, len: u64) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, pos)?;
     Ok(Bytes::from(buf))

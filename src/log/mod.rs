@@ -2,12 +2,12 @@
 //! segment files, idempotent-producer state, reads of any retained offset, and zone-local
 //! reads of partitions other brokers own.
 
-pub mod appender;
-pub mod batch;
-pub mod local;
-pub mod partition;
-pub mod producer;
-pub mod read;
-pub mod segments;
-pub mod tail;
-pub mod zone;
+pub(crate) mod appender;
+pub(crate) mod batch;
+pub(crate) mod local;
+pub(crate) mod partition;
+pub(crate) mod producer;
+pub(crate) mod read;
+pub(crate) mod segments;
+pub(crate) mod tail;
+pub(crate) mod zone;

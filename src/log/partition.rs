@@ -37,7 +37,7 @@ use crate::wal::{FlushItem, FlushNotice};
 
 /// Broker-wide parts every partition task uses.
 #[derive(Debug)]
-pub struct LogContext {
+pub(crate) struct LogContext {
     pub store: Arc<tiering::Store>,
     pub blocks: Arc<tiering::BlockCache>,
     pub meta: Arc<dyn MetadataStore>,
@@ -55,7 +55,7 @@ pub struct LogContext {
 
 /// What readers see of a partition; written only by the owner task.
 #[derive(Debug)]
-pub struct PartitionView {
+pub(crate) struct PartitionView {
     /// The log start offset, the sealed segment objects, the write-ahead ranges after
     /// them (every offset up to the high watermark) and the local files caching the
     /// tail; with the owner's decisions about them.
@@ -65,9 +65,8 @@ pub struct PartitionView {
 }
 
 #[derive(Debug)]
-pub struct PartitionShared {
+pub(crate) struct PartitionShared {
     pub key: PartitionKey,
-    pub stream: Arc<str>,
     pub leader_epoch: i32,
     /// Exclusive end of the durable log: the high watermark.
     pub hw: watch::Sender<i64>,
@@ -79,12 +78,12 @@ pub struct PartitionShared {
 }
 
 impl PartitionShared {
-    pub fn high_watermark(&self) -> i64 {
+    pub(crate) fn high_watermark(&self) -> i64 {
         *self.hw.borrow()
     }
 
     /// The view, for reading (a short lock: never held across an await).
-    pub fn view(&self) -> std::sync::RwLockReadGuard<'_, PartitionView> {
+    pub(crate) fn view(&self) -> std::sync::RwLockReadGuard<'_, PartitionView> {
         self.view.read().expect("partition view lock poisoned")
     }
 
@@ -93,31 +92,31 @@ impl PartitionShared {
         self.view.write().expect("partition view lock poisoned")
     }
 
-    pub fn log_start_offset(&self) -> i64 {
+    pub(crate) fn log_start_offset(&self) -> i64 {
         self.view
             .read()
             .map(|v| v.segments.log_start_offset())
             .unwrap_or(0)
     }
 
-    pub fn is_fenced(&self) -> bool {
+    pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether this broker still leads the partition: not fenced, not handing it off.
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         !self.is_fenced() && !self.releasing.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AppendOk {
+pub(crate) struct AppendOk {
     pub base_offset: i64,
     pub log_start_offset: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AppendError {
+pub(crate) enum AppendError {
     #[error(transparent)]
     Sequence(#[from] SeqError),
     #[error("the batch could not be made durable in time; retry")]
@@ -131,11 +130,11 @@ pub enum AppendError {
     NotLeader,
 }
 
-pub type AppendReply = oneshot::Sender<Result<AppendOk, AppendError>>;
+pub(crate) type AppendReply = oneshot::Sender<Result<AppendOk, AppendError>>;
 
 /// Requests to the owner task.
 #[derive(Debug)]
-pub enum PartitionCmd {
+pub(crate) enum PartitionCmd {
     Append {
         batches: Vec<ValidBatch>,
         acks: i16,
@@ -154,7 +153,7 @@ pub enum PartitionCmd {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DeleteRecordsError {
+pub(crate) enum DeleteRecordsError {
     #[error("offset is beyond the high watermark")]
     OffsetOutOfRange,
     #[error("metadata store unavailable")]
@@ -169,7 +168,7 @@ type UploadDone = Result<SegmentRecord, UploadError>;
 
 /// Why a segment upload did not commit.
 #[derive(Debug, thiserror::Error)]
-pub enum UploadError {
+pub(crate) enum UploadError {
     /// The segment's bytes failed the check: never uploaded.
     #[error("segment {base}..{end} from {source_name} failed its check: {error}")]
     Check {
@@ -212,7 +211,7 @@ impl UploadError {
     /// Whether trying again may succeed. A segment that failed its check, or an upload
     /// fenced by a newer owner, will fail the same way again; so will a store's final
     /// answer (an object already there with other bytes).
-    pub fn is_retriable(&self) -> bool {
+    pub(crate) fn is_retriable(&self) -> bool {
         match self {
             UploadError::Check { .. } | UploadError::Fenced => false,
             UploadError::Store(e) => e.is_retriable(),
@@ -223,7 +222,7 @@ impl UploadError {
 }
 
 #[derive(Debug, Clone)]
-pub struct PartitionHandle {
+pub(crate) struct PartitionHandle {
     pub topic: Arc<str>,
     pub partition: i32,
     pub cmd: mpsc::Sender<PartitionCmd>,
@@ -237,7 +236,7 @@ pub struct PartitionHandle {
 /// them, and sealed into a segment object in the background, so taking a partition
 /// over costs the claim whatever its tail holds. New batches go to a fresh local file
 /// from the high watermark.
-pub async fn start(
+pub(crate) async fn start(
     ctx: Arc<LogContext>,
     topic: Arc<str>,
     key: PartitionKey,
@@ -263,7 +262,6 @@ pub async fn start(
     );
     let shared = Arc::new(PartitionShared {
         key,
-        stream: stream.clone(),
         leader_epoch: state.leader_epoch,
         hw,
         view: RwLock::new(PartitionView {

@@ -12,10 +12,10 @@ use super::batch::{increment_sequence, BatchHeader};
 use crate::metadata::{ProducerBatch, ProducerStateRecord};
 
 /// Batches remembered per producer (Kafka keeps five, the in-flight maximum).
-pub const CACHED_BATCHES: usize = 5;
+pub(crate) const CACHED_BATCHES: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SeqCheck {
+pub(crate) enum SeqCheck {
     /// Not idempotent or the next in sequence: assign offsets.
     Append,
     /// Already written: answer with the original offsets, write nothing.
@@ -23,7 +23,7 @@ pub enum SeqCheck {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SeqError {
+pub(crate) enum SeqError {
     #[error("producer epoch is older than the current one")]
     InvalidEpoch,
     #[error("sequence number out of order")]
@@ -31,27 +31,28 @@ pub enum SeqError {
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ProducerTable {
+pub(crate) struct ProducerTable {
     entries: HashMap<i64, ProducerStateRecord>,
 }
 
 impl ProducerTable {
-    pub fn from_records(records: impl IntoIterator<Item = ProducerStateRecord>) -> Self {
+    pub(crate) fn from_records(records: impl IntoIterator<Item = ProducerStateRecord>) -> Self {
         ProducerTable {
             entries: records.into_iter().map(|r| (r.producer_id, r)).collect(),
         }
     }
 
-    pub fn get(&self, producer_id: i64) -> Option<&ProducerStateRecord> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, producer_id: i64) -> Option<&ProducerStateRecord> {
         self.entries.get(&producer_id)
     }
 
-    pub fn insert(&mut self, record: ProducerStateRecord) {
+    pub(crate) fn insert(&mut self, record: ProducerStateRecord) {
         self.entries.insert(record.producer_id, record);
     }
 
     /// Decides what to do with a batch, without changing anything.
-    pub fn check(&self, h: &BatchHeader) -> Result<SeqCheck, SeqError> {
+    pub(crate) fn check(&self, h: &BatchHeader) -> Result<SeqCheck, SeqError> {
         if !h.has_producer_id() || h.base_sequence < 0 {
             return Ok(SeqCheck::Append);
         }
@@ -89,7 +90,7 @@ impl ProducerTable {
     }
 
     /// Records an appended batch; returns the producer's new state to persist.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         h: &BatchHeader,
         base_offset: i64,

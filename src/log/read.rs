@@ -17,7 +17,7 @@ use super::partition::PartitionShared;
 use crate::metadata::{SegmentRecord, WalRangeRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     #[error("offset is outside the retained log")]
     OffsetOutOfRange,
     #[error("reading stored data failed: {0}")]
@@ -25,7 +25,7 @@ pub enum ReadError {
 }
 
 #[derive(Debug, Clone)]
-pub struct ReadResult {
+pub(crate) struct ReadResult {
     pub records: Bytes,
     pub high_watermark: i64,
     pub log_start_offset: i64,
@@ -33,13 +33,13 @@ pub struct ReadResult {
 
 /// Decoded segment indexes by object key, so a segment's index is fetched once.
 #[derive(Debug)]
-pub struct IndexCache {
+pub(crate) struct IndexCache {
     entries: Mutex<HashMap<String, Arc<SegmentIndex>>>,
     capacity: usize,
 }
 
 impl IndexCache {
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         IndexCache {
             entries: Mutex::new(HashMap::new()),
             capacity,
@@ -47,7 +47,7 @@ impl IndexCache {
     }
 
     /// Indexes kept now (at most `index.cache.entries`).
-    pub fn entries(&self) -> usize {
+    pub(crate) fn entries(&self) -> usize {
         self.entries
             .lock()
             .expect("index cache lock poisoned")
@@ -100,7 +100,7 @@ enum Plan {
 
 /// Reads whole batches starting with the one holding `offset`, up to `max_bytes` (the
 /// first batch is returned whole even when larger, as Kafka does).
-pub async fn read(
+pub(crate) async fn read(
     part: &PartitionShared,
     blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
@@ -281,7 +281,7 @@ pub(crate) async fn read_wal_range(
 }
 
 /// The first record at or after `ts`: (offset, timestamp). `None` if there is none.
-pub async fn offset_for_timestamp(
+pub(crate) async fn offset_for_timestamp(
     part: &PartitionShared,
     blocks: &Arc<BlockCache>,
     indexes: &IndexCache,
@@ -359,7 +359,7 @@ fn first_batch_reaching(data: &Bytes, ts: i64) -> Option<Bytes> {
 }
 
 /// The record with the largest timestamp (the earliest one on ties): (offset, timestamp).
-pub async fn max_timestamp(
+pub(crate) async fn max_timestamp(
     part: &PartitionShared,
     blocks: &Arc<BlockCache>,
     indexes: &IndexCache,

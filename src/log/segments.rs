@@ -28,11 +28,11 @@ use crate::config::TopicConfig;
 use crate::metadata::{PartitionState, SegmentRecord, WalRangeRecord};
 
 /// Longest wait before an upload that failed is tried again.
-pub const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub(crate) const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A local segment file as these decisions see it: the owner's files, plain spans in
 /// tests and the simulation.
-pub trait LocalFile {
+pub(crate) trait LocalFile {
     fn base_offset(&self) -> i64;
     /// Exclusive.
     fn end_offset(&self) -> i64;
@@ -57,7 +57,7 @@ impl LocalFile for super::local::LocalSegment {
 
 /// The topic settings these decisions follow (Kafka's names; `-1` = no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SegmentRules {
+pub(crate) struct SegmentRules {
     /// `segment.bytes`: a local file (or a stretch no local file holds) this big is sealed.
     pub segment_bytes: u64,
     /// `segment.ms`: ... or once this old.
@@ -73,7 +73,7 @@ pub struct SegmentRules {
 }
 
 impl SegmentRules {
-    pub fn new(
+    pub(crate) fn new(
         segment_bytes: u64,
         segment_ms: i64,
         retention_ms: i64,
@@ -89,7 +89,7 @@ impl SegmentRules {
         }
     }
 
-    pub fn from_config(c: &TopicConfig) -> Self {
+    pub(crate) fn from_config(c: &TopicConfig) -> Self {
         Self::new(
             c.segment_bytes,
             c.segment_ms,
@@ -115,7 +115,7 @@ impl SegmentRules {
 
 /// The manifest a claim read from the metadata store.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub log_start_offset: i64,
     pub high_watermark: i64,
     /// Ascending.
@@ -127,7 +127,7 @@ pub struct Manifest {
 impl Manifest {
     /// Moves the manifest out of a claimed partition's state (its segments and ranges
     /// are left empty).
-    pub fn take_from(state: &mut PartitionState) -> Manifest {
+    pub(crate) fn take_from(state: &mut PartitionState) -> Manifest {
         Manifest {
             log_start_offset: state.log_start_offset,
             high_watermark: state.high_watermark,
@@ -181,7 +181,7 @@ impl<T> LocalFile for PlainFile<T> {
 
 /// The next segment to upload: `[base_offset, end_offset)`.
 #[derive(Debug)]
-pub struct Upload<'a, L> {
+pub(crate) struct Upload<'a, L> {
     pub base_offset: i64,
     pub end_offset: i64,
     pub from: UploadFrom<'a, L>,
@@ -189,7 +189,7 @@ pub struct Upload<'a, L> {
 
 /// Where an upload's bytes come from.
 #[derive(Debug)]
-pub enum UploadFrom<'a, L> {
+pub(crate) enum UploadFrom<'a, L> {
     /// A closed local file holding exactly the segment.
     Local(&'a L),
     /// The committed write-ahead ranges of a stretch no local file holds, ascending.
@@ -198,7 +198,7 @@ pub enum UploadFrom<'a, L> {
 
 /// How an upload ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UploadOutcome {
+pub(crate) enum UploadOutcome {
     /// The object is written and the metadata store committed this record.
     Committed(SegmentRecord),
     /// A newer owner holds the partition: nothing was committed.
@@ -212,7 +212,7 @@ pub enum UploadOutcome {
 
 /// What the owner does after an upload ended.
 #[derive(Debug)]
-pub enum AfterUpload<L> {
+pub(crate) enum AfterUpload<L> {
     /// The segment is in the manifest; `dropped` is the local file it replaced, to delete.
     Committed { dropped: Option<L> },
     /// Stop serving: a newer owner holds the partition.
@@ -227,14 +227,14 @@ pub enum AfterUpload<L> {
 /// first): in the metadata store first, then here ([`Segments::trimmed`]), then the
 /// objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Trim {
+pub(crate) struct Trim {
     pub log_start_offset: i64,
     pub drop: Vec<SegmentRecord>,
 }
 
 /// What DeleteRecords does.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeleteTo {
+pub(crate) enum DeleteTo {
     /// The log already starts at or above the offset: answer this log start offset.
     Already(i64),
     Trim(Trim),
@@ -242,7 +242,7 @@ pub enum DeleteTo {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("offset is beyond the high watermark")]
-pub struct BeyondHighWatermark;
+pub(crate) struct BeyondHighWatermark;
 
 /// The segment upload: one at a time, in offset order.
 #[derive(Debug, Default)]
@@ -256,7 +256,7 @@ struct UploadState {
 /// The partition's segments and the decisions about them (see the module docs). `L` is
 /// a local segment file.
 #[derive(Debug)]
-pub struct Segments<L> {
+pub(crate) struct Segments<L> {
     rules: SegmentRules,
     log_start_offset: i64,
     high_watermark: i64,
@@ -282,7 +282,12 @@ pub struct Segments<L> {
 impl<L: LocalFile> Segments<L> {
     /// The segments a claim found, with the fresh local file it opened at the high
     /// watermark (`None` when the cache disk could not take one).
-    pub fn new(rules: SegmentRules, claimed: Manifest, local: Option<L>, now_ms: i64) -> Self {
+    pub(crate) fn new(
+        rules: SegmentRules,
+        claimed: Manifest,
+        local: Option<L>,
+        now_ms: i64,
+    ) -> Self {
         // Segment objects follow each other; the write-ahead ranges start where they end.
         let sealed_end = claimed
             .segments
@@ -304,52 +309,54 @@ impl<L: LocalFile> Segments<L> {
         }
     }
 
-    pub fn configure(&mut self, rules: SegmentRules) {
+    pub(crate) fn configure(&mut self, rules: SegmentRules) {
         self.rules = rules;
     }
 
-    pub fn log_start_offset(&self) -> i64 {
+    pub(crate) fn log_start_offset(&self) -> i64 {
         self.log_start_offset
     }
 
-    pub fn high_watermark(&self) -> i64 {
+    #[cfg(test)]
+    pub(crate) fn high_watermark(&self) -> i64 {
         self.high_watermark
     }
 
     /// Sealed segment objects, ascending.
-    pub fn remote(&self) -> &[SegmentRecord] {
+    pub(crate) fn remote(&self) -> &[SegmentRecord] {
         &self.remote
     }
 
     /// The committed write-ahead ranges after the last segment, ascending and contiguous.
-    pub fn wal(&self) -> &[WalRangeRecord] {
+    pub(crate) fn wal(&self) -> &[WalRangeRecord] {
         &self.wal
     }
 
     /// Local segment files, ascending (possibly with holes between them).
-    pub fn local(&self) -> &[L] {
+    pub(crate) fn local(&self) -> &[L] {
         &self.local
     }
 
+    #[cfg(test)]
     /// End of the log sealed in segment objects.
-    pub fn sealed_end(&self) -> i64 {
+    pub(crate) fn sealed_end(&self) -> i64 {
         self.sealed_end
     }
 
-    pub fn appending(&self) -> bool {
+    pub(crate) fn appending(&self) -> bool {
         self.appending
     }
 
     /// A write-ahead commit made `range` durable: it joins the manifest and the high
     /// watermark moves to its end. The owner then appends its batches to the active
     /// local file ([`Self::active_mut`]), opening one first if none is active.
-    pub fn committed(&mut self, range: WalRangeRecord) {
+    pub(crate) fn committed(&mut self, range: WalRangeRecord) {
         self.high_watermark = self.high_watermark.max(range.end_offset);
         self.wal.push(range);
     }
 
     /// The active local file, to append a commit's batches to.
-    pub fn active_mut(&mut self) -> Option<&mut L> {
+    pub(crate) fn active_mut(&mut self) -> Option<&mut L> {
         if !self.appending {
             return None;
         }
@@ -358,7 +365,7 @@ impl<L: LocalFile> Segments<L> {
 
     /// A fresh local file (starting at the end of what the others hold) becomes the
     /// active one.
-    pub fn start_appending(&mut self, file: L) {
+    pub(crate) fn start_appending(&mut self, file: L) {
         self.local.push(file);
         self.appending = true;
     }
@@ -366,7 +373,7 @@ impl<L: LocalFile> Segments<L> {
     /// Closes the active local file (a write failed, or the disk is full): later
     /// commits go to write-ahead objects only until the disk takes writes again.
     /// Returns the file to delete when it was empty.
-    pub fn stop_appending(&mut self, now_ms: i64) -> Option<L> {
+    pub(crate) fn stop_appending(&mut self, now_ms: i64) -> Option<L> {
         if !self.appending {
             return None;
         }
@@ -380,7 +387,7 @@ impl<L: LocalFile> Segments<L> {
 
     /// Whether the active local file is big or old enough to seal: the offset the next
     /// file starts at.
-    pub fn seal_due(&self, now_ms: i64) -> Option<i64> {
+    pub(crate) fn seal_due(&self, now_ms: i64) -> Option<i64> {
         let active = self.local.last().filter(|_| self.appending)?;
         let age = now_ms - active.created_ms();
         let due = active.size() > 0
@@ -390,7 +397,7 @@ impl<L: LocalFile> Segments<L> {
 
     /// The active file is sealed (it now waits for upload); `next` is the fresh file
     /// that takes the following commits, `None` when the disk could not give one.
-    pub fn sealed(&mut self, next: Option<L>, now_ms: i64) {
+    pub(crate) fn sealed(&mut self, next: Option<L>, now_ms: i64) {
         match next {
             Some(file) => self.local.push(file),
             None => {
@@ -403,7 +410,7 @@ impl<L: LocalFile> Segments<L> {
     /// The next upload, when one is due and none is running (or waiting to be retried):
     /// it starts where the sealed log ends (see `super::tail`). From here until
     /// [`Self::uploaded`] the upload counts as running.
-    pub fn next_upload(&mut self, now: Instant, now_ms: i64) -> Option<Upload<'_, L>> {
+    pub(crate) fn next_upload(&mut self, now: Instant, now_ms: i64) -> Option<Upload<'_, L>> {
         if self.upload.running || self.upload.retry_at.is_some_and(|t| now < t) {
             return None;
         }
@@ -479,7 +486,7 @@ impl<L: LocalFile> Segments<L> {
     /// The running upload ended. A committed segment joins the manifest and replaces
     /// the write-ahead ranges it covers (as the metadata store's commit did) and its
     /// local file; a failure waits before the next try, longer with each.
-    pub fn uploaded(&mut self, outcome: UploadOutcome, now: Instant) -> AfterUpload<L> {
+    pub(crate) fn uploaded(&mut self, outcome: UploadOutcome, now: Instant) -> AfterUpload<L> {
         self.upload.running = false;
         match outcome {
             UploadOutcome::Committed(record) => {
@@ -525,7 +532,7 @@ impl<L: LocalFile> Segments<L> {
     /// What retention drops now: the oldest segments while they are older than
     /// `retention.ms`, the sealed log is bigger than `retention.bytes`, or they end at
     /// or below the log start offset.
-    pub fn retention(&self, now_ms: i64) -> Option<Trim> {
+    pub(crate) fn retention(&self, now_ms: i64) -> Option<Trim> {
         let mut total: i64 = self.remote.iter().map(|s| s.size_bytes as i64).sum();
         let mut drop = Vec::new();
         for seg in &self.remote {
@@ -548,7 +555,7 @@ impl<L: LocalFile> Segments<L> {
 
     /// DeleteRecords up to `offset` (`-1`: the high watermark): the segments wholly
     /// below it go.
-    pub fn delete_records(&self, offset: i64) -> Result<DeleteTo, BeyondHighWatermark> {
+    pub(crate) fn delete_records(&self, offset: i64) -> Result<DeleteTo, BeyondHighWatermark> {
         let offset = if offset == -1 {
             self.high_watermark
         } else {
@@ -573,7 +580,7 @@ impl<L: LocalFile> Segments<L> {
 
     /// The metadata store applied `trim`: the log start offset rises (never falls) and
     /// the dropped segments are forgotten.
-    pub fn trimmed(&mut self, trim: &Trim) {
+    pub(crate) fn trimmed(&mut self, trim: &Trim) {
         self.log_start_offset = self.log_start_offset.max(trim.log_start_offset);
         self.remote
             .retain(|s| !trim.drop.iter().any(|d| d.base_offset == s.base_offset));

@@ -20,7 +20,7 @@ use super::batch::{self, BatchHeader};
 
 /// A local segment file as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalSpan {
+pub(crate) struct LocalSpan {
     pub base: i64,
     /// Exclusive.
     pub end: i64,
@@ -30,7 +30,7 @@ pub struct LocalSpan {
 
 /// What to seal and upload next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NextUpload {
+pub(crate) enum NextUpload {
     /// The closed local segment file starting at `base`.
     Local { base: i64 },
     /// `[base, end)`, which no local file holds, built from the write-ahead ranges.
@@ -39,7 +39,7 @@ pub enum NextUpload {
 
 /// The tail as the planner sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct TailState<'a> {
+pub(crate) struct TailState<'a> {
     /// End of the log sealed in segment objects: the next upload starts here.
     pub sealed_end: i64,
     pub high_watermark: i64,
@@ -52,7 +52,7 @@ pub struct TailState<'a> {
 
 /// The next upload, if any is due. It always starts at the end of the sealed log, so
 /// segment objects follow each other with no offset missing.
-pub fn next_upload(t: &TailState<'_>) -> Option<NextUpload> {
+pub(crate) fn next_upload(t: &TailState<'_>) -> Option<NextUpload> {
     if t.sealed_end >= t.high_watermark {
         return None;
     }
@@ -84,7 +84,7 @@ pub fn next_upload(t: &TailState<'_>) -> Option<NextUpload> {
 
 /// Why a segment's bytes were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("the bytes could not be read: {0}")]
     Read(String),
     #[error("no readable batch at byte {position} where offset {expected} should start")]
@@ -109,7 +109,7 @@ pub enum CheckError {
 
 /// What a checked segment holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentContents {
+pub(crate) struct SegmentContents {
     /// One entry per batch, positions counted across all parts.
     pub entries: Vec<BatchEntry>,
     /// Largest record timestamp (-1 without batches).
@@ -119,7 +119,11 @@ pub struct SegmentContents {
 /// Checks that `parts` (whole batches each) hold exactly offsets `base..end`: every
 /// batch readable, its CRC good, its record count within its offsets, and each batch
 /// starting where the one before ended.
-pub fn check_segment(parts: &[Bytes], base: i64, end: i64) -> Result<SegmentContents, CheckError> {
+pub(crate) fn check_segment(
+    parts: &[Bytes],
+    base: i64,
+    end: i64,
+) -> Result<SegmentContents, CheckError> {
     let mut entries = Vec::new();
     let mut expected = base;
     let mut max_timestamp = -1;

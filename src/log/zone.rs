@@ -23,7 +23,7 @@ use crate::metadata::{MetaError, MetadataStore, PartitionKey, PartitionState};
 
 /// Manifests of partitions read for zone-local clients, re-read when stale.
 #[derive(Debug)]
-pub struct ZoneReads {
+pub(crate) struct ZoneReads {
     meta: Arc<dyn MetadataStore>,
     refresh: Duration,
     manifests: Mutex<HashMap<PartitionKey, (Instant, Arc<PartitionState>)>>,
@@ -32,7 +32,7 @@ pub struct ZoneReads {
 
 /// Why a zone-local read could not be answered with data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ZoneReadError {
+pub(crate) enum ZoneReadError {
     #[error(transparent)]
     Read(#[from] ReadError),
     /// The offset is committed at the owner but not yet in the manifest read here:
@@ -42,7 +42,11 @@ pub enum ZoneReadError {
 }
 
 impl ZoneReads {
-    pub fn new(meta: Arc<dyn MetadataStore>, refresh: Duration, capacity: usize) -> ZoneReads {
+    pub(crate) fn new(
+        meta: Arc<dyn MetadataStore>,
+        refresh: Duration,
+        capacity: usize,
+    ) -> ZoneReads {
         ZoneReads {
             meta,
             refresh,
@@ -52,11 +56,11 @@ impl ZoneReads {
     }
 
     /// Manifests kept now (at most `index.cache.entries`).
-    pub fn entries(&self) -> usize {
+    pub(crate) fn entries(&self) -> usize {
         self.manifests.lock().expect("manifest lock poisoned").len()
     }
 
-    pub fn refresh_interval(&self) -> Duration {
+    pub(crate) fn refresh_interval(&self) -> Duration {
         self.refresh
     }
 
@@ -101,7 +105,7 @@ impl ZoneReads {
 
     /// Reads whole batches from `offset`, up to `max_bytes` (the first batch whole), of
     /// a partition this broker does not own, never past its committed high watermark.
-    pub async fn read(
+    pub(crate) async fn read(
         &self,
         key: PartitionKey,
         blocks: &Arc<BlockCache>,

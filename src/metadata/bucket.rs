@@ -39,12 +39,12 @@ use super::{
 };
 
 /// Records between two snapshots.
-pub const SNAPSHOT_EVERY: u64 = 1000;
+pub(crate) const SNAPSHOT_EVERY: u64 = 1000;
 /// Operations written in one record at most.
 const MAX_BATCH: usize = 512;
 /// How the bucket store's writer is bounded.
 #[derive(Debug, Clone, Copy)]
-pub struct BucketOptions {
+pub(crate) struct BucketOptions {
     /// Operations waiting for the writer at most (`metadata.bucket.queue.length`);
     /// callers beyond it wait for room.
     pub queue_length: usize,
@@ -674,7 +674,7 @@ fn unavailable(e: impl std::fmt::Display) -> MetaError {
 type Request = (Op, oneshot::Sender<MetaResult<Out>>);
 
 /// The metadata store in the bucket. See the module docs.
-pub struct BucketStore {
+pub(crate) struct BucketStore {
     name: String,
     state: Arc<RwLock<State>>,
     requests: mpsc::Sender<Request>,
@@ -701,14 +701,15 @@ struct Writer {
 }
 
 impl BucketStore {
+    #[cfg(test)]
     /// Loads the state from the store's `meta/` objects (empty if there are none) and
     /// starts the writer, with the default bounds.
-    pub async fn open(store: Arc<tiering::Store>) -> MetaResult<BucketStore> {
+    pub(crate) async fn open(store: Arc<tiering::Store>) -> MetaResult<BucketStore> {
         Self::open_with(store, BucketOptions::default()).await
     }
 
-    /// [`open`](Self::open) with the writer's bounds given.
-    pub async fn open_with(
+    /// Loads the state and starts the writer, bounded by `options`.
+    pub(crate) async fn open_with(
         store: Arc<tiering::Store>,
         options: BucketOptions,
     ) -> MetaResult<BucketStore> {

@@ -94,7 +94,7 @@ const OPS: [&str; 25] = [
 ];
 
 /// Adds the metadata-store metrics to a registry (once per process).
-pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
+pub(crate) fn register(registry: &Registry) -> Result<(), prometheus::Error> {
     // Errors of every operation exist from the start (at zero), so the error panels and
     // alerts have series on a fresh broker.
     for op in OPS {
@@ -108,14 +108,14 @@ pub fn register(registry: &Registry) -> Result<(), prometheus::Error> {
 }
 
 #[derive(Debug)]
-pub struct Instrumented {
+pub(crate) struct Instrumented {
     inner: Arc<dyn MetadataStore>,
     /// Longest an operation (the write-ahead commit aside) may take.
     timeout: Duration,
 }
 
 impl Instrumented {
-    pub fn new(inner: Arc<dyn MetadataStore>, timeout: Duration) -> Self {
+    pub(crate) fn new(inner: Arc<dyn MetadataStore>, timeout: Duration) -> Self {
         Instrumented { inner, timeout }
     }
 
@@ -152,7 +152,7 @@ static ANSWERED_NS: AtomicU64 = AtomicU64::new(0);
 
 /// When a metadata store last answered an operation (any answer but "unavailable":
 /// a refusal such as fencing is an answer), `None` before the first.
-pub fn last_answer() -> Option<Instant> {
+pub(crate) fn last_answer() -> Option<Instant> {
     match ANSWERED_NS.load(Ordering::Acquire) {
         0 => None,
         ns => Some(epoch() + Duration::from_nanos(ns)),

@@ -12,14 +12,14 @@
 //! Every write that belongs to a partition is conditional on the caller's leader epoch,
 //! so a former owner can never commit after its successor claimed the partition.
 
-pub mod bucket;
+pub(crate) mod bucket;
 #[cfg(test)]
 pub(crate) mod conformance;
-pub mod instrumented;
-pub mod postgres;
+pub(crate) mod instrumented;
+pub(crate) mod postgres;
 mod rows;
-pub mod semantics;
-pub mod sqlite;
+pub(crate) mod semantics;
+pub(crate) mod sqlite;
 
 use std::collections::BTreeMap;
 
@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 /// Errors a caller branches on. Backend failures are `Unavailable` (retriable).
 #[derive(Debug, thiserror::Error)]
-pub enum MetaError {
+pub(crate) enum MetaError {
     #[error("topic already exists")]
     TopicExists,
     #[error("topic not found")]
@@ -48,16 +48,16 @@ pub enum MetaError {
 impl MetaError {
     /// Whether trying again later may succeed: only an unavailable store. Fencing,
     /// missing topics and corrupt records are final answers.
-    pub fn is_retriable(&self) -> bool {
+    pub(crate) fn is_retriable(&self) -> bool {
         matches!(self, MetaError::Unavailable(_))
     }
 }
 
-pub type MetaResult<T> = Result<T, MetaError>;
+pub(crate) type MetaResult<T> = Result<T, MetaError>;
 
 /// A topic as the metadata store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TopicRecord {
+pub(crate) struct TopicRecord {
     pub name: String,
     pub id: Uuid,
     pub partitions: i32,
@@ -70,14 +70,14 @@ pub struct TopicRecord {
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
-pub struct PartitionKey {
+pub(crate) struct PartitionKey {
     pub topic_id: Uuid,
     pub partition: i32,
 }
 
 /// A sealed, uploaded segment object of one partition.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SegmentRecord {
+pub(crate) struct SegmentRecord {
     pub base_offset: i64,
     /// Exclusive: the offset after the last record in the segment.
     pub end_offset: i64,
@@ -92,7 +92,7 @@ pub struct SegmentRecord {
 
 /// A contiguous run of one partition's batches inside a write-ahead object.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct WalRangeRecord {
+pub(crate) struct WalRangeRecord {
     pub base_offset: i64,
     /// Exclusive.
     pub end_offset: i64,
@@ -108,7 +108,7 @@ pub struct WalRangeRecord {
 
 /// One batch remembered for idempotent-producer duplicate detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProducerBatch {
+pub(crate) struct ProducerBatch {
     pub first_seq: i32,
     pub last_seq: i32,
     pub base_offset: i64,
@@ -118,7 +118,7 @@ pub struct ProducerBatch {
 
 /// Idempotent producer state of one producer id on one partition (at most 5 batches kept).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProducerStateRecord {
+pub(crate) struct ProducerStateRecord {
     pub producer_id: i64,
     pub epoch: i16,
     pub batches: Vec<ProducerBatch>,
@@ -127,7 +127,7 @@ pub struct ProducerStateRecord {
 
 /// Everything a new owner needs to carry a partition on from where it was left.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionState {
+pub(crate) struct PartitionState {
     /// The epoch just claimed; every later commit must carry it.
     pub leader_epoch: i32,
     pub log_start_offset: i64,
@@ -144,7 +144,7 @@ pub struct PartitionState {
 
 /// One partition's part of a write-ahead commit.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PartitionCommit {
+pub(crate) struct PartitionCommit {
     pub key: PartitionKey,
     pub leader_epoch: i32,
     pub range: WalRangeRecord,
@@ -154,7 +154,7 @@ pub struct PartitionCommit {
 
 /// All partitions' new ranges from one write-ahead object, committed atomically.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct WalCommit {
+pub(crate) struct WalCommit {
     pub object_key: String,
     pub created_ms: i64,
     pub partitions: Vec<PartitionCommit>,
@@ -162,7 +162,7 @@ pub struct WalCommit {
 
 /// Who holds a partition (or a coordinator slot) and under which leader epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PartitionOwner {
+pub(crate) struct PartitionOwner {
     pub key: PartitionKey,
     pub leader_epoch: i32,
     /// The broker that claimed it last; `None` once released (or never claimed).
@@ -172,7 +172,7 @@ pub struct PartitionOwner {
 /// The lease a write is conditional on: the writer's epoch on a partition or a
 /// coordinator slot. A write under a stale fence fails with `Fenced`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Fence {
+pub(crate) struct Fence {
     pub key: PartitionKey,
     pub leader_epoch: i32,
 }
@@ -181,7 +181,7 @@ pub struct Fence {
 /// lease holds. Brokers renew the lease by heartbeat; one whose lease has expired is
 /// not live.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BrokerRecord {
+pub(crate) struct BrokerRecord {
     pub broker_id: i32,
     /// The session from `start_broker_session`: a restarted broker supersedes its old
     /// self, whose heartbeats are then refused.
@@ -199,7 +199,7 @@ pub struct BrokerRecord {
 
 /// A consumer group's committed offset for one partition.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CommittedOffset {
+pub(crate) struct CommittedOffset {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
@@ -211,7 +211,7 @@ pub struct CommittedOffset {
 }
 
 #[async_trait]
-pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
+pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     /// `TopicExists` if the name is taken. Creates its partitions (epoch 0, empty logs).
     async fn create_topic(&self, topic: &TopicRecord) -> MetaResult<()>;
     /// Removes the topic and all its partition rows; returns what was removed.
@@ -326,7 +326,7 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
 /// `bucket://` (kept in `objects`, the broker's object store, under `meta/`, its
 /// writer's queue `bucket_queue_length` long), measured and bounded by `timeout` per
 /// operation (see [`instrumented`]).
-pub async fn open(
+pub(crate) async fn open(
     url: &str,
     objects: &std::sync::Arc<tiering::Store>,
     timeout: std::time::Duration,

@@ -376,7 +376,7 @@ impl Tx<'_> {
 }
 
 /// The shared metadata store: a pool of connections to one PostgreSQL database.
-pub struct PostgresStore {
+pub(crate) struct PostgresStore {
     pool: Pool,
 }
 
@@ -404,7 +404,7 @@ impl PostgresStore {
 
     /// Connects to the database named by `url` (`postgres://user[:password]@host:port/db`,
     /// libpq-style query parameters allowed) and creates or migrates the schema.
-    pub async fn connect(url: &str) -> MetaResult<PostgresStore> {
+    pub(crate) async fn connect(url: &str) -> MetaResult<PostgresStore> {
         let config: Config = url
             .parse()
             .map_err(|e| MetaError::Unavailable(format!("invalid postgres metadata URL: {e}")))?;
@@ -412,7 +412,7 @@ impl PostgresStore {
     }
 
     /// Like [`PostgresStore::connect`], from a parsed configuration.
-    pub async fn connect_with(mut config: Config) -> MetaResult<PostgresStore> {
+    pub(crate) async fn connect_with(mut config: Config) -> MetaResult<PostgresStore> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }

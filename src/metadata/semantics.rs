@@ -26,13 +26,13 @@ use super::{
 
 /// The first producer id handed out. Persisted (every backend's counter starts here);
 /// stable.
-pub const FIRST_PRODUCER_ID: i64 = 1000;
+pub(crate) const FIRST_PRODUCER_ID: i64 = 1000;
 /// The first session of a broker id.
 const FIRST_SESSION: i64 = 1;
 
 /// A fenced write, as callers ask for it.
 #[derive(Debug, Clone, Copy)]
-pub enum Op<'a> {
+pub(crate) enum Op<'a> {
     CommitWal(&'a WalCommit),
     CommitSegment {
         key: PartitionKey,
@@ -66,7 +66,7 @@ pub enum Op<'a> {
 /// The stored scalar columns of one partition: what the semantics read, and what a
 /// claim or a release writes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionRow {
+pub(crate) struct PartitionRow {
     pub leader_epoch: i32,
     pub high_watermark: i64,
     pub log_start_offset: i64,
@@ -77,7 +77,7 @@ pub struct PartitionRow {
 impl PartitionRow {
     /// A partition as topic creation and growth make it: epoch 0, an empty log, no
     /// owner.
-    pub const NEW: PartitionRow = PartitionRow {
+    pub(crate) const NEW: PartitionRow = PartitionRow {
         leader_epoch: 0,
         high_watermark: 0,
         log_start_offset: 0,
@@ -85,7 +85,7 @@ impl PartitionRow {
     };
 
     /// Who holds the partition `key` of this row, for assignment and Metadata answers.
-    pub fn as_owner(&self, key: PartitionKey) -> PartitionOwner {
+    pub(crate) fn as_owner(&self, key: PartitionKey) -> PartitionOwner {
         PartitionOwner {
             key,
             leader_epoch: self.leader_epoch,
@@ -95,11 +95,11 @@ impl PartitionRow {
 }
 
 /// The rows read for an operation's fences; a key absent here does not exist.
-pub type Rows = HashMap<PartitionKey, PartitionRow>;
+pub(crate) type Rows = HashMap<PartitionKey, PartitionRow>;
 
 /// A change in storage terms. Each backend implements every variant once.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write<'a> {
+pub(crate) enum Write<'a> {
     InsertRange {
         key: PartitionKey,
         range: WalRangeRecord,
@@ -152,7 +152,7 @@ pub enum Write<'a> {
 
 impl Op<'_> {
     /// The partitions (or coordinator slots) whose rows the operation reads.
-    pub fn fences(&self) -> Vec<PartitionKey> {
+    pub(crate) fn fences(&self) -> Vec<PartitionKey> {
         match self {
             Op::CommitWal(commit) => commit.partitions.iter().map(|p| p.key).collect(),
             Op::CommitSegment { key, .. } | Op::TrimLog { key, .. } => vec![*key],
@@ -165,7 +165,7 @@ impl Op<'_> {
 
 /// The epoch check of a write on one partition (or coordinator slot): a missing one is
 /// `PartitionNotFound`, a newer epoch `Fenced`.
-pub fn check_epoch(
+pub(crate) fn check_epoch(
     key: PartitionKey,
     stored: Option<&PartitionRow>,
     leader_epoch: i32,
@@ -189,7 +189,7 @@ fn require(rows: &Rows, key: PartitionKey, leader_epoch: i32) -> MetaResult<&Par
 
 /// The fence check of a coordinator's write (none: unfenced). Also what a write that
 /// turns out to change nothing still answers.
-pub fn check_fence(rows: &Rows, fence: Option<Fence>) -> MetaResult<()> {
+pub(crate) fn check_fence(rows: &Rows, fence: Option<Fence>) -> MetaResult<()> {
     match fence {
         Some(f) => require(rows, f.key, f.leader_epoch).map(|_| ()),
         None => Ok(()),
@@ -199,7 +199,7 @@ pub fn check_fence(rows: &Rows, fence: Option<Fence>) -> MetaResult<()> {
 /// Decides an operation against the rows its fences read: the writes to apply, or why
 /// nothing is applied. Writes that count (offset deletions) make the operation's
 /// answer the sum of their counts.
-pub fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
+pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
     match op {
         Op::CommitWal(commit) => {
             // Every partition at its writer's epoch, or nothing at all; a partition
@@ -329,7 +329,7 @@ pub fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
 
 /// Creating a topic: a name already taken is `TopicExists`; otherwise the topic is
 /// stored with its partitions `0..partitions`, each [`PartitionRow::NEW`].
-pub fn create_topic(name_taken: bool, topic: &TopicRecord) -> MetaResult<Range<i32>> {
+pub(crate) fn create_topic(name_taken: bool, topic: &TopicRecord) -> MetaResult<Range<i32>> {
     if name_taken {
         return Err(MetaError::TopicExists);
     }
@@ -340,7 +340,7 @@ pub fn create_topic(name_taken: bool, topic: &TopicRecord) -> MetaResult<Range<i
 /// `TopicNotFound`. Deleting a topic removes its partitions with everything they hold;
 /// the write-ahead objects they referenced stay (as garbage once unreferenced) and so
 /// do committed offsets (keyed by topic name; the broker removes them).
-pub fn stored_topic<T>(stored: Option<T>) -> MetaResult<T> {
+pub(crate) fn stored_topic<T>(stored: Option<T>) -> MetaResult<T> {
     stored.ok_or(MetaError::TopicNotFound)
 }
 
@@ -348,13 +348,13 @@ pub fn stored_topic<T>(stored: Option<T>) -> MetaResult<T> {
 /// [`PartitionRow::NEW`], or `None` when `count` is not above the current count (a
 /// topic never shrinks, and callers validate requests, so that is a no-op, not an
 /// error).
-pub fn new_partitions(topic: &TopicRecord, count: i32) -> Option<Range<i32>> {
+pub(crate) fn new_partitions(topic: &TopicRecord, count: i32) -> Option<Range<i32>> {
     (count > topic.partitions).then_some(topic.partitions..count)
 }
 
 /// What a claim stores: the partition's new row and the epoch history entry it adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Claim {
+pub(crate) struct Claim {
     pub row: PartitionRow,
     /// (the new epoch, the first offset it writes: the high watermark at the claim).
     pub history: (i32, i64),
@@ -363,7 +363,11 @@ pub struct Claim {
 /// Claiming a partition: the leader epoch goes one past the stored one (fencing every
 /// earlier owner) and the claimer becomes the owner. A missing partition is
 /// `PartitionNotFound`; an epoch that cannot grow is `Corrupt`.
-pub fn claim(key: PartitionKey, stored: Option<PartitionRow>, broker_id: i32) -> MetaResult<Claim> {
+pub(crate) fn claim(
+    key: PartitionKey,
+    stored: Option<PartitionRow>,
+    broker_id: i32,
+) -> MetaResult<Claim> {
     let row = stored.ok_or(MetaError::PartitionNotFound)?;
     let leader_epoch = row.leader_epoch.checked_add(1).ok_or_else(|| {
         MetaError::Corrupt(format!(
@@ -384,7 +388,7 @@ pub fn claim(key: PartitionKey, stored: Option<PartitionRow>, broker_id: i32) ->
 /// Releasing a partition (graceful hand-off): only at the caller's epoch (else `Fenced`,
 /// or `PartitionNotFound`); the row loses its owner and keeps its epoch, so the next
 /// claim fences the releaser all the same.
-pub fn release(
+pub(crate) fn release(
     key: PartitionKey,
     stored: Option<PartitionRow>,
     leader_epoch: i32,
@@ -395,7 +399,7 @@ pub fn release(
 
 /// The next producer id after the last one handed out (`None`: none yet). Ids are never
 /// reused, so exhausting them is an error rather than a wrap.
-pub fn next_producer_id(last: Option<i64>) -> MetaResult<i64> {
+pub(crate) fn next_producer_id(last: Option<i64>) -> MetaResult<i64> {
     match last {
         None => Ok(FIRST_PRODUCER_ID),
         Some(last) => last
@@ -406,7 +410,7 @@ pub fn next_producer_id(last: Option<i64>) -> MetaResult<i64> {
 
 /// The next session of a broker id after its last one (`None`: never started): higher
 /// than every earlier one, so a restarted broker supersedes its old self.
-pub fn next_session(last: Option<i64>) -> MetaResult<i64> {
+pub(crate) fn next_session(last: Option<i64>) -> MetaResult<i64> {
     match last {
         None => Ok(FIRST_SESSION),
         Some(last) => last
@@ -418,7 +422,7 @@ pub fn next_session(last: Option<i64>) -> MetaResult<i64> {
 /// A heartbeat against the stored registration's session (`None`: not registered):
 /// refused with `Superseded` when a newer session of the broker id is registered;
 /// otherwise `broker` replaces the stored registration (same or newer session).
-pub fn heartbeat(stored_session: Option<i64>, broker: &BrokerRecord) -> MetaResult<()> {
+pub(crate) fn heartbeat(stored_session: Option<i64>, broker: &BrokerRecord) -> MetaResult<()> {
     match stored_session {
         Some(stored) if stored > broker.session => Err(MetaError::Superseded),
         _ => Ok(()),
@@ -427,18 +431,18 @@ pub fn heartbeat(stored_session: Option<i64>, broker: &BrokerRecord) -> MetaResu
 
 /// Whether deregistering `session` removes the stored registration (`None`: not
 /// registered): only its own, never a newer session's.
-pub fn deregisters(stored_session: Option<i64>, session: i64) -> bool {
+pub(crate) fn deregisters(stored_session: Option<i64>, session: i64) -> bool {
     stored_session == Some(session)
 }
 
 /// Whether a registered broker is live at `now_ms`: strictly before its lease expires.
-pub fn is_live(broker: &BrokerRecord, now_ms: i64) -> bool {
+pub(crate) fn is_live(broker: &BrokerRecord, now_ms: i64) -> bool {
     broker.lease_expires_ms > now_ms
 }
 
 /// A remembered write-ahead object, as garbage collection judges it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WalObject {
+pub(crate) struct WalObject {
     pub object_key: String,
     pub created_ms: i64,
     /// Whether any partition's range still points into it.
@@ -447,7 +451,9 @@ pub struct WalObject {
 
 /// The write-ahead objects that are garbage: those no range references, oldest first
 /// (ties by key), so collection deletes in the order they were written.
-pub fn unreferenced_wal_objects(objects: impl IntoIterator<Item = WalObject>) -> Vec<String> {
+pub(crate) fn unreferenced_wal_objects(
+    objects: impl IntoIterator<Item = WalObject>,
+) -> Vec<String> {
     let mut garbage: Vec<(i64, String)> = objects
         .into_iter()
         .filter(|o| !o.referenced)

@@ -173,7 +173,7 @@ ALTER TABLE wal_ranges ADD COLUMN object_size INTEGER NOT NULL DEFAULT 0;
 ///
 /// Cloning is cheap and shares the connection.
 #[derive(Clone)]
-pub struct SqliteStore {
+pub(crate) struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Where the database lives, for `Debug` and logs; `None` when in memory.
     path: Option<PathBuf>,
@@ -192,7 +192,7 @@ impl SqliteStore {
     /// switches it to WAL with `synchronous=FULL` and creates or migrates the schema.
     ///
     /// Blocking file I/O: call it at startup or from `spawn_blocking`.
-    pub fn open(path: &Path) -> MetaResult<SqliteStore> {
+    pub(crate) fn open(path: &Path) -> MetaResult<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 MetaError::Unavailable(format!(
@@ -217,8 +217,9 @@ impl SqliteStore {
         Ok(store)
     }
 
+    #[cfg(test)]
     /// A private in-memory database: nothing survives the store being dropped. For tests.
-    pub fn open_in_memory() -> MetaResult<SqliteStore> {
+    pub(crate) fn open_in_memory() -> MetaResult<SqliteStore> {
         let conn = Connection::open_in_memory().db()?;
         SqliteStore::setup(conn, None)
     }

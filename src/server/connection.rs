@@ -20,7 +20,7 @@ use crate::protocol::{self, Frame};
 
 const PRODUCE: i16 = 0;
 
-pub async fn run(
+pub(crate) async fn run(
     broker: Arc<Broker>,
     socket: TcpStream,
     peer: SocketAddr,

@@ -1,7 +1,7 @@
 //! The Kafka listener: accepts connections (bounded by `max.connections`) and runs one
 //! task per connection. Graceful shutdown: a broadcast tells every connection to stop.
 
-pub mod connection;
+pub(crate) mod connection;
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::broker::Broker;
 
-pub async fn serve(
+pub(crate) async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
     mut shutdown: tokio::sync::watch::Receiver<bool>,

@@ -29,7 +29,7 @@ use crate::metadata::{
 
 /// When flushes start and how long a flush may take.
 #[derive(Debug, Clone)]
-pub struct FlushRules {
+pub(crate) struct FlushRules {
     pub interval: Duration,
     pub max_bytes: usize,
     /// From a flush's start to its last commit attempt.
@@ -43,7 +43,7 @@ pub struct FlushRules {
 }
 
 impl FlushRules {
-    pub fn new(
+    pub(crate) fn new(
         interval: Duration,
         max_bytes: usize,
         timeout: Duration,
@@ -63,7 +63,7 @@ impl FlushRules {
 /// One stamped batch on its way to the next write-ahead object; `N` is how its owner
 /// is told about it.
 #[derive(Debug)]
-pub struct FlushItem<N> {
+pub(crate) struct FlushItem<N> {
     pub key: PartitionKey,
     pub stream: std::sync::Arc<str>,
     pub leader_epoch: i32,
@@ -149,7 +149,7 @@ struct InFlight<N> {
 
 /// A flush that started: the object to write (the chunks in partition order).
 #[derive(Debug)]
-pub struct Started {
+pub(crate) struct Started {
     pub seq: u64,
     pub chunks: Vec<tiering::wal::WalChunk>,
     /// How long its oldest batch waited in the buffer.
@@ -160,7 +160,7 @@ pub struct Started {
 
 /// A flush's object as written.
 #[derive(Debug)]
-pub struct Written {
+pub(crate) struct Written {
     pub object_key: String,
     pub object_size: u64,
     /// Where each chunk landed, in the order of [`Started::chunks`].
@@ -169,7 +169,7 @@ pub struct Written {
 
 /// How a commit attempt ended, as the flusher task saw it.
 #[derive(Debug)]
-pub enum CommitResult {
+pub(crate) enum CommitResult {
     Committed,
     /// These partitions have a newer owner; nothing was applied.
     Fenced(Vec<PartitionKey>),
@@ -181,7 +181,7 @@ pub enum CommitResult {
 
 /// What became of a flush after a commit attempt, for the task's metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommitEnd {
+pub(crate) enum CommitEnd {
     Committed {
         partitions: usize,
     },
@@ -193,7 +193,7 @@ pub enum CommitEnd {
 }
 
 /// The flusher's state. `N` is how a partition owner is told about its batches.
-pub struct FlushCore<N> {
+pub(crate) struct FlushCore<N> {
     rules: FlushRules,
     buffer: Buffer<N>,
     /// Lowest live generation per partition (see the module docs).
@@ -207,7 +207,7 @@ pub struct FlushCore<N> {
 }
 
 impl<N: Clone> FlushCore<N> {
-    pub fn new(rules: FlushRules) -> Self {
+    pub(crate) fn new(rules: FlushRules) -> Self {
         FlushCore {
             rules,
             buffer: Buffer::default(),
@@ -220,21 +220,21 @@ impl<N: Clone> FlushCore<N> {
     }
 
     /// Whether the buffer takes more batches (below `max_bytes`).
-    pub fn accepts(&self) -> bool {
+    pub(crate) fn accepts(&self) -> bool {
         self.buffer.bytes < self.rules.max_bytes
     }
 
     /// Nothing buffered and no flush unfinished.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.buffer.partitions.is_empty() && self.in_flight.is_empty()
     }
 
     /// The notices produced since the last call, to send in this order.
-    pub fn take_notices(&mut self) -> Vec<(N, FlushNotice)> {
+    pub(crate) fn take_notices(&mut self) -> Vec<(N, FlushNotice)> {
         std::mem::take(&mut self.outbox)
     }
 
-    pub fn add(&mut self, item: FlushItem<N>, now: Instant) {
+    pub(crate) fn add(&mut self, item: FlushItem<N>, now: Instant) {
         if self
             .abandoned
             .get(&item.key)
@@ -283,7 +283,7 @@ impl<N: Clone> FlushCore<N> {
 
     /// When the task must call again even if nothing arrives: a flush due by the
     /// interval (while a slot is free) or a commit retry.
-    pub fn wake_at(&self) -> Option<Instant> {
+    pub(crate) fn wake_at(&self) -> Option<Instant> {
         let due = self.due_at().filter(|_| self.slot_free());
         let retry = match self.in_flight.front().map(|f| f.stage) {
             Some(Stage::RetryAt(t)) => Some(t),
@@ -297,7 +297,7 @@ impl<N: Clone> FlushCore<N> {
 
     /// Starts a flush if one is due (`closing`: no more batches will come, so whatever
     /// is buffered is due).
-    pub fn start(&mut self, now: Instant, closing: bool) -> Option<Started> {
+    pub(crate) fn start(&mut self, now: Instant, closing: bool) -> Option<Started> {
         if self.buffer.partitions.is_empty() || !self.slot_free() {
             return None;
         }
@@ -341,7 +341,7 @@ impl<N: Clone> FlushCore<N> {
     }
 
     /// The object of flush `seq` was written (`Some`) or could not be (`None`).
-    pub fn written(&mut self, seq: u64, written: Option<Written>) {
+    pub(crate) fn written(&mut self, seq: u64, written: Option<Written>) {
         let Some(f) = self.in_flight.iter_mut().find(|f| f.seq == seq) else {
             return;
         };
@@ -380,7 +380,7 @@ impl<N: Clone> FlushCore<N> {
     /// run one at a time: call again only after [`FlushCore::committed`]). Flushes
     /// whose write failed, and partitions whose generation was abandoned, are settled
     /// on the way.
-    pub fn next_commit(&mut self, now: Instant, now_ms: i64) -> Option<(u64, WalCommit)> {
+    pub(crate) fn next_commit(&mut self, now: Instant, now_ms: i64) -> Option<(u64, WalCommit)> {
         loop {
             let front = self.in_flight.front_mut()?;
             match front.stage {
@@ -435,7 +435,7 @@ impl<N: Clone> FlushCore<N> {
     }
 
     /// When the flush whose commit runs now must be done: its start plus the timeout.
-    pub fn commit_deadline(&self) -> Option<Instant> {
+    pub(crate) fn commit_deadline(&self) -> Option<Instant> {
         self.in_flight
             .front()
             .map(|f| f.started + self.rules.timeout)
@@ -443,7 +443,7 @@ impl<N: Clone> FlushCore<N> {
 
     /// The commit of flush `seq` ended. `retry_wait`: how long to wait before trying a
     /// retriable failure again (the caller's backoff).
-    pub fn committed(
+    pub(crate) fn committed(
         &mut self,
         seq: u64,
         result: CommitResult,

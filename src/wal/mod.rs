@@ -10,7 +10,7 @@
 //! in order. Object-store requests therefore grow with time, not with the number of
 //! partitions.
 
-pub mod core;
+pub(crate) mod core;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ use crate::metrics::metrics;
 /// What the flusher tells a partition's owner about its batches (unbounded channel: at
 /// most one notice per flush in flight, so the flusher never waits on a busy owner).
 #[derive(Debug)]
-pub enum FlushNotice {
+pub(crate) enum FlushNotice {
     /// The batches up to `range.end_offset` are committed in `range`.
     Flushed { gen: u64, range: WalRangeRecord },
     /// The batches of generation `gen` were abandoned. `fenced`: a newer owner holds the
@@ -42,10 +42,10 @@ pub enum FlushNotice {
 }
 
 /// One stamped batch on its way to the next write-ahead object.
-pub type FlushItem = core::FlushItem<mpsc::UnboundedSender<FlushNotice>>;
+pub(crate) type FlushItem = core::FlushItem<mpsc::UnboundedSender<FlushNotice>>;
 
 #[derive(Debug, Clone)]
-pub struct FlusherConfig {
+pub(crate) struct FlusherConfig {
     pub broker_id: i32,
     pub session: i64,
     pub interval: Duration,
@@ -60,14 +60,14 @@ type Write = BoxFuture<'static, (u64, Option<core::Written>)>;
 type Commit = BoxFuture<'static, (u64, Result<(), MetaError>, Duration)>;
 
 /// The flusher task: the I/O around [`core::FlushCore`], which decides everything.
-pub struct Flusher {
+pub(crate) struct Flusher {
     config: FlusherConfig,
     store: Arc<tiering::Store>,
     meta: Arc<dyn MetadataStore>,
 }
 
 impl Flusher {
-    pub fn new(
+    pub(crate) fn new(
         config: FlusherConfig,
         store: Arc<tiering::Store>,
         meta: Arc<dyn MetadataStore>,
@@ -83,7 +83,7 @@ impl Flusher {
     /// the end (on shutdown the queue is closed, so what is already in it is flushed).
     /// Objects are written concurrently (up to `concurrency` unfinished flushes); the
     /// core hands out one commit at a time, in flush order.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut rx: mpsc::Receiver<FlushItem>,
         shutdown: impl std::future::Future<Output = ()>,
@@ -229,7 +229,7 @@ impl Flusher {
 }
 
 /// Deletes write-ahead objects that no partition range references any more.
-pub async fn collect_garbage(
+pub(crate) async fn collect_garbage(
     store: &tiering::Store,
     meta: &dyn MetadataStore,
 ) -> Result<usize, anyhow::Error> {
