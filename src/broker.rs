@@ -57,7 +57,7 @@ pub(crate) struct Broker {
 /// their own (a fault-injecting object store, a metadata store in it) and hand them to
 /// [`Broker::start`]. Time and random ids come from the one seam, `crate::clock`,
 /// which a paused test runtime controls.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Components {
     pub store: Arc<tiering::Store>,
     pub meta: Arc<dyn MetadataStore>,
