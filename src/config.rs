@@ -214,6 +214,11 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "longest time a produced batch waits before its write-ahead object is written",
     ),
     def(
+        "wal.flush.max.per.second",
+        "",
+        "most write-ahead flushes started per second (each writes one object: a billed PUT on cloud stores); empty: one per wal.flush.interval.ms on s3://, gs:// and az://, no bound on file:// and memory://; 0: no bound",
+    ),
+    def(
         "wal.flush.bytes",
         "8388608",
         "flush the write-ahead object early once this many bytes are pending",
@@ -521,6 +526,8 @@ pub struct Config {
     pub log_json: bool,
     pub metrics_partition_labels: bool,
     pub wal_flush_interval_ms: u64,
+    /// Flush starts per second at most (`None`: no bound).
+    pub wal_flush_max_per_second: Option<u64>,
     pub wal_flush_bytes: usize,
     pub wal_flush_timeout_ms: u64,
     pub wal_flush_concurrency: usize,
@@ -628,6 +635,16 @@ impl Config {
             bail!("broker-id must not be negative");
         }
         let topic_defaults = TopicConfig::resolve(&values, &BTreeMap::new());
+        // Object-store PUTs are billed on cloud stores: by default no more flushes than
+        // one per interval there, as many as the disk takes on local files.
+        let wal_flush_max_per_second = match text("wal.flush.max.per.second").as_str() {
+            "" if remote => Some((1000 / positive("wal.flush.interval.ms")?).max(1)),
+            "" | "0" => None,
+            _ => Some(num("wal.flush.max.per.second")?)
+                .filter(|&n| n != 0)
+                .map(|n| u64::try_from(n).context("wal.flush.max.per.second must not be negative"))
+                .transpose()?,
+        };
         if positive("socket.request.max.bytes")? > positive("queued.max.request.bytes")? {
             bail!("socket.request.max.bytes must not exceed queued.max.request.bytes (one request must fit the budget)");
         }
@@ -673,6 +690,7 @@ impl Config {
             log_json,
             metrics_partition_labels: boolean("metrics.partition.labels")?,
             wal_flush_interval_ms: positive("wal.flush.interval.ms")?,
+            wal_flush_max_per_second,
             wal_flush_bytes: positive("wal.flush.bytes")? as usize,
             wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,
             wal_flush_concurrency: positive("wal.flush.concurrency")? as usize,

@@ -39,6 +39,10 @@ pub(crate) struct Metrics {
     pub flush_commit_seconds: Histogram,
     pub flush_wait_seconds: Histogram,
     pub flush_interval_seconds: Histogram,
+    /// Write-ahead objects per metadata commit (group commit).
+    pub flush_commit_objects: Histogram,
+    /// The `acks=all` path, stage by stage (see [`stage`]).
+    pub produce_stage_seconds: HistogramVec,
     pub orphans_deleted: IntCounterVec,
     pub group_rebalances: IntCounterVec,
     pub connections: IntGauge,
@@ -177,6 +181,25 @@ pub(crate) fn metrics() -> &'static Metrics {
         )
         .expect("valid");
         registry.register(Box::new(flush_bytes.clone())).expect("metric registered once");
+        let flush_commit_objects = Histogram::with_opts(
+            HistogramOpts::new("strata_wal_commit_objects", "write-ahead objects committed together in one metadata transaction")
+                .buckets(vec![1.0, 2.0, 3.0, 4.0, 8.0, 16.0]),
+        )
+        .expect("valid");
+        registry.register(Box::new(flush_commit_objects.clone())).expect("metric registered once");
+        let produce_stage_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "strata_produce_stage_seconds",
+                "the acks=all path by stage: queue (arrival to the flusher), buffer (until the flush starts), write (the object, with its fsyncs), commit_wait (written, waiting for the commit before), commit (the metadata transaction), response (commit to response)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("valid");
+        for stage in stage::ALL {
+            produce_stage_seconds.with_label_values(&[stage]);
+        }
+        registry.register(Box::new(produce_stage_seconds.clone())).expect("metric registered once");
         Metrics {
             requests: counter_vec(&registry, "strata_requests_total", "requests handled, per Kafka API", &["api"]),
             request_seconds,
@@ -207,6 +230,8 @@ pub(crate) fn metrics() -> &'static Metrics {
                 "strata_wal_flush_interval_seconds",
                 "time between the starts of two consecutive write-ahead flushes",
             ),
+            flush_commit_objects,
+            produce_stage_seconds,
             group_rebalances: counter_vec(
                 &registry,
                 "strata_group_rebalances_total",
@@ -305,4 +330,21 @@ pub(crate) fn metrics() -> &'static Metrics {
             registry,
         }
     })
+}
+
+/// The stages of the `acks=all` path, as `strata_produce_stage_seconds{stage}` labels.
+pub(crate) mod stage {
+    /// From a request's arrival to its batch reaching the flusher.
+    pub(crate) const QUEUE: &str = "queue";
+    /// In the flusher's buffer, until its flush starts.
+    pub(crate) const BUFFER: &str = "buffer";
+    /// Writing the object (on `file://` stores, with its fsyncs).
+    pub(crate) const WRITE: &str = "write";
+    /// Written, waiting for the commit before it to end.
+    pub(crate) const COMMIT_WAIT: &str = "commit_wait";
+    /// The metadata transaction.
+    pub(crate) const COMMIT: &str = "commit";
+    /// From the commit to the response leaving the handler.
+    pub(crate) const RESPONSE: &str = "response";
+    pub(crate) const ALL: [&str; 6] = [QUEUE, BUFFER, WRITE, COMMIT_WAIT, COMMIT, RESPONSE];
 }

@@ -82,6 +82,8 @@ pub(crate) enum FrameError {
 #[derive(Debug)]
 pub(crate) struct RequestContext {
     pub peer: std::net::SocketAddr,
+    /// When the request's frame was read.
+    pub arrived: std::time::Instant,
     /// Set for Produce: the order in which its batches reach the partitions.
     pub order: Option<ProduceOrder>,
 }

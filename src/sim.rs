@@ -155,7 +155,7 @@ struct Broker {
     core: FlushCore<usize>,
     owners: Vec<Owner>,
     writing: Vec<(u64, Vec<tiering::wal::WalChunk>)>,
-    committing: Option<(u64, crate::metadata::WalCommit)>,
+    committing: Option<crate::wal::core::NextCommit>,
     /// Uploads of owners since replaced (a reclaim stops the owner, not its upload):
     /// (partition, job). They may still finish; their epoch must keep them out.
     stray_uploads: Vec<(usize, UploadJob)>,
@@ -290,8 +290,15 @@ impl Sim {
             .rt
             .block_on(meta.start_broker_session(BROKER))
             .map_err(|e| e.to_string())?;
-        let mut rules =
-            FlushRules::new(Duration::from_millis(5), 4096, Duration::from_millis(40), 3);
+        // Flush starts spaced by the rate bound on odd sessions, unbounded on even ones.
+        let min_gap = Duration::from_millis(if session % 2 == 1 { 3 } else { 0 });
+        let mut rules = FlushRules::new(
+            Duration::from_millis(5),
+            min_gap,
+            4096,
+            Duration::from_millis(40),
+            3,
+        );
         rules.ack_before_commit = self.bug == Bug::AckBeforeCommit;
         let mut owners = Vec::new();
         for p in 0..PARTITIONS {
@@ -417,6 +424,8 @@ impl Sim {
         };
         let request = self.producers[p].requests[i].clone();
         self.producers[p].requests[i].in_flight = true;
+        // Some requests are acks=1 in the flusher's eyes: they wait for the interval.
+        let urgent_flush = self.rng.chance(80);
         let owner = &mut self.broker.owners[p];
         if owner.fenced {
             // NOT_LEADER: the client retries after a metadata refresh.
@@ -447,6 +456,8 @@ impl Sim {
                     batch: b.bytes,
                     producer: b.producer,
                     notify: p,
+                    urgent: urgent_flush,
+                    arrived: self.now,
                 },
                 self.now,
             );
@@ -541,15 +552,15 @@ impl Sim {
             locations,
         });
         self.stats.failed_writes += u64::from(written.is_none());
-        broker.core.written(seq, written);
+        broker.core.written(seq, written, self.now);
     }
 
     fn commit_one(&mut self, broker: &mut Broker) {
-        let Some((seq, commit)) = broker.committing.take() else {
+        let Some(next) = broker.committing.take() else {
             return;
         };
         self.fault(5, 5);
-        let result = match self.rt.block_on(broker.meta.commit_wal(&commit)) {
+        let result = match self.rt.block_on(broker.meta.commit_wal(&next.commits)) {
             Ok(()) => {
                 self.stats.commits += 1;
                 CommitResult::Committed
@@ -563,7 +574,7 @@ impl Sim {
             }
         };
         let wait = Duration::from_millis(1 + self.rng.below(10));
-        broker.core.committed(seq, result, self.now, wait);
+        broker.core.committed(next.seq, result, self.now, wait);
     }
 
     /// One running upload of `broker` ends: a stray one (its owner was replaced) or
@@ -783,7 +794,7 @@ impl Sim {
         for (p, notice) in broker.core.take_notices() {
             let owner = &mut broker.owners[p];
             match notice {
-                FlushNotice::Flushed { gen, range } => {
+                FlushNotice::Flushed { gen, range, .. } => {
                     if let Some(durable) = owner.writes.flushed(gen, range.end_offset) {
                         owner.segments.committed(range);
                         let (from, batches) = (durable.from, durable.batches);
@@ -944,7 +955,13 @@ impl Broker {
         Broker {
             meta,
             session: 0,
-            core: FlushCore::new(FlushRules::new(Duration::ZERO, 1, Duration::ZERO, 1)),
+            core: FlushCore::new(FlushRules::new(
+                Duration::ZERO,
+                Duration::ZERO,
+                1,
+                Duration::ZERO,
+                1,
+            )),
             owners: Vec::new(),
             writing: Vec::new(),
             committing: None,

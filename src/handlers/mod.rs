@@ -95,7 +95,7 @@ pub(crate) async fn dispatch(
             ResponseKind::CreatePartitions(topics::create_partitions(broker, r).await)
         }
         RequestKind::Produce(r) => {
-            return produce::produce(broker, r, v, ctx.order)
+            return produce::produce(broker, r, v, ctx.arrived, ctx.order)
                 .await
                 .map(ResponseKind::Produce)
         }

@@ -53,6 +53,7 @@ pub(crate) async fn produce(
     broker: &Arc<Broker>,
     req: ProduceRequest,
     _version: i16,
+    arrived: std::time::Instant,
     mut order: Option<ProduceOrder>,
 ) -> Option<ProduceResponse> {
     let acks = req.acks;
@@ -152,6 +153,7 @@ pub(crate) async fn produce(
                 let cmd = PartitionCmd::Append {
                     batches,
                     acks,
+                    arrived,
                     reply: tx,
                 };
                 *p = if handle.cmd.send(cmd).await.is_ok() {
@@ -167,14 +169,16 @@ pub(crate) async fn produce(
     }
     // 3. Wait for the answers `acks` asks for.
     let mut responses = Vec::with_capacity(topics.len());
+    let mut durable_at: Option<std::time::Instant> = None;
     for (name, parts) in topics {
         let name = &name;
         let answers = join_all(parts.into_iter().map(|p| async move {
             match p {
-                Prepared::Refused(r) => r,
-                Prepared::Ready(index, ..) => {
-                    refused(index, ResponseError::UnknownServerError, None)
-                }
+                Prepared::Refused(r) => (r, None),
+                Prepared::Ready(index, ..) => (
+                    refused(index, ResponseError::UnknownServerError, None),
+                    None,
+                ),
                 Prepared::Queued(index, rx, (bytes, records)) => {
                     match tokio::time::timeout(timeout, rx).await {
                         Ok(Ok(Ok(ok))) => {
@@ -190,22 +194,29 @@ pub(crate) async fn produce(
                                     .with_label_values(&[name.0.as_str(), &index.to_string()])
                                     .inc_by(bytes);
                             }
-                            PartitionProduceResponse::default()
+                            let answer = PartitionProduceResponse::default()
                                 .with_index(index)
                                 .with_base_offset(ok.base_offset)
                                 .with_log_append_time_ms(-1)
-                                .with_log_start_offset(ok.log_start_offset)
+                                .with_log_start_offset(ok.log_start_offset);
+                            (answer, ok.durable_at)
                         }
-                        Ok(Ok(Err(e))) => {
-                            refused(index, errors::append_error(&e), Some(e.to_string()))
-                        }
-                        Ok(Err(_)) => refused(index, ResponseError::NotLeaderOrFollower, None),
-                        Err(_) => refused(index, ResponseError::RequestTimedOut, None),
+                        Ok(Ok(Err(e))) => (
+                            refused(index, errors::append_error(&e), Some(e.to_string())),
+                            None,
+                        ),
+                        Ok(Err(_)) => (
+                            refused(index, ResponseError::NotLeaderOrFollower, None),
+                            None,
+                        ),
+                        Err(_) => (refused(index, ResponseError::RequestTimedOut, None), None),
                     }
                 }
             }
         }))
         .await;
+        let (answers, durable): (Vec<_>, Vec<_>) = answers.into_iter().unzip();
+        durable_at = durable.into_iter().flatten().chain(durable_at).max();
         let m = crate::metrics::metrics();
         for a in answers.iter().filter(|a| a.error_code != 0) {
             let error = ResponseError::try_from_code(a.error_code)
@@ -219,6 +230,12 @@ pub(crate) async fn produce(
                 .with_name(name.clone())
                 .with_partition_responses(answers),
         );
+    }
+    if let Some(at) = durable_at {
+        crate::metrics::metrics()
+            .produce_stage_seconds
+            .with_label_values(&[crate::metrics::stage::RESPONSE])
+            .observe(at.elapsed().as_secs_f64());
     }
     if acks == 0 {
         return None;

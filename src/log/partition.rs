@@ -113,6 +113,8 @@ impl PartitionShared {
 pub(crate) struct AppendOk {
     pub base_offset: i64,
     pub log_start_offset: i64,
+    /// When the commit that made it durable succeeded (`acks=all`).
+    pub durable_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -138,6 +140,8 @@ pub(crate) enum PartitionCmd {
     Append {
         batches: Vec<ValidBatch>,
         acks: i16,
+        /// When the request reached the broker.
+        arrived: std::time::Instant,
         reply: AppendReply,
     },
     /// DeleteRecords: raise the log start offset (`-1` = the high watermark).
@@ -393,8 +397,9 @@ impl Owner {
             PartitionCmd::Append {
                 batches,
                 acks,
+                arrived,
                 reply,
-            } => self.append(batches, acks, reply).await,
+            } => self.append(batches, acks, arrived, reply).await,
             PartitionCmd::DeleteRecords { offset, reply } => {
                 let result = self.delete_records(offset).await;
                 let _ = reply.send(result);
@@ -428,7 +433,13 @@ impl Owner {
         }
     }
 
-    async fn append(&mut self, batches: Vec<ValidBatch>, acks: i16, reply: AppendReply) {
+    async fn append(
+        &mut self,
+        batches: Vec<ValidBatch>,
+        acks: i16,
+        arrived: std::time::Instant,
+        reply: AppendReply,
+    ) {
         if !self.shared.is_serving() {
             let _ = reply.send(Err(AppendError::NotLeader));
             return;
@@ -456,6 +467,8 @@ impl Owner {
                 batch: b.bytes,
                 producer: b.producer,
                 notify: self.flush_tx.clone(),
+                urgent: acks == -1,
+                arrived,
             };
             if self.ctx.flusher.send(item).await.is_err() {
                 let _ = reply.send(Err(AppendError::NotDurable));
@@ -465,6 +478,7 @@ impl Owner {
         let ok = AppendOk {
             base_offset: appended.base_offset,
             log_start_offset: self.shared.log_start_offset(),
+            durable_at: None,
         };
         if acks != -1 {
             let _ = reply.send(Ok(ok));
@@ -475,7 +489,11 @@ impl Owner {
 
     fn on_flush_notice(&mut self, notice: FlushNotice) {
         match notice {
-            FlushNotice::Flushed { gen, range } => self.on_flushed(gen, range),
+            FlushNotice::Flushed {
+                gen,
+                range,
+                committed_at,
+            } => self.on_flushed(gen, range, committed_at),
             FlushNotice::Failed {
                 gen,
                 fenced,
@@ -484,7 +502,7 @@ impl Owner {
         }
     }
 
-    fn on_flushed(&mut self, gen: u64, range: WalRangeRecord) {
+    fn on_flushed(&mut self, gen: u64, range: WalRangeRecord, committed_at: std::time::Instant) {
         let end_offset = range.end_offset;
         // `None`: a generation abandoned after a failed flush.
         let Some(durable) = self.writes.flushed(gen, end_offset) else {
@@ -500,6 +518,10 @@ impl Owner {
         }
         self.shared.hw.send_replace(end_offset);
         for (ok, reply) in durable.answered {
+            let ok = AppendOk {
+                durable_at: Some(committed_at),
+                ..ok
+            };
             let _ = reply.send(Ok(ok));
         }
         self.maybe_seal();

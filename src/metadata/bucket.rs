@@ -147,10 +147,11 @@ struct State {
 type GroupOffsets = Vec<(String, i32, Offset)>;
 
 /// The version of the record and snapshot format this code writes. 1: the first (no
-/// `format` field); 2: offset deletions and expiries carry the coordinator's fence. A
+/// `format` field); 2: offset deletions and expiries carry the coordinator's fence; 3:
+/// one write-ahead commit may hold several objects (`CommitWals`). A
 /// reader refuses a newer format than its own, so an older broker never misreads the
 /// log of a newer one; every format is pinned by golden files (`testdata/`).
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 fn format_1() -> u32 {
     1
@@ -195,8 +196,13 @@ enum Op {
         key: PartitionKey,
         broker_id: i32,
     },
+    /// One object (formats 1 and 2; replayed, no longer written).
     CommitWal {
         commit: WalCommit,
+    },
+    /// One or more objects, committed together (format 3).
+    CommitWals {
+        commits: Vec<WalCommit>,
     },
     CommitSegment {
         key: PartitionKey,
@@ -506,7 +512,10 @@ impl State {
                 p.epoch_history.push(claim.history);
                 Ok(Out::Claimed(p.state()))
             }
-            Op::CommitWal { commit } => self.fenced(semantics::Op::CommitWal(commit)),
+            Op::CommitWal { commit } => {
+                self.fenced(semantics::Op::CommitWal(std::slice::from_ref(commit)))
+            }
+            Op::CommitWals { commits } => self.fenced(semantics::Op::CommitWal(commits)),
             Op::CommitSegment {
                 key,
                 leader_epoch,
@@ -1049,9 +1058,9 @@ impl MetadataStore for BucketStore {
         }))
     }
 
-    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
-        self.submit(Op::CommitWal {
-            commit: commit.clone(),
+    async fn commit_wal(&self, commits: &[WalCommit]) -> MetaResult<()> {
+        self.submit(Op::CommitWals {
+            commits: commits.to_vec(),
         })
         .await
         .map(|_| ())
@@ -1303,8 +1312,8 @@ mod tests {
                 },
             },
             Op::Claim { key, broker_id: 1 },
-            Op::CommitWal {
-                commit: WalCommit {
+            Op::CommitWals {
+                commits: vec![WalCommit {
                     object_key: "wal/1/1/0".into(),
                     created_ms: 1_700_000_000_001,
                     partitions: vec![crate::metadata::PartitionCommit {
@@ -1321,7 +1330,7 @@ mod tests {
                         },
                         producers: vec![],
                     }],
-                },
+                }],
             },
             Op::CommitOffsets {
                 group: "g".into(),
@@ -1357,20 +1366,25 @@ mod tests {
             ops: golden_ops(),
         };
         let encoded = serde_json::to_string(&record).expect("encode");
-        assert_eq!(encoded, golden("bucket-record-v2.json", &encoded));
+        assert_eq!(encoded, golden("bucket-record-v3.json", &encoded));
         let mut state = State::default();
         for op in &record.ops {
             state.apply(op).expect("applies");
         }
         let snapshot = serde_json::to_string(&state.snapshot(3)).expect("encode");
-        assert_eq!(snapshot, golden("bucket-snapshot-v2.json", &snapshot));
+        assert_eq!(snapshot, golden("bucket-snapshot-v3.json", &snapshot));
     }
 
     /// Records of every earlier format still replay, with their meaning then: format 1
-    /// had no fences on offset deletion and expiry.
+    /// had no fences on offset deletion and expiry; formats 1 and 2 committed one
+    /// write-ahead object at a time.
     #[test]
     fn records_of_every_format_replay() {
-        for name in ["bucket-record-v1.json", "bucket-record-v2.json"] {
+        for name in [
+            "bucket-record-v1.json",
+            "bucket-record-v2.json",
+            "bucket-record-v3.json",
+        ] {
             let bytes = std::fs::read(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("src/metadata/testdata")
@@ -1513,10 +1527,10 @@ mod tests {
             }],
         };
         // a's record number was taken by b: retriable failure, then a catches up ...
-        let first = a.commit_wal(&commit).await;
+        let first = a.commit_wal(std::slice::from_ref(&commit)).await;
         assert!(matches!(first, Err(MetaError::Unavailable(_))), "{first:?}");
         // ... and the same commit is now fenced by b's newer epoch.
-        let second = a.commit_wal(&commit).await;
+        let second = a.commit_wal(std::slice::from_ref(&commit)).await;
         assert!(matches!(second, Err(MetaError::Fenced(_))), "{second:?}");
     }
 }

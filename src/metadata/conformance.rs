@@ -44,6 +44,7 @@ macro_rules! metadata_store_conformance {
             check_fenced_offset_delete_and_expiry,
             check_commit_wal_applies,
             check_stale_commit_is_fenced,
+            check_several_objects_commit_together,
             check_commit_segment_drops_covered_ranges,
             check_trim_log,
             check_wal_object_gc,
@@ -86,6 +87,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_fenced_offset_delete_and_expiry(store).await;
     check_commit_wal_applies(store).await;
     check_stale_commit_is_fenced(store).await;
+    check_several_objects_commit_together(store).await;
     check_commit_segment_drops_covered_ranges(store).await;
     check_trim_log(store).await;
     check_wal_object_gc(store).await;
@@ -192,12 +194,13 @@ fn part_commit(
     }
 }
 
-fn wal_commit(object_key: &str, partitions: Vec<PartitionCommit>) -> WalCommit {
-    WalCommit {
+/// A commit of one object (the form most checks need).
+fn wal_commit(object_key: &str, partitions: Vec<PartitionCommit>) -> [WalCommit; 1] {
+    [WalCommit {
         object_key: object_key.to_owned(),
         created_ms: 1_700_000_000_200,
         partitions,
-    }
+    }]
 }
 
 /// Commits one range of one partition in its own write-ahead object; returns the key.
@@ -695,6 +698,69 @@ pub(crate) async fn check_stale_commit_is_fenced(store: &dyn MetadataStore) {
         s1.producers.is_empty(),
         "no producer state from the fenced commits"
     );
+}
+
+/// Several objects in one commit (the flusher's group commit): every range in order,
+/// the high watermark at the last one's end, every object remembered; a stale epoch in
+/// any of them applies nothing of any.
+pub(crate) async fn check_several_objects_commit_together(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 2).await;
+    let (p0, p1) = (key(&topic, 0), key(&topic, 1));
+    let e0 = claim(store, p0).await.leader_epoch;
+    let e1 = claim(store, p1).await.leader_epoch;
+    let (a, b) = (unique("wal"), unique("wal"));
+    let [first] = wal_commit(
+        &a,
+        vec![
+            part_commit(p0, e0, range(0, 3, &a), vec![producer(7, 2, 2)]),
+            part_commit(p1, e1, range(0, 1, &a), vec![]),
+        ],
+    );
+    let [second] = wal_commit(
+        &b,
+        vec![part_commit(
+            p0,
+            e0,
+            range(3, 8, &b),
+            vec![producer(7, 7, 5)],
+        )],
+    );
+    store
+        .commit_wal(&[first, second])
+        .await
+        .expect("two objects at once");
+    let s0 = claim(store, p0).await;
+    assert_eq!(s0.high_watermark, 8);
+    assert_eq!(s0.wal_ranges, vec![range(0, 3, &a), range(3, 8, &b)]);
+    assert_eq!(
+        s0.producers,
+        vec![producer(7, 7, 5)],
+        "the later state wins"
+    );
+    let e0 = s0.leader_epoch;
+    let s1 = claim(store, p1).await;
+    assert_eq!(s1.high_watermark, 1);
+    let e1 = s1.leader_epoch;
+    let garbage = unreferenced(store).await;
+    assert!(!garbage.contains(&a) && !garbage.contains(&b));
+
+    // The second object is stale for p1: neither applies.
+    let (c, d) = (unique("wal"), unique("wal"));
+    let [third] = wal_commit(&c, vec![part_commit(p0, e0, range(8, 9, &c), vec![])]);
+    let [fourth] = wal_commit(&d, vec![part_commit(p1, e1 - 1, range(1, 2, &d), vec![])]);
+    assert_fenced(
+        store.commit_wal(&[third, fourth]).await,
+        &[p1],
+        "a stale epoch in the second object",
+    );
+    let s0 = claim(store, p0).await;
+    assert_eq!(
+        (s0.high_watermark, s0.wal_ranges.len()),
+        (8, 2),
+        "nothing of the fenced commit reached partition 0"
+    );
+    let garbage = unreferenced(store).await;
+    assert!(!garbage.contains(&c) && !garbage.contains(&d));
 }
 
 /// A sealed segment replaces the write-ahead ranges it covers.

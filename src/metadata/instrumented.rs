@@ -239,9 +239,9 @@ impl MetadataStore for Instrumented {
         self.timed("partition_owners", self.inner.partition_owners())
             .await
     }
-    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
+    async fn commit_wal(&self, commits: &[WalCommit]) -> MetaResult<()> {
         // Bounded by the flusher (see the module docs), not here.
-        measured("commit_wal", self.inner.commit_wal(commit)).await
+        measured("commit_wal", self.inner.commit_wal(commits)).await
     }
     async fn commit_segment(
         &self,

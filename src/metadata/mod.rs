@@ -241,11 +241,12 @@ pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     async fn release_partition(&self, key: PartitionKey, leader_epoch: i32) -> MetaResult<()>;
     /// Every partition's owner and epoch, for assignment and for Metadata answers.
     async fn partition_owners(&self) -> MetaResult<Vec<PartitionOwner>>;
-    /// One transaction: for every partition, check its leader epoch, append the range,
-    /// set the high watermark to the range end, replace the given producer states; and
-    /// remember the object. If any epoch is stale nothing is applied and `Fenced` names
-    /// the stale partitions.
-    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()>;
+    /// One transaction for one or more write-ahead objects, in order: for every
+    /// partition, check its leader epoch, append the ranges, set the high watermark to
+    /// the last range's end, replace the given producer states; and remember the
+    /// objects. If any epoch is stale nothing is applied and `Fenced` names the stale
+    /// partitions.
+    async fn commit_wal(&self, commits: &[WalCommit]) -> MetaResult<()>;
     /// Records a sealed segment and drops the write-ahead ranges it covers
     /// (`end_offset <= segment.end_offset`). Epoch-checked.
     async fn commit_segment(
@@ -322,15 +323,16 @@ pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// Opens the metadata store named by a URL: `sqlite://PATH`, `postgres://...`, or
-/// `bucket://` (kept in `objects`, the broker's object store, under `meta/`, its
-/// writer's queue `bucket_queue_length` long), measured and bounded by `timeout` per
-/// operation (see [`instrumented`]).
+/// Opens the metadata store named by a URL: `sqlite://PATH` (fsyncing every commit
+/// when `sqlite_synced`), `postgres://...`, or `bucket://` (kept in `objects`, the
+/// broker's object store, under `meta/`, its writer's queue `bucket_queue_length`
+/// long), measured and bounded by `timeout` per operation (see [`instrumented`]).
 pub(crate) async fn open(
     url: &str,
     objects: &std::sync::Arc<tiering::Store>,
     timeout: std::time::Duration,
     bucket_queue_length: usize,
+    sqlite_synced: bool,
 ) -> anyhow::Result<std::sync::Arc<dyn MetadataStore>> {
     let store: std::sync::Arc<dyn MetadataStore> = if url == "bucket://" {
         let options = bucket::BucketOptions {
@@ -341,7 +343,10 @@ pub(crate) async fn open(
     } else if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
         std::sync::Arc::new(
-            tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path)).await??,
+            tokio::task::spawn_blocking(move || {
+                sqlite::SqliteStore::open_with(&path, sqlite_synced)
+            })
+            .await??,
         )
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         std::sync::Arc::new(postgres::PostgresStore::connect(url).await?)

@@ -1251,8 +1251,8 @@ impl MetadataStore for PostgresStore {
 
     /// A partition that no longer exists (its topic was deleted) is reported as fenced
     /// with the stale ones, as in the SQLite backend.
-    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
-        self.fenced(semantics::Op::CommitWal(commit))
+    async fn commit_wal(&self, commits: &[WalCommit]) -> MetaResult<()> {
+        self.fenced(semantics::Op::CommitWal(commits))
             .await
             .map(|_| ())
     }
@@ -1611,9 +1611,10 @@ mod tests {
             tiering::Store::open("memory://", &tiering::StoreOptions::default())
                 .expect("memory store"),
         );
-        let store = crate::metadata::open(&url, &objects, std::time::Duration::from_secs(30), 16)
-            .await
-            .expect("open by url");
+        let store =
+            crate::metadata::open(&url, &objects, std::time::Duration::from_secs(30), 16, true)
+                .await
+                .expect("open by url");
         store.list_topics().await.expect("list");
     }
 
@@ -1916,7 +1917,7 @@ mod tests {
                         })
                         .collect(),
                 };
-                match old.commit_wal(&commit).await {
+                match old.commit_wal(std::slice::from_ref(&commit)).await {
                     Ok(()) => acknowledged = round + 1,
                     Err(MetaError::Fenced(_)) => break,
                     Err(e) => panic!("unexpected {e:?}"),
@@ -2001,7 +2002,7 @@ mod tests {
                 .leader_epoch;
             for (object, base, end) in [("wal-a", 0, 10), ("wal-b", 10, 20)] {
                 store
-                    .commit_wal(&WalCommit {
+                    .commit_wal(&[WalCommit {
                         object_key: object.to_owned(),
                         created_ms: 3,
                         partitions: vec![PartitionCommit {
@@ -2010,7 +2011,7 @@ mod tests {
                             range: range(base, end, object),
                             producers: vec![producer.clone()],
                         }],
-                    })
+                    }])
                     .await
                     .expect("commit");
             }

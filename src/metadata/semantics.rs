@@ -33,7 +33,8 @@ const FIRST_SESSION: i64 = 1;
 /// A fenced write, as callers ask for it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Op<'a> {
-    CommitWal(&'a WalCommit),
+    /// One or more write-ahead objects, committed together in this order.
+    CommitWal(&'a [WalCommit]),
     CommitSegment {
         key: PartitionKey,
         leader_epoch: i32,
@@ -154,7 +155,10 @@ impl Op<'_> {
     /// The partitions (or coordinator slots) whose rows the operation reads.
     pub(crate) fn fences(&self) -> Vec<PartitionKey> {
         match self {
-            Op::CommitWal(commit) => commit.partitions.iter().map(|p| p.key).collect(),
+            Op::CommitWal(commits) => commits
+                .iter()
+                .flat_map(|c| c.partitions.iter().map(|p| p.key))
+                .collect(),
             Op::CommitSegment { key, .. } | Op::TrimLog { key, .. } => vec![*key],
             Op::CommitOffsets { fence, .. }
             | Op::DeleteOffsets { fence, .. }
@@ -201,40 +205,43 @@ pub(crate) fn check_fence(rows: &Rows, fence: Option<Fence>) -> MetaResult<()> {
 /// answer the sum of their counts.
 pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
     match op {
-        Op::CommitWal(commit) => {
+        Op::CommitWal(commits) => {
             // Every partition at its writer's epoch, or nothing at all; a partition
             // that no longer exists (its topic was deleted) is fenced with the stale
             // ones: its owner has lost it for good, and the rest can be retried.
-            let fenced: Vec<PartitionKey> = commit
-                .partitions
-                .iter()
-                .filter(|p| rows.get(&p.key).map(|r| r.leader_epoch) != Some(p.leader_epoch))
-                .map(|p| p.key)
-                .collect();
+            let mut fenced: Vec<PartitionKey> = Vec::new();
+            for p in commits.iter().flat_map(|c| &c.partitions) {
+                let current = rows.get(&p.key).map(|r| r.leader_epoch) == Some(p.leader_epoch);
+                if !current && !fenced.contains(&p.key) {
+                    fenced.push(p.key);
+                }
+            }
             if !fenced.is_empty() {
-                tracing::debug!(object_key = %commit.object_key, ?fenced, "fenced wal commit");
+                tracing::debug!(objects = commits.len(), ?fenced, "fenced wal commit");
                 return Err(MetaError::Fenced(fenced));
             }
             let mut writes = Vec::new();
             let mut high: HashMap<PartitionKey, i64> = HashMap::new();
-            for part in &commit.partitions {
-                let mut range = part.range.clone();
-                range.object_key.clone_from(&commit.object_key);
-                let hw = high
-                    .entry(part.key)
-                    .or_insert(rows[&part.key].high_watermark);
-                // The high watermark only rises (a retried commit changes nothing).
-                *hw = (*hw).max(range.end_offset);
-                writes.push(Write::InsertRange {
-                    key: part.key,
-                    range,
-                });
-                writes.extend(part.producers.iter().map(|state| Write::UpsertProducer {
-                    key: part.key,
-                    state,
-                }));
+            for commit in commits {
+                for part in &commit.partitions {
+                    let mut range = part.range.clone();
+                    range.object_key.clone_from(&commit.object_key);
+                    let hw = high
+                        .entry(part.key)
+                        .or_insert(rows[&part.key].high_watermark);
+                    // The high watermark only rises (a retried commit changes nothing).
+                    *hw = (*hw).max(range.end_offset);
+                    writes.push(Write::InsertRange {
+                        key: part.key,
+                        range,
+                    });
+                    writes.extend(part.producers.iter().map(|state| Write::UpsertProducer {
+                        key: part.key,
+                        state,
+                    }));
+                }
             }
-            for part in &commit.partitions {
+            for part in commits.iter().flat_map(|c| &c.partitions) {
                 if let Some(hw) = high.remove(&part.key) {
                     writes.push(Write::SetHighWatermark {
                         key: part.key,
@@ -242,10 +249,10 @@ pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
                     });
                 }
             }
-            writes.push(Write::RememberWalObject {
-                object_key: &commit.object_key,
-                created_ms: commit.created_ms,
-            });
+            writes.extend(commits.iter().map(|c| Write::RememberWalObject {
+                object_key: &c.object_key,
+                created_ms: c.created_ms,
+            }));
             Ok(writes)
         }
         Op::CommitSegment {
@@ -531,12 +538,13 @@ mod tests {
         };
         // Partition 1 has a newer owner, partition 2 is gone.
         let stale = rows(&[(0, 2, 10, 0), (1, 3, 0, 0)]);
-        match plan(&stale, Op::CommitWal(&commit)) {
+        match plan(&stale, Op::CommitWal(std::slice::from_ref(&commit))) {
             Err(MetaError::Fenced(keys)) => assert_eq!(keys, vec![key(1), key(2)]),
             other => panic!("{other:?}"),
         }
         let current = rows(&[(0, 2, 10, 0), (1, 1, 0, 0), (2, 1, 30, 0)]);
-        let writes = plan(&current, Op::CommitWal(&commit)).expect("current epochs");
+        let writes =
+            plan(&current, Op::CommitWal(std::slice::from_ref(&commit))).expect("current epochs");
         // The high watermark only rises: partition 2 already stood at 30.
         assert!(writes.contains(&Write::SetHighWatermark {
             key: key(0),
@@ -550,6 +558,47 @@ mod tests {
             Write::InsertRange { range, .. } => range.object_key == "wal/1",
             _ => true,
         }));
+    }
+
+    /// Several objects in one commit: ranges in order, the high watermark at the last
+    /// one's end, every object remembered; one stale epoch anywhere fences it all.
+    #[test]
+    fn several_objects_commit_as_one() {
+        let object = |name: &str, base, end| WalCommit {
+            object_key: name.into(),
+            created_ms: 7,
+            partitions: vec![PartitionCommit {
+                key: key(0),
+                leader_epoch: 2,
+                range: range(base, end),
+                producers: vec![],
+            }],
+        };
+        let commits = [object("wal/1", 10, 20), object("wal/2", 20, 25)];
+        let writes = plan(&rows(&[(0, 2, 10, 0)]), Op::CommitWal(&commits)).expect("current");
+        let ranges: Vec<(&str, i64)> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::InsertRange { range, .. } => {
+                    Some((range.object_key.as_str(), range.end_offset))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ranges, vec![("wal/1", 20), ("wal/2", 25)]);
+        assert!(writes.contains(&Write::SetHighWatermark {
+            key: key(0),
+            high_watermark: 25
+        }));
+        let remembered = writes
+            .iter()
+            .filter(|w| matches!(w, Write::RememberWalObject { .. }))
+            .count();
+        assert_eq!(remembered, 2);
+        match plan(&rows(&[(0, 3, 10, 0)]), Op::CommitWal(&commits)) {
+            Err(MetaError::Fenced(keys)) => assert_eq!(keys, vec![key(0)], "named once"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! It owns one SQLite database file and the schema inside it. The file runs in WAL
 //! journal mode with `synchronous=FULL`, so a call that returned `Ok` has been fsynced
-//! and survives `kill -9` or a power cut. Every trait method is exactly one SQLite
+//! and survives `kill -9` or a power cut; next to a `file://` object store that does not
+//! fsync its objects either (`object-store.fsync=false`: a power cut may lose them
+//! anyway) it runs with `synchronous=NORMAL`, which survives `kill -9` but not a power
+//! cut, and spares each write-ahead commit its fsync. Every trait method is exactly one SQLite
 //! transaction, which is what makes the epoch checks and the multi-partition
 //! write-ahead commit atomic.
 //!
@@ -192,7 +195,14 @@ impl SqliteStore {
     /// switches it to WAL with `synchronous=FULL` and creates or migrates the schema.
     ///
     /// Blocking file I/O: call it at startup or from `spawn_blocking`.
+    #[cfg(test)]
     pub(crate) fn open(path: &Path) -> MetaResult<SqliteStore> {
+        SqliteStore::open_with(path, true)
+    }
+
+    /// [`SqliteStore::open`], choosing whether every commit is fsynced (`synced`:
+    /// `synchronous=FULL`) or only survives a process crash (`NORMAL`).
+    pub(crate) fn open_with(path: &Path, synced: bool) -> MetaResult<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 MetaError::Unavailable(format!(
@@ -213,7 +223,15 @@ impl SqliteStore {
             )));
         }
         let store = SqliteStore::setup(conn, Some(path.to_path_buf()))?;
-        tracing::info!(path = %path.display(), "opened sqlite metadata store");
+        if !synced {
+            store
+                .conn
+                .lock()
+                .map_err(|_| MetaError::Unavailable("sqlite connection poisoned".into()))?
+                .pragma_update(None, "synchronous", "NORMAL")
+                .db()?;
+        }
+        tracing::info!(path = %path.display(), synced, "opened sqlite metadata store");
         Ok(store)
     }
 
@@ -921,9 +939,9 @@ impl MetadataStore for SqliteStore {
     /// A partition that no longer exists (its topic was deleted) is reported as fenced
     /// with the stale ones: its owner has lost it for good, and the rest of the commit
     /// can be retried without it.
-    async fn commit_wal(&self, commit: &WalCommit) -> MetaResult<()> {
-        let commit = commit.clone();
-        self.run(move |conn| fenced_tx(conn, semantics::Op::CommitWal(&commit)).map(|_| ()))
+    async fn commit_wal(&self, commits: &[WalCommit]) -> MetaResult<()> {
+        let commits = commits.to_vec();
+        self.run(move |conn| fenced_tx(conn, semantics::Op::CommitWal(&commits)).map(|_| ()))
             .await
     }
 
@@ -1282,6 +1300,23 @@ mod tests {
         conformance::run_all(&store).await;
     }
 
+    /// Commits are fsynced (FULL) unless asked not to (NORMAL), on the store's own
+    /// connection.
+    #[test]
+    fn the_sync_policy_is_the_one_asked_for() {
+        for (synced, want) in [(true, 2), (false, 1)] {
+            let (_dir, path) = temp_db();
+            let store = SqliteStore::open_with(&path, synced).expect("open store");
+            let level: i64 = store
+                .conn
+                .lock()
+                .expect("connection")
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("synchronous");
+            assert_eq!(level, want, "synced={synced}");
+        }
+    }
+
     #[tokio::test]
     async fn open_creates_the_file_in_wal_mode_at_the_current_schema_version() {
         let (_dir, path) = temp_db();
@@ -1481,7 +1516,10 @@ mod tests {
                         producers: vec![producer.clone()],
                     }],
                 };
-                store.commit_wal(&commit).await.expect("commit");
+                store
+                    .commit_wal(std::slice::from_ref(&commit))
+                    .await
+                    .expect("commit");
             }
             store
                 .commit_segment(key, epoch, &segment)
@@ -1561,7 +1599,10 @@ mod tests {
                 producers: vec![],
             }],
         };
-        store.commit_wal(&commit).await.expect("commit");
+        store
+            .commit_wal(std::slice::from_ref(&commit))
+            .await
+            .expect("commit");
         std::process::abort();
     }
 

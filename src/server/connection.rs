@@ -114,7 +114,11 @@ pub(crate) async fn run(
                 done,
             }
         });
-        let ctx = protocol::RequestContext { peer, order };
+        let ctx = protocol::RequestContext {
+            peer,
+            arrived: started,
+            order,
+        };
         let broker = broker.clone();
         tokio::spawn(async move {
             let api_key = frame.api_key;

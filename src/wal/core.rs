@@ -1,16 +1,20 @@
 //! The flusher's decisions as a plain state machine, apart from its I/O: what goes into
-//! the next write-ahead object, when a flush starts, which flush commits next, and what
+//! the next write-ahead object, when a flush starts, which flushes commit next, and what
 //! each partition owner is told.
 //!
 //! The flusher task ([`super::Flusher`]) feeds it batches, the results of object writes
 //! and metadata commits, and the time; it answers with flushes to start, commits to run
 //! and notices to send. The simulation (`src/sim.rs`) drives the same struct against a
 //! simulated store, metadata store and crashes. The rules it keeps:
-//! * a flush starts when `max_bytes` are buffered, or once the oldest buffered batch has
-//!   waited for the interval since the previous flush started, or at once when closing,
-//!   and only while fewer than `concurrency` flushes are unfinished;
+//! * group commit: a flush starts as soon as a slot is free (fewer than `concurrency`
+//!   flushes unfinished) and a batch someone waits on (`acks=all`) is buffered; other
+//!   batches wait at most the interval, and a full buffer (`max_bytes`) is due at once.
+//!   Flushes start at least `min_gap` apart (the flush-rate bound: object-store PUTs are
+//!   billed), and at once when closing;
 //! * objects are written concurrently, but commits run one at a time in the order their
-//!   flushes started, so every partition's ranges are committed in offset order;
+//!   flushes started, so every partition's ranges are committed in offset order; the
+//!   flushes whose objects are written when a commit can start commit together, in ONE
+//!   metadata transaction (at most [`MAX_OBJECTS_PER_COMMIT`]);
 //! * an owner hears `Flushed` only after the commit that holds its range succeeded;
 //! * a flush that failed for a partition abandons that partition's generation: its
 //!   batches still buffered or in later flushes are dropped (committing them would leave
@@ -27,10 +31,16 @@ use crate::metadata::{
     PartitionCommit, PartitionKey, ProducerStateRecord, WalCommit, WalRangeRecord,
 };
 
+/// Most write-ahead objects one metadata transaction commits.
+pub(crate) const MAX_OBJECTS_PER_COMMIT: usize = 16;
+
 /// When flushes start and how long a flush may take.
 #[derive(Debug, Clone)]
 pub(crate) struct FlushRules {
+    /// Longest a batch nobody waits on stays buffered.
     pub interval: Duration,
+    /// Shortest time between two flush starts (zero: no bound).
+    pub min_gap: Duration,
     pub max_bytes: usize,
     /// From a flush's start to its last commit attempt.
     pub timeout: Duration,
@@ -45,12 +55,14 @@ pub(crate) struct FlushRules {
 impl FlushRules {
     pub(crate) fn new(
         interval: Duration,
+        min_gap: Duration,
         max_bytes: usize,
         timeout: Duration,
         concurrency: usize,
     ) -> Self {
         FlushRules {
             interval,
+            min_gap,
             max_bytes,
             timeout,
             concurrency: concurrency.max(1),
@@ -75,6 +87,11 @@ pub(crate) struct FlushItem<N> {
     pub batch: Bytes,
     pub producer: Option<ProducerStateRecord>,
     pub notify: N,
+    /// A producer waits for its commit (`acks=all`): its flush starts as soon as a slot
+    /// is free.
+    pub urgent: bool,
+    /// When the request that carried it reached the broker.
+    pub arrived: Instant,
 }
 
 /// One partition's share of a flush.
@@ -117,6 +134,10 @@ struct Buffer<N> {
     partitions: IndexMap<PartitionKey, Pending<N>>,
     bytes: usize,
     opened: Option<Instant>,
+    /// When the first batch someone waits on arrived.
+    urgent_since: Option<Instant>,
+    /// Per batch: from its request's arrival to its arrival here, and when that was.
+    arrivals: Vec<(Duration, Instant)>,
 }
 
 impl<N> Default for Buffer<N> {
@@ -125,6 +146,8 @@ impl<N> Default for Buffer<N> {
             partitions: IndexMap::new(),
             bytes: 0,
             opened: None,
+            urgent_since: None,
+            arrivals: Vec::new(),
         }
     }
 }
@@ -142,9 +165,19 @@ enum Stage {
 struct InFlight<N> {
     seq: u64,
     started: Instant,
+    written_at: Instant,
     object_key: String,
     stage: Stage,
     partitions: IndexMap<PartitionKey, Pending<N>>,
+}
+
+/// How long one batch waited before its flush started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchWait {
+    /// From its request's arrival to reaching the flusher.
+    pub queued: Duration,
+    /// In the flusher's buffer.
+    pub buffered: Duration,
 }
 
 /// A flush that started: the object to write (the chunks in partition order).
@@ -156,6 +189,8 @@ pub(crate) struct Started {
     pub waited: Duration,
     /// Since the previous flush started (none before the first).
     pub since_previous: Option<Duration>,
+    /// Each batch's wait, for the ack-path breakdown.
+    pub batches: Vec<BatchWait>,
 }
 
 /// A flush's object as written.
@@ -165,6 +200,16 @@ pub(crate) struct Written {
     pub object_size: u64,
     /// Where each chunk landed, in the order of [`Started::chunks`].
     pub locations: Vec<tiering::wal::WalChunkLocation>,
+}
+
+/// A commit to run: the written objects of one or more flushes, in start order.
+#[derive(Debug)]
+pub(crate) struct NextCommit {
+    /// The first flush's sequence number; the commit's result is reported under it.
+    pub seq: u64,
+    pub commits: Vec<WalCommit>,
+    /// Per object: how long it waited, written, for this commit to start.
+    pub waited: Vec<Duration>,
 }
 
 /// How a commit attempt ended, as the flusher task saw it.
@@ -179,17 +224,20 @@ pub(crate) enum CommitResult {
     },
 }
 
-/// What became of a flush after a commit attempt, for the task's metrics and logs.
+/// What became of a commit attempt, for the task's metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CommitEnd {
     Committed {
+        objects: usize,
         partitions: usize,
     },
     /// To be tried again: at the given time, or at once (with fewer partitions).
     Retry,
     /// Abandoned for good, after a failure that may have applied (`uncertain`) or a
     /// fence naming none of its partitions.
-    Abandoned,
+    Abandoned {
+        objects: usize,
+    },
 }
 
 /// The flusher's state. `N` is how a partition owner is told about its batches.
@@ -200,6 +248,8 @@ pub(crate) struct FlushCore<N> {
     abandoned: HashMap<PartitionKey, u64>,
     /// Unfinished flushes in start order.
     in_flight: VecDeque<InFlight<N>>,
+    /// How many flushes at the front of `in_flight` are being committed (0: none).
+    committing: usize,
     last_start: Option<Instant>,
     next_seq: u64,
     /// Notices to send, in order.
@@ -213,6 +263,7 @@ impl<N: Clone> FlushCore<N> {
             buffer: Buffer::default(),
             abandoned: HashMap::new(),
             in_flight: VecDeque::new(),
+            committing: 0,
             last_start: None,
             next_seq: 0,
             outbox: Vec::new(),
@@ -243,6 +294,12 @@ impl<N: Clone> FlushCore<N> {
             return;
         }
         self.buffer.opened.get_or_insert(now);
+        if item.urgent {
+            self.buffer.urgent_since.get_or_insert(now);
+        }
+        self.buffer
+            .arrivals
+            .push((now.saturating_duration_since(item.arrived), now));
         let p = self
             .buffer
             .partitions
@@ -271,22 +328,31 @@ impl<N: Clone> FlushCore<N> {
         self.in_flight.len() < self.rules.concurrency
     }
 
-    /// When the buffer becomes due by the interval: the later of its oldest batch's
-    /// arrival and the previous flush's start plus the interval.
+    /// When the buffer becomes due: at once when full, when a batch someone waits on
+    /// arrived, or once the oldest batch has waited the interval; never sooner than
+    /// `min_gap` after the previous flush started.
     fn due_at(&self) -> Option<Instant> {
         let opened = self.buffer.opened?;
+        let wanted = if self.buffer.bytes >= self.rules.max_bytes {
+            opened
+        } else {
+            let by_interval = opened + self.rules.interval;
+            self.buffer
+                .urgent_since
+                .map_or(by_interval, |u| u.min(by_interval))
+        };
         Some(
             self.last_start
-                .map_or(opened, |t| (t + self.rules.interval).max(opened)),
+                .map_or(wanted, |t| (t + self.rules.min_gap).max(wanted)),
         )
     }
 
-    /// When the task must call again even if nothing arrives: a flush due by the
-    /// interval (while a slot is free) or a commit retry.
+    /// When the task must call again even if nothing arrives: a flush that becomes due
+    /// (while a slot is free) or a commit retry.
     pub(crate) fn wake_at(&self) -> Option<Instant> {
         let due = self.due_at().filter(|_| self.slot_free());
         let retry = match self.in_flight.front().map(|f| f.stage) {
-            Some(Stage::RetryAt(t)) => Some(t),
+            Some(Stage::RetryAt(t)) if self.committing == 0 => Some(t),
             _ => None,
         };
         match (due, retry) {
@@ -301,9 +367,7 @@ impl<N: Clone> FlushCore<N> {
         if self.buffer.partitions.is_empty() || !self.slot_free() {
             return None;
         }
-        let due = closing
-            || self.buffer.bytes >= self.rules.max_bytes
-            || self.due_at().is_some_and(|t| t <= now);
+        let due = closing || self.due_at().is_some_and(|t| t <= now);
         if !due {
             return None;
         }
@@ -326,6 +390,7 @@ impl<N: Clone> FlushCore<N> {
         self.in_flight.push_back(InFlight {
             seq,
             started: now,
+            written_at: now,
             object_key: String::new(),
             stage: Stage::Writing,
             partitions: taken.partitions,
@@ -337,11 +402,19 @@ impl<N: Clone> FlushCore<N> {
                 .opened
                 .map_or(Duration::ZERO, |o| now.saturating_duration_since(o)),
             since_previous,
+            batches: taken
+                .arrivals
+                .iter()
+                .map(|&(queued, added)| BatchWait {
+                    queued,
+                    buffered: now.saturating_duration_since(added),
+                })
+                .collect(),
         })
     }
 
     /// The object of flush `seq` was written (`Some`) or could not be (`None`).
-    pub(crate) fn written(&mut self, seq: u64, written: Option<Written>) {
+    pub(crate) fn written(&mut self, seq: u64, written: Option<Written>, now: Instant) {
         let Some(f) = self.in_flight.iter_mut().find(|f| f.seq == seq) else {
             return;
         };
@@ -362,6 +435,7 @@ impl<N: Clone> FlushCore<N> {
         }
         f.object_key = w.object_key;
         f.stage = Stage::Written;
+        f.written_at = now;
         #[cfg(test)]
         if self.rules.ack_before_commit {
             let notices: Vec<_> = f
@@ -369,53 +443,76 @@ impl<N: Clone> FlushCore<N> {
                 .values()
                 .filter_map(|p| {
                     let range = p.range.clone()?;
-                    Some((p.notify.clone(), FlushNotice::Flushed { gen: p.gen, range }))
+                    Some((
+                        p.notify.clone(),
+                        FlushNotice::Flushed {
+                            gen: p.gen,
+                            range,
+                            committed_at: now,
+                        },
+                    ))
                 })
                 .collect();
             self.outbox.extend(notices);
         }
     }
 
-    /// The next commit to run, if the oldest unfinished flush is ready for it (commits
-    /// run one at a time: call again only after [`FlushCore::committed`]). Flushes
-    /// whose write failed, and partitions whose generation was abandoned, are settled
-    /// on the way.
-    pub(crate) fn next_commit(&mut self, now: Instant, now_ms: i64) -> Option<(u64, WalCommit)> {
-        loop {
-            let front = self.in_flight.front_mut()?;
-            match front.stage {
-                Stage::Writing | Stage::Committing => return None,
-                Stage::RetryAt(t) if t > now => return None,
-                Stage::WriteFailed => {
+    /// The next commit to run, if the oldest unfinished flush is ready for it: it and
+    /// the flushes after it that are written too (commits run one at a time: call again
+    /// only after [`FlushCore::committed`]). Flushes whose write failed, and partitions
+    /// whose generation was abandoned, are settled on the way.
+    pub(crate) fn next_commit(&mut self, now: Instant, now_ms: i64) -> Option<NextCommit> {
+        if self.committing > 0 {
+            return None;
+        }
+        let mut dropped = IndexMap::new();
+        let mut group = 0;
+        while group < self.in_flight.len() && group < MAX_OBJECTS_PER_COMMIT {
+            let f = &mut self.in_flight[group];
+            match f.stage {
+                Stage::Written => {}
+                Stage::RetryAt(t) if t <= now => {}
+                // A failed write settles once it is the oldest, so the flushes before it
+                // commit first.
+                Stage::WriteFailed if group == 0 => {
                     let f = self.in_flight.pop_front()?;
                     self.abandon(f.partitions, false, false);
                     continue;
                 }
-                Stage::Written | Stage::RetryAt(_) => {}
+                _ => break,
             }
             // Batches whose earlier batches were never committed would leave a gap.
-            let stale: Vec<PartitionKey> = front
+            let stale: Vec<PartitionKey> = f
                 .partitions
                 .iter()
                 .filter(|(k, p)| self.abandoned.get(k).is_some_and(|&live| p.gen < live))
                 .map(|(k, _)| *k)
                 .collect();
-            let mut dropped = IndexMap::new();
             for k in stale {
-                if let Some(p) = front.partitions.shift_remove(&k) {
+                if let Some(p) = f.partitions.shift_remove(&k) {
                     dropped.insert(k, p);
                 }
             }
-            if front.partitions.is_empty() {
-                self.in_flight.pop_front();
-                self.abandon(dropped, false, false);
+            if f.partitions.is_empty() {
+                self.in_flight.remove(group);
                 continue;
             }
-            front.stage = Stage::Committing;
-            let commit = WalCommit {
-                object_key: front.object_key.clone(),
+            group += 1;
+        }
+        self.abandon(dropped, false, false);
+        if group == 0 {
+            return None;
+        }
+        self.committing = group;
+        let mut commits = Vec::with_capacity(group);
+        let mut waited = Vec::with_capacity(group);
+        for f in self.in_flight.iter_mut().take(group) {
+            f.stage = Stage::Committing;
+            waited.push(now.saturating_duration_since(f.written_at));
+            commits.push(WalCommit {
+                object_key: f.object_key.clone(),
                 created_ms: now_ms,
-                partitions: front
+                partitions: f
                     .partitions
                     .iter()
                     .filter_map(|(k, p)| {
@@ -427,22 +524,25 @@ impl<N: Clone> FlushCore<N> {
                         })
                     })
                     .collect(),
-            };
-            let seq = front.seq;
-            self.abandon(dropped, false, false);
-            return Some((seq, commit));
+            });
         }
+        Some(NextCommit {
+            seq: self.in_flight[0].seq,
+            commits,
+            waited,
+        })
     }
 
-    /// When the flush whose commit runs now must be done: its start plus the timeout.
+    /// When the commit that runs now must be done: its oldest flush's start plus the
+    /// timeout.
     pub(crate) fn commit_deadline(&self) -> Option<Instant> {
         self.in_flight
             .front()
             .map(|f| f.started + self.rules.timeout)
     }
 
-    /// The commit of flush `seq` ended. `retry_wait`: how long to wait before trying a
-    /// retriable failure again (the caller's backoff).
+    /// The commit reported under `seq` ended. `retry_wait`: how long to wait before
+    /// trying a retriable failure again (the caller's backoff).
     pub(crate) fn committed(
         &mut self,
         seq: u64,
@@ -450,61 +550,76 @@ impl<N: Clone> FlushCore<N> {
         now: Instant,
         retry_wait: Duration,
     ) -> CommitEnd {
-        let Some(front) = self.in_flight.front_mut() else {
-            return CommitEnd::Abandoned;
-        };
-        if front.seq != seq || front.stage != Stage::Committing {
-            debug_assert!(false, "commit results come for the committing flush");
-            return CommitEnd::Abandoned;
+        let group = std::mem::take(&mut self.committing);
+        if group == 0 || self.in_flight.front().map(|f| f.seq) != Some(seq) {
+            debug_assert!(false, "commit results come for the committing flushes");
+            return CommitEnd::Abandoned { objects: 0 };
         }
         match result {
             CommitResult::Committed => {
-                let Some(f) = self.in_flight.pop_front() else {
-                    return CommitEnd::Abandoned;
-                };
-                let partitions = f.partitions.len();
-                #[cfg(test)]
-                if self.rules.ack_before_commit {
-                    return CommitEnd::Committed { partitions };
-                }
-                for (_, p) in f.partitions {
-                    if let Some(range) = p.range {
-                        self.outbox
-                            .push((p.notify, FlushNotice::Flushed { gen: p.gen, range }));
+                let mut partitions = 0;
+                for f in self.in_flight.drain(..group).collect::<Vec<_>>() {
+                    partitions += f.partitions.len();
+                    #[cfg(test)]
+                    if self.rules.ack_before_commit {
+                        continue;
+                    }
+                    for (_, p) in f.partitions {
+                        if let Some(range) = p.range {
+                            self.outbox.push((
+                                p.notify,
+                                FlushNotice::Flushed {
+                                    gen: p.gen,
+                                    range,
+                                    committed_at: now,
+                                },
+                            ));
+                        }
                     }
                 }
-                CommitEnd::Committed { partitions }
+                CommitEnd::Committed {
+                    objects: group,
+                    partitions,
+                }
             }
             CommitResult::Fenced(keys) => {
                 // Those partitions have a newer owner: drop them and commit the rest
-                // (their bytes in this object are never referenced).
-                let mut fenced = IndexMap::new();
-                for k in keys {
-                    if let Some(p) = front.partitions.shift_remove(&k) {
-                        fenced.insert(k, p);
+                // (their bytes in these objects are never referenced).
+                let mut fenced = Vec::new();
+                for f in self.in_flight.iter_mut().take(group) {
+                    f.stage = Stage::Written;
+                    let mut mine = IndexMap::new();
+                    for k in &keys {
+                        if let Some(p) = f.partitions.shift_remove(k) {
+                            mine.insert(*k, p);
+                        }
                     }
+                    fenced.push(mine);
                 }
-                if fenced.is_empty() {
-                    let f = self.in_flight.pop_front();
-                    if let Some(f) = f {
+                if fenced.iter().all(IndexMap::is_empty) {
+                    for f in self.in_flight.drain(..group).collect::<Vec<_>>() {
                         self.abandon(f.partitions, false, false);
                     }
-                    return CommitEnd::Abandoned;
+                    return CommitEnd::Abandoned { objects: group };
                 }
-                front.stage = Stage::Written;
-                self.abandon(fenced, true, false);
+                for mine in fenced {
+                    self.abandon(mine, true, false);
+                }
                 CommitEnd::Retry
             }
             CommitResult::Failed { retriable } => {
-                if retriable && now < front.started + self.rules.timeout {
-                    front.stage = Stage::RetryAt(now + retry_wait);
+                let started = self.in_flight[0].started;
+                if retriable && now < started + self.rules.timeout {
+                    for f in self.in_flight.iter_mut().take(group) {
+                        f.stage = Stage::RetryAt(now + retry_wait);
+                    }
                     return CommitEnd::Retry;
                 }
                 // An attempt may have committed before its connection broke.
-                if let Some(f) = self.in_flight.pop_front() {
+                for f in self.in_flight.drain(..group).collect::<Vec<_>>() {
                     self.abandon(f.partitions, false, true);
                 }
-                CommitEnd::Abandoned
+                CommitEnd::Abandoned { objects: group }
             }
         }
     }
@@ -530,7 +645,7 @@ impl<N: Clone> FlushCore<N> {
                     self.buffer.bytes -= b.bytes();
                 }
                 if self.buffer.partitions.is_empty() {
-                    self.buffer.opened = None;
+                    self.buffer = Buffer::default();
                 }
             }
             self.outbox.push((
@@ -561,8 +676,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Step {
-        /// Owner `p` hands over a batch of `n` bytes.
-        Add(usize, usize),
+        /// Owner `p` hands over a batch of `n` bytes; `urgent` if a producer waits on it.
+        Add(usize, usize, bool),
         /// Time passes (ms).
         Wait(u64),
         /// The oldest (or newest) unwritten flush's write ends: true = written.
@@ -574,7 +689,7 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            4 => (0..3usize, 1..300usize).prop_map(|(p, n)| Step::Add(p, n)),
+            4 => (0..3usize, 1..300usize, any::<bool>()).prop_map(|(p, n, u)| Step::Add(p, n, u)),
             2 => (0..30u64).prop_map(Step::Wait),
             3 => (any::<bool>(), proptest::bool::weighted(0.85)).prop_map(|(o, ok)| Step::Write(o, ok)),
             3 => prop_oneof![6 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)].prop_map(Step::Commit),
@@ -588,27 +703,44 @@ mod tests {
         }
     }
 
+    fn written(seq: u64, chunks: Vec<tiering::wal::WalChunk>) -> Written {
+        let (_, locations) = tiering::wal::build_wal_object(chunks);
+        Written {
+            object_key: seq.to_string(),
+            object_size: 1,
+            locations,
+        }
+    }
+
     proptest! {
         /// Whatever writes, commits and failures come: owners hear `Flushed` only for
         /// committed flushes, each range starting exactly at their high watermark (no
-        /// gap, no overlap); commits run one at a time in start order; once writes and
-        /// commits succeed again and the flusher closes, everything settles.
+        /// gap, no overlap); commits run one at a time, each taking the oldest written
+        /// flushes in start order; flushes start at least `min_gap` apart, and a batch a
+        /// producer waits on never waits while a slot is free and the gap has passed;
+        /// once writes and commits succeed again and the flusher closes, everything
+        /// settles.
         #[test]
-        fn owners_hear_committed_ranges_in_order(steps in proptest::collection::vec(step(), 1..120)) {
-            let rules = FlushRules::new(Duration::from_millis(10), 1000, Duration::from_millis(50), 3);
+        fn owners_hear_committed_ranges_in_order(
+            steps in proptest::collection::vec(step(), 1..120),
+            gap_ms in prop_oneof![Just(0u64), 1..15u64],
+        ) {
+            let min_gap = Duration::from_millis(gap_ms);
+            let rules = FlushRules::new(Duration::from_millis(10), min_gap, 1000, Duration::from_millis(50), 3);
             let mut core: FlushCore<usize> = FlushCore::new(rules);
             let mut owners = vec![Owner::default(); 3];
             let base = crate::clock::instant();
             let mut now = base;
             let mut writing: Vec<(u64, Vec<tiering::wal::WalChunk>)> = Vec::new();
-            let mut committing: Option<(u64, WalCommit)> = None;
+            let mut committing: Option<NextCommit> = None;
             let mut committed_seqs: Vec<u64> = Vec::new();
-            let mut last_commit_seq: Option<u64> = None;
+            let mut next_to_commit = 0u64;
+            let mut last_start: Option<Instant> = None;
             let deliver = |core: &mut FlushCore<usize>, owners: &mut Vec<Owner>, committed: &[u64]| -> Result<(), TestCaseError> {
                 for (p, notice) in core.take_notices() {
                     let o = &mut owners[p];
                     match notice {
-                        FlushNotice::Flushed { gen, range } if gen == o.gen => {
+                        FlushNotice::Flushed { gen, range, .. } if gen == o.gen => {
                             let seq: u64 = range.object_key.parse().expect("seq key");
                             prop_assert!(committed.contains(&seq), "flushed before its commit");
                             prop_assert_eq!(range.base_offset, o.hw, "gap or overlap");
@@ -627,7 +759,7 @@ mod tests {
             for (i, s) in steps.into_iter().chain(std::iter::repeat_n(Step::Wait(20), 200)).enumerate() {
                 let closing = i >= finish;
                 match s {
-                    Step::Add(p, n) if !closing && core.accepts() => {
+                    Step::Add(p, n, urgent) if !closing && core.accepts() => {
                         let o = &mut owners[p];
                         let item = FlushItem {
                             key: key(p),
@@ -640,6 +772,8 @@ mod tests {
                             batch: Bytes::from(vec![0u8; n]),
                             producer: None,
                             notify: p,
+                            urgent,
+                            arrived: now,
                         };
                         o.next += 1;
                         core.add(item, now);
@@ -650,51 +784,60 @@ mod tests {
                         if !writing.is_empty() {
                             let (seq, chunks) = if oldest { writing.remove(0) } else { writing.pop().expect("one") };
                             let ok = ok || closing;
-                            let written = ok.then(|| {
-                                let (_, locations) = tiering::wal::build_wal_object(chunks);
-                                Written { object_key: seq.to_string(), object_size: 1, locations }
-                            });
-                            core.written(seq, written);
+                            core.written(seq, ok.then(|| written(seq, chunks)), now);
                         }
                     }
                     Step::Commit(outcome) => {
-                        if let Some((seq, commit)) = committing.take() {
+                        if let Some(next) = committing.take() {
                             let outcome = if closing { 0 } else { outcome };
                             let result = match outcome {
                                 0 => {
-                                    committed_seqs.push(seq);
+                                    committed_seqs.extend(next.commits.iter().map(|c| c.object_key.parse::<u64>().expect("seq key")));
                                     CommitResult::Committed
                                 }
-                                1 => CommitResult::Fenced(vec![commit.partitions[0].key]),
+                                1 => CommitResult::Fenced(vec![next.commits[0].partitions[0].key]),
                                 2 => CommitResult::Failed { retriable: true },
                                 _ => CommitResult::Failed { retriable: false },
                             };
-                            core.committed(seq, result, now, Duration::from_millis(5));
+                            core.committed(next.seq, result, now, Duration::from_millis(5));
                         }
                     }
                 }
                 // The task's loop: start what is due, take the next commit.
                 while let Some(started) = core.start(now, closing) {
+                    if let (Some(t), false) = (last_start, closing) {
+                        prop_assert!(now >= t + min_gap, "flushes start at least min_gap apart");
+                    }
+                    last_start = Some(now);
                     writing.push((started.seq, started.chunks));
                 }
+                if !closing && core.slot_free() && core.buffer.urgent_since.is_some() {
+                    prop_assert!(
+                        last_start.is_some_and(|t| now < t + min_gap),
+                        "a waited-on batch waits only for a slot or the gap"
+                    );
+                }
                 if committing.is_none() {
-                    if let Some((seq, commit)) = core.next_commit(now, 0) {
-                        prop_assert!(last_commit_seq.is_none_or(|l| l <= seq), "commits in start order");
-                        last_commit_seq = Some(seq);
-                        prop_assert!(!commit.partitions.is_empty());
-                        committing = Some((seq, commit));
+                    if let Some(next) = core.next_commit(now, 0) {
+                        let seqs: Vec<u64> = next.commits.iter().map(|c| c.object_key.parse().expect("seq key")).collect();
+                        prop_assert_eq!(seqs[0], next.seq);
+                        prop_assert!(seqs[0] >= next_to_commit, "commits in start order");
+                        prop_assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one commit's objects in start order");
+                        prop_assert!(next.commits.iter().all(|c| !c.partitions.is_empty()));
+                        prop_assert!(seqs.len() <= MAX_OBJECTS_PER_COMMIT);
+                        next_to_commit = seqs[0];
+                        committing = Some(next);
                     }
                 }
                 deliver(&mut core, &mut owners, &committed_seqs)?;
                 if closing {
                     // Settle: write everything, commit everything.
                     while let Some((seq, chunks)) = writing.pop() {
-                        let (_, locations) = tiering::wal::build_wal_object(chunks);
-                        core.written(seq, Some(Written { object_key: seq.to_string(), object_size: 1, locations }));
+                        core.written(seq, Some(written(seq, chunks)), now);
                     }
-                    if let Some((seq, _)) = committing.take() {
-                        committed_seqs.push(seq);
-                        core.committed(seq, CommitResult::Committed, now, Duration::ZERO);
+                    if let Some(next) = committing.take() {
+                        committed_seqs.extend(next.commits.iter().map(|c| c.object_key.parse::<u64>().expect("seq key")));
+                        core.committed(next.seq, CommitResult::Committed, now, Duration::ZERO);
                     }
                 }
             }
@@ -704,5 +847,108 @@ mod tests {
                 prop_assert_eq!(o.hw, o.next, "every batch of the live generation committed");
             }
         }
+    }
+
+    fn item(p: usize, offset: i64, urgent: bool, now: Instant) -> FlushItem<usize> {
+        FlushItem {
+            key: key(p),
+            stream: std::sync::Arc::from(format!("s{p}")),
+            leader_epoch: 1,
+            gen: 0,
+            base_offset: offset,
+            end_offset: offset + 1,
+            max_timestamp: 0,
+            batch: Bytes::from_static(b"x"),
+            producer: None,
+            notify: p,
+            urgent,
+            arrived: now,
+        }
+    }
+
+    /// A 25 ms interval, no rate bound, four slots.
+    fn unbounded_core() -> FlushCore<usize> {
+        FlushCore::new(FlushRules::new(
+            Duration::from_millis(25),
+            Duration::ZERO,
+            1 << 20,
+            Duration::from_secs(1),
+            4,
+        ))
+    }
+
+    /// Group commit: a batch a producer waits on starts a flush at once; one nobody
+    /// waits on waits for the interval.
+    #[test]
+    fn waited_on_batches_flush_at_once_others_wait_the_interval() {
+        let mut core = unbounded_core();
+        let t0 = crate::clock::instant();
+        core.add(item(0, 0, false, t0), t0);
+        assert!(core.start(t0, false).is_none(), "acks=1 batch waits");
+        assert_eq!(core.wake_at(), Some(t0 + Duration::from_millis(25)));
+        core.add(item(1, 0, true, t0), t0);
+        let started = core
+            .start(t0, false)
+            .expect("acks=all batch flushes at once");
+        assert_eq!(started.chunks.len(), 2, "and takes the waiting batch along");
+        core.add(item(1, 1, true, t0), t0);
+        assert!(core.start(t0, false).is_some(), "the next slot starts too");
+    }
+
+    /// The flush-rate bound holds even for batches someone waits on.
+    #[test]
+    fn the_rate_bound_spaces_flush_starts() {
+        let gap = Duration::from_millis(25);
+        let rules = FlushRules::new(gap, gap, 1 << 20, Duration::from_secs(1), 4);
+        let mut core: FlushCore<usize> = FlushCore::new(rules);
+        let t0 = crate::clock::instant();
+        core.add(item(0, 0, true, t0), t0);
+        assert!(core.start(t0, false).is_some());
+        core.add(item(0, 1, true, t0), t0);
+        assert!(core.start(t0 + Duration::from_millis(5), false).is_none());
+        assert_eq!(core.wake_at(), Some(t0 + gap));
+        assert!(core.start(t0 + gap, false).is_some());
+    }
+
+    /// Flushes written while a commit runs commit together in the next one.
+    #[test]
+    fn written_flushes_commit_together() {
+        let mut core = unbounded_core();
+        let t0 = crate::clock::instant();
+        let mut started = Vec::new();
+        for i in 0..3 {
+            core.add(item(0, i, true, t0), t0);
+            started.push(core.start(t0, false).expect("a slot is free"));
+        }
+        let mut it = started.into_iter();
+        let first = it.next().expect("three");
+        core.written(first.seq, Some(written(first.seq, first.chunks)), t0);
+        let one = core.next_commit(t0, 0).expect("the first is written");
+        assert_eq!(one.commits.len(), 1);
+        for s in it {
+            core.written(s.seq, Some(written(s.seq, s.chunks)), t0);
+        }
+        assert!(core.next_commit(t0, 0).is_none(), "one commit at a time");
+        core.committed(one.seq, CommitResult::Committed, t0, Duration::ZERO);
+        let two = core.next_commit(t0, 0).expect("the other two");
+        assert_eq!(two.commits.len(), 2);
+        assert_eq!(two.seq, 1);
+        let end = core.committed(two.seq, CommitResult::Committed, t0, Duration::ZERO);
+        assert_eq!(
+            end,
+            CommitEnd::Committed {
+                objects: 2,
+                partitions: 2
+            }
+        );
+        let ranges: Vec<(i64, i64)> = core
+            .take_notices()
+            .into_iter()
+            .filter_map(|(_, n)| match n {
+                FlushNotice::Flushed { range, .. } => Some((range.base_offset, range.end_offset)),
+                FlushNotice::Failed { .. } => None,
+            })
+            .collect();
+        assert_eq!(ranges, vec![(0, 1), (1, 2), (2, 3)]);
     }
 }

@@ -1,13 +1,17 @@
 //! The write-ahead flusher: one per broker, the only writer of write-ahead objects.
 //!
-//! Partition owner tasks hand it stamped batches. Every `wal.flush.interval.ms` (or once
-//! `wal.flush.bytes` are pending) it writes ONE object holding the new batches of every
-//! partition, then commits all their offset ranges in ONE metadata transaction, and only
-//! then tells each partition how far it is durable. Flushes start at most once per
-//! interval (measured from the previous flush's start), so a lone batch after a quiet
-//! spell is written at once while a busy broker still writes one object per interval.
-//! Up to `wal.flush.concurrency` objects are written at once while their commits stay
-//! in order. Object-store requests therefore grow with time, not with the number of
+//! Partition owner tasks hand it stamped batches. A flush writes ONE object holding the
+//! new batches of every partition, then commits all their offset ranges in ONE metadata
+//! transaction, and only then tells each partition how far it is durable.
+//!
+//! Group commit: a flush starts as soon as one of `wal.flush.concurrency` slots is free
+//! and a batch someone waits on (`acks=all`) is buffered, so the ack latency is the
+//! write plus the commit, not a timer; batches nobody waits on wait at most
+//! `wal.flush.interval.ms`. `wal.flush.max.per.second` spaces flush starts (object-store
+//! PUTs are billed: by default one per interval on remote stores, unbounded on local
+//! files). Objects are written concurrently while their commits stay in order, and the
+//! objects written while a commit runs commit together in the next one. Object-store
+//! requests therefore grow with time (bounded by the rate), never with the number of
 //! partitions.
 
 pub(crate) mod core;
@@ -23,14 +27,19 @@ use tracing::{debug, warn};
 use self::core::{CommitEnd, CommitResult, FlushCore};
 use crate::clock;
 use crate::metadata::{MetaError, MetadataStore, WalCommit, WalRangeRecord};
-use crate::metrics::metrics;
+use crate::metrics::{metrics, stage};
 
 /// What the flusher tells a partition's owner about its batches (unbounded channel: at
 /// most one notice per flush in flight, so the flusher never waits on a busy owner).
 #[derive(Debug)]
 pub(crate) enum FlushNotice {
     /// The batches up to `range.end_offset` are committed in `range`.
-    Flushed { gen: u64, range: WalRangeRecord },
+    Flushed {
+        gen: u64,
+        range: WalRangeRecord,
+        /// When the commit succeeded (for the ack-path breakdown).
+        committed_at: std::time::Instant,
+    },
     /// The batches of generation `gen` were abandoned. `fenced`: a newer owner holds the
     /// partition. `uncertain`: the commit failed in a way that may have applied it (the
     /// connection broke mid-commit), so the owner cannot know its own high watermark.
@@ -49,6 +58,8 @@ pub(crate) struct FlusherConfig {
     pub broker_id: i32,
     pub session: i64,
     pub interval: Duration,
+    /// Shortest time between flush starts (zero: no bound).
+    pub min_gap: Duration,
     pub max_bytes: usize,
     pub timeout: Duration,
     /// Flushes whose objects may be in flight at once (commits stay in order).
@@ -91,6 +102,7 @@ impl Flusher {
         let c = &self.config;
         let mut core: FlushCore<Notify> = FlushCore::new(core::FlushRules::new(
             c.interval,
+            c.min_gap,
             c.max_bytes,
             c.timeout,
             c.concurrency,
@@ -108,9 +120,18 @@ impl Flusher {
                 writes.push(self.write(started));
             }
             if commit.is_none() {
-                if let Some((seq, wal_commit)) = core.next_commit(now, clock::now_ms()) {
+                if let Some(next) = core.next_commit(now, clock::now_ms()) {
+                    let stages = &metrics().produce_stage_seconds;
+                    for waited in &next.waited {
+                        stages
+                            .with_label_values(&[stage::COMMIT_WAIT])
+                            .observe(waited.as_secs_f64());
+                    }
+                    metrics()
+                        .flush_commit_objects
+                        .observe(next.commits.len() as f64);
                     let deadline = core.commit_deadline().unwrap_or(now);
-                    commit = Some(self.commit(seq, wal_commit, deadline));
+                    commit = Some(self.commit(next.seq, next.commits, deadline));
                 }
             }
             for (notify, notice) in core.take_notices() {
@@ -134,11 +155,15 @@ impl Flusher {
                     if written.is_none() {
                         metrics().flushes.with_label_values(&["write_failed"]).inc();
                     }
-                    core.written(seq, written);
+                    core.written(seq, written, clock::instant());
                 }
                 (seq, result, took) = async { commit.as_mut().expect("guarded").await }, if commit.is_some() => {
                     commit = None;
                     metrics().flush_commit_seconds.observe(took.as_secs_f64());
+                    metrics()
+                        .produce_stage_seconds
+                        .with_label_values(&[stage::COMMIT])
+                        .observe(took.as_secs_f64());
                     let result = match result {
                         Ok(()) => CommitResult::Committed,
                         Err(MetaError::Fenced(keys)) => CommitResult::Fenced(keys),
@@ -150,16 +175,16 @@ impl Flusher {
                     commit_attempts += 1;
                     let wait = tiering::store::backoff(commit_attempts);
                     match core.committed(seq, result, clock::instant(), wait) {
-                        CommitEnd::Committed { partitions } => {
+                        CommitEnd::Committed { objects, partitions } => {
                             commit_attempts = 0;
-                            metrics().flushes.with_label_values(&["committed"]).inc();
-                            debug!(seq, partitions, "write-ahead object committed");
+                            metrics().flushes.with_label_values(&["committed"]).inc_by(objects as u64);
+                            debug!(seq, objects, partitions, "write-ahead objects committed");
                         }
                         CommitEnd::Retry => {}
-                        CommitEnd::Abandoned => {
+                        CommitEnd::Abandoned { objects } => {
                             commit_attempts = 0;
-                            metrics().flushes.with_label_values(&["commit_failed"]).inc();
-                            warn!(seq, "write-ahead commit abandoned; its partitions' owners are told");
+                            metrics().flushes.with_label_values(&["commit_failed"]).inc_by(objects as u64);
+                            warn!(seq, objects, "write-ahead commit abandoned; its partitions' owners are told");
                         }
                     }
                 }
@@ -172,6 +197,12 @@ impl Flusher {
         m.flush_wait_seconds.observe(started.waited.as_secs_f64());
         if let Some(since) = started.since_previous {
             m.flush_interval_seconds.observe(since.as_secs_f64());
+        }
+        let queue = m.produce_stage_seconds.with_label_values(&[stage::QUEUE]);
+        let buffer = m.produce_stage_seconds.with_label_values(&[stage::BUFFER]);
+        for b in &started.batches {
+            queue.observe(b.queued.as_secs_f64());
+            buffer.observe(b.buffered.as_secs_f64());
         }
     }
 
@@ -198,9 +229,12 @@ impl Flusher {
                     None
                 }
             };
+            let took = begun.elapsed().as_secs_f64();
+            metrics().flush_write_seconds.observe(took);
             metrics()
-                .flush_write_seconds
-                .observe(begun.elapsed().as_secs_f64());
+                .produce_stage_seconds
+                .with_label_values(&[stage::WRITE])
+                .observe(took);
             (started.seq, written)
         })
     }
@@ -209,14 +243,14 @@ impl Flusher {
     /// metadata store that does not answer fails the flush instead of holding it, and
     /// the partitions behind it, forever. A commit cut short this way may still apply,
     /// so the core treats it as uncertain once the deadline has passed.
-    fn commit(&self, seq: u64, commit: WalCommit, deadline: std::time::Instant) -> Commit {
+    fn commit(&self, seq: u64, commits: Vec<WalCommit>, deadline: std::time::Instant) -> Commit {
         let meta = self.meta.clone();
         Box::pin(async move {
             let begun = clock::instant();
             let budget = deadline
                 .saturating_duration_since(begun)
                 .max(Duration::from_secs(1));
-            let result = match tokio::time::timeout(budget, meta.commit_wal(&commit)).await {
+            let result = match tokio::time::timeout(budget, meta.commit_wal(&commits)).await {
                 Ok(result) => result,
                 Err(_) => Err(MetaError::Unavailable(format!(
                     "no answer within {} ms",

@@ -8,7 +8,9 @@ Per store, three runs, each on fresh topics: `acks=all` with idempotence and ran
 1 KiB values (then every record is read back and verified, and the end-to-end latency
 at 1,000 records/s is measured right after that produce burst), lz4 with text values,
 and `acks=1`. Reported per run: produce and consume MB/s, end-to-end p50/p99, the
-broker's resident memory at the end and its CPU seconds per GB produced.
+broker's resident memory at the end and its CPU seconds per GB produced; then, per run,
+the `acks=all` path stage by stage from the broker's `strata_produce_stage_seconds`
+(mean and p99 of each stage over the run) and the write-ahead objects per second.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import Broker, strata_binary, wait_ready  # noqa: E402
+from conftest import Broker, scrape_metrics, strata_binary, wait_ready  # noqa: E402
+
+STAGES = ["queue", "buffer", "write", "commit_wait", "commit", "response"]
 
 TOOL_DIR = ROOT / "tools" / "clientbench"
 TARGET = Path(os.environ.get("CLIENTBENCH_TARGET_DIR", Path.home() / ".cache" / "clientbench-target"))
@@ -61,6 +66,49 @@ def number(pattern: str, text: str) -> str:
     return m.group(1) if m else "-"
 
 
+def stage_histograms(text: str) -> dict[str, dict]:
+    """Per stage: {"sum", "count", "buckets": [(le, cumulative count)]} from a scrape."""
+    out = {s: {"sum": 0.0, "count": 0.0, "buckets": []} for s in STAGES}
+    for line in text.splitlines():
+        m = re.match(r'strata_produce_stage_seconds_(sum|count|bucket)\{(.*)\} ([\d.e+-]+|\+Inf)$', line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        h = out.get(labels.get("stage", ""))
+        if h is None:
+            continue
+        if m.group(1) == "bucket":
+            le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+            h["buckets"].append((le, float(m.group(3))))
+        else:
+            h[m.group(1)] = float(m.group(3))
+    return out
+
+
+def counter(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf'^{name}(?:\{{[^}}]*\}})? ([\d.e+-]+)$', text, re.M))
+
+
+def breakdown(before: str, after: str) -> str:
+    """Mean and p99 (bucket upper bound) per stage between two scrapes, in ms."""
+    b, a = stage_histograms(before), stage_histograms(after)
+    parts = []
+    for s in STAGES:
+        count = a[s]["count"] - b[s]["count"]
+        if count <= 0:
+            parts.append(f"{s} -")
+            continue
+        mean = (a[s]["sum"] - b[s]["sum"]) / count * 1000
+        prior = dict(b[s]["buckets"])
+        p99 = float("inf")
+        for le, cum in sorted(a[s]["buckets"]):
+            if cum - prior.get(le, 0.0) >= 0.99 * count:
+                p99 = le * 1000
+                break
+        parts.append(f"{s} {mean:.1f}/{p99:g}")
+    return ", ".join(parts)
+
+
 def run_store(tool: Path, store: str, seconds: int, base: Path) -> list[tuple]:
     if store == "s3":
         from s3 import s3_server
@@ -73,6 +121,8 @@ def run_store(tool: Path, store: str, seconds: int, base: Path) -> list[tuple]:
     try:
         for name, extra in RUNS:
             cpu = cpu_seconds(b.pid)
+            before = scrape_metrics(b.http_port)
+            began = time.monotonic()
             out = subprocess.run([str(tool), "--bootstrap", b.bootstrap, "--seconds", str(seconds), *extra],
                                  capture_output=True, text=True, timeout=seconds * 10 + 300)
             text = out.stdout + out.stderr
@@ -82,6 +132,11 @@ def run_store(tool: Path, store: str, seconds: int, base: Path) -> list[tuple]:
             produced_gb = float(number(r"produce: ([\d.]+) MB/s", text)) * float(
                 number(r"partitions, ([\d.]+) s", text)) / 1000
             used = cpu_seconds(b.pid) - cpu
+            after = scrape_metrics(b.http_port)
+            wall = time.monotonic() - began
+            objects = counter(after, "strata_wal_flushes_total") - counter(before, "strata_wal_flushes_total")
+            print(f"{store} {name}: acks=all stages, mean/p99 ms: {breakdown(before, after)}; "
+                  f"write-ahead objects: {objects / wall:.0f}/s over the run", flush=True)
             rows.append((store, name, number(r"produce: ([\d.]+) MB/s", text), number(r"consume: ([\d.]+) MB/s", text),
                          number(r"p50 ([\d.]+) ms", text), number(r"p99 ([\d.]+) ms", text),
                          f"{rss_mb(b.pid):.0f}", f"{used / produced_gb:.1f}" if produced_gb > 0 else "-"))

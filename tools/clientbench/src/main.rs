@@ -113,6 +113,9 @@ fn seq_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
 }
 
+/// The sequence number of the end-to-end phase's warm-up record.
+const WARM_UP: u64 = u64::MAX;
+
 fn sent_at(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?))
 }
@@ -285,7 +288,9 @@ fn verify(args: &Args, topic: &str, delivered: &Delivered) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Phase 3: a fixed rate while a consumer reads; latency from send to receipt.
+/// Phase 3: a fixed rate while a consumer reads; latency from send to receipt, in the
+/// steady state: one warm-up record goes through first, so the producer's start-up
+/// (metadata, producer id) and the consumer's first fetch position are not counted.
 fn end_to_end(args: &Args, topic: &str) -> anyhow::Result<()> {
     let consumer = consumer(args, topic)?;
     // Joined and assigned before the first record is sent.
@@ -300,6 +305,29 @@ fn end_to_end(args: &Args, topic: &str) -> anyhow::Result<()> {
     }
     let delivered = Arc::new(Delivered::default());
     let producer = producer(args, delivered.clone())?;
+    let mut value = vec![b'x'; args.record_size.max(16)];
+    let warm_up = Instant::now();
+    send(&producer, topic, &mut value, WARM_UP)?;
+    producer
+        .flush(Duration::from_secs(30))
+        .context("waiting for the warm-up record")?;
+    let acked = warm_up.elapsed();
+    let warm_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        if Instant::now() > warm_by {
+            bail!("the warm-up record was not read within 30 s");
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(50)) {
+            if seq_of(m.context("consuming")?.payload().unwrap_or_default()) == Some(WARM_UP) {
+                println!(
+                    "warm-up record: acknowledged after {:.1} ms, read after {:.1} ms",
+                    acked.as_secs_f64() * 1000.0,
+                    warm_up.elapsed().as_secs_f64() * 1000.0
+                );
+                break;
+            }
+        }
+    }
     let total = args.e2e_rate * args.e2e_seconds;
     let reader = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
         let mut latencies = Vec::with_capacity(total as usize);
@@ -315,7 +343,6 @@ fn end_to_end(args: &Args, topic: &str) -> anyhow::Result<()> {
         }
         Ok(latencies)
     });
-    let mut value = vec![b'x'; args.record_size.max(16)];
     let gap = Duration::from_secs_f64(1.0 / args.e2e_rate.max(1) as f64);
     let started = Instant::now();
     for seq in 0..total {
