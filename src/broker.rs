@@ -320,8 +320,9 @@ impl Broker {
 
     fn spawn_wal_gc(self: &Arc<Self>) {
         let every = Duration::from_millis(self.config.wal_gc_interval_ms);
-        self.spawn_every(every, |b| async move {
-            match crate::wal::collect_garbage(b.store.as_ref(), b.meta.as_ref()).await {
+        let pace = Duration::from_secs(1) / self.config.wal_gc_max_deletes_per_second.max(1);
+        self.spawn_every(every, move |b| async move {
+            match crate::wal::collect_garbage(b.store.as_ref(), b.meta.as_ref(), pace).await {
                 Ok(0) => {}
                 Ok(n) => info!(
                     objects = n,

@@ -239,6 +239,11 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "how often write-ahead objects fully covered by segments are deleted",
     ),
     def(
+        "wal.gc.max.deletes.per.second",
+        "200",
+        "most write-ahead objects garbage collection deletes per second (spreads the space a burst frees, so the disk's journal commits that flushes wait on stay short)",
+    ),
+    def(
         "orphan.check.interval.ms",
         "3600000",
         "how often objects that no manifest references are looked for (crashed uploads, cut-short topic deletions)",
@@ -532,6 +537,7 @@ pub struct Config {
     pub wal_flush_timeout_ms: u64,
     pub wal_flush_concurrency: usize,
     pub wal_gc_interval_ms: u64,
+    pub wal_gc_max_deletes_per_second: u32,
     pub orphan_check_interval_ms: u64,
     pub orphan_grace_ms: u64,
     pub retention_check_interval_ms: u64,
@@ -695,6 +701,10 @@ impl Config {
             wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,
             wal_flush_concurrency: positive("wal.flush.concurrency")? as usize,
             wal_gc_interval_ms: positive("wal.gc.interval.ms")?,
+            wal_gc_max_deletes_per_second: u32::try_from(positive(
+                "wal.gc.max.deletes.per.second",
+            )?)
+            .context("wal.gc.max.deletes.per.second out of range")?,
             orphan_check_interval_ms: positive("orphan.check.interval.ms")?,
             orphan_grace_ms: num("orphan.grace.ms")?.max(0) as u64,
             retention_check_interval_ms: positive("log.retention.check.interval.ms")?,

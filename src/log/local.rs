@@ -59,50 +59,52 @@ impl LocalSegment {
     /// segment is left exactly as it was, so it always holds whole batches with no
     /// offset missing. Writes go to the page cache (no fsync: the object store is what
     /// makes them durable).
+    #[cfg(test)]
     pub(crate) fn append(&mut self, batches: &[Bytes]) -> std::io::Result<()> {
-        let before = (
-            self.entries.len(),
-            self.size,
-            self.end_offset,
-            self.max_timestamp,
-        );
-        let result = self.append_each(batches);
-        if result.is_err() {
-            let (entries, size, end_offset, max_timestamp) = before;
-            self.entries.truncate(entries);
-            self.size = size;
-            self.end_offset = end_offset;
-            self.max_timestamp = max_timestamp;
-        }
-        result
+        let entries = self.plan(batches)?;
+        write_planned(&self.file, &entries, batches)?;
+        self.record(entries);
+        Ok(())
     }
 
-    fn append_each(&mut self, batches: &[Bytes]) -> std::io::Result<()> {
+    /// Where `batches` go if appended: one entry per batch, positioned after what the
+    /// file holds. Refuses batches that are unreadable or do not follow on.
+    pub(crate) fn plan(&self, batches: &[Bytes]) -> std::io::Result<Vec<BatchEntry>> {
+        let mut entries = Vec::with_capacity(batches.len());
+        let (mut position, mut next) = (self.size, self.end_offset);
         for b in batches {
             let Ok(h) = batch::BatchHeader::parse(b) else {
                 return Err(std::io::Error::other(
                     "refusing to append an unreadable batch",
                 ));
             };
-            if h.base_offset != self.end_offset {
+            if h.base_offset != next {
                 return Err(std::io::Error::other(format!(
-                    "refusing to append offset {} after {}: offsets must follow on",
-                    h.base_offset, self.end_offset
+                    "refusing to append offset {} after {next}: offsets must follow on",
+                    h.base_offset
                 )));
             }
-            self.file.write_all_at(b, self.size)?;
-            self.entries.push(BatchEntry {
+            entries.push(BatchEntry {
                 base_offset: h.base_offset,
                 last_offset: h.last_offset(),
                 max_timestamp: h.max_timestamp,
-                position: self.size,
+                position,
                 len: b.len() as u32,
             });
-            self.size += b.len() as u64;
-            self.end_offset = h.last_offset() + 1;
-            self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
+            position += b.len() as u64;
+            next = h.last_offset() + 1;
         }
-        Ok(())
+        Ok(entries)
+    }
+
+    /// Makes planned batches, written by [`write_planned`], part of the segment.
+    pub(crate) fn record(&mut self, entries: Vec<BatchEntry>) {
+        for e in entries {
+            self.size = e.position + e.len as u64;
+            self.end_offset = e.last_offset + 1;
+            self.max_timestamp = self.max_timestamp.max(e.max_timestamp);
+            self.entries.push(e);
+        }
     }
 
     /// The byte range to serve for a fetch at `offset`: whole batches from the one that
@@ -136,6 +138,20 @@ impl LocalSegment {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove local segment");
         }
     }
+}
+
+/// Writes batches where [`LocalSegment::plan`] put them (blocking file I/O: run it off
+/// the runtime's workers). Bytes written past the segment's recorded size are invisible
+/// until recorded, and overwritten by the next append if they never are.
+pub(crate) fn write_planned(
+    file: &File,
+    entries: &[BatchEntry],
+    batches: &[Bytes],
+) -> std::io::Result<()> {
+    for (e, b) in entries.iter().zip(batches) {
+        file.write_all_at(b, e.position)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn read_at(file: &File, pos: u64, len: u64) -> std::io::Result<Bytes> {

@@ -372,7 +372,7 @@ impl Owner {
         loop {
             tokio::select! {
                 biased;
-                Some(notice) = flushes.recv() => self.on_flush_notice(notice),
+                Some(notice) = flushes.recv() => self.on_flush_notice(notice).await,
                 Some(done) = uploads.recv() => self.on_uploaded(done),
                 cmd = cmds.recv() => match cmd {
                     Some(PartitionCmd::Stop) | None => break,
@@ -487,13 +487,13 @@ impl Owner {
         }
     }
 
-    fn on_flush_notice(&mut self, notice: FlushNotice) {
+    async fn on_flush_notice(&mut self, notice: FlushNotice) {
         match notice {
             FlushNotice::Flushed {
                 gen,
                 range,
                 committed_at,
-            } => self.on_flushed(gen, range, committed_at),
+            } => self.on_flushed(gen, range, committed_at).await,
             FlushNotice::Failed {
                 gen,
                 fenced,
@@ -502,11 +502,39 @@ impl Owner {
         }
     }
 
-    fn on_flushed(&mut self, gen: u64, range: WalRangeRecord, committed_at: std::time::Instant) {
+    async fn on_flushed(
+        &mut self,
+        gen: u64,
+        range: WalRangeRecord,
+        committed_at: std::time::Instant,
+    ) {
         let end_offset = range.end_offset;
         // `None`: a generation abandoned after a failed flush.
         let Some(durable) = self.writes.flushed(gen, end_offset) else {
             return;
+        };
+        // The local copy is written first, outside the view's lock and off the
+        // runtime's workers: a write the kernel throttles (dirty-page write-back after a
+        // burst) holds up this partition only, never readers or other tasks. Nothing
+        // written is visible until recorded below.
+        let planned = {
+            let shared = self.shared.clone();
+            let mut view = shared.view_mut();
+            self.plan_local(&mut view.segments, &durable.batches, durable.from)
+        };
+        let written = match planned {
+            Some((file, entries)) => {
+                let batches = durable.batches.clone();
+                let write = tokio::task::spawn_blocking(move || {
+                    super::local::write_planned(&file, &entries, &batches).map(|()| entries)
+                });
+                Some(
+                    write
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+                )
+            }
+            None => None,
         };
         {
             let shared = self.shared.clone();
@@ -514,7 +542,23 @@ impl Owner {
             // The range is recorded before the high watermark moves, so every offset
             // below it is readable from the write-ahead objects whatever the disk does.
             view.segments.committed(range);
-            self.store_local(&mut view.segments, &durable.batches, durable.from);
+            match written {
+                Some(Ok(entries)) => {
+                    if let Some(active) = view.segments.active_mut() {
+                        active.record(entries);
+                    }
+                }
+                Some(Err(e)) => {
+                    let failure = self.ctx.disk.note_error("appending to a local segment", &e);
+                    warn!(
+                        topic = %self.topic, partition = self.key.partition, offset = durable.from,
+                        reason = failure.label(), error = %e,
+                        "local segment append failed; the tail is served and sealed from write-ahead objects"
+                    );
+                    stop_appending(&mut view.segments);
+                }
+                None => {}
+            }
         }
         self.shared.hw.send_replace(end_offset);
         for (ok, reply) in durable.answered {
@@ -529,38 +573,46 @@ impl Owner {
         self.maybe_released();
     }
 
-    /// Appends a commit's batches (offsets from `from`) to the active local file,
-    /// opening one if none is active. A local write that fails, or that a full disk
-    /// rules out, stops the file where it was (whole batches, no offset missing); the
-    /// batches stay readable from their write-ahead range, and sealing rebuilds the
-    /// stretch from there.
-    fn store_local(&self, segments: &mut Segments<LocalSegment>, durable: &[Bytes], from: i64) {
+    /// Where a commit's batches (offsets from `from`) go in the active local file,
+    /// opening one if none is active: the file and the planned entries. `None` when
+    /// nothing is to be written: a full disk rules local writes out, or batches that do
+    /// not follow on; then the file stops where it was (whole batches, no offset
+    /// missing), the batches stay readable from their write-ahead range, and sealing
+    /// rebuilds the stretch from there.
+    fn plan_local(
+        &self,
+        segments: &mut Segments<LocalSegment>,
+        durable: &[Bytes],
+        from: i64,
+    ) -> Option<(Arc<std::fs::File>, Vec<tiering::segment::BatchEntry>)> {
         let disk = self.ctx.disk.clone();
         if !disk.writable() {
             disk.note_failure(WriteFailure::Skipped, "local append", None);
             stop_appending(segments);
-            return;
+            return None;
         }
         if !segments.appending() {
             match LocalSegment::create(&self.dir, from, now_ms()) {
                 Ok(seg) => segments.start_appending(seg),
                 Err(e) => {
                     disk.note_error("opening a local segment", &e);
-                    return;
+                    return None;
                 }
             }
         }
-        let Some(active) = segments.active_mut() else {
-            return;
-        };
-        if let Err(e) = active.append(durable) {
-            let failure = disk.note_error("appending to a local segment", &e);
-            warn!(
-                topic = %self.topic, partition = self.key.partition, offset = from,
-                reason = failure.label(), error = %e,
-                "local segment append failed; the tail is served and sealed from write-ahead objects"
-            );
-            stop_appending(segments);
+        let active = segments.active_mut()?;
+        match active.plan(durable) {
+            Ok(entries) => Some((active.file.clone(), entries)),
+            Err(e) => {
+                let failure = disk.note_error("appending to a local segment", &e);
+                warn!(
+                    topic = %self.topic, partition = self.key.partition, offset = from,
+                    reason = failure.label(), error = %e,
+                    "local segment append refused; the tail is served and sealed from write-ahead objects"
+                );
+                stop_appending(segments);
+                None
+            }
         }
     }
 

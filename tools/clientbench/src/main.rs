@@ -76,6 +76,8 @@ struct Delivered {
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
     seqs: Mutex<HashSet<u64>>,
+    /// Send-to-acknowledgement latencies (µs), kept only in the end-to-end phase.
+    acks: Mutex<Option<Vec<u64>>>,
 }
 
 struct Counting(Arc<Delivered>);
@@ -96,6 +98,11 @@ impl ProducerContext for Counting {
                 if let Some(seq) = seq_of(payload) {
                     self.0.seqs.lock().expect("seqs").insert(seq);
                 }
+                if let (Some(acks), Some(at)) =
+                    (self.0.acks.lock().expect("acks").as_mut(), sent_at(payload))
+                {
+                    acks.push(micros_now().saturating_sub(at));
+                }
             }
             Err((e, _)) => {
                 self.0.errors.fetch_add(1, Ordering::Relaxed);
@@ -111,6 +118,13 @@ impl ProducerContext for Counting {
 
 fn seq_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
+}
+
+/// The `q` quantile of sorted microseconds, in milliseconds.
+fn pick(sorted: &[u64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
+        .map_or(f64::NAN, |&us| us as f64 / 1000.0)
 }
 
 /// The sequence number of the end-to-end phase's warm-up record.
@@ -312,6 +326,7 @@ fn end_to_end(args: &Args, topic: &str) -> anyhow::Result<()> {
         .flush(Duration::from_secs(30))
         .context("waiting for the warm-up record")?;
     let acked = warm_up.elapsed();
+    *delivered.acks.lock().expect("acks") = Some(Vec::new());
     let warm_by = Instant::now() + Duration::from_secs(30);
     loop {
         if Instant::now() > warm_by {
@@ -359,19 +374,24 @@ fn end_to_end(args: &Args, topic: &str) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
     latencies.sort_unstable();
-    let pick = |q: f64| -> f64 {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(f64::NAN, |&us| us as f64 / 1000.0)
-    };
+    let mut acks = delivered
+        .acks
+        .lock()
+        .expect("acks")
+        .take()
+        .unwrap_or_default();
+    acks.sort_unstable();
     println!(
-        "end-to-end at {} records/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} records read)",
+        "end-to-end at {} records/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} records read); acknowledged: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         args.e2e_rate,
-        pick(0.50),
-        pick(0.99),
-        latencies.last().map_or(f64::NAN, |&us| us as f64 / 1000.0),
+        pick(&latencies, 0.50),
+        pick(&latencies, 0.99),
+        pick(&latencies, 1.0),
         latencies.len(),
         total,
+        pick(&acks, 0.50),
+        pick(&acks, 0.99),
+        pick(&acks, 1.0),
     );
     if (latencies.len() as u64) < total {
         bail!("{} records never read", total - latencies.len() as u64);
