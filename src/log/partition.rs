@@ -41,7 +41,7 @@ pub(crate) struct LogContext {
     pub store: Arc<tiering::Store>,
     pub blocks: Arc<tiering::BlockCache>,
     pub meta: Arc<dyn MetadataStore>,
-    pub flusher: crate::wal::FlushQueue,
+    pub flusher: mpsc::Sender<FlushItem>,
     pub cache_dir: PathBuf,
     /// Whether the cache disk takes writes now.
     pub disk: Arc<CacheDisk>,

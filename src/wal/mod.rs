@@ -53,69 +53,6 @@ pub(crate) enum FlushNotice {
 /// One stamped batch on its way to the next write-ahead object.
 pub(crate) type FlushItem = core::FlushItem<mpsc::UnboundedSender<FlushNotice>>;
 
-/// A batch in the flusher's queue, holding its share of the queue's byte budget until
-/// the flusher takes it into its buffer.
-pub(crate) struct Queued {
-    item: FlushItem,
-    _bytes: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// The partition owners' way to the flusher: at most `wal.flush.queue.length` batches
-/// and `wal.flush.queue.bytes` bytes queued (an owner waits for room), so a producer
-/// faster than the store holds at most that much memory here; the rest waits upstream,
-/// as request bytes the broker stops reading past `queued.max.request.bytes`.
-#[derive(Debug, Clone)]
-pub(crate) struct FlushQueue {
-    tx: mpsc::Sender<Queued>,
-    bytes: Arc<tokio::sync::Semaphore>,
-    max_bytes: usize,
-}
-
-impl FlushQueue {
-    pub(crate) fn new(length: usize, max_bytes: usize) -> (FlushQueue, mpsc::Receiver<Queued>) {
-        let (tx, rx) = mpsc::channel(length.max(1));
-        let max_bytes = max_bytes.clamp(1, u32::MAX as usize);
-        let queue = FlushQueue {
-            tx,
-            bytes: Arc::new(tokio::sync::Semaphore::new(max_bytes)),
-            max_bytes,
-        };
-        (queue, rx)
-    }
-
-    /// Queues a batch, waiting for room; `Err` once the flusher has stopped.
-    pub(crate) async fn send(&self, item: FlushItem) -> Result<(), ()> {
-        // A batch larger than the whole budget takes all of it.
-        let want = item.batch.len().clamp(1, self.max_bytes) as u32;
-        let bytes = self
-            .bytes
-            .clone()
-            .acquire_many_owned(want)
-            .await
-            .map_err(|_| ())?;
-        self.tx
-            .send(Queued {
-                item,
-                _bytes: bytes,
-            })
-            .await
-            .map_err(|_| ())
-    }
-
-    /// (batches queued, their capacity) and (bytes queued, their capacity).
-    pub(crate) fn depth(&self) -> ((usize, usize), (usize, usize)) {
-        let batches = (
-            self.tx.max_capacity() - self.tx.capacity(),
-            self.tx.max_capacity(),
-        );
-        let bytes = (
-            self.max_bytes - self.bytes.available_permits(),
-            self.max_bytes,
-        );
-        (batches, bytes)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub(crate) struct FlusherConfig {
     pub broker_id: i32,
@@ -159,7 +96,7 @@ impl Flusher {
     /// core hands out one commit at a time, in flush order.
     pub(crate) async fn run(
         self,
-        mut rx: mpsc::Receiver<Queued>,
+        mut rx: mpsc::Receiver<FlushItem>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let c = &self.config;
@@ -210,8 +147,7 @@ impl Flusher {
                     rx.close();
                 }
                 item = rx.recv(), if open && core.accepts() => match item {
-                    // The batch leaves the queue's budget for the buffer's.
-                    Some(queued) => core.add(queued.item, clock::instant()),
+                    Some(item) => core.add(item, clock::instant()),
                     None => open = false,
                 },
                 _ = clock::sleep_until(wake), if wake.is_some() => {}
@@ -349,48 +285,4 @@ pub(crate) async fn collect_garbage(
     }
     meta.forget_wal_objects(&keys).await?;
     Ok(keys.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn item(len: usize) -> FlushItem {
-        let (notify, _) = mpsc::unbounded_channel();
-        FlushItem {
-            key: crate::metadata::PartitionKey {
-                topic_id: uuid::Uuid::nil(),
-                partition: 0,
-            },
-            stream: Arc::from("s"),
-            leader_epoch: 1,
-            gen: 0,
-            base_offset: 0,
-            end_offset: 1,
-            max_timestamp: 0,
-            batch: bytes::Bytes::from(vec![0u8; len]),
-            producer: None,
-            notify,
-            urgent: true,
-            arrived: clock::instant(),
-        }
-    }
-
-    /// The queue holds at most its byte budget: a batch that does not fit waits until
-    /// the flusher takes one out; a batch larger than the budget takes all of it.
-    #[tokio::test]
-    async fn the_flush_queue_is_bounded_in_bytes() {
-        let (queue, mut rx) = FlushQueue::new(100, 10);
-        queue.send(item(6)).await.expect("fits");
-        assert_eq!(queue.depth().1, (6, 10));
-        let waiting = tokio::time::timeout(Duration::from_millis(50), queue.send(item(6))).await;
-        assert!(waiting.is_err(), "a second batch over the budget waits");
-        drop(rx.recv().await.expect("the first batch"));
-        assert_eq!(queue.depth().1, (0, 10), "taking it out frees its bytes");
-        queue
-            .send(item(25))
-            .await
-            .expect("a huge batch takes the whole budget");
-        assert_eq!(queue.depth().1, (10, 10));
-    }
 }
