@@ -166,9 +166,7 @@ impl Broker {
                 broker_id: config.broker_id,
                 session,
                 interval: Duration::from_millis(config.wal_flush_interval_ms),
-                min_gap: config.wal_flush_max_per_second.map_or(Duration::ZERO, |n| {
-                    Duration::from_secs(1) / n.min(1_000_000) as u32
-                }),
+                min_gap: config.wal_flush_min_gap,
                 max_bytes: config.wal_flush_bytes,
                 timeout: Duration::from_millis(config.wal_flush_timeout_ms),
                 concurrency: config.wal_flush_concurrency,
@@ -320,9 +318,8 @@ impl Broker {
 
     fn spawn_wal_gc(self: &Arc<Self>) {
         let every = Duration::from_millis(self.config.wal_gc_interval_ms);
-        let pace = Duration::from_secs(1) / self.config.wal_gc_max_deletes_per_second.max(1);
-        self.spawn_every(every, move |b| async move {
-            match crate::wal::collect_garbage(b.store.as_ref(), b.meta.as_ref(), pace).await {
+        self.spawn_every(every, |b| async move {
+            match crate::wal::collect_garbage(b.store.as_ref(), b.meta.as_ref()).await {
                 Ok(0) => {}
                 Ok(n) => info!(
                     objects = n,

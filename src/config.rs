@@ -239,11 +239,6 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "how often write-ahead objects fully covered by segments are deleted",
     ),
     def(
-        "wal.gc.max.deletes.per.second",
-        "200",
-        "most write-ahead objects garbage collection deletes per second (spreads the space a burst frees, so the disk's journal commits that flushes wait on stay short)",
-    ),
-    def(
         "orphan.check.interval.ms",
         "3600000",
         "how often objects that no manifest references are looked for (crashed uploads, cut-short topic deletions)",
@@ -531,13 +526,13 @@ pub struct Config {
     pub log_json: bool,
     pub metrics_partition_labels: bool,
     pub wal_flush_interval_ms: u64,
-    /// Flush starts per second at most (`None`: no bound).
-    pub wal_flush_max_per_second: Option<u64>,
+    /// Shortest time between flush starts, from `wal.flush.max.per.second` (zero: no
+    /// bound).
+    pub wal_flush_min_gap: Duration,
     pub wal_flush_bytes: usize,
     pub wal_flush_timeout_ms: u64,
     pub wal_flush_concurrency: usize,
     pub wal_gc_interval_ms: u64,
-    pub wal_gc_max_deletes_per_second: u32,
     pub orphan_check_interval_ms: u64,
     pub orphan_grace_ms: u64,
     pub retention_check_interval_ms: u64,
@@ -643,13 +638,15 @@ impl Config {
         let topic_defaults = TopicConfig::resolve(&values, &BTreeMap::new());
         // Object-store PUTs are billed on cloud stores: by default no more flushes than
         // one per interval there, as many as the disk takes on local files.
-        let wal_flush_max_per_second = match text("wal.flush.max.per.second").as_str() {
-            "" if remote => Some((1000 / positive("wal.flush.interval.ms")?).max(1)),
-            "" | "0" => None,
-            _ => Some(num("wal.flush.max.per.second")?)
-                .filter(|&n| n != 0)
-                .map(|n| u64::try_from(n).context("wal.flush.max.per.second must not be negative"))
-                .transpose()?,
+        let flushes_per_second = match text("wal.flush.max.per.second").as_str() {
+            "" if remote => (1000 / positive("wal.flush.interval.ms")?).max(1),
+            "" => 0,
+            _ => u64::try_from(num("wal.flush.max.per.second")?)
+                .context("wal.flush.max.per.second must not be negative")?,
+        };
+        let wal_flush_min_gap = match flushes_per_second {
+            0 => Duration::ZERO,
+            n => Duration::from_secs(1) / n.min(1_000_000) as u32,
         };
         if positive("socket.request.max.bytes")? > positive("queued.max.request.bytes")? {
             bail!("socket.request.max.bytes must not exceed queued.max.request.bytes (one request must fit the budget)");
@@ -696,15 +693,11 @@ impl Config {
             log_json,
             metrics_partition_labels: boolean("metrics.partition.labels")?,
             wal_flush_interval_ms: positive("wal.flush.interval.ms")?,
-            wal_flush_max_per_second,
+            wal_flush_min_gap,
             wal_flush_bytes: positive("wal.flush.bytes")? as usize,
             wal_flush_timeout_ms: positive("wal.flush.timeout.ms")?,
             wal_flush_concurrency: positive("wal.flush.concurrency")? as usize,
             wal_gc_interval_ms: positive("wal.gc.interval.ms")?,
-            wal_gc_max_deletes_per_second: u32::try_from(positive(
-                "wal.gc.max.deletes.per.second",
-            )?)
-            .context("wal.gc.max.deletes.per.second out of range")?,
             orphan_check_interval_ms: positive("orphan.check.interval.ms")?,
             orphan_grace_ms: num("orphan.grace.ms")?.max(0) as u64,
             retention_check_interval_ms: positive("log.retention.check.interval.ms")?,
@@ -806,6 +799,35 @@ mod tests {
         assert!(c.object_store_url.starts_with("file:///"));
         assert!(c.object_store_url.ends_with("/data/objects"));
         assert_eq!(c.topic_defaults.retention_bytes, -1);
+    }
+
+    /// The flush-rate bound: one flush per interval on cloud stores unless set, none on
+    /// local files, as set otherwise; `0` lifts it and a negative rate is refused.
+    #[test]
+    fn the_flush_rate_bound_follows_the_store() {
+        let gap = |pairs: &[(&str, &str)]| {
+            let v = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_values(v).map(|c| c.wal_flush_min_gap)
+        };
+        let s3 = ("object-store", "s3://bucket/prefix");
+        assert_eq!(gap(&[]).expect("file"), Duration::ZERO);
+        assert_eq!(gap(&[s3]).expect("s3"), Duration::from_millis(25));
+        assert_eq!(
+            gap(&[s3, ("wal.flush.interval.ms", "100")]).expect("s3"),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            gap(&[s3, ("wal.flush.max.per.second", "0")]).expect("s3"),
+            Duration::ZERO
+        );
+        assert_eq!(
+            gap(&[("wal.flush.max.per.second", "200")]).expect("file"),
+            Duration::from_millis(5)
+        );
+        assert!(gap(&[("wal.flush.max.per.second", "-1")]).is_err());
     }
 
     #[test]

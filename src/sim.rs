@@ -743,11 +743,9 @@ impl Sim {
     }
 
     fn collect_with(&mut self, meta: Arc<dyn MetadataStore>) {
-        let collected = self.rt.block_on(crate::wal::collect_garbage(
-            &self.store,
-            meta.as_ref(),
-            Duration::ZERO,
-        ));
+        let collected = self
+            .rt
+            .block_on(crate::wal::collect_garbage(&self.store, meta.as_ref()));
         // With nothing to collect nothing is written: the fault must not outlive it.
         self.bucket.clear();
         self.stats.collected += collected.unwrap_or(0) as u64;

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::appender::Appender;
+use super::appender::{Appender, Durable};
 use super::batch::ValidBatch;
 use super::local::LocalSegment;
 use super::producer::{ProducerTable, SeqError};
@@ -510,7 +510,12 @@ impl Owner {
     ) {
         let end_offset = range.end_offset;
         // `None`: a generation abandoned after a failed flush.
-        let Some(durable) = self.writes.flushed(gen, end_offset) else {
+        let Some(Durable {
+            from,
+            batches,
+            answered,
+        }) = self.writes.flushed(gen, end_offset)
+        else {
             return;
         };
         // The local copy is written first, outside the view's lock and off the
@@ -520,11 +525,10 @@ impl Owner {
         let planned = {
             let shared = self.shared.clone();
             let mut view = shared.view_mut();
-            self.plan_local(&mut view.segments, &durable.batches, durable.from)
+            self.plan_local(&mut view.segments, &batches, from)
         };
         let written = match planned {
             Some((file, entries)) => {
-                let batches = durable.batches.clone();
                 let write = tokio::task::spawn_blocking(move || {
                     super::local::write_planned(&file, &entries, &batches).map(|()| entries)
                 });
@@ -551,7 +555,7 @@ impl Owner {
                 Some(Err(e)) => {
                     let failure = self.ctx.disk.note_error("appending to a local segment", &e);
                     warn!(
-                        topic = %self.topic, partition = self.key.partition, offset = durable.from,
+                        topic = %self.topic, partition = self.key.partition, offset = from,
                         reason = failure.label(), error = %e,
                         "local segment append failed; the tail is served and sealed from write-ahead objects"
                     );
@@ -561,7 +565,7 @@ impl Owner {
             }
         }
         self.shared.hw.send_replace(end_offset);
-        for (ok, reply) in durable.answered {
+        for (ok, reply) in answered {
             let ok = AppendOk {
                 durable_at: Some(committed_at),
                 ..ok

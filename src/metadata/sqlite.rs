@@ -222,15 +222,7 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        let store = SqliteStore::setup(conn, Some(path.to_path_buf()))?;
-        if !synced {
-            store
-                .conn
-                .lock()
-                .map_err(|_| MetaError::Unavailable("sqlite connection poisoned".into()))?
-                .pragma_update(None, "synchronous", "NORMAL")
-                .db()?;
-        }
+        let store = SqliteStore::setup(conn, Some(path.to_path_buf()), synced)?;
         tracing::info!(path = %path.display(), synced, "opened sqlite metadata store");
         Ok(store)
     }
@@ -239,12 +231,13 @@ impl SqliteStore {
     /// A private in-memory database: nothing survives the store being dropped. For tests.
     pub(crate) fn open_in_memory() -> MetaResult<SqliteStore> {
         let conn = Connection::open_in_memory().db()?;
-        SqliteStore::setup(conn, None)
+        SqliteStore::setup(conn, None, true)
     }
 
-    fn setup(mut conn: Connection, path: Option<PathBuf>) -> MetaResult<SqliteStore> {
+    fn setup(mut conn: Connection, path: Option<PathBuf>, synced: bool) -> MetaResult<SqliteStore> {
         // FULL: every commit fsyncs the WAL, so an acknowledged commit is durable.
-        conn.pragma_update(None, "synchronous", "FULL").db()?;
+        let level = if synced { "FULL" } else { "NORMAL" };
+        conn.pragma_update(None, "synchronous", level).db()?;
         conn.busy_timeout(BUSY_TIMEOUT).db()?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         migrate(&mut conn)?;

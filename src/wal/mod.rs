@@ -262,23 +262,16 @@ impl Flusher {
     }
 }
 
-/// Deletes write-ahead objects that no partition range references any more, `pace`
-/// apart: after a burst, gigabytes of them fall due at once, and deleting them all in
-/// one go frees (and, on a disk mounted with `discard`, trims) that much in the next
-/// journal commits, which the write-ahead fsyncs of `acks=all` producers wait on.
+/// Deletes write-ahead objects that no partition range references any more.
 pub(crate) async fn collect_garbage(
     store: &tiering::Store,
     meta: &dyn MetadataStore,
-    pace: Duration,
 ) -> Result<usize, anyhow::Error> {
     let keys = meta.unreferenced_wal_objects().await?;
     if keys.is_empty() {
         return Ok(0);
     }
-    for (i, key) in keys.iter().enumerate() {
-        if i > 0 && !pace.is_zero() {
-            clock::sleep(pace).await;
-        }
+    for key in &keys {
         store
             .delete(&object_store::path::Path::from(key.as_str()))
             .await?;

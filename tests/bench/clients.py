@@ -29,7 +29,7 @@ TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import Broker, scrape_metrics, strata_binary, wait_ready  # noqa: E402
+from conftest import Broker, metric_sum, scrape_metrics, strata_binary, wait_ready  # noqa: E402
 
 STAGES = ["queue", "buffer", "write", "commit_wait", "commit", "response"]
 
@@ -88,10 +88,6 @@ def stage_histograms(text: str) -> dict[str, dict]:
     return out
 
 
-def counter(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf'^{name}(?:\{{[^}}]*\}})? ([\d.e+-]+)$', text, re.M))
-
-
 def breakdown(before: str, after: str) -> str:
     """Mean and p99 (bucket upper bound) per stage between two scrapes, in ms."""
     b, a = stage_histograms(before), stage_histograms(after)
@@ -138,7 +134,8 @@ def run_store(tool: Path, store: str, seconds: int, base: Path) -> list[tuple]:
             used = cpu_seconds(b.pid) - cpu
             after = scrape_metrics(b.http_port)
             wall = time.monotonic() - began
-            objects = counter(after, "strata_wal_flushes_total") - counter(before, "strata_wal_flushes_total")
+            objects = (metric_sum(after, "strata_wal_flushes_total", outcome="committed")
+                       - metric_sum(before, "strata_wal_flushes_total", outcome="committed"))
             print(f"{store} {name}: acks=all stages, mean/p99 ms: {breakdown(before, after)}; "
                   f"write-ahead objects: {objects / wall:.0f}/s over the run", flush=True)
             rows.append((store, name, number(r"produce: ([\d.]+) MB/s", text), number(r"consume: ([\d.]+) MB/s", text),

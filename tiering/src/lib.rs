@@ -18,7 +18,6 @@ pub mod error;
 pub mod faults;
 pub mod keys;
 pub mod metrics;
-mod paced;
 pub mod segment;
 pub mod store;
 pub mod wal;

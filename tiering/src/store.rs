@@ -97,8 +97,6 @@ impl Default for StoreOptions {
 /// `Arc`; every method may be called concurrently.
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
-    /// A `file://` store that fsyncs: large creates are paced (see `paced`).
-    paced: Option<Arc<LocalFileSystem>>,
     name: String,
     options: StoreOptions,
     writes: Semaphore,
@@ -194,18 +192,14 @@ impl Store {
                     path: dir.to_owned(),
                     source,
                 })?;
-                let store = Arc::new(
-                    LocalFileSystem::new_with_prefix(dir)
-                        .map_err(|source| Error::ObjectStore {
-                            location: rest.to_owned(),
-                            source,
-                        })?
-                        .with_fsync(options.fsync)
-                        .with_automatic_cleanup(true),
-                );
-                let mut opened = Store::new(store.clone(), redact(url), options);
-                opened.paced = options.fsync.then_some(store);
-                return Ok(opened);
+                let store = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|source| Error::ObjectStore {
+                        location: rest.to_owned(),
+                        source,
+                    })?
+                    .with_fsync(options.fsync)
+                    .with_automatic_cleanup(true);
+                Arc::new(store)
             }
             "s3" | "gs" | "az" => {
                 let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -248,7 +242,6 @@ impl Store {
         }
         Store {
             inner,
-            paced: None,
             name,
             options: *options,
             writes: Semaphore::new(options.write_concurrency.max(1)),
@@ -426,36 +419,11 @@ impl Store {
                 deadline,
                 |_| len,
                 || {
-                    let paced = self
-                        .paced
-                        .as_ref()
-                        .filter(|_| len >= crate::paced::CHUNK as u64)
-                        .map(|local| local.path_to_filesystem(key));
                     let options = PutOptions {
                         mode: PutMode::Create,
                         ..Default::default()
                     };
-                    let plain = self.inner.put_opts(key, payload.clone(), options);
-                    let payload = payload.clone();
-                    async move {
-                        match paced {
-                            None => plain.await.map(|_| ()),
-                            Some(dest) => {
-                                drop(plain);
-                                let dest = dest?;
-                                tokio::task::spawn_blocking(move || {
-                                    crate::paced::put_create(&dest, &payload)
-                                })
-                                .await
-                                .map_err(|e| {
-                                    object_store::Error::Generic {
-                                        store: "LocalFileSystem",
-                                        source: Box::new(e),
-                                    }
-                                })?
-                            }
-                        }
-                    }
+                    self.inner.put_opts(key, payload.clone(), options)
                 },
             )
             .await;
@@ -739,48 +707,6 @@ mod tests {
 
     fn multi_part(parts: &[&'static [u8]]) -> PutPayload {
         parts.iter().map(|p| Bytes::from_static(p)).collect()
-    }
-
-    /// A large create on a `file://` store that fsyncs goes the paced way, with the
-    /// same contract: the bytes land once under the key, a different object under the
-    /// same key is refused, the same bytes again are recognised, and listings show no
-    /// staged file.
-    #[tokio::test]
-    async fn large_creates_on_a_syncing_file_store_keep_the_create_contract() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("file://{}/store", dir.path().display());
-        let options = StoreOptions {
-            fsync: true,
-            ..StoreOptions::default()
-        };
-        let store = Store::open(&url, &options).expect("file store");
-        assert!(store.paced.is_some());
-        let data: Vec<u8> = (0..crate::paced::CHUNK * 2 + 7)
-            .map(|i| (i % 253) as u8)
-            .collect();
-        let payload = || PutPayload::from(Bytes::from(data.clone()));
-        let key = Path::from("segments/s/0001.seg");
-        store.put_new(&key, payload(), None).await.expect("create");
-        let all = store
-            .get_range(&key, 0..data.len() as u64, Class::Read, None)
-            .await
-            .expect("read");
-        assert_eq!(&all[..], &data[..]);
-        store
-            .put_new(&key, payload(), None)
-            .await
-            .expect("the same bytes are recognised");
-        let mut other = data.clone();
-        other[5] ^= 1;
-        let refused = store
-            .put_new(&key, PutPayload::from(Bytes::from(other)), None)
-            .await;
-        assert!(
-            matches!(refused, Err(Error::AlreadyExists { .. })),
-            "{refused:?}"
-        );
-        let listed = store.list(&Path::from("segments")).await.expect("list");
-        assert_eq!(listed.len(), 1, "{listed:?}");
     }
 
     #[tokio::test]
