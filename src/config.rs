@@ -294,6 +294,11 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "stamped batches queued for the write-ahead flusher (owners wait when it is full)",
     ),
     def(
+        "batch.decompressed.max.bytes",
+        "67108864",
+        "largest a record batch may be once decompressed, where the broker looks inside one (the key check on compacted topics, the compactor); a larger one is refused as CORRUPT_MESSAGE",
+    ),
+    def(
         "wal.flush.queue.bytes",
         "67108864",
         "bytes of batches queued for the write-ahead flusher; a produce request waits for room before its batches reach the partition (an append larger than this takes all of it)",
@@ -398,7 +403,27 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
     topic(
         "cleanup.policy",
         "delete",
-        "only `delete` is supported; `compact` is rejected with INVALID_CONFIG",
+        "`delete`: retention drops whole old segments (`compact` is refused with INVALID_CONFIG for now)",
+    ),
+    topic(
+        "min.compaction.lag.ms",
+        "0",
+        "a record stays uncompacted at least this long after it was written",
+    ),
+    topic(
+        "max.compaction.lag.ms",
+        "9223372036854775807",
+        "a record becomes eligible for compaction at most this long after it was written, whatever the dirty ratio",
+    ),
+    topic(
+        "delete.retention.ms",
+        "86400000",
+        "how long a tombstone (a record with a null value) stays readable after the compaction that first kept it",
+    ),
+    topic(
+        "min.cleanable.dirty.ratio",
+        "0.5",
+        "compact a partition once its uncompacted bytes are at least this share of its sealed bytes",
     ),
     topic(
         "message.timestamp.type",
@@ -425,6 +450,33 @@ pub struct TopicConfig {
     pub retention_bytes: i64,
     pub max_message_bytes: usize,
     pub index_interval_bytes: u64,
+    pub cleanup: CleanupPolicy,
+    pub min_compaction_lag_ms: i64,
+    pub max_compaction_lag_ms: i64,
+    pub delete_retention_ms: i64,
+    pub min_cleanable_dirty_ratio: f64,
+}
+
+/// `cleanup.policy`: which of retention and compaction apply to a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CleanupPolicy {
+    pub delete: bool,
+    pub compact: bool,
+}
+
+impl CleanupPolicy {
+    /// Parses Kafka's list form (`compact,delete`, in any order, spaces allowed).
+    pub fn parse(value: &str) -> Option<CleanupPolicy> {
+        let mut policy = CleanupPolicy::default();
+        for part in value.split(',').map(str::trim) {
+            match part {
+                "delete" => policy.delete = true,
+                "compact" => policy.compact = true,
+                _ => return None,
+            }
+        }
+        Some(policy)
+    }
 }
 
 /// A topic config value failed validation; the message says which and why.
@@ -448,13 +500,25 @@ impl TopicConfig {
             return Err(invalid("unknown topic config"));
         };
         match def.name {
-            "cleanup.policy" if value != "delete" => {
-                Err(invalid("only cleanup.policy=delete is supported"))
-            }
+            "cleanup.policy" => match CleanupPolicy::parse(value) {
+                // Accepted once the compactor runs; the key check and the settings
+                // below are in place for it.
+                Some(p) if p.compact => Err(invalid("cleanup.policy=compact is not supported yet")),
+                Some(_) => Ok(()),
+                None => Err(invalid("expected a list of `compact` and `delete`")),
+            },
             "message.timestamp.type" if value != "CreateTime" => {
                 Err(invalid("only CreateTime is supported"))
             }
-            "cleanup.policy" | "message.timestamp.type" => Ok(()),
+            "message.timestamp.type" => Ok(()),
+            "min.compaction.lag.ms" | "delete.retention.ms" => match value.parse::<i64>() {
+                Ok(v) if v >= 0 => Ok(()),
+                _ => Err(invalid("expected an integer >= 0")),
+            },
+            "min.cleanable.dirty.ratio" => match value.parse::<f64>() {
+                Ok(v) if (0.0..=1.0).contains(&v) => Ok(()),
+                _ => Err(invalid("expected a number from 0 to 1")),
+            },
             "retention.ms" | "retention.bytes" => match value.parse::<i64>() {
                 Ok(v) if v >= -1 => Ok(()),
                 _ => Err(invalid("expected an integer >= -1")),
@@ -496,6 +560,17 @@ impl TopicConfig {
             retention_bytes: num("retention.bytes"),
             max_message_bytes: num("max.message.bytes").max(1) as usize,
             index_interval_bytes: num("index.interval.bytes").max(1) as u64,
+            cleanup: CleanupPolicy::parse(get("cleanup.policy")).unwrap_or(CleanupPolicy {
+                delete: true,
+                compact: false,
+            }),
+            min_compaction_lag_ms: num("min.compaction.lag.ms").max(0),
+            max_compaction_lag_ms: num("max.compaction.lag.ms").max(1),
+            delete_retention_ms: num("delete.retention.ms").max(0),
+            min_cleanable_dirty_ratio: get("min.cleanable.dirty.ratio")
+                .parse::<f64>()
+                .unwrap_or(0.5)
+                .clamp(0.0, 1.0),
         }
     }
 }
@@ -549,6 +624,7 @@ pub struct Config {
     pub partition_queue_length: usize,
     pub wal_flush_queue_length: usize,
     pub wal_flush_queue_bytes: usize,
+    pub batch_decompressed_max_bytes: usize,
     pub group_queue_length: usize,
     pub controller_queue_length: usize,
     pub index_cache_entries: usize,
@@ -715,6 +791,7 @@ impl Config {
             partition_queue_length: positive("partition.queue.length")? as usize,
             wal_flush_queue_length: positive("wal.flush.queue.length")? as usize,
             wal_flush_queue_bytes: positive("wal.flush.queue.bytes")? as usize,
+            batch_decompressed_max_bytes: positive("batch.decompressed.max.bytes")? as usize,
             group_queue_length: positive("group.queue.length")? as usize,
             controller_queue_length: positive("controller.queue.length")? as usize,
             index_cache_entries: positive("index.cache.entries")? as usize,
@@ -784,6 +861,9 @@ fn flatten(
         toml::Value::Boolean(b) => {
             out.insert(prefix.to_string(), b.to_string());
         }
+        toml::Value::Float(f) => {
+            out.insert(prefix.to_string(), f.to_string());
+        }
         other => bail!("config key {prefix}: unsupported value {other}"),
     }
     Ok(())
@@ -837,13 +917,62 @@ mod tests {
         assert!(gap(&[("wal.flush.max.per.second", "-1")]).is_err());
     }
 
+    /// `cleanup.policy` is Kafka's list; the compaction settings keep Kafka's ranges.
+    #[test]
+    fn cleanup_policies_and_compaction_settings() {
+        let policy = |v: &str| CleanupPolicy::parse(v).map(|p| (p.delete, p.compact));
+        assert_eq!(policy("delete"), Some((true, false)));
+        assert_eq!(policy("compact"), Some((false, true)));
+        assert_eq!(policy("compact, delete"), Some((true, true)));
+        assert_eq!(policy("delete,compact"), Some((true, true)));
+        assert_eq!(policy("compact,"), None);
+        assert_eq!(policy(""), None);
+        for (name, good, bad) in [
+            ("cleanup.policy", "delete", "compaction"),
+            ("min.compaction.lag.ms", "0", "-1"),
+            ("max.compaction.lag.ms", "1", "0"),
+            ("delete.retention.ms", "0", "-5"),
+            ("min.cleanable.dirty.ratio", "0.25", "1.5"),
+        ] {
+            assert!(TopicConfig::validate(name, good).is_ok(), "{name}={good}");
+            assert!(TopicConfig::validate(name, bad).is_err(), "{name}={bad}");
+        }
+        let overrides = [
+            ("cleanup.policy", "compact"),
+            ("min.cleanable.dirty.ratio", "0.1"),
+            ("delete.retention.ms", "1000"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = TopicConfig::resolve(&BTreeMap::new(), &overrides);
+        assert_eq!(
+            c.cleanup,
+            CleanupPolicy {
+                delete: false,
+                compact: true
+            }
+        );
+        assert_eq!(c.min_cleanable_dirty_ratio, 0.1);
+        assert_eq!(c.delete_retention_ms, 1000);
+        assert_eq!(c.max_compaction_lag_ms, i64::MAX);
+        let d = TopicConfig::resolve(&BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(
+            d.cleanup,
+            CleanupPolicy {
+                delete: true,
+                compact: false
+            }
+        );
+    }
+
     #[test]
     fn unknown_and_invalid_settings_are_rejected() {
         let mut v = BTreeMap::new();
         v.insert("wal.flush.intervl.ms".to_string(), "3".to_string());
         assert!(Config::from_values(v).is_err());
         let mut v = BTreeMap::new();
-        v.insert("cleanup.policy".to_string(), "compact".to_string());
+        v.insert("cleanup.policy".to_string(), "compress".to_string());
         assert!(Config::from_values(v).is_err());
         let mut v = BTreeMap::new();
         v.insert("wal.flush.interval.ms".to_string(), "0".to_string());

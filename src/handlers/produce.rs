@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{
     InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId,
     TopicName,
@@ -21,6 +23,7 @@ use crate::broker::Broker;
 use crate::log::batch::validate_record_set;
 use crate::log::batch::ValidBatch;
 use crate::log::partition::{AppendError, AppendOk, PartitionCmd, PartitionHandle};
+use crate::log::records::{self, RecordsError};
 use crate::protocol::ProduceOrder;
 use crate::wal::ReserveError;
 
@@ -48,6 +51,51 @@ fn refused(index: i32, e: ResponseError, msg: Option<String>) -> PartitionProduc
         .with_log_append_time_ms(-1)
         .with_log_start_offset(-1)
         .with_error_message(msg.map(str_bytes))
+}
+
+/// The index (within its batch) of every record without a key, which a compacted topic
+/// cannot take.
+fn keyless_records(batches: &[ValidBatch], limit: usize) -> Result<Vec<i32>, RecordsError> {
+    let mut keyless = Vec::new();
+    for b in batches.iter().filter(|b| !b.header.is_control()) {
+        let records = records::split(&b.bytes, &b.header, limit)?;
+        keyless.extend(
+            records
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.key.is_none())
+                .map(|(i, _)| i as i32),
+        );
+    }
+    Ok(keyless)
+}
+
+/// Kafka's answer to keyless records on a compacted topic: INVALID_RECORD, one record
+/// error per record (the first three in the message), nothing of the batch appended.
+fn keyless_refusal(index: i32, topic: &str, keyless: &[i32]) -> PartitionProduceResponse {
+    let why = format!(
+        "Compacted topic cannot accept message without key in topic partition {topic}-{index}."
+    );
+    let shown: Vec<String> = keyless
+        .iter()
+        .take(3)
+        .map(|i| format!("RecordError(batchIndex={i}, message='{why}')"))
+        .collect();
+    let message = format!(
+        "One or more records have been rejected due to {} record errors in total, and only showing the first three errors at most: [{}]",
+        keyless.len(),
+        shown.join(", ")
+    );
+    refused(index, ResponseError::InvalidRecord, Some(message)).with_record_errors(
+        keyless
+            .iter()
+            .map(|&i| {
+                BatchIndexAndErrorMessage::default()
+                    .with_batch_index(i)
+                    .with_batch_index_error_message(Some(str_bytes(why.clone())))
+            })
+            .collect(),
+    )
 }
 
 pub(crate) async fn produce(
@@ -125,6 +173,22 @@ pub(crate) async fn produce(
                             ResponseError::TransactionalIdAuthorizationFailed,
                             msg,
                         ))
+                    }
+                    Ok(b) if t.config.cleanup.compact => {
+                        let limit = broker.config.batch_decompressed_max_bytes;
+                        match keyless_records(&b, limit) {
+                            Ok(keyless) if keyless.is_empty() => {
+                                Prepared::Ready(index, handle.clone(), b)
+                            }
+                            Ok(keyless) => {
+                                Prepared::Refused(keyless_refusal(index, &td.name.0, &keyless))
+                            }
+                            Err(e) => Prepared::Refused(refused(
+                                index,
+                                ResponseError::CorruptMessage,
+                                Some(e.to_string()),
+                            )),
+                        }
                     }
                     Ok(b) => Prepared::Ready(index, handle.clone(), b),
                 }
@@ -296,5 +360,44 @@ pub(crate) async fn init_producer_id(
             .with_error_code(errors::meta_error(&e).code())
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::batch::{validate_record_set, BatchHeader};
+    use crate::log::codec::Codec;
+    use crate::log::records::tests::{keyed_batch, Spec};
+
+    /// Keyless records are found inside compressed batches, by their index in the
+    /// batch, and refused as Kafka refuses them: INVALID_RECORD with one record error
+    /// each.
+    #[test]
+    fn keyless_records_are_refused_with_their_indexes() {
+        let keyed: Spec = (Some(b"k".to_vec()), Some(b"v".to_vec()), 0, 0);
+        let keyless: Spec = (None, Some(b"v".to_vec()), 0, 0);
+        let batch = keyed_batch(
+            0,
+            &[keyed.clone(), keyless.clone(), keyed, keyless],
+            &[0, 1, 2, 3],
+            3,
+            Codec::Zstd,
+        );
+        assert!(BatchHeader::parse(&batch).is_ok());
+        let batches = validate_record_set(&batch, 1 << 20).expect("valid");
+        assert_eq!(keyless_records(&batches, 1 << 20), Ok(vec![1, 3]));
+        assert!(
+            keyless_records(&batches, 8).is_err(),
+            "bounded decompression"
+        );
+
+        let answer = keyless_refusal(2, "t", &[1, 3]);
+        assert_eq!(answer.error_code, ResponseError::InvalidRecord.code());
+        let indexes: Vec<i32> = answer.record_errors.iter().map(|e| e.batch_index).collect();
+        assert_eq!(indexes, vec![1, 3]);
+        let message = answer.error_message.expect("message");
+        assert!(message.contains("due to 2 record errors"), "{message}");
+        assert!(message.contains("topic partition t-2"), "{message}");
     }
 }

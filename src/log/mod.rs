@@ -4,10 +4,12 @@
 
 pub(crate) mod appender;
 pub(crate) mod batch;
+pub(crate) mod codec;
 pub(crate) mod local;
 pub(crate) mod partition;
 pub(crate) mod producer;
 pub(crate) mod read;
+pub(crate) mod records;
 pub(crate) mod segments;
 pub(crate) mod tail;
 pub(crate) mod zone;

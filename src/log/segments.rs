@@ -89,13 +89,21 @@ impl SegmentRules {
         }
     }
 
+    /// Retention applies only under `cleanup.policy=delete` (alone or with `compact`);
+    /// a compacted topic's segments are sealed at most `max.compaction.lag.ms` after
+    /// their first record, so the tail becomes compactable in time.
     pub(crate) fn from_config(c: &TopicConfig) -> Self {
-        Self::new(
-            c.segment_bytes,
-            c.segment_ms,
-            c.retention_ms,
-            c.retention_bytes,
-        )
+        let (retention_ms, retention_bytes) = if c.cleanup.delete {
+            (c.retention_ms, c.retention_bytes)
+        } else {
+            (-1, -1)
+        };
+        let segment_ms = if c.cleanup.compact {
+            c.segment_ms.min(c.max_compaction_lag_ms)
+        } else {
+            c.segment_ms
+        };
+        Self::new(c.segment_bytes, segment_ms, retention_ms, retention_bytes)
     }
 
     /// The planted bug: the stretch loses its first range (when it has two or more).

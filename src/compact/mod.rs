@@ -1,0 +1,5 @@
+//! Compaction of `cleanup.policy=compact` topics: sealed segment objects rewritten to keep
+//! the newest record per key, every survivor at its original offset.
+
+pub(crate) mod filter;
+pub(crate) mod keymap;
