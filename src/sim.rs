@@ -667,6 +667,7 @@ impl Sim {
             data_bytes: index.data_len(),
             max_timestamp: contents.max_timestamp,
             created_ms: self.now_ms(),
+            compacted_ms: 0,
         };
         self.fault(5, 5);
         let committed =

@@ -1004,6 +1004,7 @@ impl UploadJob {
             data_bytes: index.data_len(),
             max_timestamp,
             created_ms: now_ms(),
+            compacted_ms: 0,
         };
         match self
             .ctx

@@ -797,6 +797,7 @@ mod tests {
                                 data_bytes: (r.end - r.base) as u64 * 100,
                                 max_timestamp: r.end,
                                 created_ms: now_ms,
+                                compacted_ms: 0,
                             }),
                             1 => UploadOutcome::Fenced,
                             2 | 3 => UploadOutcome::Failed { retriable: kind == 2 },
@@ -881,6 +882,7 @@ mod tests {
                     data_bytes: 1,
                     max_timestamp: end,
                     created_ms: now_ms,
+                    compacted_ms: 0,
                 }), at(now_ms));
                 check_contiguous(&s)?;
             }

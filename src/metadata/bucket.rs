@@ -148,10 +148,11 @@ type GroupOffsets = Vec<(String, i32, Offset)>;
 
 /// The version of the record and snapshot format this code writes. 1: the first (no
 /// `format` field); 2: offset deletions and expiries carry the coordinator's fence; 3:
-/// one write-ahead commit may hold several objects (`CommitWals`). A
+/// one write-ahead commit may hold several objects (`CommitWals`); 4: compaction's swap
+/// (`ReplaceSegments`) and segments that record when compaction wrote them. A
 /// reader refuses a newer format than its own, so an older broker never misreads the
 /// log of a newer one; every format is pinned by golden files (`testdata/`).
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 fn format_1() -> u32 {
     1
@@ -214,6 +215,13 @@ enum Op {
         leader_epoch: i32,
         log_start_offset: i64,
         drop: Vec<i64>,
+    },
+    /// Compaction's swap (format 4).
+    ReplaceSegments {
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: Vec<i64>,
+        segments: Vec<SegmentRecord>,
     },
     ForgetWal {
         keys: Vec<String>,
@@ -415,6 +423,16 @@ impl State {
                     p.segments.remove(&base_offset);
                 }
             }
+            Write::ReplaceSegments { key, drop, insert } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    for base in drop {
+                        p.segments.remove(base);
+                    }
+                    for segment in insert {
+                        p.segments.insert(segment.base_offset, segment.clone());
+                    }
+                }
+            }
             Write::UpsertOffset { group, offset: o } => {
                 self.offsets.entry(group.to_owned()).or_default().insert(
                     (o.topic.clone(), o.partition),
@@ -536,6 +554,17 @@ impl State {
                 log_start_offset: *log_start_offset,
                 drop_segment_base_offsets: drop,
             }),
+            Op::ReplaceSegments {
+                key,
+                leader_epoch,
+                replaced,
+                segments,
+            } => self.fenced(semantics::Op::ReplaceSegments {
+                key: *key,
+                leader_epoch: *leader_epoch,
+                replaced,
+                segments,
+            }),
             Op::ForgetWal { keys } => {
                 for k in keys {
                     self.wal_objects.remove(k);
@@ -611,11 +640,16 @@ impl State {
             format: FORMAT,
             seq,
             topics: self.topics.values().cloned().collect(),
-            partitions: self
-                .partitions
-                .iter()
-                .map(|(k, p)| (*k, p.clone()))
-                .collect(),
+            partitions: {
+                // In key order, so a snapshot of the same state is the same bytes.
+                let mut partitions: Vec<_> = self
+                    .partitions
+                    .iter()
+                    .map(|(k, p)| (*k, p.clone()))
+                    .collect();
+                partitions.sort_by_key(|(k, _)| *k);
+                partitions
+            },
             wal_objects: self
                 .wal_objects
                 .iter()
@@ -1098,6 +1132,23 @@ impl MetadataStore for BucketStore {
         .map(|_| ())
     }
 
+    async fn replace_segments(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: &[i64],
+        segments: &[SegmentRecord],
+    ) -> MetaResult<()> {
+        self.submit(Op::ReplaceSegments {
+            key,
+            leader_epoch,
+            replaced: replaced.to_vec(),
+            segments: segments.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         Ok(self.read(|s| {
             semantics::unreferenced_wal_objects(s.wal_objects.iter().map(|(key, created_ms)| {
@@ -1297,6 +1348,10 @@ mod tests {
             topic_id: topic,
             partition: 0,
         };
+        let compacted = PartitionKey {
+            topic_id: Uuid::from_u128(11),
+            partition: 0,
+        };
         let fence = Some(Fence {
             key,
             leader_epoch: 1,
@@ -1354,7 +1409,45 @@ mod tests {
                 before_ms: 0,
                 fence,
             },
+            // Format 4: a segment committed, then compacted in place.
+            Op::CreateTopic {
+                topic: TopicRecord {
+                    name: "prices".into(),
+                    id: compacted.topic_id,
+                    partitions: 1,
+                    configs: BTreeMap::from([("cleanup.policy".into(), "compact".into())]),
+                    created_ms: 1_700_000_000_003,
+                },
+            },
+            Op::Claim {
+                key: compacted,
+                broker_id: 1,
+            },
+            Op::CommitSegment {
+                key: compacted,
+                leader_epoch: 1,
+                segment: golden_segment(0),
+            },
+            Op::ReplaceSegments {
+                key: compacted,
+                leader_epoch: 1,
+                replaced: vec![0],
+                segments: vec![golden_segment(1_700_000_000_005)],
+            },
         ]
+    }
+
+    fn golden_segment(compacted_ms: i64) -> SegmentRecord {
+        SegmentRecord {
+            base_offset: 0,
+            end_offset: 7,
+            object_key: format!("segments/prices/0/{compacted_ms}.seg"),
+            size_bytes: 300,
+            data_bytes: 200,
+            max_timestamp: 1_700_000_000_004,
+            created_ms: 1_700_000_000_004,
+            compacted_ms,
+        }
     }
 
     /// What this code writes is exactly the golden record and snapshot of its format.
@@ -1366,13 +1459,13 @@ mod tests {
             ops: golden_ops(),
         };
         let encoded = serde_json::to_string(&record).expect("encode");
-        assert_eq!(encoded, golden("bucket-record-v3.json", &encoded));
+        assert_eq!(encoded, golden("bucket-record-v4.json", &encoded));
         let mut state = State::default();
         for op in &record.ops {
             state.apply(op).expect("applies");
         }
         let snapshot = serde_json::to_string(&state.snapshot(3)).expect("encode");
-        assert_eq!(snapshot, golden("bucket-snapshot-v3.json", &snapshot));
+        assert_eq!(snapshot, golden("bucket-snapshot-v4.json", &snapshot));
     }
 
     /// Records of every earlier format still replay, with their meaning then: format 1
@@ -1384,6 +1477,7 @@ mod tests {
             "bucket-record-v1.json",
             "bucket-record-v2.json",
             "bucket-record-v3.json",
+            "bucket-record-v4.json",
         ] {
             let bytes = std::fs::read(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1396,9 +1490,23 @@ mod tests {
             for op in &record.ops {
                 state.apply(op).expect(name);
             }
-            let p = state.partitions.values().next().expect("one partition");
+            let orders = PartitionKey {
+                topic_id: Uuid::from_u128(10),
+                partition: 0,
+            };
+            let p = &state.partitions[&orders];
             assert_eq!((p.leader_epoch, p.high_watermark), (1, 5), "{name}");
             assert_eq!(p.wal_ranges.len(), 1, "{name}");
+            if name.ends_with("v4.json") {
+                let prices = PartitionKey {
+                    topic_id: Uuid::from_u128(11),
+                    partition: 0,
+                };
+                let compacted = &state.partitions[&prices];
+                let segments: Vec<_> = compacted.segments.values().collect();
+                assert_eq!(segments.len(), 1, "{name}");
+                assert_eq!(segments[0].compacted_ms, 1_700_000_000_005, "{name}");
+            }
             // Group h was deleted; g's offset was committed after `before_ms` 0.
             assert_eq!(
                 state.offsets.keys().collect::<Vec<_>>(),

@@ -47,6 +47,7 @@ macro_rules! metadata_store_conformance {
             check_several_objects_commit_together,
             check_commit_segment_drops_covered_ranges,
             check_trim_log,
+            check_replace_segments,
             check_wal_object_gc,
             check_known_objects,
             check_producer_ids,
@@ -90,6 +91,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_several_objects_commit_together(store).await;
     check_commit_segment_drops_covered_ranges(store).await;
     check_trim_log(store).await;
+    check_replace_segments(store).await;
     check_wal_object_gc(store).await;
     check_known_objects(store).await;
     check_producer_ids(store).await;
@@ -162,6 +164,7 @@ fn segment(base_offset: i64, end_offset: i64) -> SegmentRecord {
         data_bytes: 4000,
         max_timestamp: 1_700_000_000_000 + end_offset,
         created_ms: 1_700_000_000_500,
+        compacted_ms: 0,
     }
 }
 
@@ -809,6 +812,55 @@ pub(crate) async fn check_commit_segment_drops_covered_ranges(store: &dyn Metada
 }
 
 /// Trimming raises the log start offset (never lowers it) and forgets segments.
+/// Compaction's swap: the replaced segments go and the new ones take their offsets (a
+/// base offset may be reused), in one fenced transaction; segments outside the swap
+/// stay; the compaction time is stored.
+pub(crate) async fn check_replace_segments(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+    let epoch = claim(store, p).await.leader_epoch;
+    let (s1, s2, s3) = (segment(0, 10), segment(10, 20), segment(20, 30));
+    for s in [&s1, &s2, &s3] {
+        store.commit_segment(p, epoch, s).await.expect("segment");
+    }
+    let compacted = SegmentRecord {
+        compacted_ms: 1_700_000_001_000,
+        ..segment(0, 20)
+    };
+    assert_fenced(
+        store
+            .replace_segments(p, epoch + 1, &[0, 10], std::slice::from_ref(&compacted))
+            .await,
+        &[p],
+        "a swap at a wrong epoch",
+    );
+    assert_eq!(
+        store.read_partition(p).await.expect("read").segments,
+        vec![s1.clone(), s2.clone(), s3.clone()],
+        "a fenced swap changes nothing"
+    );
+    store
+        .replace_segments(p, epoch, &[0, 10], std::slice::from_ref(&compacted))
+        .await
+        .expect("swap");
+    assert_eq!(
+        store.read_partition(p).await.expect("read").segments,
+        vec![compacted.clone(), s3.clone()]
+    );
+    // Compacted again: the same base offset, a new object.
+    let again = SegmentRecord {
+        compacted_ms: 1_700_000_002_000,
+        ..segment(0, 30)
+    };
+    store
+        .replace_segments(p, epoch, &[0, 20], std::slice::from_ref(&again))
+        .await
+        .expect("second swap");
+    let state = claim(store, p).await;
+    assert_eq!(state.segments, vec![again]);
+    assert_eq!(state.segments[0].compacted_ms, 1_700_000_002_000);
+}
+
 pub(crate) async fn check_trim_log(store: &dyn MetadataStore) {
     let topic = new_topic(store, 1).await;
     let p = key(&topic, 0);

@@ -269,6 +269,20 @@ impl MetadataStore for Instrumented {
         )
         .await
     }
+    async fn replace_segments(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: &[i64],
+        segments: &[SegmentRecord],
+    ) -> MetaResult<()> {
+        self.timed(
+            "replace_segments",
+            self.inner
+                .replace_segments(key, leader_epoch, replaced, segments),
+        )
+        .await
+    }
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         self.timed(
             "unreferenced_wal_objects",

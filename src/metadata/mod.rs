@@ -88,6 +88,10 @@ pub(crate) struct SegmentRecord {
     pub data_bytes: u64,
     pub max_timestamp: i64,
     pub created_ms: i64,
+    /// When the compaction pass that wrote it ran; 0: never compacted (its records are
+    /// "dirty": they may hold keys that newer records replace).
+    #[serde(default)]
+    pub compacted_ms: i64,
 }
 
 /// A contiguous run of one partition's batches inside a write-ahead object.
@@ -263,6 +267,17 @@ pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
         leader_epoch: i32,
         log_start_offset: i64,
         drop_segment_base_offsets: &[i64],
+    ) -> MetaResult<()>;
+    /// Compaction's swap, in one transaction: forgets the segments at `replaced` (base
+    /// offsets) and records `segments` in their place (the same offsets, fewer records).
+    /// Epoch-checked. (Called by the compaction job, which is not wired yet.)
+    #[cfg_attr(not(test), allow(dead_code))]
+    async fn replace_segments(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: &[i64],
+        segments: &[SegmentRecord],
     ) -> MetaResult<()>;
     /// Write-ahead objects no partition range references any more (garbage).
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>>;

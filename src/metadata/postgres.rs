@@ -52,7 +52,7 @@ use super::{
 };
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 /// Most connections one store opens; more concurrent operations wait for one.
@@ -174,6 +174,11 @@ CREATE TABLE brokers (
 const SCHEMA_V4: &str = r#"
 ALTER TABLE brokers ADD COLUMN draining BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE wal_ranges ADD COLUMN object_size BIGINT NOT NULL DEFAULT 0;
+"#;
+
+/// Schema version 5: a segment records when compaction wrote it (0: never).
+const SCHEMA_V5: &str = r#"
+ALTER TABLE segments ADD COLUMN compacted_ms BIGINT NOT NULL DEFAULT 0;
 "#;
 
 const SELECT_TOPIC_FOR_UPDATE: &str = concat!(
@@ -460,46 +465,31 @@ async fn migrate(client: &mut Client) -> MetaResult<()> {
              ({SCHEMA_VERSION}); upgrade the broker"
         )));
     }
-    if current < 1 {
-        tx.batch_execute(SCHEMA_V1).await.db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (1)", &[])
-            .await
-            .db()?;
-    }
-    if current < 2 {
-        tx.batch_execute(SCHEMA_V2).await.db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (2)", &[])
-            .await
-            .db()?;
-        if current == 1 {
-            tracing::info!("migrated postgres metadata schema from version 1 to 2");
-        }
-    }
-    if current < 3 {
-        tx.batch_execute(SCHEMA_V3).await.db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (3)", &[])
-            .await
-            .db()?;
+    // Each version's step, in order, in this same transaction; a later version is one
+    // more entry.
+    let steps: [(i64, &str); 5] = [
+        (1, SCHEMA_V1),
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+        (5, SCHEMA_V5),
+    ];
+    for (version, sql) in steps.into_iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await.db()?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .db()?;
         if current >= 1 {
             tracing::info!(
                 from = current,
-                "migrated postgres metadata schema to version 3"
+                to = version,
+                "migrated postgres metadata schema"
             );
         }
     }
-    if current < 4 {
-        tx.batch_execute(SCHEMA_V4).await.db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (4)", &[])
-            .await
-            .db()?;
-        if current >= 1 {
-            tracing::info!(
-                from = current,
-                "migrated postgres metadata schema to version 4"
-            );
-        }
-    }
-    // Later versions: `if current < 5 { ... }`, each step in this same transaction.
     tx.commit().await.db()
 }
 
@@ -833,6 +823,9 @@ struct Columns<'a> {
     drop_ranges: Vec<(PartitionKey, i64)>,
     log_starts: Vec<(PartitionKey, i64)>,
     drop_segments: BTreeMap<PartitionKey, Vec<i64>>,
+    /// Segments dropped before `segments` are inserted (compaction's swap reuses base
+    /// offsets).
+    replaced_segments: BTreeMap<PartitionKey, Vec<i64>>,
     /// By group, then (topic, partition): the last commit wins.
     offsets: BTreeMap<&'a str, BTreeMap<(&'a str, i32), &'a CommittedOffset>>,
     delete_groups: Vec<&'a str>,
@@ -888,6 +881,14 @@ impl<'a> Columns<'a> {
                 } => c.log_starts.push((key, log_start_offset)),
                 Write::DropSegment { key, base_offset } => {
                     c.drop_segments.entry(key).or_default().push(base_offset)
+                }
+                Write::ReplaceSegments { key, drop, insert } => {
+                    c.replaced_segments
+                        .entry(key)
+                        .or_default()
+                        .extend_from_slice(drop);
+                    c.segments
+                        .extend(insert.iter().map(|segment| (key, segment)));
                 }
                 Write::UpsertOffset { group, offset } => {
                     c.offsets
@@ -995,6 +996,15 @@ impl<'a> Columns<'a> {
                 .await?;
             jobs.push((st, vec![object_key, created_ms], false));
         }
+        for (key, bases) in &self.replaced_segments {
+            let st = tx
+                .statement(
+                    "DELETE FROM segments
+                     WHERE topic_id = $1 AND partition = $2 AND base_offset = ANY($3::BIGINT[])",
+                )
+                .await?;
+            jobs.push((st, vec![&key.topic_id, &key.partition, bases], false));
+        }
         let mut segment_sizes = Vec::with_capacity(self.segments.len());
         for (_, segment) in &self.segments {
             segment_sizes.push((
@@ -1006,8 +1016,9 @@ impl<'a> Columns<'a> {
             let st = tx
                 .statement(
                     "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
-                         object_key, size_bytes, data_bytes, max_timestamp, created_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                         object_key, size_bytes, data_bytes, max_timestamp, created_ms,
+                         compacted_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .await?;
             jobs.push((
@@ -1022,6 +1033,7 @@ impl<'a> Columns<'a> {
                     data_bytes,
                     &segment.max_timestamp,
                     &segment.created_ms,
+                    &segment.compacted_ms,
                 ],
                 false,
             ));
@@ -1341,6 +1353,22 @@ impl MetadataStore for PostgresStore {
         self.fenced(op).await.map(|_| ())
     }
 
+    async fn replace_segments(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: &[i64],
+        segments: &[SegmentRecord],
+    ) -> MetaResult<()> {
+        let op = semantics::Op::ReplaceSegments {
+            key,
+            leader_epoch,
+            replaced,
+            segments,
+        };
+        self.fenced(op).await.map(|_| ())
+    }
+
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         let mut conn = self.pool.get().await?;
         let found = conn
@@ -1626,13 +1654,13 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("connect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
-        assert_eq!(SCHEMA_VERSION, 4);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(SCHEMA_VERSION, 5);
         drop(store);
         PostgresStore::connect_with(config.clone())
             .await
             .expect("reconnect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
@@ -1650,7 +1678,7 @@ mod tests {
                 .expect("task")
                 .expect("every concurrent connect succeeds");
         }
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
@@ -1708,7 +1736,7 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("migrate");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
         assert_eq!(
             store.list_topics().await.expect("list"),
             vec![topic.clone()]
@@ -1980,6 +2008,7 @@ mod tests {
             data_bytes: 1 << 39,
             max_timestamp: 5,
             created_ms: 9,
+            compacted_ms: 0,
         };
         let range = |base: i64, end: i64, object: &str| WalRangeRecord {
             base_offset: base,

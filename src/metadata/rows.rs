@@ -38,7 +38,7 @@ macro_rules! partition_columns {
 /// `segments` (of one partition), as [`segment`] decodes it.
 macro_rules! segment_columns {
     () => {
-        "base_offset, end_offset, object_key, size_bytes, data_bytes, max_timestamp, created_ms"
+        "base_offset, end_offset, object_key, size_bytes, data_bytes, max_timestamp, created_ms, compacted_ms"
     };
 }
 
@@ -151,6 +151,7 @@ pub(crate) fn segment(row: &dyn StoredRow) -> MetaResult<SegmentRecord> {
         data_bytes: size(row, 4)?,
         max_timestamp: row.bigint(5)?,
         created_ms: row.bigint(6)?,
+        compacted_ms: row.bigint(7)?,
     })
 }
 

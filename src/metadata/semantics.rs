@@ -46,6 +46,14 @@ pub(crate) enum Op<'a> {
         log_start_offset: i64,
         drop_segment_base_offsets: &'a [i64],
     },
+    /// Compaction's swap: the segments at `replaced` (base offsets) give way to
+    /// `segments`, which cover the same offsets.
+    ReplaceSegments {
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: &'a [i64],
+        segments: &'a [SegmentRecord],
+    },
     CommitOffsets {
         group: &'a str,
         offsets: &'a [CommittedOffset],
@@ -135,6 +143,13 @@ pub(crate) enum Write<'a> {
         key: PartitionKey,
         base_offset: i64,
     },
+    /// Drop the segments at `drop` (base offsets), then insert `insert` (which may reuse
+    /// those base offsets), in this order.
+    ReplaceSegments {
+        key: PartitionKey,
+        drop: &'a [i64],
+        insert: &'a [SegmentRecord],
+    },
     UpsertOffset {
         group: &'a str,
         offset: &'a CommittedOffset,
@@ -159,7 +174,9 @@ impl Op<'_> {
                 .iter()
                 .flat_map(|c| c.partitions.iter().map(|p| p.key))
                 .collect(),
-            Op::CommitSegment { key, .. } | Op::TrimLog { key, .. } => vec![*key],
+            Op::CommitSegment { key, .. }
+            | Op::TrimLog { key, .. }
+            | Op::ReplaceSegments { key, .. } => vec![*key],
             Op::CommitOffsets { fence, .. }
             | Op::DeleteOffsets { fence, .. }
             | Op::ExpireOffsets { fence, .. } => fence.iter().map(|f| f.key).collect(),
@@ -288,6 +305,23 @@ pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
                     .map(|&base_offset| Write::DropSegment { key, base_offset }),
             );
             Ok(writes)
+        }
+        Op::ReplaceSegments {
+            key,
+            leader_epoch,
+            replaced,
+            segments,
+        } => {
+            // Only the owner at this epoch changes its manifest, and its owner task
+            // commits the swap itself after checking its view still holds exactly the
+            // replaced segments: so the manifest the compaction read is the one it
+            // replaces. The epoch is the part the store checks.
+            require(rows, key, leader_epoch)?;
+            Ok(vec![Write::ReplaceSegments {
+                key,
+                drop: replaced,
+                insert: segments,
+            }])
         }
         Op::CommitOffsets {
             group,

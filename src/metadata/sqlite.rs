@@ -52,7 +52,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// not per call.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 
@@ -170,6 +170,11 @@ CREATE TABLE brokers (
 const SCHEMA_V4: &str = "
 ALTER TABLE brokers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE wal_ranges ADD COLUMN object_size INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Schema version 5: a segment records when compaction wrote it (0: never).
+const SCHEMA_V5: &str = "
+ALTER TABLE segments ADD COLUMN compacted_ms INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// The embedded metadata store: one SQLite file (or an in-memory database for tests).
@@ -293,42 +298,30 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
              ({SCHEMA_VERSION}); upgrade the broker"
         )));
     }
-    if current < 1 {
-        tx.execute_batch(SCHEMA_V1).db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (1)", [])
-            .db()?;
-    }
-    if current < 2 {
-        tx.execute_batch(SCHEMA_V2).db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (2)", [])
-            .db()?;
-        if current == 1 {
-            tracing::info!("migrated sqlite metadata schema from version 1 to 2");
-        }
-    }
-    if current < 3 {
-        tx.execute_batch(SCHEMA_V3).db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (3)", [])
-            .db()?;
+    // Each version's step, in order, in this same transaction; a later version is one
+    // more entry.
+    let steps: [(i64, &str); 5] = [
+        (1, SCHEMA_V1),
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+        (5, SCHEMA_V5),
+    ];
+    for (version, sql) in steps.into_iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql).db()?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            params![version],
+        )
+        .db()?;
         if current >= 1 {
             tracing::info!(
                 from = current,
-                "migrated sqlite metadata schema to version 3"
+                to = version,
+                "migrated sqlite metadata schema"
             );
         }
     }
-    if current < 4 {
-        tx.execute_batch(SCHEMA_V4).db()?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (4)", [])
-            .db()?;
-        if current >= 1 {
-            tracing::info!(
-                from = current,
-                "migrated sqlite metadata schema to version 4"
-            );
-        }
-    }
-    // Later versions: `if current < 5 { ... }`, each step in this same transaction.
     tx.commit().db()
 }
 
@@ -540,6 +533,32 @@ fn apply_fenced(tx: &Transaction<'_>, op: semantics::Op<'_>) -> MetaResult<usize
     Ok(deleted)
 }
 
+fn insert_segment(
+    tx: &Transaction<'_>,
+    key: PartitionKey,
+    segment: &SegmentRecord,
+) -> MetaResult<usize> {
+    tx.prepare_cached(
+        "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
+             object_key, size_bytes, data_bytes, max_timestamp, created_ms, compacted_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .db()?
+    .execute(params![
+        key.topic_id.as_bytes(),
+        key.partition,
+        segment.base_offset,
+        segment.end_offset,
+        segment.object_key,
+        u64_to_sql(segment.size_bytes, "segment size")?,
+        u64_to_sql(segment.data_bytes, "segment data size")?,
+        segment.max_timestamp,
+        segment.created_ms,
+        segment.compacted_ms
+    ])
+    .db()
+}
+
 /// One planned write in SQL; returns the rows an offset deletion removed.
 fn apply_write(tx: &Transaction<'_>, write: semantics::Write<'_>) -> MetaResult<usize> {
     use semantics::Write;
@@ -590,22 +609,7 @@ fn apply_write(tx: &Transaction<'_>, write: semantics::Write<'_>) -> MetaResult<
              ON CONFLICT (object_key) DO NOTHING",
             params![object_key, created_ms],
         )?,
-        Write::InsertSegment { key, segment } => run(
-            "INSERT INTO segments (topic_id, partition, base_offset, end_offset,
-                 object_key, size_bytes, data_bytes, max_timestamp, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                key.topic_id.as_bytes(),
-                key.partition,
-                segment.base_offset,
-                segment.end_offset,
-                segment.object_key,
-                u64_to_sql(segment.size_bytes, "segment size")?,
-                u64_to_sql(segment.data_bytes, "segment data size")?,
-                segment.max_timestamp,
-                segment.created_ms
-            ],
-        )?,
+        Write::InsertSegment { key, segment } => insert_segment(tx, key, segment)?,
         Write::DropRangesThrough { key, end_offset } => run(
             "DELETE FROM wal_ranges WHERE topic_id = ?1 AND partition = ?2 AND end_offset <= ?3",
             params![key.topic_id.as_bytes(), key.partition, end_offset],
@@ -621,6 +625,19 @@ fn apply_write(tx: &Transaction<'_>, write: semantics::Write<'_>) -> MetaResult<
             "DELETE FROM segments WHERE topic_id = ?1 AND partition = ?2 AND base_offset = ?3",
             params![key.topic_id.as_bytes(), key.partition, base_offset],
         )?,
+        Write::ReplaceSegments { key, drop, insert } => {
+            for base_offset in drop {
+                run(
+                    "DELETE FROM segments
+                     WHERE topic_id = ?1 AND partition = ?2 AND base_offset = ?3",
+                    params![key.topic_id.as_bytes(), key.partition, base_offset],
+                )?;
+            }
+            for segment in insert {
+                insert_segment(tx, key, segment)?;
+            }
+            0
+        }
         Write::UpsertOffset { group, offset: o } => run(
             "INSERT INTO group_offsets (group_id, topic, partition, offset,
                  leader_epoch, metadata, commit_timestamp_ms)
@@ -976,6 +993,26 @@ impl MetadataStore for SqliteStore {
         .await
     }
 
+    async fn replace_segments(
+        &self,
+        key: PartitionKey,
+        leader_epoch: i32,
+        replaced: &[i64],
+        segments: &[SegmentRecord],
+    ) -> MetaResult<()> {
+        let (replaced, segments) = (replaced.to_vec(), segments.to_vec());
+        self.run(move |conn| {
+            let op = semantics::Op::ReplaceSegments {
+                key,
+                leader_epoch,
+                replaced: &replaced,
+                segments: &segments,
+            };
+            fenced_tx(conn, op).map(|_| ())
+        })
+        .await
+    }
+
     async fn unreferenced_wal_objects(&self) -> MetaResult<Vec<String>> {
         self.run(|conn| {
             let tx = conn.transaction().db()?;
@@ -1323,12 +1360,12 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("journal mode");
         assert_eq!(mode, "wal");
-        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4]);
-        assert_eq!(SCHEMA_VERSION, 4);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4, 5]);
+        assert_eq!(SCHEMA_VERSION, 5);
         drop(store);
         // Opening again finds the schema in place and changes nothing.
         SqliteStore::open(&path).expect("reopen store");
-        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4]);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
@@ -1364,7 +1401,7 @@ mod tests {
         ];
         {
             let store = SqliteStore::open(&path).expect("open the version 1 file");
-            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3, 4]);
+            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3, 4, 5]);
             assert_eq!(
                 store.list_topics().await.expect("list"),
                 vec![topic.clone()],
@@ -1392,7 +1429,7 @@ mod tests {
         let store = SqliteStore::open(&path).expect("reopen the migrated file");
         assert_eq!(
             schema_versions(&raw(&path)),
-            vec![1, 2, 3, 4],
+            vec![1, 2, 3, 4, 5],
             "migrated once"
         );
         assert_eq!(
@@ -1486,6 +1523,7 @@ mod tests {
             data_bytes: 1 << 39,
             max_timestamp: 5,
             created_ms: 9,
+            compacted_ms: 0,
         };
 
         {
