@@ -186,6 +186,13 @@ impl Broker {
             cache_dir: config.data_dir.join("cache"),
             disk,
             upload_permits: Arc::new(Semaphore::new(config.segment_upload_concurrency)),
+            compaction_permits: Arc::new(Semaphore::new(config.log_cleaner_threads)),
+            cleaner: crate::log::partition::CleanerSettings {
+                map_bytes: config.log_cleaner_dedupe_buffer_size / config.log_cleaner_threads,
+                backoff: Duration::from_millis(config.log_cleaner_backoff_ms),
+                delete_delay: Duration::from_millis(config.file_delete_delay_ms),
+                batch_limit: config.batch_decompressed_max_bytes,
+            },
             retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
             queue_length: config.partition_queue_length,
             broker_id: config.broker_id,

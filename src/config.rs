@@ -254,6 +254,26 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "how often retention is applied to each partition",
     ),
     def(
+        "log.cleaner.threads",
+        "1",
+        "compaction passes running at once on this broker",
+    ),
+    def(
+        "log.cleaner.dedupe.buffer.size",
+        "134217728",
+        "memory for the compaction key maps, shared by log.cleaner.threads passes (32 bytes a key); a pass maps as many whole dirty segments as its share holds",
+    ),
+    def(
+        "log.cleaner.backoff.ms",
+        "15000",
+        "how often each compacted partition checks whether a compaction pass is due",
+    ),
+    def(
+        "file.delete.delay.ms",
+        "60000",
+        "how long segment objects a compaction pass replaced stay readable (for readers of the previous manifest) before they are deleted; keep it well under orphan.grace.ms",
+    ),
+    def(
         "segment.upload.concurrency",
         "2",
         "segment uploads in flight per broker (each holds one segment in memory)",
@@ -403,7 +423,7 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
     topic(
         "cleanup.policy",
         "delete",
-        "`delete`: retention drops whole old segments (`compact` is refused with INVALID_CONFIG for now)",
+        "`delete` (retention drops whole old segments), `compact` (keep the newest record per key) or `compact,delete` (both)",
     ),
     topic(
         "min.compaction.lag.ms",
@@ -501,9 +521,6 @@ impl TopicConfig {
         };
         match def.name {
             "cleanup.policy" => match CleanupPolicy::parse(value) {
-                // Accepted once the compactor runs; the key check and the settings
-                // below are in place for it.
-                Some(p) if p.compact => Err(invalid("cleanup.policy=compact is not supported yet")),
                 Some(_) => Ok(()),
                 None => Err(invalid("expected a list of `compact` and `delete`")),
             },
@@ -617,6 +634,10 @@ pub struct Config {
     pub orphan_grace_ms: u64,
     pub retention_check_interval_ms: u64,
     pub segment_upload_concurrency: usize,
+    pub log_cleaner_threads: usize,
+    pub log_cleaner_dedupe_buffer_size: usize,
+    pub log_cleaner_backoff_ms: u64,
+    pub file_delete_delay_ms: u64,
     pub request_max_bytes: usize,
     pub max_connections: usize,
     pub max_inflight_per_connection: usize,
@@ -784,6 +805,10 @@ impl Config {
             orphan_grace_ms: num("orphan.grace.ms")?.max(0) as u64,
             retention_check_interval_ms: positive("log.retention.check.interval.ms")?,
             segment_upload_concurrency: positive("segment.upload.concurrency")? as usize,
+            log_cleaner_threads: positive("log.cleaner.threads")? as usize,
+            log_cleaner_dedupe_buffer_size: positive("log.cleaner.dedupe.buffer.size")? as usize,
+            log_cleaner_backoff_ms: positive("log.cleaner.backoff.ms")?,
+            file_delete_delay_ms: positive("file.delete.delay.ms")?,
             request_max_bytes: positive("socket.request.max.bytes")? as usize,
             max_connections: positive("max.connections")? as usize,
             max_inflight_per_connection: positive("max.inflight.requests.per.connection")? as usize,
@@ -928,7 +953,7 @@ mod tests {
         assert_eq!(policy("compact,"), None);
         assert_eq!(policy(""), None);
         for (name, good, bad) in [
-            ("cleanup.policy", "delete", "compaction"),
+            ("cleanup.policy", "compact,delete", "compaction"),
             ("min.compaction.lag.ms", "0", "-1"),
             ("max.compaction.lag.ms", "1", "0"),
             ("delete.retention.ms", "0", "-5"),

@@ -14,9 +14,6 @@ pub mod cli;
 mod client;
 mod clock;
 mod cluster;
-// The compactor's parts, tested on their own; the job that runs them comes next.
-#[allow(dead_code)]
-mod compact;
 mod config;
 mod controller;
 mod disk;

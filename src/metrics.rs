@@ -44,6 +44,10 @@ pub(crate) struct Metrics {
     /// The `acks=all` path, stage by stage (see [`stage`]).
     pub produce_stage_seconds: HistogramVec,
     pub orphans_deleted: IntCounterVec,
+    pub compaction_passes: IntCounterVec,
+    pub compaction_bytes: IntCounterVec,
+    pub compaction_records: IntCounterVec,
+    pub compaction_objects: IntCounterVec,
     pub group_rebalances: IntCounterVec,
     pub connections: IntGauge,
     pub connections_max: IntGauge,
@@ -237,6 +241,42 @@ pub(crate) fn metrics() -> &'static Metrics {
                 "strata_group_rebalances_total",
                 "rebalances completed per consumer group (new classic generations and consumer-protocol group epochs)",
                 &["consumergroup"],
+            ),
+            compaction_passes: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_compaction_passes_total",
+                    "compaction passes by outcome: committed, not_committed (the manifest changed or the swap failed), or why it failed (key_map_full, read, records, write, task)",
+                    &["outcome"],
+                ),
+                &["committed", "not_committed", "key_map_full", "read", "records", "write", "task"],
+            ),
+            compaction_bytes: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_compaction_bytes_total",
+                    "segment bytes compaction read and wrote",
+                    &["direction"],
+                ),
+                &["read", "written"],
+            ),
+            compaction_records: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_compaction_records_total",
+                    "records compaction read, by whether they were kept or removed",
+                    &["outcome"],
+                ),
+                &["kept", "removed"],
+            ),
+            compaction_objects: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_compaction_objects_written_total",
+                    "segment objects written by committed compaction passes",
+                    &["store"],
+                ),
+                &["segments"],
             ),
             orphans_deleted: zeroed(
                 counter_vec(

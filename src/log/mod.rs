@@ -1,10 +1,11 @@
 //! The partition log: record-batch headers, the owner task of each partition, its local
 //! segment files, idempotent-producer state, reads of any retained offset, and zone-local
-//! reads of partitions other brokers own.
+//! reads of partitions other brokers own, and compaction of compacted topics.
 
 pub(crate) mod appender;
 pub(crate) mod batch;
 pub(crate) mod codec;
+pub(crate) mod compact;
 pub(crate) mod local;
 pub(crate) mod partition;
 pub(crate) mod producer;

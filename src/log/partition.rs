@@ -46,11 +46,28 @@ pub(crate) struct LogContext {
     /// Whether the cache disk takes writes now.
     pub disk: Arc<CacheDisk>,
     pub upload_permits: Arc<Semaphore>,
+    /// Compaction passes running at once on this broker (`log.cleaner.threads`).
+    pub compaction_permits: Arc<Semaphore>,
+    pub cleaner: CleanerSettings,
     pub retention_check_interval: Duration,
     pub queue_length: usize,
     pub broker_id: i32,
     /// Where owner tasks and uploads are registered.
     pub tasks: Arc<crate::tasks::Tasks>,
+}
+
+/// The broker's compaction settings, as each owner applies them.
+#[derive(Debug, Clone)]
+pub(crate) struct CleanerSettings {
+    /// Each pass's share of `log.cleaner.dedupe.buffer.size`.
+    pub map_bytes: usize,
+    /// How often an owner checks whether a pass is due (`log.cleaner.backoff.ms`).
+    pub backoff: Duration,
+    /// How long replaced objects stay for readers of the old manifest
+    /// (`file.delete.delay.ms`).
+    pub delete_delay: Duration,
+    /// `batch.decompressed.max.bytes`.
+    pub batch_limit: usize,
 }
 
 /// What readers see of a partition; written only by the owner task.
@@ -168,6 +185,17 @@ pub(crate) enum DeleteRecordsError {
     NotLeader,
 }
 
+/// The outcome of a compaction pass, reported to the owner task.
+type CompactionDone =
+    Result<crate::log::compact::job::Compacted, crate::log::compact::job::CompactError>;
+
+/// The owner's record of compaction: whether a pass runs, when it last looked.
+#[derive(Debug, Default)]
+struct CompactionState {
+    running: bool,
+    checked: Option<std::time::Instant>,
+}
+
 /// The outcome of a segment upload, reported to the owner task (unbounded: at most one
 /// upload of a partition is in flight).
 type UploadDone = Result<SegmentRecord, UploadError>;
@@ -280,6 +308,7 @@ pub(crate) async fn start(
     let (cmd_tx, cmd_rx) = mpsc::channel(ctx.queue_length);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
     let (upload_tx, upload_rx) = mpsc::unbounded_channel();
+    let (compact_tx, compact_rx) = mpsc::unbounded_channel();
     let producers = ProducerTable::from_records(state.producers);
     let writes = Appender::new(state.leader_epoch, state.high_watermark, producers);
     let tasks = ctx.tasks.clone();
@@ -294,9 +323,11 @@ pub(crate) async fn start(
         config,
         flush_tx,
         upload_tx,
+        compact_tx,
+        compaction: CompactionState::default(),
         released: None,
     };
-    let task = tasks.spawn(owner.run(cmd_rx, flush_rx, upload_rx));
+    let task = tasks.spawn(owner.run(cmd_rx, flush_rx, upload_rx, compact_rx));
     Ok((
         PartitionHandle {
             topic,
@@ -353,6 +384,9 @@ struct Owner {
     flush_tx: mpsc::UnboundedSender<FlushNotice>,
     /// Handed to every upload job.
     upload_tx: mpsc::UnboundedSender<UploadDone>,
+    /// Handed to every compaction pass (at most one at a time).
+    compact_tx: mpsc::UnboundedSender<CompactionDone>,
+    compaction: CompactionState,
     /// A hand-off waiting for the in-flight batches to finish.
     released: Option<oneshot::Sender<()>>,
 }
@@ -363,6 +397,7 @@ impl Owner {
         mut cmds: mpsc::Receiver<PartitionCmd>,
         mut flushes: mpsc::UnboundedReceiver<FlushNotice>,
         mut uploads: mpsc::UnboundedReceiver<UploadDone>,
+        mut compactions: mpsc::UnboundedReceiver<CompactionDone>,
     ) {
         let mut tick = crate::clock::interval(
             self.ctx
@@ -376,6 +411,7 @@ impl Owner {
                 biased;
                 Some(notice) = flushes.recv() => self.on_flush_notice(notice).await,
                 Some(done) = uploads.recv() => self.on_uploaded(done),
+                Some(done) = compactions.recv() => self.on_compacted(done).await,
                 cmd = cmds.recv() => match cmd {
                     Some(PartitionCmd::Stop) | None => break,
                     Some(cmd) => self.on_cmd(cmd).await,
@@ -383,6 +419,7 @@ impl Owner {
                 _ = tick.tick() => {
                     self.maybe_seal();
                     self.maybe_upload();
+                    self.maybe_compact();
                     if last_retention.elapsed() >= self.ctx.retention_check_interval {
                         last_retention = crate::clock::instant();
                         self.apply_retention().await;
@@ -808,6 +845,157 @@ impl Owner {
         }
         info!(topic = %self.topic, partition = self.key.partition, log_start_offset = trim.log_start_offset, dropped = trim.drop.len(), "log trimmed");
         Ok(())
+    }
+
+    /// Starts a compaction pass when one is due (checked every `log.cleaner.backoff.ms`),
+    /// at most one per partition.
+    fn maybe_compact(&mut self) {
+        let now = crate::clock::instant();
+        if !self.config.cleanup.compact
+            || self.compaction.running
+            || !self.shared.is_serving()
+            || self
+                .compaction
+                .checked
+                .is_some_and(|at| now.duration_since(at) < self.ctx.cleaner.backoff)
+        {
+            return;
+        }
+        self.compaction.checked = Some(now);
+        let now_ms = now_ms();
+        let plan = {
+            let view = self.shared.view();
+            crate::log::compact::plan::plan(view.segments.remote(), &self.config, now_ms)
+        };
+        let Some(plan) = plan else {
+            return;
+        };
+        self.compaction.running = true;
+        let job = crate::log::compact::job::Job {
+            store: self.ctx.store.clone(),
+            blocks: self.ctx.blocks.clone(),
+            stream: self.stream.clone(),
+            leader_epoch: self.shared.leader_epoch,
+            plan,
+            now_ms,
+            delete_retention_ms: self.config.delete_retention_ms,
+            segment_bytes: self.config.segment_bytes,
+            index_interval_bytes: self.config.index_interval_bytes,
+            batch_limit: self.ctx.cleaner.batch_limit,
+            map_bytes: self.ctx.cleaner.map_bytes,
+        };
+        let permits = self.ctx.compaction_permits.clone();
+        let notify = self.compact_tx.clone();
+        self.ctx.tasks.spawn(async move {
+            let done = match permits.acquire_owned().await {
+                Ok(_permit) => job.run().await,
+                Err(e) => Err(crate::log::compact::job::CompactError::Task(e.to_string())),
+            };
+            let _ = notify.send(done);
+        });
+    }
+
+    /// Commits a finished pass: only if the manifest still starts with what the pass
+    /// read (this owner is its one writer, so this is the check that nothing changed
+    /// it), in one fenced transaction. Replaced objects are deleted after
+    /// `file.delete.delay.ms`, so readers of the old manifest finish first; objects the
+    /// pass wrote and could not commit are deleted at once.
+    async fn on_compacted(&mut self, done: CompactionDone) {
+        self.compaction.running = false;
+        let m = crate::metrics::metrics();
+        let c = match done {
+            Ok(c) => c,
+            Err(e) => {
+                m.compaction_passes.with_label_values(&[e.reason()]).inc();
+                warn!(topic = %self.topic, partition = self.key.partition, error = %e, "compaction pass failed");
+                return;
+            }
+        };
+        let written: Vec<&SegmentRecord> = c
+            .segments
+            .iter()
+            .filter(|s| !c.replaced.iter().any(|r| r.object_key == s.object_key))
+            .collect();
+        let current =
+            self.shared.is_serving() && self.shared.view().segments.starts_with(&c.replaced);
+        let bases: Vec<i64> = c.replaced.iter().map(|s| s.base_offset).collect();
+        let committed = current
+            && match self
+                .ctx
+                .meta
+                .replace_segments(self.key, self.shared.leader_epoch, &bases, &c.segments)
+                .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(topic = %self.topic, partition = self.key.partition, error = %e, "compaction swap not committed");
+                    false
+                }
+            };
+        if !committed {
+            m.compaction_passes
+                .with_label_values(&["not_committed"])
+                .inc();
+            for s in written {
+                let key = object_store::path::Path::from(s.object_key.as_str());
+                if let Err(e) = self.ctx.store.delete(&key).await {
+                    warn!(object = %s.object_key, error = %e, "could not delete an uncommitted compacted segment; the orphan collector will");
+                }
+            }
+            return;
+        }
+        let rewritten = written.len() as u64;
+        self.shared
+            .view_mut()
+            .segments
+            .compacted(c.replaced.len(), c.segments.clone());
+        m.compaction_passes.with_label_values(&["committed"]).inc();
+        m.compaction_bytes
+            .with_label_values(&["read"])
+            .inc_by(c.read_bytes);
+        m.compaction_bytes
+            .with_label_values(&["written"])
+            .inc_by(c.written_bytes);
+        m.compaction_records
+            .with_label_values(&["kept"])
+            .inc_by(c.counts.kept);
+        m.compaction_records
+            .with_label_values(&["removed"])
+            .inc_by(c.counts.read - c.counts.kept);
+        m.compaction_objects
+            .with_label_values(&["segments"])
+            .inc_by(rewritten);
+        let gone: Vec<SegmentRecord> = c
+            .replaced
+            .into_iter()
+            .filter(|r| !c.segments.iter().any(|s| s.object_key == r.object_key))
+            .collect();
+        info!(
+            topic = %self.topic, partition = self.key.partition,
+            replaced = gone.len(), written = rewritten,
+            records_read = c.counts.read, records_kept = c.counts.kept,
+            "compaction pass committed"
+        );
+        let (store, blocks, delay) = (
+            self.ctx.store.clone(),
+            self.ctx.blocks.clone(),
+            self.ctx.cleaner.delete_delay,
+        );
+        // Shutdown does not wait for the delay: what is left, the orphan collector takes.
+        let cancelled = self.ctx.tasks.cancelled();
+        self.ctx.tasks.spawn(async move {
+            tokio::select! {
+                _ = crate::clock::sleep(delay) => {}
+                _ = cancelled => return,
+            }
+            for seg in gone {
+                blocks.forget_object(&seg.object_key, seg.size_bytes);
+                let key = object_store::path::Path::from(seg.object_key.as_str());
+                if let Err(e) = store.delete(&key).await {
+                    warn!(object = %seg.object_key, error = %e, "could not delete a replaced segment; the orphan collector will");
+                }
+            }
+        });
     }
 
     async fn delete_records(&mut self, offset: i64) -> Result<i64, DeleteRecordsError> {

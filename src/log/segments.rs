@@ -588,6 +588,32 @@ impl<L: LocalFile> Segments<L> {
 
     /// The metadata store applied `trim`: the log start offset rises (never falls) and
     /// the dropped segments are forgotten.
+    /// Whether the manifest starts with exactly `replaced` (by object), as a compaction
+    /// pass read it.
+    pub(crate) fn starts_with(&self, replaced: &[SegmentRecord]) -> bool {
+        self.remote.len() >= replaced.len()
+            && self
+                .remote
+                .iter()
+                .zip(replaced)
+                .all(|(have, read)| have.object_key == read.object_key)
+    }
+
+    /// A compaction pass committed: the first `replaced` segments gave way to
+    /// `segments`, which cover the same offsets.
+    pub(crate) fn compacted(&mut self, replaced: usize, segments: Vec<SegmentRecord>) {
+        debug_assert!(
+            segments.first().map(|s| s.base_offset) == self.remote.first().map(|s| s.base_offset)
+                && segments.last().map(|s| s.end_offset)
+                    == self
+                        .remote
+                        .get(replaced.saturating_sub(1))
+                        .map(|s| s.end_offset),
+            "a compacted run covers the offsets it replaces"
+        );
+        self.remote.splice(..replaced, segments);
+    }
+
     pub(crate) fn trimmed(&mut self, trim: &Trim) {
         self.log_start_offset = self.log_start_offset.max(trim.log_start_offset);
         self.remote

@@ -270,8 +270,7 @@ pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> MetaResult<()>;
     /// Compaction's swap, in one transaction: forgets the segments at `replaced` (base
     /// offsets) and records `segments` in their place (the same offsets, fewer records).
-    /// Epoch-checked. (Called by the compaction job, which is not wired yet.)
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Epoch-checked.
     async fn replace_segments(
         &self,
         key: PartitionKey,

@@ -38,6 +38,21 @@ pub fn segment_object_key(stream: &str, base_offset: i64, leader_epoch: i32) -> 
     stream_prefix(stream).join(segment_file_name(base_offset, leader_epoch))
 }
 
+/// The key of a segment object a compaction pass wrote at `compacted_ms`:
+/// `segments/{stream}/{base:020}-{epoch}-c{compacted_ms}.seg`. Each pass writes new
+/// objects (create-only), so a rewritten segment never takes the key of the one it
+/// replaces, which readers of the old manifest may still be reading.
+pub fn compacted_segment_object_key(
+    stream: &str,
+    base_offset: i64,
+    leader_epoch: i32,
+    compacted_ms: i64,
+) -> Path {
+    stream_prefix(stream).join(format!(
+        "{base_offset:020}-{leader_epoch}-c{compacted_ms}.seg"
+    ))
+}
+
 /// The prefix under which all segments of `stream` live: `segments/{stream}`.
 pub fn stream_prefix(stream: &str) -> Path {
     debug_assert!(!stream.is_empty(), "stream ids must not be empty");

@@ -44,15 +44,6 @@ impl KeyMap {
     pub(crate) fn latest(&self, key: &[u8]) -> Option<i64> {
         self.latest.get(&digest(key)).copied()
     }
-
-    /// Room for `keys` more new keys.
-    pub(crate) fn has_room(&self, keys: usize) -> bool {
-        self.latest.len() + keys <= self.capacity
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.latest.len()
-    }
 }
 
 fn digest(key: &[u8]) -> [u8; 16] {
@@ -76,7 +67,6 @@ mod tests {
         assert_eq!(m.latest(b"a"), Some(5));
         assert_eq!(m.latest(b"b"), Some(8));
         assert_eq!(m.latest(b"c"), None);
-        assert_eq!(m.len(), 2);
-        assert!(!m.has_room(1));
+        assert!(!m.insert(b"d", 1), "still full");
     }
 }

@@ -2,4 +2,6 @@
 //! the newest record per key, every survivor at its original offset.
 
 pub(crate) mod filter;
+pub(crate) mod job;
 pub(crate) mod keymap;
+pub(crate) mod plan;

@@ -1,0 +1,183 @@
+"""Compacted topics (`cleanup.policy=compact`) with real clients.
+
+Keyed updates spread over many small sealed segments are compacted: reading from offset 0
+returns exactly the newest value of every key (computed here from what was produced),
+each record at the offset it was produced at, offsets strictly increasing; tombstones go
+once `delete.retention.ms` has passed; a keyless record is refused with INVALID_RECORD
+and nothing of its batch is stored. The configs are created, described and altered with
+the AdminClient like any Kafka topic's.
+"""
+
+import time
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from conftest import metric_sum, producer, scrape_metrics, unique_topic
+
+SETTINGS = {"STRATA_LOG_CLEANER_BACKOFF_MS": "300", "STRATA_FILE_DELETE_DELAY_MS": "500"}
+TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.bytes": "16384", "segment.ms": "1000",
+                "min.cleanable.dirty.ratio": "0.01", "delete.retention.ms": "2000"}
+
+
+def create_compacted(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    fs = admin.create_topics([NewTopic(topic, 1, 1, config=TOPIC_CONFIG)])
+    fs[topic].result(30)
+
+
+def produce_all(bootstrap: str, topic: str, records) -> dict:
+    """Produces (key, value) pairs in order; {offset: (key, value)} as acknowledged."""
+    p = producer(bootstrap, **{"linger.ms": 5})
+    acked, errors = {}, []
+
+    def report(err, msg):
+        if err is not None:
+            errors.append(err)
+        else:
+            acked[msg.offset()] = (msg.key(), msg.value())
+
+    for key, value in records:
+        p.produce(topic, key=key, value=value, on_delivery=report)
+        p.poll(0)
+    assert p.flush(60) == 0
+    assert not errors, errors[:3]
+    return acked
+
+
+def read_from_zero(bootstrap: str, topic: str) -> list:
+    """Every record from offset 0 to the end: [(offset, key, value)]."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_topic("g"),
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    c.assign([TopicPartition(topic, 0, 0)])
+    out = []
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    return out
+                raise AssertionError(m.error())
+            out.append((m.offset(), m.key(), m.value()))
+    finally:
+        c.close()
+    raise AssertionError(f"no end of partition within 60 s; {len(out)} records read")
+
+
+def newest(acked: dict) -> dict:
+    """{key: (offset, value)} of each key's newest record."""
+    latest = {}
+    for offset in sorted(acked):
+        key, value = acked[offset]
+        latest[key] = (offset, value)
+    return latest
+
+
+def check_read(read: list, acked: dict) -> None:
+    offsets = [o for o, _, _ in read]
+    assert offsets == sorted(set(offsets)), "offsets strictly increase"
+    for offset, key, value in read:
+        assert acked[offset] == (key, value), f"offset {offset} holds what was produced there"
+    seen = {key: (offset, value) for offset, key, value in read}
+    for key, (offset, value) in newest(acked).items():
+        if value is not None:
+            assert seen.get(key) == (offset, value), f"{key!r}: newest value missing"
+
+
+def wait_compacted(b, acked: dict, live_keys: int, timeout: float = 60) -> list:
+    """Reads until every record left is its key's newest (one per live key), or fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        read = read_from_zero(b.bootstrap, TOPIC)
+        check_read(read, acked)
+        if len(read) == live_keys:
+            return read
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(read)} records left, want {live_keys}")
+        time.sleep(1)
+
+
+TOPIC = "compacted"
+
+
+def test_keyed_updates_compact_to_the_newest_value_per_key(broker_factory):
+    global TOPIC
+    TOPIC = unique_topic("compacted")
+    b = broker_factory(env=SETTINGS)
+    create_compacted(b.bootstrap, TOPIC)
+
+    keys = [b"k%04d" % k for k in range(300)]
+    updates = [(keys[i % len(keys)], b"v%06d-" % i + b"x" * 100) for i in range(6000)]
+    acked = produce_all(b.bootstrap, TOPIC, updates)
+    # Tombstones for the first 30 keys.
+    acked.update(produce_all(b.bootstrap, TOPIC, [(k, None) for k in keys[:30]]))
+
+    # Every record left is its key's newest; tombstones still count until their horizon.
+    read = wait_compacted(b, acked, len(keys))
+    tombstones = [k for _, k, v in read if v is None]
+    assert sorted(tombstones) == keys[:30]
+
+    text = scrape_metrics(b.http_port)
+    assert metric_sum(text, "strata_compaction_passes_total", outcome="committed") >= 1
+    removed = metric_sum(text, "strata_compaction_records_total", outcome="removed")
+    assert removed >= 6000 - len(keys), removed
+    read_bytes = metric_sum(text, "strata_compaction_bytes_total", direction="read")
+    written = metric_sum(text, "strata_compaction_bytes_total", direction="written")
+    assert written < read_bytes / 4, (read_bytes, written)
+    print(f"compaction read {read_bytes:.0f} B, wrote {written:.0f} B "
+          f"({written / read_bytes:.3f} of it)")
+
+    # Past the delete horizon, a pass (made due by new writes) removes the tombstones.
+    time.sleep(2.5)
+    more = produce_all(b.bootstrap, TOPIC, [(k, b"late") for k in keys[-50:]])
+    acked.update(more)
+    read = wait_compacted(b, acked, len(keys) - 30)
+    assert not [k for _, k, v in read if v is None], "tombstones gone after their horizon"
+
+
+def test_keyless_records_are_refused_on_a_compacted_topic(broker_factory):
+    b = broker_factory()
+    topic = unique_topic("compacted-keyless")
+    create_compacted(b.bootstrap, topic)
+    p = producer(b.bootstrap, **{"linger.ms": 50, "enable.idempotence": False, "retries": 0})
+    errors = []
+    for i in range(3):
+        key = None if i == 1 else b"k%d" % i
+        p.produce(topic, key=key, value=b"v", on_delivery=lambda err, _m: errors.append(err))
+    p.flush(30)
+    assert errors and all(e is not None and e.code() == KafkaError.INVALID_RECORD for e in errors), errors
+    assert read_from_zero(b.bootstrap, topic) == [], "nothing of the refused batch is stored"
+
+
+def test_compaction_configs_are_described_and_altered(broker_factory):
+    b = broker_factory()
+    topic = unique_topic("compacted-config")
+    create_compacted(b.bootstrap, topic)
+    admin = AdminClient({"bootstrap.servers": b.bootstrap})
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    described = admin.describe_configs([res])[res].result(30)
+    assert described["cleanup.policy"].value == "compact"
+    assert described["cleanup.policy"].source == 1  # DYNAMIC_TOPIC_CONFIG
+    assert described["min.compaction.lag.ms"].value == "0"
+    assert described["min.compaction.lag.ms"].source == 5  # DEFAULT_CONFIG
+    assert described["max.compaction.lag.ms"].value == "9223372036854775807"
+
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
+    entry = ConfigEntry("cleanup.policy", "compact,delete",
+                        incremental_operation=AlterConfigOpType.SET)
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
+    admin.incremental_alter_configs([res])[res].result(30)
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    assert admin.describe_configs([res])[res].result(30)["cleanup.policy"].value == "compact,delete"
+
+    bad = ConfigEntry("cleanup.policy", "compaction", incremental_operation=AlterConfigOpType.SET)
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[bad])
+    try:
+        admin.incremental_alter_configs([res])[res].result(30)
+        raise AssertionError("an unknown policy is refused")
+    except KafkaException as e:
+        assert e.args[0].code() == KafkaError.INVALID_CONFIG, e
