@@ -192,6 +192,9 @@ impl Broker {
                 backoff: Duration::from_millis(config.log_cleaner_backoff_ms),
                 delete_delay: Duration::from_millis(config.file_delete_delay_ms),
                 batch_limit: config.batch_decompressed_max_bytes,
+                throttle: Arc::new(crate::log::compact::throttle::Throttle::new(
+                    config.log_cleaner_io_max_bytes_per_second,
+                )),
             },
             retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
             queue_length: config.partition_queue_length,

@@ -121,6 +121,11 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "object-store read-ahead requests of sequential replay in flight at once (kept apart so replay never delays tail reads)",
     ),
     def(
+        "object-store.compaction.concurrency",
+        "4",
+        "object-store requests of compaction in flight at once (kept apart so compaction never delays produce or tail reads)",
+    ),
+    def(
         "cache.memory.bytes",
         "268435456",
         "memory the block cache of object-store data may use",
@@ -267,6 +272,11 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "log.cleaner.backoff.ms",
         "15000",
         "how often each compacted partition checks whether a compaction pass is due",
+    ),
+    def(
+        "log.cleaner.io.max.bytes.per.second",
+        "0",
+        "segment bytes compaction reads and writes per second on this broker, all passes together; 0: no bound",
     ),
     def(
         "file.delete.delay.ms",
@@ -638,6 +648,8 @@ pub struct Config {
     pub log_cleaner_dedupe_buffer_size: usize,
     pub log_cleaner_backoff_ms: u64,
     pub file_delete_delay_ms: u64,
+    /// `log.cleaner.io.max.bytes.per.second`; `None`: no bound.
+    pub log_cleaner_io_max_bytes_per_second: Option<u64>,
     pub request_max_bytes: usize,
     pub max_connections: usize,
     pub max_inflight_per_connection: usize,
@@ -770,6 +782,7 @@ impl Config {
                 write_concurrency: positive("object-store.write.concurrency")? as usize,
                 read_concurrency: positive("object-store.read.concurrency")? as usize,
                 replay_concurrency: positive("object-store.replay.concurrency")? as usize,
+                compact_concurrency: positive("object-store.compaction.concurrency")? as usize,
             },
             cache: tiering::CacheOptions {
                 memory_bytes: positive("cache.memory.bytes")? as usize,
@@ -809,6 +822,11 @@ impl Config {
             log_cleaner_dedupe_buffer_size: positive("log.cleaner.dedupe.buffer.size")? as usize,
             log_cleaner_backoff_ms: positive("log.cleaner.backoff.ms")?,
             file_delete_delay_ms: positive("file.delete.delay.ms")?,
+            log_cleaner_io_max_bytes_per_second: match num("log.cleaner.io.max.bytes.per.second")? {
+                0 => None,
+                n if n > 0 => Some(n as u64),
+                n => bail!("log.cleaner.io.max.bytes.per.second must not be negative, got {n}"),
+            },
             request_max_bytes: positive("socket.request.max.bytes")? as usize,
             max_connections: positive("max.connections")? as usize,
             max_inflight_per_connection: positive("max.inflight.requests.per.connection")? as usize,

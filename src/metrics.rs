@@ -27,6 +27,10 @@ pub(crate) struct Metrics {
     pub group_current_offset_sum: IntGaugeVec,
     pub group_members: IntGaugeVec,
     pub group_lag_seconds: GaugeVec,
+    /// Per compacted partition this broker owns: dirty share, uncompacted age, its bound.
+    pub compaction_dirty_ratio: GaugeVec,
+    pub compaction_lag_seconds: GaugeVec,
+    pub compaction_max_lag_seconds: GaugeVec,
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
     pub partition_errors: IntCounterVec,
@@ -170,6 +174,23 @@ pub(crate) fn metrics() -> &'static Metrics {
         )
         .expect("valid");
         registry.register(Box::new(lag_seconds.clone())).expect("metric registered once");
+        let compaction_gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["topic", "partition"]).expect("valid");
+            registry.register(Box::new(g.clone())).expect("metric registered once");
+            g
+        };
+        let compaction_dirty_ratio = compaction_gauge(
+            "strata_compaction_dirty_ratio",
+            "uncompacted share of a compacted partition's sealed bytes (compared with min.cleanable.dirty.ratio)",
+        );
+        let compaction_lag_seconds = compaction_gauge(
+            "strata_compaction_lag_seconds",
+            "age of the newest record of a compacted partition's oldest uncompacted segment (0 when all is compacted)",
+        );
+        let compaction_max_lag_seconds = compaction_gauge(
+            "strata_compaction_max_lag_seconds",
+            "the partition's max.compaction.lag.ms in seconds, for the alert on compaction_lag_seconds",
+        );
         tiering::metrics::register(&registry).expect("object-store metrics registered once");
         crate::metadata::instrumented::register(&registry).expect("metadata-store metrics registered once");
         let request_seconds = HistogramVec::new(
@@ -367,6 +388,9 @@ pub(crate) fn metrics() -> &'static Metrics {
             ),
             group_members: gauge_vec(&registry, "kafka_consumergroup_members", "members of a consumer group", &["consumergroup"]),
             group_lag_seconds: lag_seconds,
+            compaction_dirty_ratio,
+            compaction_lag_seconds,
+            compaction_max_lag_seconds,
             registry,
         }
     })

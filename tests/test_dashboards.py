@@ -68,6 +68,7 @@ EXPECTED_ALERTS = {
     "StrataWalFlushFailures", "StrataMetadataStoreErrors", "StrataConsumerLagGrowing",
     "StrataCacheThrash", "StrataConnectionsNearLimit", "StrataRequestBytesSaturated",
     "StrataCacheDiskFull", "StrataBrokerSteppedDown", "StrataCorruptWriteAhead",
+    "StrataCompactionLagExceeded",
 }
 
 # Grafana's built-in variables, replaced as Grafana would for a short time range
@@ -504,6 +505,8 @@ def generate_traffic(b, topic: str, group: str, planted: list[str]):
 
     bootstrap = b.bootstrap
     create_topic(bootstrap, topic, 2)
+    # A compacted topic, for the compaction panels and alert.
+    create_topic(bootstrap, topic + "-compacted", 1, config={"cleanup.policy": "compact"})
     p = producer(bootstrap)
     for i in range(3000):
         p.produce(topic, value=b"x" * 200, key=str(i).encode(), partition=i % 2)

@@ -44,6 +44,8 @@ def test_metrics_match_golden_sample(broker_factory):
     b = broker_factory(env={"STRATA_GROUP_INITIAL_REBALANCE_DELAY_MS": "100"})
     topic = unique_topic("golden")
     create_topic(b.bootstrap, topic, 2)
+    # A compacted topic, so its per-partition compaction gauges are served too.
+    create_topic(b.bootstrap, unique_topic("golden-compacted"), 1, config={"cleanup.policy": "compact"})
     p = producer(b.bootstrap)
     for i in range(100):
         p.produce(topic, value=str(i).encode(), partition=i % 2)

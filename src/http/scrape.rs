@@ -25,6 +25,7 @@ pub(crate) async fn render(broker: &Broker) -> String {
             .with_label_values(&[queue])
             .set(capacity as i64);
     }
+    refresh_compaction(broker, m);
     m.cache_entries
         .with_label_values(&["segment_index"])
         .set(broker.indexes.entries() as i64);
@@ -44,6 +45,44 @@ pub(crate) async fn render(broker: &Broker) -> String {
         tracing::warn!(error = %e, "encoding metrics failed");
     }
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// The compaction gauges of the compacted partitions this broker owns, from their views.
+fn refresh_compaction(broker: &Broker, m: &Metrics) {
+    let gauges = [
+        &m.compaction_dirty_ratio,
+        &m.compaction_lag_seconds,
+        &m.compaction_max_lag_seconds,
+    ];
+    for g in gauges {
+        g.reset();
+    }
+    let now = now_ms();
+    for topic in broker.topics() {
+        if !topic.config.cleanup.compact {
+            continue;
+        }
+        for p in topic.local_partitions() {
+            let (ratio, oldest_dirty) = {
+                let view = p.shared.view();
+                let remote = view.segments.remote();
+                let oldest = remote
+                    .iter()
+                    .find(|s| s.compacted_ms == 0)
+                    .map(|s| s.max_timestamp);
+                (crate::log::compact::plan::dirt(remote).ratio(), oldest)
+            };
+            let labels = [topic.name.as_ref(), &p.partition.to_string()];
+            let lag = oldest_dirty.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+            m.compaction_dirty_ratio
+                .with_label_values(&labels)
+                .set(ratio);
+            m.compaction_lag_seconds.with_label_values(&labels).set(lag);
+            m.compaction_max_lag_seconds
+                .with_label_values(&labels)
+                .set(topic.config.max_compaction_lag_ms as f64 / 1000.0);
+        }
+    }
 }
 
 async fn refresh_group_lag(broker: &Broker, m: &Metrics) {

@@ -68,6 +68,8 @@ pub(crate) struct CleanerSettings {
     pub delete_delay: Duration,
     /// `batch.decompressed.max.bytes`.
     pub batch_limit: usize,
+    /// `log.cleaner.io.max.bytes.per.second`, shared by every pass.
+    pub throttle: Arc<crate::log::compact::throttle::Throttle>,
 }
 
 /// What readers see of a partition; written only by the owner task.
@@ -873,7 +875,7 @@ impl Owner {
         self.compaction.running = true;
         let job = crate::log::compact::job::Job {
             store: self.ctx.store.clone(),
-            blocks: self.ctx.blocks.clone(),
+            throttle: self.ctx.cleaner.throttle.clone(),
             stream: self.stream.clone(),
             leader_epoch: self.shared.leader_epoch,
             plan,

@@ -94,7 +94,7 @@ pub(crate) fn store_metrics() -> &'static StoreMetrics {
         inflight: IntGaugeVec::new(
             Opts::new(
                 "strata_object_store_inflight_requests",
-                "object-store requests in flight by class (write, read, replay)",
+                "object-store requests in flight by class (write, read, replay, compact)",
             ),
             &["class"],
         )

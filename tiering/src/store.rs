@@ -49,6 +49,9 @@ pub enum Class {
     Read,
     /// Read-ahead of sequential replay; bounded separately so it never delays the rest.
     Replay,
+    /// Compaction's reads and writes of segment objects; bounded separately so it never
+    /// delays produce or tail reads.
+    Compact,
 }
 
 impl Class {
@@ -58,6 +61,7 @@ impl Class {
             Class::Write => "write",
             Class::Read => "read",
             Class::Replay => "replay",
+            Class::Compact => "compact",
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct StoreOptions {
     pub read_concurrency: usize,
     /// Requests of [`Class::Replay`] in flight at once.
     pub replay_concurrency: usize,
+    /// Requests of [`Class::Compact`] in flight at once.
+    pub compact_concurrency: usize,
 }
 
 impl Default for StoreOptions {
@@ -89,6 +95,7 @@ impl Default for StoreOptions {
             write_concurrency: 64,
             read_concurrency: 64,
             replay_concurrency: 16,
+            compact_concurrency: 4,
         }
     }
 }
@@ -102,6 +109,7 @@ pub struct Store {
     writes: Semaphore,
     reads: Semaphore,
     replay: Semaphore,
+    compact: Semaphore,
     /// When the store last answered (any answer about an object, including "not found"
     /// and "already exists"), as nanoseconds since `opened`; 0: never.
     answered_ns: AtomicU64,
@@ -237,6 +245,7 @@ impl Store {
             (Class::Write, options.write_concurrency),
             (Class::Read, options.read_concurrency),
             (Class::Replay, options.replay_concurrency),
+            (Class::Compact, options.compact_concurrency),
         ] {
             metrics::set_limit(class, limit);
         }
@@ -247,6 +256,7 @@ impl Store {
             writes: Semaphore::new(options.write_concurrency.max(1)),
             reads: Semaphore::new(options.read_concurrency.max(1)),
             replay: Semaphore::new(options.replay_concurrency.max(1)),
+            compact: Semaphore::new(options.compact_concurrency.max(1)),
             answered_ns: AtomicU64::new(0),
             opened: Instant::now(),
         }
@@ -301,6 +311,7 @@ impl Store {
             Class::Write => &self.writes,
             Class::Read => &self.reads,
             Class::Replay => &self.replay,
+            Class::Compact => &self.compact,
         }
     }
 
@@ -410,12 +421,23 @@ impl Store {
         payload: PutPayload,
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
+        self.put_new_as(key, payload, deadline, Class::Write).await
+    }
+
+    /// [`put_new`](Self::put_new) under `class`'s concurrency limit.
+    pub async fn put_new_as(
+        &self,
+        key: &Path,
+        payload: PutPayload,
+        deadline: Option<Instant>,
+        class: Class,
+    ) -> Result<(), Error> {
         let deadline = deadline.unwrap_or_else(|| self.default_deadline());
         let len = payload.content_length() as u64;
         let result = self
             .run(
                 "put",
-                Class::Write,
+                class,
                 deadline,
                 |_| len,
                 || {

@@ -11,10 +11,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tiering::segment::BatchEntry;
+use tiering::store::Class;
 
 use super::filter::{self, Counts, Outcome, Retain};
 use super::keymap::KeyMap;
 use super::plan::Plan;
+use super::throttle::Throttle;
 use crate::log::batch::{walk, BatchHeader};
 use crate::log::records::{self, RecordsError};
 use crate::metadata::SegmentRecord;
@@ -23,7 +25,7 @@ use crate::metadata::SegmentRecord;
 #[derive(Debug, Clone)]
 pub(crate) struct Job {
     pub store: Arc<tiering::Store>,
-    pub blocks: Arc<tiering::BlockCache>,
+    pub throttle: Arc<Throttle>,
     pub stream: Arc<str>,
     pub leader_epoch: i32,
     pub plan: Plan,
@@ -181,9 +183,14 @@ impl Job {
         })
     }
 
+    /// A segment's batches, read under the compaction class and the I/O bound (not
+    /// through the block cache: a pass reads each segment once or twice, and would only
+    /// push out what readers use).
     async fn data(&self, seg: &SegmentRecord) -> Result<Bytes, CompactError> {
-        self.blocks
-            .read_uncached(&seg.object_key, 0..seg.data_bytes)
+        self.throttle.take(seg.data_bytes).await;
+        let key = object_store::path::Path::from(seg.object_key.as_str());
+        self.store
+            .get_range(&key, 0..seg.data_bytes, Class::Compact, None)
             .await
             .map_err(|e| CompactError::Read(seg.object_key.clone(), e.to_string()))
     }
@@ -227,8 +234,9 @@ impl Job {
             self.now_ms,
         );
         let size_bytes = payload.content_length() as u64;
+        self.throttle.take(size_bytes).await;
         self.store
-            .put_new(&key, payload, None)
+            .put_new_as(&key, payload, None, Class::Compact)
             .await
             .map_err(|e| CompactError::Write(e.to_string()))?;
         Ok(SegmentRecord {

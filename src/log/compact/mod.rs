@@ -5,3 +5,4 @@ pub(crate) mod filter;
 pub(crate) mod job;
 pub(crate) mod keymap;
 pub(crate) mod plan;
+pub(crate) mod throttle;
