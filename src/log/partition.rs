@@ -196,6 +196,9 @@ type CompactionDone =
 struct CompactionState {
     running: bool,
     checked: Option<std::time::Instant>,
+    /// The earliest delete horizon of the tombstones the last pass kept (not kept across
+    /// restarts: a new owner learns it from its first pass).
+    horizon: Option<i64>,
 }
 
 /// The outcome of a segment upload, reported to the owner task (unbounded: at most one
@@ -867,7 +870,12 @@ impl Owner {
         let now_ms = now_ms();
         let plan = {
             let view = self.shared.view();
-            crate::log::compact::plan::plan(view.segments.remote(), &self.config, now_ms)
+            crate::log::compact::plan::plan(
+                view.segments.remote(),
+                &self.config,
+                now_ms,
+                self.compaction.horizon,
+            )
         };
         let Some(plan) = plan else {
             return;
@@ -947,6 +955,7 @@ impl Owner {
             return;
         }
         let rewritten = written.len() as u64;
+        self.compaction.horizon = c.counts.next_horizon;
         self.shared
             .view_mut()
             .segments

@@ -152,6 +152,22 @@ pub(crate) fn rebuild(
     Ok(out.freeze())
 }
 
+/// `batch` with no records: its offsets, producer fields and leader epoch, uncompressed.
+/// What the compactor keeps of a last batch that kept nothing, so readers still reach
+/// its last offset.
+pub(crate) fn empty(batch: &Bytes, header: &BatchHeader) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER_LEN);
+    out.put_slice(&batch[..HEADER_LEN]);
+    let batch_length = (HEADER_LEN - LOG_OVERHEAD) as i32;
+    out[8..12].copy_from_slice(&batch_length.to_be_bytes());
+    let attributes = header.attributes & !0x07;
+    out[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    out[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&0i32.to_be_bytes());
+    let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    out.freeze()
+}
+
 /// The delete horizon a batch carries, if any.
 pub(crate) fn delete_horizon(header: &BatchHeader) -> Option<i64> {
     (header.attributes & DELETE_HORIZON_FLAG != 0).then_some(header.base_timestamp)
@@ -331,6 +347,25 @@ pub(crate) mod tests {
             }
             prop_assert_eq!(h.max_timestamp, kept.iter().map(|k| ts(&header, k)).max().unwrap());
         }
+    }
+
+    /// An emptied batch keeps its offsets and producer fields, holds no records, and is
+    /// valid (CRC, uncompressed).
+    #[test]
+    fn an_emptied_batch_keeps_its_offsets() {
+        let spec: Spec = (Some(b"k".to_vec()), Some(b"v".to_vec()), 0, 0);
+        let batch = keyed_batch(50, &[spec.clone(), spec], &[0, 3], 4, Codec::Zstd);
+        let header = BatchHeader::parse(&batch).expect("header");
+        let out = empty(&batch, &header);
+        assert!(crc_matches(&out));
+        let h = BatchHeader::parse(&out).expect("header");
+        assert_eq!(
+            (h.base_offset, h.last_offset(), h.record_count),
+            (50, 54, 0)
+        );
+        assert_eq!((h.producer_id, h.base_sequence), (7, 40));
+        assert_eq!(Codec::of(h.attributes), Ok(Codec::None));
+        assert_eq!(split(&out, &h, 1 << 20), Ok(vec![]));
     }
 
     /// A record whose lengths point past the batch is refused, not read past.

@@ -29,11 +29,24 @@ pub(crate) enum Outcome {
     Dropped,
 }
 
-/// Records read and kept, for the metrics.
+/// Records read and kept, for the metrics; and the earliest delete horizon of the
+/// tombstones kept, when the next pass could remove some.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
     pub read: u64,
     pub kept: u64,
+    pub next_horizon: Option<i64>,
+}
+
+impl Counts {
+    pub(crate) fn add(&mut self, other: Counts) {
+        self.read += other.read;
+        self.kept += other.kept;
+        self.next_horizon = match (self.next_horizon, other.next_horizon) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 pub(crate) fn filter(
@@ -45,7 +58,11 @@ pub(crate) fn filter(
     // which is when the cleaner's rules for them apply.
     if header.is_control() {
         let n = header.record_count.max(0) as u64;
-        let counts = Counts { read: n, kept: n };
+        let counts = Counts {
+            read: n,
+            kept: n,
+            next_horizon: None,
+        };
         return Ok((Outcome::Unchanged, counts));
     }
     let all = records::split(batch, header, retain.limit)?;
@@ -62,22 +79,24 @@ pub(crate) fn filter(
         }
     };
     let kept: Vec<&Record> = all.iter().filter(|r| survives(r)).collect();
+    let tombstones = kept.iter().any(|r| !r.has_value);
+    // The horizon the kept tombstones carry from now on.
+    let stamped = match horizon {
+        Some(h) => Some(h),
+        None if tombstones => Some(retain.now_ms.saturating_add(retain.delete_retention_ms)),
+        None => None,
+    };
     let counts = Counts {
         read: all.len() as u64,
         kept: kept.len() as u64,
+        next_horizon: stamped.filter(|_| tombstones),
     };
-    let tombstones = kept.iter().any(|r| !r.has_value);
     let outcome = if kept.is_empty() {
         Outcome::Dropped
     } else if kept.len() == all.len() && (horizon.is_some() || !tombstones) {
         Outcome::Unchanged
     } else {
-        let horizon = match horizon {
-            Some(h) => Some(h),
-            None if tombstones => Some(retain.now_ms.saturating_add(retain.delete_retention_ms)),
-            None => None,
-        };
-        Outcome::Rewritten(records::rebuild(batch, header, &kept, horizon)?)
+        Outcome::Rewritten(records::rebuild(batch, header, &kept, stamped)?)
     };
     Ok((outcome, counts))
 }
@@ -138,7 +157,8 @@ mod tests {
         );
         let h = BatchHeader::parse(&old).expect("header");
         let (outcome, counts) = filter(&old, &h, &retain(1_000)).expect("filters");
-        assert_eq!(counts, Counts { read: 5, kept: 3 });
+        assert_eq!((counts.read, counts.kept), (5, 3));
+        assert_eq!(counts.next_horizon, Some(1_100));
         let Outcome::Rewritten(out) = outcome else {
             panic!("rewritten: {outcome:?}")
         };
@@ -159,7 +179,8 @@ mod tests {
         assert_eq!(again, Outcome::Unchanged);
         // After it, the tombstone goes.
         let (after, counts) = filter(&out, &oh, &retain(1_100)).expect("filters");
-        assert_eq!(counts, Counts { read: 3, kept: 2 });
+        assert_eq!((counts.read, counts.kept), (3, 2));
+        assert_eq!(counts.next_horizon, None, "no tombstone left");
         let Outcome::Rewritten(last) = after else {
             panic!("rewritten: {after:?}")
         };

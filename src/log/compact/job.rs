@@ -115,7 +115,9 @@ impl Job {
             }
             mapped_end += 1;
         }
-        if mapped_end == self.plan.first_dirty {
+        // A pass with dirty segments must map at least one (a pass over the compacted
+        // part alone, for tombstones past their horizon, maps nothing).
+        if mapped_end == self.plan.first_dirty && mapped_end < self.plan.segments.len() {
             return Err(CompactError::KeyMapFull);
         }
         // 2. Every segment from the log start through the last mapped one, filtered.
@@ -123,7 +125,8 @@ impl Job {
         let replaced = self.plan.segments[..mapped_end].to_vec();
         let mut outputs: Vec<Output> = Vec::new();
         let mut counts = Counts::default();
-        for seg in &replaced {
+        for (i, seg) in replaced.iter().enumerate() {
+            let keep_end = i + 1 == replaced.len();
             let data = self.data(seg).await?;
             read_bytes += data.len() as u64;
             let (map, now_ms, delete_retention_ms, limit) = (
@@ -140,13 +143,12 @@ impl Job {
                     delete_retention_ms,
                     limit,
                 };
-                filter_segment(&data, &retain)
+                filter_segment(&data, &retain, keep_end)
             })
             .await
             .map_err(|e| CompactError::Task(e.to_string()))?
             .map_err(|e| CompactError::Records(name, e))?;
-            counts.read += seg_counts.read;
-            counts.kept += seg_counts.kept;
+            counts.add(seg_counts);
             self.place(&mut outputs, seg, kept);
         }
         // 3. Each output written as a new object (or kept as it was).
@@ -280,22 +282,34 @@ fn map_keys(map: &mut KeyMap, data: &Bytes, limit: usize) -> Result<bool, Record
     Ok(true)
 }
 
-fn filter_segment(data: &Bytes, retain: &Retain<'_>) -> Result<(Kept, Counts), RecordsError> {
+/// One input segment's batches filtered. With `keep_end`, a last batch that kept
+/// nothing stays as an empty batch (its offsets, no records), as Kafka's cleaner keeps
+/// some: a consumer positioned after the last surviving record must still be given a
+/// batch that moves it to the end, or it would fetch nothing until the next write.
+fn filter_segment(
+    data: &Bytes,
+    retain: &Retain<'_>,
+    keep_end: bool,
+) -> Result<(Kept, Counts), RecordsError> {
     let mut kept = Kept {
         unchanged: true,
         ..Kept::default()
     };
     let mut counts = Counts::default();
+    let last = walk(data).last().map(|(pos, _)| pos);
     for (pos, header) in walk(data) {
         let batch = data.slice(pos..pos + header.total_len);
         let (outcome, c) = filter::filter(&batch, &header, retain)?;
-        counts.read += c.read;
-        counts.kept += c.kept;
+        counts.add(c);
         let batch = match outcome {
             Outcome::Unchanged => batch,
             Outcome::Rewritten(b) => {
                 kept.unchanged = false;
                 b
+            }
+            Outcome::Dropped if keep_end && Some(pos) == last => {
+                kept.unchanged = false;
+                records::empty(&batch, &header)
             }
             Outcome::Dropped => {
                 kept.unchanged = false;

@@ -49,8 +49,15 @@ pub(crate) fn dirt(segments: &[SegmentRecord]) -> Dirt {
     }
 }
 
-/// The pass due now, if any.
-pub(crate) fn plan(segments: &[SegmentRecord], config: &TopicConfig, now_ms: i64) -> Option<Plan> {
+/// The pass due now, if any. `horizon`: the earliest delete horizon of the tombstones
+/// the last pass kept; once it has passed, a pass over the compacted part alone removes
+/// them even with nothing dirty.
+pub(crate) fn plan(
+    segments: &[SegmentRecord],
+    config: &TopicConfig,
+    now_ms: i64,
+    horizon: Option<i64>,
+) -> Option<Plan> {
     if !config.cleanup.compact {
         return None;
     }
@@ -61,7 +68,11 @@ pub(crate) fn plan(segments: &[SegmentRecord], config: &TopicConfig, now_ms: i64
         .take_while(|s| s.compacted_ms == 0 && s.max_timestamp <= cleanable_before)
         .count();
     if cleanable == 0 {
-        return None;
+        let expired = first_dirty > 0 && horizon.is_some_and(|h| now_ms >= h);
+        return expired.then(|| Plan {
+            segments: segments[..first_dirty].to_vec(),
+            first_dirty,
+        });
     }
     let considered = &segments[..first_dirty + cleanable];
     let overdue =
@@ -121,18 +132,24 @@ mod tests {
             seg(20, 30, 300, 900, 0),
         ];
         // 600 dirty of 1,200: due at a ratio of 0.5, not 0.6.
-        let p = plan(&segments, &config(0.5, 0, i64::MAX), 1_000).expect("due");
+        let p = plan(&segments, &config(0.5, 0, i64::MAX), 1_000, None).expect("due");
         assert_eq!((p.segments.len(), p.first_dirty), (3, 1));
-        assert_eq!(plan(&segments, &config(0.6, 0, i64::MAX), 1_000), None);
+        assert_eq!(
+            plan(&segments, &config(0.6, 0, i64::MAX), 1_000, None),
+            None
+        );
         // The min lag keeps the young segment out: 300 dirty of 900.
-        let p = plan(&segments, &config(0.3, 500, i64::MAX), 1_000).expect("due");
+        let p = plan(&segments, &config(0.3, 500, i64::MAX), 1_000, None).expect("due");
         assert_eq!(p.segments.len(), 2);
-        assert_eq!(plan(&segments, &config(0.4, 500, i64::MAX), 1_000), None);
+        assert_eq!(
+            plan(&segments, &config(0.4, 500, i64::MAX), 1_000, None),
+            None
+        );
         // Past the max lag, any ratio will do.
-        let p = plan(&segments, &config(0.9, 0, 700), 1_000).expect("overdue");
+        let p = plan(&segments, &config(0.9, 0, 700), 1_000, None).expect("overdue");
         assert_eq!(p.segments.len(), 3);
         // Nothing dirty, or not a compacted topic: nothing to do.
-        assert_eq!(plan(&segments[..1], &config(0.0, 0, 1), 1_000), None);
+        assert_eq!(plan(&segments[..1], &config(0.0, 0, 1), 1_000, None), None);
         let delete_only = TopicConfig {
             cleanup: CleanupPolicy {
                 delete: true,
@@ -140,6 +157,18 @@ mod tests {
             },
             ..config(0.0, 0, 1)
         };
-        assert_eq!(plan(&segments, &delete_only, 1_000), None);
+        assert_eq!(plan(&segments, &delete_only, 1_000, None), None);
+        // Nothing dirty, but kept tombstones past their horizon: the compacted part alone.
+        let p = plan(&segments[..1], &config(0.5, 0, i64::MAX), 1_000, Some(900)).expect("due");
+        assert_eq!((p.segments.len(), p.first_dirty), (1, 1));
+        assert_eq!(
+            plan(
+                &segments[..1],
+                &config(0.5, 0, i64::MAX),
+                1_000,
+                Some(1_001)
+            ),
+            None
+        );
     }
 }
