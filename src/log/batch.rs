@@ -13,7 +13,7 @@ pub(crate) const HEADER_LEN: usize = 61;
 pub(crate) const LOG_OVERHEAD: usize = 12;
 const MAGIC_OFFSET: usize = 16;
 const CRC_OFFSET: usize = 17;
-const ATTRIBUTES_OFFSET: usize = 21;
+pub(crate) const ATTRIBUTES_OFFSET: usize = 21;
 const LEADER_EPOCH_OFFSET: usize = 12;
 
 /// Why a batch was refused; each maps to one Kafka error code.
@@ -177,6 +177,15 @@ pub(crate) fn crc_matches(batch: &[u8]) -> bool {
         .is_some_and(|covered| crc32c::crc32c(covered) == stored)
 }
 
+/// Finishes a batch built or rewritten in place: its `batch_length` from its size and
+/// its CRC-32C over everything from the attributes on.
+pub(crate) fn seal(batch: &mut [u8]) {
+    let batch_length = (batch.len() - LOG_OVERHEAD) as i32;
+    batch[8..12].copy_from_slice(&batch_length.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[ATTRIBUTES_OFFSET..]);
+    batch[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Copies a batch with its base offset and partition leader epoch set (neither is
 /// covered by the CRC). This is the one copy the produce path makes of record bytes.
 pub(crate) fn stamp(batch: &[u8], base_offset: i64, leader_epoch: i32) -> Bytes {
@@ -206,6 +215,7 @@ pub(crate) fn walk(buf: &[u8]) -> impl Iterator<Item = (usize, BatchHeader)> + '
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::log::records::put_varint;
     use bytes::BufMut;
 
     /// Builds a valid uncompressed v2 batch with `count` empty-value records.
@@ -248,15 +258,6 @@ pub(crate) mod tests {
         out.put_u32(crc32c::crc32c(&body));
         out.extend_from_slice(&body);
         out.freeze()
-    }
-
-    fn put_varint(buf: &mut BytesMut, v: i64) {
-        let mut z = ((v << 1) ^ (v >> 63)) as u64;
-        while z >= 0x80 {
-            buf.put_u8((z as u8) | 0x80);
-            z >>= 7;
-        }
-        buf.put_u8(z as u8);
     }
 
     #[test]

@@ -99,9 +99,7 @@ enum Plan {
 }
 
 /// Reads whole batches starting with the one holding `offset`, up to `max_bytes` (the
-/// first batch is returned whole even when larger, as Kafka does). A compacted segment
-/// may hold nothing at or after `offset` (its last batches were all superseded): the
-/// read goes on from the next segment.
+/// first batch is returned whole even when larger, as Kafka does).
 pub(crate) async fn read(
     part: &PartitionShared,
     blocks: &Arc<BlockCache>,
@@ -110,25 +108,6 @@ pub(crate) async fn read(
     max_bytes: u64,
 ) -> Result<ReadResult, ReadError> {
     let hw = part.high_watermark();
-    let mut at = offset;
-    loop {
-        let (result, next) = read_once(part, blocks, indexes, at, hw, max_bytes).await?;
-        match next {
-            Some(next) if result.records.is_empty() && next < hw => at = next,
-            _ => return Ok(result),
-        }
-    }
-}
-
-/// One holder's part of [`read`]; with, for a segment object, where the next one starts.
-async fn read_once(
-    part: &PartitionShared,
-    blocks: &Arc<BlockCache>,
-    indexes: &IndexCache,
-    offset: i64,
-    hw: i64,
-    max_bytes: u64,
-) -> Result<(ReadResult, Option<i64>), ReadError> {
     let (log_start, plan) = {
         let view = part.view();
         if offset < view.segments.log_start_offset() || offset > hw {
@@ -169,10 +148,6 @@ async fn read_once(
         };
         (view.segments.log_start_offset(), plan)
     };
-    let next = match &plan {
-        Plan::Remote(seg) => Some(seg.end_offset),
-        _ => None,
-    };
     let records = match plan {
         Plan::Empty => Bytes::new(),
         Plan::Local { file, pos, len } => {
@@ -184,12 +159,11 @@ async fn read_once(
         Plan::Remote(seg) => read_remote(blocks, indexes, &seg, offset, max_bytes).await?,
         Plan::WriteAhead(range) => read_wal_range(blocks, &range, offset, max_bytes).await?,
     };
-    let result = ReadResult {
+    Ok(ReadResult {
         records,
         high_watermark: hw,
         log_start_offset: log_start,
-    };
-    Ok((result, next))
+    })
 }
 
 pub(crate) async fn read_remote(

@@ -14,14 +14,13 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::batch::{BatchHeader, HEADER_LEN, LOG_OVERHEAD};
+use super::batch::{seal, BatchHeader, ATTRIBUTES_OFFSET, HEADER_LEN};
 use super::codec::{Codec, CodecError};
 
 /// Attribute bit: the base timestamp is the batch's delete horizon.
 pub(crate) const DELETE_HORIZON_FLAG: i16 = 0x40;
 /// Attribute bit: the batch's timestamps are the broker's append time.
 const LOG_APPEND_TIME_FLAG: i16 = 0x08;
-const ATTRIBUTES_AT: usize = 21;
 const BASE_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
 const RECORD_COUNT_AT: usize = 57;
@@ -141,14 +140,11 @@ pub(crate) fn rebuild(
     let mut out = BytesMut::with_capacity(HEADER_LEN + records.len());
     out.put_slice(&batch[..HEADER_LEN]);
     out.put_slice(&records);
-    let batch_length = (out.len() - LOG_OVERHEAD) as i32;
-    out[8..12].copy_from_slice(&batch_length.to_be_bytes());
-    out[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    out[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attributes.to_be_bytes());
     out[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&base_timestamp.to_be_bytes());
     out[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&max_timestamp.to_be_bytes());
     out[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&(kept.len() as i32).to_be_bytes());
-    let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
-    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    seal(&mut out);
     Ok(out.freeze())
 }
 
@@ -158,13 +154,10 @@ pub(crate) fn rebuild(
 pub(crate) fn empty(batch: &Bytes, header: &BatchHeader) -> Bytes {
     let mut out = BytesMut::with_capacity(HEADER_LEN);
     out.put_slice(&batch[..HEADER_LEN]);
-    let batch_length = (HEADER_LEN - LOG_OVERHEAD) as i32;
-    out[8..12].copy_from_slice(&batch_length.to_be_bytes());
     let attributes = header.attributes & !0x07;
-    out[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    out[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attributes.to_be_bytes());
     out[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&0i32.to_be_bytes());
-    let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
-    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    seal(&mut out);
     out.freeze()
 }
 
@@ -266,10 +259,7 @@ pub(crate) mod tests {
         out.put_i32(40);
         out.put_i32(specs.len() as i32);
         out.put_slice(&records);
-        let len = (out.len() - LOG_OVERHEAD) as i32;
-        out[8..12].copy_from_slice(&len.to_be_bytes());
-        let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
-        out[17..21].copy_from_slice(&crc.to_be_bytes());
+        seal(&mut out);
         out.freeze()
     }
 

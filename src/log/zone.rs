@@ -123,29 +123,20 @@ impl ZoneReads {
         if offset < state.log_start_offset {
             return Err(ReadError::OffsetOutOfRange.into());
         }
-        // A compacted segment may hold nothing at or after the offset: go on from the
-        // next one.
-        let mut at = offset;
-        let mut records = Bytes::new();
-        let first = state.segments.partition_point(|s| s.end_offset <= offset);
-        for seg in &state.segments[first..] {
-            if seg.base_offset > at {
-                break;
-            }
-            records = read_remote(blocks, indexes, seg, at, max_bytes).await?;
-            if !records.is_empty() {
-                break;
-            }
-            at = seg.end_offset;
-        }
-        let records = if !records.is_empty() || at == state.high_watermark {
-            records
+        let records = if offset == state.high_watermark {
+            Bytes::new()
+        } else if let Some(seg) = state
+            .segments
+            .iter()
+            .find(|s| offset >= s.base_offset && offset < s.end_offset)
+        {
+            read_remote(blocks, indexes, seg, offset, max_bytes).await?
         } else if let Some(range) = state
             .wal_ranges
             .iter()
-            .find(|r| at >= r.base_offset && at < r.end_offset)
+            .find(|r| offset >= r.base_offset && offset < r.end_offset)
         {
-            read_wal_range(blocks, range, at, max_bytes).await?
+            read_wal_range(blocks, range, offset, max_bytes).await?
         } else {
             // Below the high watermark yet in neither list: a manifest caught between a
             // seal and the next read. Read it afresh next time; the client retries.

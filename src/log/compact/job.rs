@@ -125,8 +125,7 @@ impl Job {
         let replaced = self.plan.segments[..mapped_end].to_vec();
         let mut outputs: Vec<Output> = Vec::new();
         let mut counts = Counts::default();
-        for (i, seg) in replaced.iter().enumerate() {
-            let keep_end = i + 1 == replaced.len();
+        for seg in &replaced {
             let data = self.data(seg).await?;
             read_bytes += data.len() as u64;
             let (map, now_ms, delete_retention_ms, limit) = (
@@ -143,25 +142,20 @@ impl Job {
                     delete_retention_ms,
                     limit,
                 };
-                filter_segment(&data, &retain, keep_end)
+                filter_segment(&data, &retain)
             })
             .await
             .map_err(|e| CompactError::Task(e.to_string()))?
             .map_err(|e| CompactError::Records(name, e))?;
             counts.add(seg_counts);
-            self.place(&mut outputs, seg, kept);
+            place(&mut outputs, seg, kept, self.segment_bytes);
         }
-        // 3. Each output written as a new object (or kept as it was).
+        // 3. Each output written as a new object (or kept as it was). Every input keeps
+        // at least its last batch, so every output has batches and the outputs cover
+        // exactly the replaced offsets.
         let mut segments = Vec::with_capacity(outputs.len());
         let mut written_bytes = 0;
-        // Outputs that kept nothing give their offsets to a neighbour; when nothing at
-        // all survived, one empty segment keeps the offsets (the log start never moves
-        // by compaction).
-        let all_empty = outputs.iter().all(|o| o.data.is_empty());
-        for (i, out) in outputs.into_iter().enumerate() {
-            if out.data.is_empty() && !(all_empty && i == 0) {
-                continue;
-            }
+        for out in outputs {
             if let (Some(same), 1) = (&out.unchanged, out.inputs) {
                 segments.push(SegmentRecord {
                     compacted_ms: self.now_ms,
@@ -173,9 +167,6 @@ impl Job {
             written_bytes += record.size_bytes;
             segments.push(record);
         }
-        // Outputs cover contiguous ranges; one left with no data gave its range to its
-        // neighbours.
-        cover(&mut segments, &replaced);
         Ok(Compacted {
             replaced,
             segments,
@@ -195,30 +186,6 @@ impl Job {
             .get_range(&key, 0..seg.data_bytes, Class::Compact, None)
             .await
             .map_err(|e| CompactError::Read(seg.object_key.clone(), e.to_string()))
-    }
-
-    /// Adds one input's surviving batches to the outputs: to the last one while it stays
-    /// within `segment.bytes`, else to a new one.
-    fn place(&self, outputs: &mut Vec<Output>, seg: &SegmentRecord, kept: Kept) {
-        let fits = outputs
-            .last()
-            .is_some_and(|o| o.bytes + kept.bytes <= self.segment_bytes || kept.bytes == 0);
-        if !fits {
-            outputs.push(Output {
-                base_offset: seg.base_offset,
-                ..Output::default()
-            });
-        }
-        let out = outputs.last_mut().expect("an output");
-        out.end_offset = seg.end_offset;
-        out.inputs += 1;
-        out.unchanged = (out.inputs == 1 && kept.unchanged).then(|| seg.clone());
-        for (batch, mut entry) in kept.batches {
-            entry.position = out.bytes;
-            out.bytes += batch.len() as u64;
-            out.entries.push(entry);
-            out.data.push(batch);
-        }
     }
 
     async fn write(&self, out: Output) -> Result<SegmentRecord, CompactError> {
@@ -282,15 +249,36 @@ fn map_keys(map: &mut KeyMap, data: &Bytes, limit: usize) -> Result<bool, Record
     Ok(true)
 }
 
-/// One input segment's batches filtered. With `keep_end`, a last batch that kept
-/// nothing stays as an empty batch (its offsets, no records), as Kafka's cleaner keeps
-/// some: a consumer positioned after the last surviving record must still be given a
-/// batch that moves it to the end, or it would fetch nothing until the next write.
-fn filter_segment(
-    data: &Bytes,
-    retain: &Retain<'_>,
-    keep_end: bool,
-) -> Result<(Kept, Counts), RecordsError> {
+/// Adds one input's surviving batches to the outputs: to the last one while it stays
+/// within `segment.bytes`, else to a new one.
+fn place(outputs: &mut Vec<Output>, seg: &SegmentRecord, kept: Kept, segment_bytes: u64) {
+    let fits = outputs
+        .last()
+        .is_some_and(|o| o.bytes + kept.bytes <= segment_bytes || kept.bytes == 0);
+    if !fits {
+        outputs.push(Output {
+            base_offset: seg.base_offset,
+            ..Output::default()
+        });
+    }
+    let out = outputs.last_mut().expect("an output");
+    out.end_offset = seg.end_offset;
+    out.inputs += 1;
+    out.unchanged = (out.inputs == 1 && kept.unchanged).then(|| seg.clone());
+    for (batch, mut entry) in kept.batches {
+        entry.position = out.bytes;
+        out.bytes += batch.len() as u64;
+        out.entries.push(entry);
+        out.data.push(batch);
+    }
+}
+
+/// One input segment's batches filtered. A last batch that kept nothing stays as an
+/// empty batch (its offsets, no records), as Kafka's cleaner keeps some: so every
+/// segment still ends with a batch at its last offset, a fetch anywhere in it finds a
+/// batch to answer with, and a consumer after the last surviving record is moved to
+/// the end instead of fetching nothing until the next write.
+fn filter_segment(data: &Bytes, retain: &Retain<'_>) -> Result<(Kept, Counts), RecordsError> {
     let mut kept = Kept {
         unchanged: true,
         ..Kept::default()
@@ -307,7 +295,7 @@ fn filter_segment(
                 kept.unchanged = false;
                 b
             }
-            Outcome::Dropped if keep_end && Some(pos) == last => {
+            Outcome::Dropped if Some(pos) == last => {
                 kept.unchanged = false;
                 records::empty(&batch, &header)
             }
@@ -332,21 +320,91 @@ fn filter_segment(
     Ok((kept, counts))
 }
 
-/// Makes `segments` cover exactly the offsets of `replaced`: the first starts where the
-/// first replaced one did, each ends where the next starts, the last ends where the last
-/// replaced one did (an output that kept nothing left a hole its neighbour takes).
-fn cover(segments: &mut [SegmentRecord], replaced: &[SegmentRecord]) {
-    let (Some(first), Some(last)) = (replaced.first(), replaced.last()) else {
-        return;
-    };
-    if let Some(s) = segments.first_mut() {
-        s.base_offset = first.base_offset;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn input(base: i64, end: i64) -> SegmentRecord {
+        SegmentRecord {
+            base_offset: base,
+            end_offset: end,
+            object_key: format!("s/{base}"),
+            size_bytes: 0,
+            data_bytes: 0,
+            max_timestamp: 0,
+            created_ms: 0,
+            compacted_ms: 0,
+        }
     }
-    for i in 1..segments.len() {
-        let next = segments[i].base_offset;
-        segments[i - 1].end_offset = next;
+
+    fn kept(base: i64, end: i64, sizes: &[u32], unchanged: bool) -> Kept {
+        // One batch per size, spread over the segment's offsets; the last ends at `end`.
+        let n = sizes.len() as i64;
+        let batches: Vec<(Bytes, BatchEntry)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let i = i as i64;
+                let first = base + (end - base) * i / n;
+                let last = base + (end - base) * (i + 1) / n - 1;
+                let entry = BatchEntry {
+                    base_offset: first,
+                    last_offset: last.max(first),
+                    max_timestamp: 0,
+                    position: 0,
+                    len,
+                };
+                (Bytes::from(vec![0u8; len as usize]), entry)
+            })
+            .collect();
+        Kept {
+            bytes: sizes.iter().map(|&s| s as u64).sum(),
+            batches,
+            unchanged,
+        }
     }
-    if let Some(s) = segments.last_mut() {
-        s.end_offset = last.end_offset;
+
+    proptest! {
+        /// Outputs cover exactly the inputs' offsets, in order, with no gap or overlap;
+        /// each holds every batch of its inputs at consecutive positions; one exceeds
+        /// `segment.bytes` only when it holds a single input; and only a single
+        /// unchanged input is kept as it was.
+        #[test]
+        fn outputs_cover_the_inputs_and_respect_the_size(
+            inputs in proptest::collection::vec(
+                (1i64..50, proptest::collection::vec(1u32..400, 1..4), any::<bool>()),
+                1..12,
+            ),
+            segment_bytes in 100u64..1500,
+        ) {
+            let mut outputs = Vec::new();
+            let mut base = 10;
+            let mut total_batches = 0;
+            for (len, sizes, unchanged) in &inputs {
+                let seg = input(base, base + len);
+                total_batches += sizes.len();
+                place(&mut outputs, &seg, kept(base, base + len, sizes, *unchanged), segment_bytes);
+                base += len;
+            }
+            prop_assert_eq!(outputs.first().map(|o| o.base_offset), Some(10));
+            prop_assert_eq!(outputs.last().map(|o| o.end_offset), Some(base));
+            for pair in outputs.windows(2) {
+                prop_assert_eq!(pair[0].end_offset, pair[1].base_offset);
+            }
+            prop_assert_eq!(outputs.iter().map(|o| o.entries.len()).sum::<usize>(), total_batches);
+            for o in &outputs {
+                prop_assert!(!o.data.is_empty());
+                prop_assert!(o.bytes <= segment_bytes || o.inputs == 1);
+                let mut at = 0;
+                for (e, d) in o.entries.iter().zip(&o.data) {
+                    prop_assert_eq!(e.position, at);
+                    at += d.len() as u64;
+                }
+                prop_assert_eq!(at, o.bytes);
+                prop_assert!(o.unchanged.is_none() || o.inputs == 1);
+                prop_assert_eq!(o.entries.last().map(|e| e.last_offset + 1), Some(o.end_offset));
+            }
+        }
     }
 }
