@@ -40,18 +40,23 @@ def produce_all(bootstrap: str, topic: str, records, **conf) -> dict:
             acked[msg.offset()] = (msg.key(), msg.value())
 
     for key, value in records:
-        p.produce(topic, key=key, value=value, on_delivery=report)
+        while True:
+            try:
+                p.produce(topic, key=key, value=value, on_delivery=report)
+                break
+            except BufferError:  # the client's queue is full: let deliveries drain
+                p.poll(0.1)
         p.poll(0)
     assert p.flush(60) == 0
     assert not errors, errors[:3]
     return acked
 
 
-def read_from_zero(bootstrap: str, topic: str) -> list:
+def read_from_zero(bootstrap: str, topic: str, **conf) -> list:
     """Every record from offset 0 to the end: [(offset, key, value)]."""
     from confluent_kafka import Consumer, TopicPartition
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_topic("g"),
-                  "enable.auto.commit": False, "enable.partition.eof": True})
+                  "enable.auto.commit": False, "enable.partition.eof": True, **conf})
     c.assign([TopicPartition(topic, 0, 0)])
     out = []
     deadline = time.monotonic() + 60
@@ -90,17 +95,66 @@ def check_read(read: list, acked: dict) -> None:
             assert seen.get(key) == (offset, value), f"{key!r}: newest value missing"
 
 
-def wait_compacted(b, topic: str, acked: dict, live_keys: int, timeout: float = 60) -> list:
+def wait_compacted(bootstrap: str, topic: str, acked: dict, live_keys: int,
+                   timeout: float = 60) -> list:
     """Reads until every record left is its key's newest (one per live key), or fails."""
     deadline = time.monotonic() + timeout
     while True:
-        read = read_from_zero(b.bootstrap, topic)
+        read = read_from_zero(bootstrap, topic)
         check_read(read, acked)
         if len(read) == live_keys:
             return read
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(read)} records left, want {live_keys}")
         time.sleep(1)
+
+
+def read_while_updating(bootstrap: str, topic: str, seconds: float, **conf) -> tuple[int, list]:
+    """Updates 100 keys without pause while a consumer tails the partition and others
+    replay it from 0, again and again, for `seconds`: a replay's offsets strictly
+    increase and hold every key's newest value as of when it started; so do the tailed
+    offsets. `conf` goes to the consumers (client.rack). Returns (replays, tailed)."""
+    import threading
+    from confluent_kafka import Consumer, TopicPartition
+    keys = [b"k%03d" % k for k in range(100)]
+    acked: dict = {}
+    stop = threading.Event()
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            batch = [(keys[(i + j) % len(keys)], b"v%07d-" % (i + j) + b"y" * 80) for j in range(200)]
+            acked.update(produce_all(bootstrap, topic, batch))
+            i += 200
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+    tail = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_topic("g"),
+                     "enable.auto.commit": False, **conf})
+    tail.assign([TopicPartition(topic, 0, 0)])
+    tailed = []
+    replays = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for _ in range(20):
+                m = tail.poll(0.05)
+                if m is not None and not m.error():
+                    tailed.append(m.offset())
+            snapshot = newest(dict(acked))
+            read = read_from_zero(bootstrap, topic, **conf)
+            offsets = [o for o, _, _ in read]
+            assert offsets == sorted(set(offsets)), "a replay's offsets strictly increase"
+            seen = {k: o for o, k, _ in read}
+            for key, (offset, _) in snapshot.items():
+                assert seen.get(key, -1) >= offset, f"{key!r}: newest value missing from a replay"
+            replays += 1
+    finally:
+        stop.set()
+        writer.join(60)
+        tail.close()
+    assert tailed == sorted(set(tailed)), "the tailing consumer's offsets strictly increase"
+    return replays, tailed
 
 
 def test_keyed_updates_compact_to_the_newest_value_per_key(broker_factory):
@@ -115,7 +169,7 @@ def test_keyed_updates_compact_to_the_newest_value_per_key(broker_factory):
     acked.update(produce_all(b.bootstrap, topic, [(k, None) for k in keys[:30]]))
 
     # Every record left is its key's newest; tombstones still count until their horizon.
-    read = wait_compacted(b, topic, acked, len(keys))
+    read = wait_compacted(b.bootstrap, topic, acked, len(keys))
     tombstones = [k for _, k, v in read if v is None]
     assert sorted(tombstones) == keys[:30]
 
@@ -130,7 +184,7 @@ def test_keyed_updates_compact_to_the_newest_value_per_key(broker_factory):
           f"({written / read_bytes:.3f} of it)")
 
     # Past the delete horizon a pass removes the tombstones, with nothing new written.
-    read = wait_compacted(b, topic, acked, len(keys) - 30)
+    read = wait_compacted(b.bootstrap, topic, acked, len(keys) - 30)
     assert not [k for _, k, v in read if v is None], "tombstones gone after their horizon"
 
 
@@ -182,49 +236,10 @@ def test_readers_during_compaction_see_no_duplicate_missing_or_backward_offset(b
     """A consumer tailing the partition and one replaying it from 0, again and again,
     while updates go on and passes commit: offsets only rise, none repeats, and each
     replay holds every key's newest value as of when it started."""
-    import threading
-    from confluent_kafka import Consumer, TopicPartition
     b = broker_factory(env=SETTINGS)
     topic = unique_topic("compacted-readers")
     create_compacted(b.bootstrap, topic)
-    keys = [b"k%03d" % k for k in range(100)]
-    acked: dict = {}
-    stop = threading.Event()
-
-    def produce():
-        i = 0
-        while not stop.is_set():
-            batch = [(keys[(i + j) % len(keys)], b"v%07d-" % (i + j) + b"y" * 80) for j in range(200)]
-            acked.update(produce_all(b.bootstrap, topic, batch))
-            i += 200
-
-    writer = threading.Thread(target=produce)
-    writer.start()
-    tail = Consumer({"bootstrap.servers": b.bootstrap, "group.id": unique_topic("g"),
-                     "enable.auto.commit": False})
-    tail.assign([TopicPartition(topic, 0, 0)])
-    tailed = []
-    replays = 0
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            for _ in range(20):
-                m = tail.poll(0.05)
-                if m is not None and not m.error():
-                    tailed.append(m.offset())
-            snapshot = newest(dict(acked))
-            read = read_from_zero(b.bootstrap, topic)
-            offsets = [o for o, _, _ in read]
-            assert offsets == sorted(set(offsets)), "a replay's offsets strictly increase"
-            seen = {k: o for o, k, _ in read}
-            for key, (offset, _) in snapshot.items():
-                assert seen.get(key, -1) >= offset, f"{key!r}: newest value missing from a replay"
-            replays += 1
-    finally:
-        stop.set()
-        writer.join(60)
-        tail.close()
-    assert tailed == sorted(set(tailed)), "the tailing consumer's offsets strictly increase"
+    replays, tailed = read_while_updating(b.bootstrap, topic, 15)
     passes = metric_sum(scrape_metrics(b.http_port), "strata_compaction_passes_total", outcome="committed")
     assert passes >= 2, f"passes committed while reading: {passes}"
     print(f"{replays} replays and {len(tailed)} tailed records over {passes:.0f} passes")
@@ -270,7 +285,7 @@ def test_a_pass_killed_mid_rewrite_loses_nothing_and_leaves_no_garbage(broker_fa
     b.restart(hard=True, wipe_cache=True)  # already killed: this only wipes and starts
 
     live = len({k for k, _ in acked.values()})
-    read = wait_compacted(b, topic, acked, live)
+    read = wait_compacted(b.bootstrap, topic, acked, live)
     assert len(read) == live
     deadline = time.monotonic() + 30
     while abandoned & compacted_objects():
@@ -278,3 +293,54 @@ def test_a_pass_killed_mid_rewrite_loses_nothing_and_leaves_no_garbage(broker_fa
         time.sleep(0.5)
     deleted = metric_sum(scrape_metrics(b.http_port), "strata_orphans_deleted_total", prefix="segments")
     assert deleted >= len(abandoned), deleted
+
+
+def test_200k_updates_over_10k_keys_compact_and_the_bucket_shrinks(broker_factory):
+    """The issue's scale case: 200,000 keyed updates over 10,000 keys in ~80 sealed
+    segments of a topic made compacted afterwards (AlterConfigs on a topic with data):
+    what is left is exactly each key's newest record at its original offset, the
+    tombstoned keys go after their horizon, and the bucket holds a fraction of the bytes."""
+    b = broker_factory(env=SETTINGS)
+    topic = unique_topic("compacted-scale")
+    admin = AdminClient({"bootstrap.servers": b.bootstrap})
+    config = {"cleanup.policy": "delete", "segment.bytes": "262144", "segment.ms": "1000"}
+    admin.create_topics([NewTopic(topic, 1, 1, config=config)])[topic].result(30)
+
+    rng = random.Random(200_000)
+    keys = [b"key-%05d" % k for k in range(10_000)]
+    acked = produce_all(b.bootstrap, topic,
+                        [(rng.choice(keys), b"v%07d-" % i + b"s" * 90) for i in range(200_000)],
+                        **{"batch.size": 65536})
+    assert len(acked) == 200_000
+
+    def topic_bytes() -> tuple[int, int]:
+        found = b.objects("segments", ".seg")  # the broker's only topic
+        return sum(found.values()), len(found)
+
+    # Everything sealed and uploaded: the bucket's bytes for the topic stop growing.
+    last, deadline = (-1, 0), time.monotonic() + 60
+    while (now := topic_bytes()) != last or now[1] < 50:
+        assert time.monotonic() < deadline, f"segments still changing after 60 s: {now}"
+        last = now
+        time.sleep(2)
+    before, segments = last
+
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+               for k, v in {**TOPIC_CONFIG, "segment.bytes": "262144"}.items()]
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=entries)
+    admin.incremental_alter_configs([res])[res].result(30)
+
+    live = len({k for k, _ in acked.values()})
+    wait_compacted(b.bootstrap, topic, acked, live, timeout=120)
+    after, _ = topic_bytes()
+    print(f"200,000 updates over {live} keys in {segments} segments: the topic's segment "
+          f"objects went from {before} B to {after} B ({after / before:.3f} of it)")
+    assert after < before / 10, (before, after)
+
+    # Tombstones for 1,000 keys: gone after delete.retention.ms, the rest untouched.
+    deleted = keys[:1000]
+    acked.update(produce_all(b.bootstrap, topic, [(k, None) for k in deleted]))
+    read = wait_compacted(b.bootstrap, topic, acked, live - len(set(deleted) & {k for k, _ in acked.values()}),
+                          timeout=120)
+    assert not set(deleted) & {k for _, k, _ in read}, "tombstoned keys gone after their horizon"

@@ -31,8 +31,11 @@ PARTITIONS = 48
 
 
 @pytest.fixture
-def fleet(tmp_path, strata_bin, postgres):  # noqa: F811
+def fleet(request, tmp_path, strata_bin, postgres):  # noqa: F811
+    """Three brokers in zones a, b and c; a test parametrizes the fixture indirectly
+    with a dict to add settings to every broker's environment."""
     from s3 import s3_server
+    extra = getattr(request, "param", {})
     bucket = s3_server().new_bucket()
     url = postgres["STRATA_TEST_POSTGRES_URL"]
     brokers: list[Broker] = []
@@ -42,7 +45,7 @@ def fleet(tmp_path, strata_bin, postgres):  # noqa: F811
                    bucket=bucket, metadata=url, broker_id=i,
                    env={"STRATA_ZONE": zone, "STRATA_BROKER_LEASE_MS": str(LEASE_MS),
                         # Shorter than the PostgreSQL outage below, so writes fail then.
-                        "STRATA_WAL_FLUSH_TIMEOUT_MS": "2000"})
+                        "STRATA_WAL_FLUSH_TIMEOUT_MS": "2000", **extra})
         b.start()
         wait_ready(b.http_port)
         brokers.append(b)

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tiering::BlockCache;
+use tracing::debug;
 
 use super::read::{read_remote, read_wal_range, IndexCache, ReadError, ReadResult};
 use crate::metadata::{MetaError, MetadataStore, PartitionKey, PartitionState};
@@ -113,7 +114,34 @@ impl ZoneReads {
         offset: i64,
         max_bytes: u64,
     ) -> Result<ReadResult, ZoneReadError> {
-        let mut state = self.manifest(key, false).await?;
+        let state = self.manifest(key, false).await?;
+        match self
+            .read_in(key, state, blocks, indexes, offset, max_bytes)
+            .await
+        {
+            // A segment of the cached manifest that is gone: a compaction pass replaced
+            // it (or retention deleted it) and the grace outlived by this manifest's age
+            // has passed. The fresh manifest names what replaced it.
+            Err(ZoneReadError::Read(ReadError::Storage(e))) => {
+                debug!(topic_id = %key.topic_id, partition = key.partition, error = %e, "zone read failed; retrying with a fresh manifest");
+                let state = self.manifest(key, true).await?;
+                self.read_in(key, state, blocks, indexes, offset, max_bytes)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// [`ZoneReads::read`] against one manifest (re-read once if `offset` is past it).
+    async fn read_in(
+        &self,
+        key: PartitionKey,
+        mut state: Arc<PartitionState>,
+        blocks: &Arc<BlockCache>,
+        indexes: &IndexCache,
+        offset: i64,
+        max_bytes: u64,
+    ) -> Result<ReadResult, ZoneReadError> {
         if offset > state.high_watermark {
             state = self.manifest(key, true).await?;
             if offset > state.high_watermark {
@@ -148,5 +176,115 @@ impl ZoneReads {
             high_watermark: state.high_watermark,
             log_start_offset: state.log_start_offset,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::batch::{stamp, tests::make_batch};
+    use crate::metadata::sqlite::SqliteStore;
+    use crate::metadata::{conformance, SegmentRecord};
+    use object_store::path::Path;
+
+    const TS: i64 = 1_700_000_000_000;
+
+    /// Writes a segment object of one batch of `count` records at `base`.
+    async fn put_segment(
+        store: &tiering::Store,
+        key: &str,
+        base: i64,
+        count: i32,
+    ) -> SegmentRecord {
+        let batch = stamp(&make_batch(count, -1, -1, -1, TS), base, 0);
+        let data_bytes = batch.len() as u64;
+        let end = base + i64::from(count);
+        let contents = crate::log::tail::check_segment(std::slice::from_ref(&batch), base, end)
+            .expect("a valid segment");
+        let (payload, _) = tiering::build_segment_object(vec![batch], &contents.entries, 4096);
+        let size_bytes = payload.content_length() as u64;
+        store
+            .put_new(&Path::from(key), payload, None)
+            .await
+            .expect("put");
+        SegmentRecord {
+            base_offset: base,
+            end_offset: end,
+            object_key: key.to_owned(),
+            size_bytes,
+            data_bytes,
+            max_timestamp: TS,
+            created_ms: TS,
+            compacted_ms: 0,
+        }
+    }
+
+    /// Reads from offset 0 through an empty block cache and index cache (so the read
+    /// reaches the store).
+    async fn read_cold(
+        zone: &ZoneReads,
+        objects: &Arc<tiering::Store>,
+        key: PartitionKey,
+    ) -> Result<ReadResult, ZoneReadError> {
+        let options = tiering::CacheOptions {
+            memory_bytes: 1 << 20,
+            disk_bytes: 0,
+            dir: std::env::temp_dir(),
+            block_bytes: 64 * 1024,
+            readahead_blocks: 0,
+        };
+        let blocks = BlockCache::open(objects.clone(), &options, None)
+            .await
+            .expect("cache");
+        zone.read(key, &blocks, &IndexCache::new(16), 0, 1 << 20)
+            .await
+    }
+
+    /// A pass replaced the segment a cached manifest names and its grace ran out: the
+    /// read does not fail, it re-reads the manifest and serves the replacement.
+    #[tokio::test]
+    async fn a_segment_replaced_and_deleted_under_a_cached_manifest_is_read_from_its_replacement() {
+        let meta = Arc::new(SqliteStore::open_in_memory().expect("metadata"));
+        let topic = conformance::new_topic(&*meta, 1).await;
+        let key = conformance::key(&topic, 0);
+        let epoch = meta
+            .claim_partition(key, 1)
+            .await
+            .expect("claim")
+            .leader_epoch;
+        conformance::commit_one(&*meta, key, epoch, 0, 5).await;
+        let objects = Arc::new(
+            tiering::Store::open("memory://", &tiering::StoreOptions::default()).expect("store"),
+        );
+        let old = put_segment(&objects, "segments/p/0-1.seg", 0, 5).await;
+        meta.commit_segment(key, epoch, &old)
+            .await
+            .expect("segment");
+
+        let zone = ZoneReads::new(meta.clone(), Duration::from_secs(3600), 16);
+        let read = read_cold(&zone, &objects, key)
+            .await
+            .expect("read through a fresh manifest");
+        assert!(!read.records.is_empty());
+
+        // The owner swaps in a rewritten segment and deletes the old object; this
+        // broker's manifest (cached for an hour) still names the old one.
+        let new = SegmentRecord {
+            compacted_ms: TS + 1,
+            ..put_segment(&objects, "segments/p/0-1-c1.seg", 0, 5).await
+        };
+        meta.replace_segments(key, epoch, &[0], std::slice::from_ref(&new))
+            .await
+            .expect("swap");
+        objects
+            .delete(&Path::from(old.object_key.as_str()))
+            .await
+            .expect("delete");
+
+        let read = read_cold(&zone, &objects, key)
+            .await
+            .expect("read after the swap");
+        assert_eq!(read.records.len() as u64, new.data_bytes);
+        assert_eq!(read.high_watermark, 5);
     }
 }

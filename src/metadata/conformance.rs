@@ -127,7 +127,7 @@ fn topic_record(name: &str, partitions: i32) -> TopicRecord {
     }
 }
 
-async fn new_topic(store: &dyn MetadataStore, partitions: i32) -> TopicRecord {
+pub(crate) async fn new_topic(store: &dyn MetadataStore, partitions: i32) -> TopicRecord {
     let topic = topic_record(&unique("topic"), partitions);
     store
         .create_topic(&topic)
@@ -136,7 +136,7 @@ async fn new_topic(store: &dyn MetadataStore, partitions: i32) -> TopicRecord {
     topic
 }
 
-fn key(topic: &TopicRecord, partition: i32) -> PartitionKey {
+pub(crate) fn key(topic: &TopicRecord, partition: i32) -> PartitionKey {
     PartitionKey {
         topic_id: topic.id,
         partition,
@@ -207,7 +207,7 @@ fn wal_commit(object_key: &str, partitions: Vec<PartitionCommit>) -> [WalCommit;
 }
 
 /// Commits one range of one partition in its own write-ahead object; returns the key.
-async fn commit_one(
+pub(crate) async fn commit_one(
     store: &dyn MetadataStore,
     key: PartitionKey,
     leader_epoch: i32,
