@@ -12,6 +12,8 @@ import random
 import re
 import time
 
+import pytest
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
@@ -188,11 +190,13 @@ def test_keyed_updates_compact_to_the_newest_value_per_key(broker_factory):
     assert not [k for _, k, v in read if v is None], "tombstones gone after their horizon"
 
 
-def test_keyless_records_are_refused_on_a_compacted_topic(broker_factory):
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_keyless_records_are_refused_on_a_compacted_topic(broker_factory, compression):
     b = broker_factory()
     topic = unique_topic("compacted-keyless")
     create_compacted(b.bootstrap, topic)
-    p = producer(b.bootstrap, **{"linger.ms": 50, "enable.idempotence": False, "retries": 0})
+    p = producer(b.bootstrap, **{"linger.ms": 50, "enable.idempotence": False, "retries": 0,
+                                 "compression.type": compression})
     errors = []
     for i in range(3):
         key = None if i == 1 else b"k%d" % i

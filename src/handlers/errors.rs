@@ -28,7 +28,10 @@ pub(crate) fn meta_error(e: &MetaError) -> ResponseError {
             ResponseError::UnknownTopicOrPartition
         }
         // Both mean another broker (or a newer incarnation of this one) is in charge.
-        MetaError::Fenced(_) | MetaError::Superseded => ResponseError::NotLeaderOrFollower,
+        // The writer's view is stale: it steps down to read it again.
+        MetaError::Fenced(_) | MetaError::Superseded | MetaError::Conflict(_) => {
+            ResponseError::NotLeaderOrFollower
+        }
         MetaError::Unavailable(_) => ResponseError::RequestTimedOut,
         MetaError::Corrupt(_) => ResponseError::UnknownServerError,
     }

@@ -22,6 +22,7 @@ use super::{errors, str_bytes};
 use crate::broker::Broker;
 use crate::log::batch::validate_record_set;
 use crate::log::batch::ValidBatch;
+use crate::log::codec::Codec;
 use crate::log::partition::{AppendError, AppendOk, PartitionCmd, PartitionHandle};
 use crate::log::records::{self, RecordsError};
 use crate::protocol::ProduceOrder;
@@ -34,6 +35,8 @@ const MAX_PRODUCE_TIMEOUT: Duration = Duration::from_secs(300);
 enum Prepared {
     Refused(PartitionProduceResponse),
     Ready(i32, PartitionHandle, Vec<ValidBatch>),
+    /// For a compacted topic: its records' keys to check before it is `Ready`.
+    CheckKeys(i32, PartitionHandle, Vec<ValidBatch>),
     /// Waiting for the owner's answer; (bytes, records) are counted once it succeeds.
     Queued(
         i32,
@@ -67,6 +70,45 @@ fn keyless_records(batches: &[ValidBatch], limit: usize) -> Result<Vec<i32>, Rec
         );
     }
     Ok(keyless)
+}
+
+/// `Ready` when every record of `batches` has a key; otherwise the refusal.
+async fn check_keys(
+    index: i32,
+    handle: PartitionHandle,
+    batches: Vec<ValidBatch>,
+    topic: &str,
+    limit: usize,
+) -> Prepared {
+    let compressed = batches
+        .iter()
+        .any(|b| !matches!(Codec::of(b.header.attributes), Ok(Codec::None)));
+    let (batches, found) = if compressed {
+        match tokio::task::spawn_blocking(move || {
+            let found = keyless_records(&batches, limit);
+            (batches, found)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                let msg = Some(format!("checking record keys failed: {e}"));
+                return Prepared::Refused(refused(index, ResponseError::UnknownServerError, msg));
+            }
+        }
+    } else {
+        let found = keyless_records(&batches, limit);
+        (batches, found)
+    };
+    match found {
+        Ok(keyless) if keyless.is_empty() => Prepared::Ready(index, handle, batches),
+        Ok(keyless) => Prepared::Refused(keyless_refusal(index, topic, &keyless)),
+        Err(e) => Prepared::Refused(refused(
+            index,
+            ResponseError::CorruptMessage,
+            Some(e.to_string()),
+        )),
+    }
 }
 
 /// Kafka's answer to keyless records on a compacted topic: INVALID_RECORD, one record
@@ -174,26 +216,28 @@ pub(crate) async fn produce(
                         ))
                     }
                     Ok(b) if t.config.cleanup.compact => {
-                        let limit = broker.config.batch_decompressed_max_bytes;
-                        match keyless_records(&b, limit) {
-                            Ok(keyless) if keyless.is_empty() => {
-                                Prepared::Ready(index, handle.clone(), b)
-                            }
-                            Ok(keyless) => {
-                                Prepared::Refused(keyless_refusal(index, &td.name.0, &keyless))
-                            }
-                            Err(e) => Prepared::Refused(refused(
-                                index,
-                                ResponseError::CorruptMessage,
-                                Some(e.to_string()),
-                            )),
-                        }
+                        Prepared::CheckKeys(index, handle.clone(), b)
                     }
                     Ok(b) => Prepared::Ready(index, handle.clone(), b),
                 }
             })
             .collect();
         topics.push((td.name, parts));
+    }
+    // 1b. A compacted topic takes only records with keys: compressed batches are
+    //     decompressed to look, on the blocking pool.
+    let limit = broker.config.batch_decompressed_max_bytes;
+    for (name, parts) in &mut topics {
+        for p in parts.iter_mut() {
+            if let Prepared::CheckKeys(..) = p {
+                let Prepared::CheckKeys(index, handle, batches) =
+                    std::mem::replace(p, Prepared::Refused(Default::default()))
+                else {
+                    continue;
+                };
+                *p = check_keys(index, handle, batches, &name.0, limit).await;
+            }
+        }
     }
     // 2. Hand the batches to the partitions in the order the requests arrived.
     if let Some(after) = order.as_mut().and_then(|o| o.after.take()) {
@@ -239,7 +283,8 @@ pub(crate) async fn produce(
         let answers = join_all(parts.into_iter().map(|p| async move {
             match p {
                 Prepared::Refused(r) => (r, None),
-                Prepared::Ready(index, ..) => (
+                // Every one was sent or resolved above.
+                Prepared::Ready(index, ..) | Prepared::CheckKeys(index, ..) => (
                     refused(index, ResponseError::UnknownServerError, None),
                     None,
                 ),

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::appender::{Appender, Durable};
 use super::batch::ValidBatch;
+use super::compact::swap::{self, Swap};
 use super::local::LocalSegment;
 use super::producer::{ProducerTable, SeqError};
 use super::segments::{
@@ -918,28 +919,33 @@ impl Owner {
             .collect();
         let current =
             self.shared.is_serving() && self.shared.view().segments.starts_with(&c.replaced);
-        let bases: Vec<i64> = c.replaced.iter().map(|s| s.base_offset).collect();
-        let committed = current
-            && match self
-                .ctx
-                .meta
-                .replace_segments(self.key, self.shared.leader_epoch, &bases, &c.segments)
-                .await
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(topic = %self.topic, partition = self.key.partition, error = %e, "compaction swap not committed");
-                    false
-                }
-            };
-        if !committed {
-            m.compaction_passes
-                .with_label_values(&["not_committed"])
-                .inc();
-            for s in written {
-                let key = object_store::path::Path::from(s.object_key.as_str());
-                if let Err(e) = self.ctx.store.delete(&key).await {
-                    warn!(object = %s.object_key, error = %e, "could not delete an uncommitted compacted segment; the orphan collector will");
+        let swap = swap::swap(
+            self.ctx.meta.as_ref(),
+            self.key,
+            self.shared.leader_epoch,
+            &c,
+            current,
+        )
+        .await;
+        m.compaction_passes
+            .with_label_values(&[swap.outcome()])
+            .inc();
+        if let Swap::Failed(e) | Swap::Unknown(e) = &swap {
+            warn!(topic = %self.topic, partition = self.key.partition, error = %e, "compaction swap not committed; the orphan collector deletes what the pass wrote");
+        }
+        if matches!(swap, Swap::Fenced | Swap::Unknown(_)) {
+            // A newer epoch holds it, or this owner's view may be wrong: claim again.
+            self.shared
+                .fenced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        if swap != Swap::Committed {
+            if swap.discard_written() {
+                for s in written {
+                    let key = object_store::path::Path::from(s.object_key.as_str());
+                    if let Err(e) = self.ctx.store.delete(&key).await {
+                        warn!(object = %s.object_key, error = %e, "could not delete an uncommitted compacted segment; the orphan collector will");
+                    }
                 }
             }
             return;
@@ -950,7 +956,6 @@ impl Owner {
             .view_mut()
             .segments
             .compacted(c.replaced.len(), c.segments.clone());
-        m.compaction_passes.with_label_values(&["committed"]).inc();
         m.compaction_bytes
             .with_label_values(&["read"])
             .inc_by(c.read_bytes);

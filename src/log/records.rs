@@ -218,6 +218,18 @@ pub(crate) mod tests {
         last: i32,
         codec: Codec,
     ) -> Bytes {
+        producer_batch(base_offset, specs, deltas, last, codec, (7, 1, 40))
+    }
+
+    /// [`keyed_batch`] from a producer: (producer id, epoch, base sequence).
+    pub(crate) fn producer_batch(
+        base_offset: i64,
+        specs: &[Spec],
+        deltas: &[i32],
+        last: i32,
+        codec: Codec,
+        producer: (i64, i16, i32),
+    ) -> Bytes {
         let mut records = BytesMut::new();
         for ((key, value, ts, headers), delta) in specs.iter().zip(deltas) {
             let mut r = BytesMut::new();
@@ -254,9 +266,9 @@ pub(crate) mod tests {
         out.put_i32(last);
         out.put_i64(1_000); // base timestamp
         out.put_i64(1_000 + specs.iter().map(|s| s.2).max().unwrap_or(0));
-        out.put_i64(7); // producer id
-        out.put_i16(1);
-        out.put_i32(40);
+        out.put_i64(producer.0);
+        out.put_i16(producer.1);
+        out.put_i32(producer.2);
         out.put_i32(specs.len() as i32);
         out.put_slice(&records);
         seal(&mut out);

@@ -857,8 +857,30 @@ pub(crate) async fn check_replace_segments(store: &dyn MetadataStore) {
         .await
         .expect("second swap");
     let state = claim(store, p).await;
-    assert_eq!(state.segments, vec![again]);
+    assert_eq!(state.segments, vec![again.clone()]);
     assert_eq!(state.segments[0].compacted_ms, 1_700_000_002_000);
+
+    // A trim the owner never heard of dropped what a pass read: its swap, wholly
+    // below the new log start, is refused and changes nothing.
+    let epoch = state.leader_epoch;
+    let s4 = segment(30, 40);
+    store.commit_segment(p, epoch, &s4).await.expect("segment");
+    store.trim_log(p, epoch, 30, &[0]).await.expect("trim");
+    let late = SegmentRecord {
+        compacted_ms: 1_700_000_003_000,
+        ..segment(0, 30)
+    };
+    let refused = store
+        .replace_segments(p, epoch, &[0], std::slice::from_ref(&late))
+        .await;
+    assert!(
+        matches!(refused, Err(MetaError::Conflict(_))),
+        "a swap below the log start: {refused:?}"
+    );
+    assert_eq!(
+        store.read_partition(p).await.expect("read").segments,
+        vec![s4]
+    );
 }
 
 pub(crate) async fn check_trim_log(store: &dyn MetadataStore) {

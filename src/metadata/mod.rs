@@ -43,6 +43,10 @@ pub(crate) enum MetaError {
     Corrupt(String),
     #[error("a newer session of this broker id is registered")]
     Superseded,
+    /// The write assumed a manifest the store no longer holds (a final answer: the
+    /// writer's view is stale and must be read again).
+    #[error("the manifest changed: {0}")]
+    Conflict(String),
 }
 
 impl MetaError {

@@ -315,8 +315,18 @@ pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
             // Only the owner at this epoch changes its manifest, and its owner task
             // commits the swap itself after checking its view still holds exactly the
             // replaced segments: so the manifest the compaction read is the one it
-            // replaces. The epoch is the part the store checks.
-            require(rows, key, leader_epoch)?;
+            // replaces. The store checks the epoch, and that a trim the owner never
+            // heard of (its answer lost) did not drop what the pass read: a trim drops
+            // every segment wholly below the log start, so a swap wholly below it
+            // would bring dropped offsets back as an island before a hole.
+            let row = require(rows, key, leader_epoch)?;
+            let end = segments.last().map_or(i64::MAX, |s| s.end_offset);
+            if end <= row.log_start_offset {
+                return Err(MetaError::Conflict(format!(
+                    "the swapped segments end at {end}, at or below the log start offset {}",
+                    row.log_start_offset
+                )));
+            }
             Ok(vec![Write::ReplaceSegments {
                 key,
                 drop: replaced,

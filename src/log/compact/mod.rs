@@ -5,4 +5,5 @@ pub(crate) mod filter;
 pub(crate) mod job;
 pub(crate) mod keymap;
 pub(crate) mod plan;
+pub(crate) mod swap;
 pub(crate) mod throttle;
