@@ -348,3 +348,52 @@ def test_200k_updates_over_10k_keys_compact_and_the_bucket_shrinks(broker_factor
     read = wait_compacted(b.bootstrap, topic, acked, live - len(set(deleted) & {k for k, _ in acked.values()}),
                           timeout=120)
     assert not set(deleted) & {k for _, k, _ in read}, "tombstoned keys gone after their horizon"
+
+
+def test_kafka_python_manages_a_compacted_topic_and_kcat_reads_it(broker_factory):
+    """kafka-python's admin client creates, describes and alters a compacted topic (the
+    legacy AlterConfigs, which replaces every dynamic config); its producer writes keyed
+    updates; kcat reads the compacted partition from the beginning."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import ConfigResource as KpConfigResource, NewTopic as KpNewTopic
+    from test_kcat import KCAT, kcat
+    if KCAT is None:
+        pytest.fail("kcat not installed (tests/run installs it)")
+    b = broker_factory(env=SETTINGS)
+    topic = unique_topic("compacted-kp")
+    admin = KafkaAdminClient(bootstrap_servers=b.bootstrap, request_timeout_ms=30000)
+    try:
+        admin.create_topics([KpNewTopic(topic, 1, 1, topic_configs=TOPIC_CONFIG)])
+
+        def described() -> dict:
+            got = admin.describe_configs([KpConfigResource("TOPIC", topic)], config_filter="all")
+            entries = next(iter(next(iter(got.values())).values()))
+            return {k: (v["value"] if isinstance(v, dict) else v) for k, v in entries.items()}
+
+        assert described()["cleanup.policy"] == "compact"
+        admin.alter_configs([KpConfigResource("TOPIC", topic, configs={
+            **TOPIC_CONFIG, "cleanup.policy": "compact,delete", "min.compaction.lag.ms": "100"})])
+        now = described()
+        assert now["cleanup.policy"] == "compact,delete" and now["min.compaction.lag.ms"] == "100", now
+    finally:
+        admin.close()
+
+    keys = [b"kp%03d" % k for k in range(50)]
+    p = KafkaProducer(bootstrap_servers=b.bootstrap, acks="all", linger_ms=5)
+    sent = [(keys[i % len(keys)], b"v%05d" % i) for i in range(3000)]
+    futures = [p.send(topic, key=k, value=v) for k, v in sent]
+    p.flush(60)
+    acked = {f.get(30).offset: kv for f, kv in zip(futures, sent)}
+    p.close()
+
+    def kcat_read() -> list:
+        res = kcat("-b", b.bootstrap, "-C", "-t", topic, "-p", "0", "-e", "-o", "beginning",
+                   "-q", "-f", "%o|%k|%s\n")
+        rows = [line.split("|") for line in res.stdout.decode().splitlines()]
+        return [(int(o), k.encode(), v.encode()) for o, k, v in rows]
+
+    deadline = time.monotonic() + 60
+    while len(read := kcat_read()) != len(keys):
+        assert time.monotonic() < deadline, f"{len(read)} records left, want {len(keys)}"
+        time.sleep(1)
+    check_read(read, acked)
