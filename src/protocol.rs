@@ -17,6 +17,7 @@ pub(crate) const SUPPORTED: &[(ApiKey, &str, i16, i16)] = &[
     (ApiKey::CreateTopics, "CreateTopics", 2, 7),
     (ApiKey::DeleteTopics, "DeleteTopics", 1, 6),
     (ApiKey::DeleteRecords, "DeleteRecords", 0, 2),
+    (ApiKey::DescribeProducers, "DescribeProducers", 0, 0),
     (ApiKey::InitProducerId, "InitProducerId", 0, 4),
     (ApiKey::OffsetForLeaderEpoch, "OffsetForLeaderEpoch", 2, 4),
     (ApiKey::DescribeConfigs, "DescribeConfigs", 1, 4),

@@ -176,3 +176,31 @@ def test_subscribe_without_group(module_broker):
     finally:
         c.close()
     assert sorted(got) == sorted(f"s{i}".encode() for i in range(10))
+
+
+def test_describe_producers_shows_the_idempotent_producers_of_a_partition(module_broker):
+    """DescribeProducers (kafka-python's admin, as `kafka-transactions.sh
+    describe-producers` sends it): each idempotent producer that wrote to the partition,
+    with its epoch and the last sequence it wrote; a partition with no producer has none."""
+    from confluent_kafka import Producer
+    bs = module_broker.bootstrap
+    topic = unique_topic("kp-producers")
+    kp_create_topic(bs, topic, 2)
+    counts = {}
+    for name, n in (("a", 7), ("b", 3)):
+        p = Producer({"bootstrap.servers": bs, "enable.idempotence": True, "linger.ms": 0})
+        for i in range(n):
+            p.produce(topic, value=b"%s%d" % (name.encode(), i), partition=0)
+            p.flush(30)  # one batch each: the last sequence is n - 1
+        counts[name] = n
+    admin = kp_admin(bs)
+    try:
+        got = admin.describe_producers([TopicPartition(topic, 0), TopicPartition(topic, 1)])
+    finally:
+        admin.close()
+    producers = got[TopicPartition(topic, 0)].active_producers
+    assert sorted(p.last_sequence for p in producers) == sorted(n - 1 for n in counts.values()), producers
+    assert all(p.producer_id >= 0 and p.producer_epoch == 0 for p in producers), producers
+    assert all(p.last_timestamp > 0 and p.current_transaction_start_offset == -1 for p in producers)
+    assert len({p.producer_id for p in producers}) == 2
+    assert got[TopicPartition(topic, 1)].active_producers == []

@@ -10,6 +10,7 @@ pub(crate) mod groups;
 pub(crate) mod metadata;
 pub(crate) mod offsets;
 pub(crate) mod produce;
+pub(crate) mod producers;
 pub(crate) mod topics;
 
 use std::sync::Arc;
@@ -109,6 +110,9 @@ pub(crate) async fn dispatch(
         RequestKind::DeleteRecords(r) => {
             ResponseKind::DeleteRecords(offsets::delete_records(broker, r).await)
         }
+        RequestKind::DescribeProducers(r) => {
+            ResponseKind::DescribeProducers(producers::describe_producers(broker, r).await)
+        }
         RequestKind::InitProducerId(r) => {
             ResponseKind::InitProducerId(produce::init_producer_id(broker, r).await)
         }
@@ -172,4 +176,22 @@ fn unreachable_api(request: RequestKind) -> ResponseKind {
 
 pub(crate) fn str_bytes(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
+}
+
+/// Sends a command to the owner task of a partition this broker serves and awaits its
+/// reply: NOT_LEADER_OR_FOLLOWER when the task is gone (the partition moved).
+pub(crate) async fn ask_owner<T>(
+    topic: Option<&std::sync::Arc<crate::broker::Topic>>,
+    index: i32,
+    cmd: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> crate::log::partition::PartitionCmd,
+) -> Result<T, kafka_protocol::ResponseError> {
+    let handle = crate::broker::serve(topic, index)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    handle
+        .cmd
+        .send(cmd(tx))
+        .await
+        .map_err(|_| kafka_protocol::ResponseError::NotLeaderOrFollower)?;
+    rx.await
+        .map_err(|_| kafka_protocol::ResponseError::NotLeaderOrFollower)
 }

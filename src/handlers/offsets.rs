@@ -17,7 +17,6 @@ use kafka_protocol::messages::{
     OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse,
 };
 use kafka_protocol::ResponseError;
-use tokio::sync::oneshot;
 
 use super::errors;
 use crate::broker::Broker;
@@ -157,26 +156,16 @@ pub(crate) async fn delete_records(
                 let out = DeleteRecordsPartitionResult::default()
                     .with_partition_index(p.partition_index)
                     .with_low_watermark(-1);
-                let handle = match crate::broker::serve(topic.as_ref(), p.partition_index) {
-                    Ok(h) => h,
-                    Err(e) => return out.with_error_code(e.code()),
-                };
-                let (tx, rx) = oneshot::channel();
-                if handle
-                    .cmd
-                    .send(PartitionCmd::DeleteRecords {
+                let asked = super::ask_owner(topic.as_ref(), p.partition_index, |reply| {
+                    PartitionCmd::DeleteRecords {
                         offset: p.offset,
-                        reply: tx,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return out.with_error_code(ResponseError::NotLeaderOrFollower.code());
-                }
-                match rx.await {
+                        reply,
+                    }
+                });
+                match asked.await {
                     Ok(Ok(low)) => out.with_low_watermark(low),
                     Ok(Err(e)) => out.with_error_code(errors::delete_records_error(&e).code()),
-                    Err(_) => out.with_error_code(ResponseError::NotLeaderOrFollower.code()),
+                    Err(e) => out.with_error_code(e.code()),
                 }
             }
         });

@@ -103,6 +103,11 @@ impl<R> Appender<R> {
         self.gen
     }
 
+    /// The producers whose batches are committed (DescribeProducers).
+    pub(crate) fn durable_producers(&self) -> Vec<crate::metadata::ProducerStateRecord> {
+        self.durable_producers.records()
+    }
+
     #[cfg(test)]
     pub(crate) fn high_watermark(&self) -> i64 {
         self.high_watermark

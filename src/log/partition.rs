@@ -170,6 +170,8 @@ pub(crate) enum PartitionCmd {
         reply: oneshot::Sender<Result<i64, DeleteRecordsError>>,
     },
     Configure(TopicConfig),
+    /// DescribeProducers: the state of every producer with committed batches.
+    DescribeProducers(oneshot::Sender<Vec<crate::metadata::ProducerStateRecord>>),
     /// Hand-off: stop taking writes and answer once every batch already taken is
     /// committed (or failed), so nothing in flight is lost or failed by the hand-off.
     Release(oneshot::Sender<()>),
@@ -446,6 +448,9 @@ impl Owner {
             PartitionCmd::DeleteRecords { offset, reply } => {
                 let result = self.delete_records(offset).await;
                 let _ = reply.send(result);
+            }
+            PartitionCmd::DescribeProducers(reply) => {
+                let _ = reply.send(self.writes.durable_producers());
             }
             PartitionCmd::Configure(config) => {
                 self.config = config;

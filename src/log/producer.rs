@@ -47,6 +47,13 @@ impl ProducerTable {
         self.entries.get(&producer_id)
     }
 
+    /// Every producer's state, by producer id.
+    pub(crate) fn records(&self) -> Vec<ProducerStateRecord> {
+        let mut all: Vec<ProducerStateRecord> = self.entries.values().cloned().collect();
+        all.sort_by_key(|r| r.producer_id);
+        all
+    }
+
     pub(crate) fn insert(&mut self, record: ProducerStateRecord) {
         self.entries.insert(record.producer_id, record);
     }
