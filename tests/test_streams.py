@@ -140,6 +140,17 @@ def running_counts(events) -> dict:
     return dict(Counter((k, ts - ts % WINDOW_MS) for k, ts in events))
 
 
+def two_runs() -> tuple[list, list, list]:
+    """20 keys, and (key, event time) of 2,000 events for each run of an app: windows 0-4
+    in the first (window 4 stays open), 4-8 in the second, so window 4 is counted by
+    both and is right only if the state came back from the changelog."""
+    keys = [f"user-{i}" for i in range(20)]
+    first = [(keys[i % 20], BASE_MS + (i * 37) % (4 * WINDOW_MS + 5_000)) for i in range(2000)]
+    second = [(keys[(i * 7) % 20], BASE_MS + 4 * WINDOW_MS + (i * 53) % (5 * WINDOW_MS))
+              for i in range(2000)]
+    return keys, first, second
+
+
 def wait_compaction_pass(b) -> None:
     deadline = time.monotonic() + 60
     while metric_sum(scrape_metrics(b.http_port), "strata_compaction_passes_total",
@@ -153,13 +164,9 @@ def test_quix_streams_window_counts_survive_restarts_through_the_compacted_chang
     b = broker_factory(env=SETTINGS)
     source, sink, group = unique_topic("quix-in"), unique_topic("quix-out"), unique_topic("quix")
     create_topic(b.bootstrap, source, 1)
-    keys = [f"user-{i}" for i in range(20)]
-    # Windows 0-4 in the first phase (window 4 stays open), 4-8 in the second, then an
-    # event per key in window 10 that closes everything before it.
-    first = [(keys[i % 20], BASE_MS + (i * 37) % (4 * WINDOW_MS + 5_000)) for i in range(2000)]
-    second = [(keys[(i * 7) % 20], BASE_MS + 4 * WINDOW_MS + (i * 53) % (5 * WINDOW_MS))
-              for i in range(2000)]
-    # Quix closes a key's windows on that key's later events.
+    keys, first, second = two_runs()
+    # An event per key in window 10 closes everything before it (Quix closes a key's
+    # windows on that key's later events).
     closing = [(k, BASE_MS + 10 * WINDOW_MS) for k in keys]
     state = tmp_path / "state"
 
@@ -200,11 +207,7 @@ def test_faust_table_counts_survive_restarts_through_the_compacted_changelog(
     b = broker_factory(env=SETTINGS)
     source, sink, app_id = unique_topic("faust-in"), unique_topic("faust-out"), unique_topic("faust")
     create_topic(b.bootstrap, source, 1)
-    keys = [f"user-{i}" for i in range(20)]
-    # Windows 0-4 in the first run, 4-8 in the second: window 4 is counted by both.
-    first = [(keys[i % 20], BASE_MS + (i * 37) % (4 * WINDOW_MS + 5_000)) for i in range(2000)]
-    second = [(keys[(i * 7) % 20], BASE_MS + 4 * WINDOW_MS + (i * 53) % (5 * WINDOW_MS))
-              for i in range(2000)]
+    keys, first, second = two_runs()
     data = tmp_path / "faust"
 
     run_faust(b, app_id, source, sink, data, tmp_path / "app1.log", first, first)
