@@ -185,10 +185,33 @@ impl Membership {
         });
     }
 
+    /// Whether the last read of the live list failed: the store is out of reach, and
+    /// the list is as it was before.
+    fn view_stale(&self) -> bool {
+        self.settled_since
+            .lock()
+            .expect("membership lock poisoned")
+            .is_none()
+    }
+
+    /// Marks the last read of the live list failed, as a store outage does.
+    #[cfg(test)]
+    pub(crate) fn lose_store(&self) {
+        *self.settled_since.lock().expect("membership lock poisoned") = None;
+    }
+
     /// Live brokers by id as last seen, those whose lease ran out since dropped; this
-    /// broker is always among them.
+    /// broker is always among them. While the store cannot be read, leases are not
+    /// checked: each broker's lease ran on from the last read without news of its
+    /// renewals, so an expired one says nothing, and a broker cut off from the store
+    /// keeps naming its peers to clients (see `Ownership::leader`) rather than only
+    /// itself.
     pub(crate) fn live(&self) -> Vec<BrokerRecord> {
-        let now = now_ms();
+        let now = if self.view_stale() {
+            i64::MIN
+        } else {
+            now_ms()
+        };
         let mut live: Vec<BrokerRecord> = self
             .live
             .read()

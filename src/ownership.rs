@@ -71,6 +71,17 @@ pub(crate) fn rendezvous(
         .max_by_key(|b| (mix(s ^ mix(*b as u32 as u64)), *b))
 }
 
+/// The broker that takes `key` over from `me`: the assignment rule's pick among the
+/// other live brokers that are not draining.
+fn successor(live: &[BrokerRecord], key: &PartitionKey, me: i32) -> Option<i32> {
+    rendezvous(
+        key,
+        live.iter()
+            .filter(|b| !b.draining && b.broker_id != me)
+            .map(|b| b.broker_id),
+    )
+}
+
 /// The coordinator slot of a group.
 pub(crate) fn group_slot(group: &str, slots: i32) -> i32 {
     (hash(&[group.as_bytes()]) % slots.max(1) as u64) as i32
@@ -240,6 +251,13 @@ impl Ownership {
     /// (a new topic, a hand-off, an expired lease) there is none: clients get
     /// LEADER_NOT_AVAILABLE and ask again, as in Kafka during a leader election.
     /// `live` is the membership's live list, read once by callers that ask for many keys.
+    ///
+    /// A draining broker (drained, shutting down, or stepped down because it lost a
+    /// store) names, for a key recorded as its own or as no one's, the broker the
+    /// assignment rule gives the key to without it. Cut off from the metadata store,
+    /// its view of the owners stops at the moment it stepped down, yet clients that
+    /// still ask it must be sent where their partitions went, not told forever that
+    /// there is no leader.
     pub(crate) fn leader(&self, live: &[BrokerRecord], key: &PartitionKey) -> Leader {
         let recorded = self
             .owners
@@ -248,9 +266,15 @@ impl Ownership {
             .get(key)
             .copied();
         let leader_epoch = recorded.map_or(0, |o| o.leader_epoch);
-        let broker_id = recorded
+        let me = self.me();
+        let broker_id = match recorded
             .and_then(|o| o.owner)
-            .filter(|id| live.iter().any(|b| b.broker_id == *id));
+            .filter(|id| live.iter().any(|b| b.broker_id == *id))
+        {
+            Some(id) if id != me => Some(id),
+            _ if self.membership.is_draining() => successor(live, key, me),
+            owner => owner,
+        };
         Leader {
             broker_id,
             leader_epoch,
@@ -413,6 +437,64 @@ mod tests {
         // Pinned values: the rule is part of the cluster protocol.
         assert_eq!(group_slot("my-group", 50), group_slot("my-group", 50));
         assert_eq!(hash(&[b"a"]), mix(0xaf63_dc4c_8601_ec8c));
+    }
+
+    /// A broker that stepped down (here with its view of the store lost, so every
+    /// peer's lease looks expired) sends clients of the keys it gave up to the broker
+    /// the assignment rule picks among the others, and of other keys to their owner.
+    #[tokio::test]
+    async fn a_stepped_down_broker_names_its_successors() {
+        use crate::metadata::{sqlite::SqliteStore, MetadataStore};
+        let meta: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open_in_memory().unwrap());
+        let soon = crate::clock::now_ms() + 200;
+        for id in [2, 3] {
+            let peer = BrokerRecord {
+                lease_expires_ms: soon,
+                ..broker(id, false)
+            };
+            meta.heartbeat_broker(&peer).await.unwrap();
+        }
+        let me = broker(1, false);
+        let membership = Membership::join(meta, me, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let ownership = Ownership::new(membership.clone());
+        let keys: Vec<_> = (0..40).map(key).collect();
+        for k in &keys {
+            ownership.note_owner(*k, 4, Some(1));
+        }
+        ownership.note_owner(key(99), 2, Some(3));
+        let leaders = |ownership: &Ownership| -> Vec<Option<i32>> {
+            let live = ownership.membership.live();
+            keys.iter()
+                .map(|k| ownership.leader(&live, k).broker_id)
+                .collect()
+        };
+        // Serving, it names itself (the Metadata handler says "no leader" for a key it
+        // does not hold yet).
+        assert!(leaders(&ownership).iter().all(|l| *l == Some(1)));
+
+        crate::clock::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            membership.live().len(),
+            1,
+            "read recently, their leases ran out"
+        );
+        membership.lose_store();
+        membership.mark_stepped_down(true);
+        let live = membership.live();
+        assert_eq!(
+            live.iter().map(|b| b.broker_id).collect::<Vec<_>>(),
+            [1, 2, 3],
+            "a lost store is no news of the peers' leases"
+        );
+        let named = leaders(&ownership);
+        for (k, l) in keys.iter().zip(&named) {
+            assert_eq!(*l, rendezvous(k, [2, 3]));
+        }
+        assert!(named.contains(&Some(2)) && named.contains(&Some(3)));
+        assert_eq!(ownership.leader(&live, &key(99)).broker_id, Some(3));
+        assert_eq!(ownership.leader(&live, &key(99)).leader_epoch, 2);
     }
 
     fn input<'a>(

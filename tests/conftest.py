@@ -439,13 +439,13 @@ def wait_ready(http_port: int, timeout: float = 60.0) -> None:
     wait_until(lambda: is_ready(http_port), timeout, "/readyz to answer 200")
 
 
-def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
-    """Polls `cond` every 0.1 s until it is true; fails naming `what` after `timeout`."""
+def wait_until(cond, timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> None:
+    """Polls `cond` every `interval` s until it is true; fails naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -34,9 +34,16 @@ def compacted_topic(fleet, prefix: str):
     brokers = {b.broker_id: b for b in fleet.brokers}
     topic = unique_topic(prefix)
     create_compacted(brokers[1].bootstrap, topic)
-    wait_until(lambda: leaders(brokers[1].bootstrap, topic).get(0, -1) in brokers, 30,
-               "the partition to have an owner")
-    return topic, brokers[leaders(brokers[1].bootstrap, topic)[0]]
+    # Brokers 2 and 3 joined just now, so the partition may still move once (and read
+    # as leaderless, -1, while it does): the owner is the one named twice, a lease apart.
+    seen = []
+
+    def settled():
+        seen.append(leaders(brokers[1].bootstrap, topic).get(0, -1))
+        return seen[-1] in brokers and seen[-2:] == [seen[-1]] * 2
+
+    wait_until(settled, 30, "the partition to have a settled owner", interval=LEASE_MS / 1000)
+    return topic, brokers[seen[-1]]
 
 
 @pytest.mark.parametrize("fleet", [SETTINGS], indirect=True)

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import Broker, create_topic, metric_sum, scrape_metrics, unique_topic, wait_ready, wait_until
 from faulty_proxy import FaultyProxy
+from test_bad_input import Reader, i32, request_header, roundtrip_request, string
 from tcp_proxy import TcpProxy
 from test_fleet import PARTITIONS, Load, bootstrap, leaders, verify, wait_led_by
 from test_postgres_metadata import postgres  # noqa: F401  (fixture)
@@ -67,6 +68,33 @@ def cut_fleet(tmp_path, strata_bin, postgres):  # noqa: F811
         pg_proxy.close()
 
 
+def metadata_of(broker, topic: str) -> tuple[set[int], dict[int, int]]:
+    """The brokers listed and each partition's leader in one broker's own Metadata v1
+    answer (a client library would ask whichever broker it likes)."""
+    corr = 7
+    body = request_header(3, 1, corr) + i32(1) + string(topic)
+    r = Reader(roundtrip_request(broker, body))
+    assert r.i32() == corr
+    brokers = set()
+    for _ in range(r.i32()):
+        brokers.add(r.i32())
+        r.string()
+        r.i32()
+        r.string()
+    r.i32()  # controller
+    leaders = {}
+    for _ in range(r.i32()):
+        r.i16(), r.string(), r.i8()
+        for _ in range(r.i32()):
+            r.i16()
+            partition, leader = r.i32(), r.i32()
+            leaders[partition] = leader
+            for _ in range(2):  # replicas, isr
+                for _ in range(r.i32()):
+                    r.i32()
+    return brokers, leaders
+
+
 def cut_and_heal(fleet, cut, heal, what: str) -> None:
     """Cuts broker 1 off (`cut`), checks its partitions take writes elsewhere within
     lease + deadline + 2 s, heals it two leases into the cut, checks nothing moves back
@@ -107,7 +135,12 @@ def cut_and_heal(fleet, cut, heal, what: str) -> None:
         m1 = scrape_metrics(b1.http_port)
         assert metric_sum(m1, "strata_store_reachable", store=what) == 0
         assert metric_sum(m1, "strata_partitions") == 0
-        assert set(wait_led_by(b2.bootstrap, topic, {2, 3}).values()) == {2, 3}
+        now_led = wait_led_by(b2.bootstrap, topic, {2, 3})
+        # Clients still asking broker 1 are sent where its partitions went: it names
+        # its peers and the same leaders the others do, never "no leader".
+        brokers, named = metadata_of(b1, topic)
+        assert {2, 3} <= brokers, f"broker 1 lists only brokers {sorted(brokers)}"
+        assert named == now_led, f"broker 1 names {named}, the others {now_led}"
         # Two leases into the cut, heal it: nothing moves back during the hold-down.
         time.sleep(max(0.0, 2 * LEASE_MS / 1000 - (time.monotonic() - started)))
         heal()
