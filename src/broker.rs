@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -160,7 +160,10 @@ impl Broker {
         let tasks = Arc::new(crate::tasks::Tasks::new());
         membership.spawn(&tasks);
         let ownership = Arc::new(Ownership::new(membership.clone()));
-        let (flush_tx, flush_rx) = mpsc::channel(config.wal_flush_queue_length);
+        let (flush_tx, flush_rx) = crate::wal::FlushQueue::new(
+            config.wal_flush_queue_length,
+            config.wal_flush_queue_bytes,
+        );
         let flusher = Flusher::new(
             FlusherConfig {
                 broker_id: config.broker_id,
@@ -400,7 +403,7 @@ impl Broker {
     /// Depths of the broker's queues against their capacities, for the scrape:
     /// (queue, depth, capacity); per-partition and per-group queues report the fullest.
     pub(crate) fn queue_depths(&self) -> Vec<(&'static str, usize, usize)> {
-        let flusher = &self.log.flusher;
+        let (flush_batches, flush_bytes) = self.log.flusher.depth();
         let controller = self.controller.depth();
         let partitions = self
             .topics()
@@ -410,11 +413,8 @@ impl Broker {
             .max()
             .unwrap_or(0);
         let mut depths = vec![
-            (
-                "wal_flush",
-                flusher.max_capacity() - flusher.capacity(),
-                flusher.max_capacity(),
-            ),
+            ("wal_flush", flush_batches.0, flush_batches.1),
+            ("wal_flush_bytes", flush_bytes.0, flush_bytes.1),
             ("partition", partitions, self.config.partition_queue_length),
             (
                 "group",

@@ -329,6 +329,11 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "largest a record batch may be once decompressed, where the broker looks inside one (the key check on compacted topics, the compactor); a larger one is refused as CORRUPT_MESSAGE",
     ),
     def(
+        "wal.flush.queue.bytes",
+        "67108864",
+        "bytes of batches queued for the write-ahead flusher; a produce request waits for room before its batches reach the partition (an append larger than this takes all of it)",
+    ),
+    def(
         "group.queue.length",
         "256",
         "requests queued for one consumer group's coordinator task",
@@ -651,6 +656,7 @@ pub struct Config {
     pub queued_max_request_bytes: usize,
     pub partition_queue_length: usize,
     pub wal_flush_queue_length: usize,
+    pub wal_flush_queue_bytes: usize,
     pub batch_decompressed_max_bytes: usize,
     pub group_queue_length: usize,
     pub controller_queue_length: usize,
@@ -827,6 +833,7 @@ impl Config {
             queued_max_request_bytes: positive("queued.max.request.bytes")? as usize,
             partition_queue_length: positive("partition.queue.length")? as usize,
             wal_flush_queue_length: positive("wal.flush.queue.length")? as usize,
+            wal_flush_queue_bytes: positive("wal.flush.queue.bytes")? as usize,
             batch_decompressed_max_bytes: positive("batch.decompressed.max.bytes")? as usize,
             group_queue_length: positive("group.queue.length")? as usize,
             controller_queue_length: positive("controller.queue.length")? as usize,

@@ -26,6 +26,7 @@ use crate::log::codec::Codec;
 use crate::log::partition::{AppendError, AppendOk, PartitionCmd, PartitionHandle};
 use crate::log::records::{self, RecordsError};
 use crate::protocol::ProduceOrder;
+use crate::wal::ReserveError;
 
 /// Longest an `acks=all` produce waits, whatever timeout the client asks for.
 const MAX_PRODUCE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -257,11 +258,40 @@ pub(crate) async fn produce(
                         r + v.header.record_count.max(0) as u64,
                     )
                 });
+                // Room in the flusher's queue first: the owner never waits for it.
+                // An `acks=0/1` request's timeout does not apply to it (as in Kafka);
+                // its wait is bounded all the same.
+                let shared = handle.shared.clone();
+                let reserve = broker
+                    .log
+                    .flusher
+                    .reserve(counts.0 as usize, || shared.is_serving());
+                let room_timeout = if acks == -1 {
+                    timeout
+                } else {
+                    MAX_PRODUCE_TIMEOUT
+                };
+                let queue_bytes = match tokio::time::timeout(room_timeout, reserve).await {
+                    Ok(Ok(bytes)) => Ok(bytes),
+                    Ok(Err(ReserveError::NotServing)) => Err(ResponseError::NotLeaderOrFollower),
+                    Ok(Err(ReserveError::Closed)) => {
+                        Err(errors::append_error(&AppendError::NotDurable))
+                    }
+                    Err(_) => Err(ResponseError::RequestTimedOut),
+                };
+                let queue_bytes = match queue_bytes {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        *p = Prepared::Refused(refused(index, e, None));
+                        continue;
+                    }
+                };
                 let (tx, rx) = oneshot::channel();
                 let cmd = PartitionCmd::Append {
                     batches,
                     acks,
                     arrived,
+                    queue_bytes: Some(queue_bytes),
                     reply: tx,
                 };
                 *p = if handle.cmd.send(cmd).await.is_ok() {

@@ -42,7 +42,7 @@ pub(crate) struct LogContext {
     pub store: Arc<tiering::Store>,
     pub blocks: Arc<tiering::BlockCache>,
     pub meta: Arc<dyn MetadataStore>,
-    pub flusher: mpsc::Sender<FlushItem>,
+    pub flusher: crate::wal::FlushQueue,
     pub cache_dir: PathBuf,
     /// Whether the cache disk takes writes now.
     pub disk: Arc<CacheDisk>,
@@ -162,6 +162,8 @@ pub(crate) enum PartitionCmd {
         acks: i16,
         /// When the request reached the broker.
         arrived: std::time::Instant,
+        /// The batches' room in the flusher's queue, reserved by the handler.
+        queue_bytes: Option<crate::wal::QueueBytes>,
         reply: AppendReply,
     },
     /// DeleteRecords: raise the log start offset (`-1` = the high watermark).
@@ -443,8 +445,12 @@ impl Owner {
                 batches,
                 acks,
                 arrived,
+                queue_bytes,
                 reply,
-            } => self.append(batches, acks, arrived, reply).await,
+            } => {
+                self.append(batches, acks, arrived, queue_bytes, reply)
+                    .await
+            }
             PartitionCmd::DeleteRecords { offset, reply } => {
                 let result = self.delete_records(offset).await;
                 let _ = reply.send(result);
@@ -486,6 +492,7 @@ impl Owner {
         batches: Vec<ValidBatch>,
         acks: i16,
         arrived: std::time::Instant,
+        mut queue_bytes: Option<crate::wal::QueueBytes>,
         reply: AppendReply,
     ) {
         if !self.shared.is_serving() {
@@ -503,7 +510,8 @@ impl Owner {
                 return;
             }
         };
-        for b in appended.batches {
+        let last = appended.batches.len().saturating_sub(1);
+        for (i, b) in appended.batches.into_iter().enumerate() {
             let item = FlushItem {
                 key: self.key,
                 stream: self.stream.clone(),
@@ -518,7 +526,9 @@ impl Owner {
                 urgent: acks == -1,
                 arrived,
             };
-            if self.ctx.flusher.send(item).await.is_err() {
+            // The last batch holds the append's room: the queue is taken in order.
+            let bytes = if i == last { queue_bytes.take() } else { None };
+            if self.ctx.flusher.send(item, bytes).await.is_err() {
                 let _ = reply.send(Err(AppendError::NotDurable));
                 return;
             }

@@ -53,6 +53,110 @@ pub(crate) enum FlushNotice {
 /// One stamped batch on its way to the next write-ahead object.
 pub(crate) type FlushItem = core::FlushItem<mpsc::UnboundedSender<FlushNotice>>;
 
+/// A share of the flusher queue's byte budget, held from before a batch is handed to its
+/// partition's owner until the flusher takes the batch into its (bounded) buffer.
+pub(crate) type QueueBytes = tokio::sync::OwnedSemaphorePermit;
+
+/// A batch in the flusher's queue, with the bytes it holds of the queue's budget (the
+/// last batch of an append holds the whole append's; `None` for none).
+pub(crate) struct Queued {
+    item: FlushItem,
+    _bytes: Option<QueueBytes>,
+}
+
+/// Why no room was reserved in the flusher's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReserveError {
+    /// The partition stopped being served while its batches waited for room.
+    NotServing,
+    /// The flusher has stopped.
+    Closed,
+}
+
+/// The way to the flusher: at most `wal.flush.queue.length` batches and
+/// `wal.flush.queue.bytes` bytes queued. Batches vary from bytes to a megabyte, and an
+/// `acks=1` producer faster than the store is answered as soon as its batch is queued,
+/// so without the byte bound the queue alone could hold gigabytes.
+///
+/// The bytes are reserved by the produce handler before it hands the batches to the
+/// partition's owner (`reserve`), never by the owner: an owner waiting for room could
+/// not take the hand-off or stop that frees it. A handler waiting for room holds back its
+/// connection's later produce requests, and past `queued.max.request.bytes` the broker
+/// stops reading requests at all: the excess waits in the clients.
+#[derive(Debug, Clone)]
+pub(crate) struct FlushQueue {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<tokio::sync::Semaphore>,
+    max_bytes: usize,
+}
+
+impl FlushQueue {
+    pub(crate) fn new(length: usize, max_bytes: usize) -> (FlushQueue, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(length.max(1));
+        let max_bytes = max_bytes.clamp(
+            1,
+            tokio::sync::Semaphore::MAX_PERMITS.min(u32::MAX as usize),
+        );
+        let queue = FlushQueue {
+            tx,
+            bytes: Arc::new(tokio::sync::Semaphore::new(max_bytes)),
+            max_bytes,
+        };
+        (queue, rx)
+    }
+
+    /// Waits for room for `bytes` (an append larger than the whole budget takes all of
+    /// it), giving up once `serving` says the partition is no longer served here. The
+    /// wait keeps its place in line.
+    pub(crate) async fn reserve(
+        &self,
+        bytes: usize,
+        serving: impl Fn() -> bool,
+    ) -> Result<QueueBytes, ReserveError> {
+        let want = bytes.clamp(1, self.max_bytes) as u32;
+        let acquire = self.bytes.clone().acquire_many_owned(want);
+        tokio::pin!(acquire);
+        let mut check = clock::interval(SERVING_CHECK);
+        loop {
+            tokio::select! {
+                permit = &mut acquire => return permit.map_err(|_| ReserveError::Closed),
+                _ = check.tick() => if !serving() {
+                    return Err(ReserveError::NotServing);
+                },
+            }
+        }
+    }
+
+    /// Queues a batch (waiting only for a free slot of `wal.flush.queue.length`);
+    /// `Err` once the flusher has stopped.
+    pub(crate) async fn send(&self, item: FlushItem, bytes: Option<QueueBytes>) -> Result<(), ()> {
+        self.tx
+            .send(Queued {
+                item,
+                _bytes: bytes,
+            })
+            .await
+            .map_err(|_| ())
+    }
+
+    /// (batches queued, their capacity) and (bytes reserved, their capacity).
+    pub(crate) fn depth(&self) -> ((usize, usize), (usize, usize)) {
+        let batches = (
+            self.tx.max_capacity() - self.tx.capacity(),
+            self.tx.max_capacity(),
+        );
+        let bytes = (
+            self.max_bytes - self.bytes.available_permits(),
+            self.max_bytes,
+        );
+        (batches, bytes)
+    }
+}
+
+/// How often a produce waiting for room in the flusher's queue checks that its
+/// partition is still served here.
+const SERVING_CHECK: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone)]
 pub(crate) struct FlusherConfig {
     pub broker_id: i32,
@@ -96,7 +200,7 @@ impl Flusher {
     /// core hands out one commit at a time, in flush order.
     pub(crate) async fn run(
         self,
-        mut rx: mpsc::Receiver<FlushItem>,
+        mut rx: mpsc::Receiver<Queued>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let c = &self.config;
@@ -147,7 +251,8 @@ impl Flusher {
                     rx.close();
                 }
                 item = rx.recv(), if open && core.accepts() => match item {
-                    Some(item) => core.add(item, clock::instant()),
+                    // The batch leaves the queue's byte budget for the buffer's.
+                    Some(queued) => core.add(queued.item, clock::instant()),
                     None => open = false,
                 },
                 _ = clock::sleep_until(wake), if wake.is_some() => {}
@@ -278,4 +383,67 @@ pub(crate) async fn collect_garbage(
     }
     meta.forget_wal_objects(&keys).await?;
     Ok(keys.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    fn item() -> FlushItem {
+        FlushItem {
+            key: crate::metadata::PartitionKey {
+                topic_id: uuid::Uuid::nil(),
+                partition: 0,
+            },
+            stream: Arc::from("s"),
+            leader_epoch: 1,
+            gen: 0,
+            base_offset: 0,
+            end_offset: 1,
+            max_timestamp: 0,
+            batch: bytes::Bytes::from_static(b"x"),
+            producer: None,
+            notify: mpsc::unbounded_channel().0,
+            urgent: true,
+            arrived: clock::instant(),
+        }
+    }
+
+    /// The queue holds at most its byte budget: a reservation that does not fit waits
+    /// until the flusher takes a batch out, and gives up once its partition is no longer
+    /// served; an append larger than the budget takes all of it.
+    #[tokio::test]
+    async fn the_flush_queue_is_bounded_in_bytes() {
+        let (queue, mut rx) = FlushQueue::new(100, 10);
+        let serving = AtomicBool::new(true);
+        let first = queue.reserve(6, || true).await.expect("fits");
+        queue.send(item(), Some(first)).await.expect("queued");
+        assert_eq!(queue.depth().1, (6, 10));
+
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(300),
+            queue.reserve(6, || serving.load(Ordering::Relaxed)),
+        )
+        .await;
+        assert!(waiting.is_err(), "a second append over the budget waits");
+        let gives_up = queue.reserve(6, || serving.load(Ordering::Relaxed));
+        serving.store(false, Ordering::Relaxed);
+        assert_eq!(gives_up.await.err(), Some(ReserveError::NotServing));
+
+        drop(rx.recv().await.expect("the first batch"));
+        assert_eq!(queue.depth().1, (0, 10), "taking it out frees its bytes");
+        let huge = queue
+            .reserve(25, || true)
+            .await
+            .expect("takes the whole budget");
+        assert_eq!(queue.depth().1, (10, 10));
+        drop(huge);
+        assert_eq!(
+            queue.depth().1,
+            (0, 10),
+            "an append refused by its owner frees its room"
+        );
+    }
 }
