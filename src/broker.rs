@@ -42,6 +42,8 @@ pub(crate) struct Broker {
     /// Object-store blocks in memory and on local disk, for reads of sealed segments.
     pub blocks: Arc<tiering::BlockCache>,
     pub groups: Arc<crate::group::Coordinator>,
+    /// The transaction coordinator of the transactional ids whose slots it holds.
+    pub txns: Arc<crate::txn::TxnCoordinator>,
     /// The topics and the partition tasks this broker runs (handlers only read it).
     pub registry: Arc<TopicRegistry>,
     /// The one task that changes what this broker serves: topic admin, ownership.
@@ -241,7 +243,21 @@ impl Broker {
             controller.clone(),
         );
         let registry = Arc::new(TopicRegistry::default());
-        let broker = Arc::new(Broker {
+        let txn_config = crate::txn::TxnConfig {
+            max_timeout_ms: config.transaction_max_timeout_ms,
+            id_expiration_ms: config.transactional_id_expiration_ms,
+            max_open: config.transaction_max_open,
+        };
+        let broker = Arc::new_cyclic(|weak| Broker {
+            txns: crate::txn::TxnCoordinator::new(
+                meta.clone(),
+                ownership.clone(),
+                txn_config,
+                Arc::new(BrokerMarkers {
+                    broker: weak.clone(),
+                }),
+                tasks.clone(),
+            ),
             groups,
             config,
             store,
@@ -280,6 +296,7 @@ impl Broker {
             broker.tasks.cancelled(),
         ));
         broker.spawn_disk_check();
+        broker.spawn_txn_timeouts();
         broker.spawn_health_check();
         broker.spawn_wal_gc();
         broker.spawn_orphan_collector();
@@ -313,6 +330,20 @@ impl Broker {
         self.spawn_every(every, |b| async move {
             let disk = b.log.disk.clone();
             let _ = tokio::task::spawn_blocking(move || disk.check()).await;
+        });
+    }
+
+    /// Aborts transactions open past their timeout and forgets idle transactional ids
+    /// (`transaction.abort.timed.out.transaction.cleanup.interval.ms`), and drops the
+    /// ids of slots given up.
+    fn spawn_txn_timeouts(self: &Arc<Self>) {
+        let every = Duration::from_millis(
+            self.config
+                .transaction_abort_timed_out_transaction_cleanup_interval_ms,
+        );
+        self.spawn_every(every, |b| async move {
+            b.txns.drop_unheld().await;
+            b.txns.check_timeouts().await;
         });
     }
 
@@ -582,5 +613,91 @@ mod tests {
             .await
             .expect("the controller serves again");
         broker.shutdown().await;
+    }
+}
+
+/// Why a marker was not written to a partition of this broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MarkerWriteError {
+    /// This broker does not serve the partition (or the topic is unknown here).
+    NotServed(kafka_protocol::ResponseError),
+    /// The owner task refused or could not commit it.
+    Refused(crate::log::partition::AppendError),
+}
+
+impl Broker {
+    /// Writes a transaction marker to a partition this broker owns, answered once it is
+    /// committed.
+    pub(crate) async fn write_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        marker: crate::log::marker::Marker,
+    ) -> Result<(), MarkerWriteError> {
+        use crate::log::partition::{AppendError, PartitionCmd};
+        let handle =
+            serve(self.topic(topic).as_ref(), partition).map_err(MarkerWriteError::NotServed)?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        handle
+            .cmd
+            .send(PartitionCmd::WriteMarker { marker, reply })
+            .await
+            .map_err(|_| MarkerWriteError::Refused(AppendError::NotLeader))?;
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(MarkerWriteError::Refused(e)),
+            Err(_) => Err(MarkerWriteError::Refused(AppendError::NotLeader)),
+        }
+    }
+}
+
+/// The broker's [`crate::txn::MarkerWriter`]: the owner task when this broker owns the
+/// partition, the owning broker otherwise (a weak reference: the broker owns its
+/// coordinator).
+#[derive(Debug)]
+struct BrokerMarkers {
+    broker: std::sync::Weak<Broker>,
+}
+
+#[async_trait::async_trait]
+impl crate::txn::MarkerWriter for BrokerMarkers {
+    async fn write(
+        &self,
+        topic: &str,
+        partition: i32,
+        marker: crate::log::marker::Marker,
+    ) -> crate::txn::MarkerOutcome {
+        use crate::log::partition::AppendError;
+        use crate::txn::MarkerOutcome;
+        let Some(broker) = self.broker.upgrade() else {
+            return MarkerOutcome::Retry("the broker is stopping".into());
+        };
+        let Some(t) = broker.topic(topic) else {
+            return MarkerOutcome::Skip("the topic no longer exists".into());
+        };
+        if partition < 0 || partition >= t.partition_count() {
+            return MarkerOutcome::Skip("the partition no longer exists".into());
+        }
+        if t.partition(partition).is_ok() {
+            return match broker.write_marker(topic, partition, marker).await {
+                Ok(()) => MarkerOutcome::Written,
+                Err(MarkerWriteError::Refused(e @ AppendError::Marker(_))) => {
+                    MarkerOutcome::Skip(e.to_string())
+                }
+                Err(e) => MarkerOutcome::Retry(format!("{e:?}")),
+            };
+        }
+        let live = broker.membership.live();
+        let Some(owner) = broker
+            .ownership
+            .leader(&live, &t.key(partition))
+            .broker_id
+            .filter(|id| *id != broker.config.broker_id)
+            .and_then(|id| live.iter().find(|b| b.broker_id == id))
+        else {
+            return MarkerOutcome::Retry("the partition has no owner now".into());
+        };
+        let addr = format!("{}:{}", owner.host, owner.port);
+        crate::markers::outcome(crate::markers::write_remote(&addr, topic, partition, marker).await)
     }
 }

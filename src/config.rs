@@ -395,6 +395,26 @@ pub(crate) const SETTINGS: &[SettingDef] = &[
         "how often expired committed offsets are deleted",
     ),
     def(
+        "transaction.max.timeout.ms",
+        "900000",
+        "longest transaction timeout a producer may ask for (transaction.timeout.ms); longer requests get INVALID_TRANSACTION_TIMEOUT",
+    ),
+    def(
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms",
+        "10000",
+        "how often the transaction coordinator aborts transactions open past their timeout (fencing their producers) and forgets expired transactional ids",
+    ),
+    def(
+        "transactional.id.expiration.ms",
+        "604800000",
+        "a transactional id with no transaction open and no request for this long is forgotten",
+    ),
+    def(
+        "transaction.max.open",
+        "10000",
+        "transactions open at once on one broker's coordinator; beyond it, starting one gets COORDINATOR_LOAD_IN_PROGRESS and the producer retries",
+    ),
+    def(
         "offset.metadata.max.bytes",
         "4096",
         "longest metadata string an offset commit may carry",
@@ -673,6 +693,10 @@ pub struct Config {
     pub offsets_retention_ms: i64,
     pub offsets_retention_check_interval_ms: u64,
     pub offset_metadata_max_bytes: usize,
+    pub transaction_max_timeout_ms: i32,
+    pub transaction_abort_timed_out_transaction_cleanup_interval_ms: u64,
+    pub transactional_id_expiration_ms: i64,
+    pub transaction_max_open: usize,
     pub auto_create_topics: bool,
     pub num_partitions: i32,
     /// Broker-wide topic defaults.
@@ -857,6 +881,13 @@ impl Config {
                 as i64,
             offsets_retention_check_interval_ms: positive("offsets.retention.check.interval.ms")?,
             offset_metadata_max_bytes: positive("offset.metadata.max.bytes")? as usize,
+            transaction_max_timeout_ms: i32::try_from(positive("transaction.max.timeout.ms")?)
+                .context("transaction.max.timeout.ms out of range")?,
+            transaction_abort_timed_out_transaction_cleanup_interval_ms: positive(
+                "transaction.abort.timed.out.transaction.cleanup.interval.ms",
+            )?,
+            transactional_id_expiration_ms: positive("transactional.id.expiration.ms")? as i64,
+            transaction_max_open: positive("transaction.max.open")? as usize,
             auto_create_topics,
             num_partitions: i32::try_from(positive("num.partitions")?)
                 .context("num.partitions out of range")?,

@@ -23,6 +23,7 @@ mod handlers;
 mod health;
 mod http;
 mod log;
+mod markers;
 mod membership;
 mod metadata;
 mod metrics;
@@ -35,4 +36,5 @@ mod server;
 #[cfg(test)]
 mod sim;
 mod tasks;
+mod txn;
 mod wal;

@@ -49,6 +49,9 @@ pub(crate) struct Metrics {
     pub produce_stage_seconds: HistogramVec,
     pub orphans_deleted: IntCounterVec,
     pub compaction_passes: IntCounterVec,
+    pub txn_outcomes: IntCounterVec,
+    pub txn_open: IntGauge,
+    pub txn_oldest_open_seconds: IntGauge,
     pub compaction_bytes: IntCounterVec,
     pub compaction_records: IntCounterVec,
     pub compaction_objects: IntCounterVec,
@@ -262,6 +265,25 @@ pub(crate) fn metrics() -> &'static Metrics {
                 "strata_group_rebalances_total",
                 "rebalances completed per consumer group (new classic generations and consumer-protocol group epochs)",
                 &["consumergroup"],
+            ),
+            txn_outcomes: zeroed(
+                counter_vec(
+                    &registry,
+                    "strata_transactions_total",
+                    "transactions this broker's coordinator ended, by outcome: committed, aborted (by the producer), timed_out (aborted by the coordinator, its producer fenced)",
+                    &["outcome"],
+                ),
+                &["committed", "aborted", "timed_out"],
+            ),
+            txn_open: gauge(
+                &registry,
+                "strata_transactions_open",
+                "transactions open on this broker's coordinator (refreshed at scrape time)",
+            ),
+            txn_oldest_open_seconds: gauge(
+                &registry,
+                "strata_transaction_oldest_open_seconds",
+                "age of the oldest transaction open on this broker's coordinator (0: none; refreshed at scrape time)",
             ),
             compaction_passes: zeroed(
                 counter_vec(

@@ -82,6 +82,12 @@ fn successor(live: &[BrokerRecord], key: &PartitionKey, me: i32) -> Option<i32> 
     )
 }
 
+/// The coordinator slot of a transactional id: the same slots as groups, hashed apart
+/// (a group and a transactional id of the same name may land on different slots).
+pub(crate) fn txn_slot(transactional_id: &str, slots: i32) -> i32 {
+    (hash(&[b"txn", transactional_id.as_bytes()]) % slots.max(1) as u64) as i32
+}
+
 /// The coordinator slot of a group.
 pub(crate) fn group_slot(group: &str, slots: i32) -> i32 {
     (hash(&[group.as_bytes()]) % slots.max(1) as u64) as i32
@@ -357,12 +363,45 @@ impl Ownership {
 
     /// The fence for a group's offset commits if this broker coordinates it.
     pub(crate) fn group_fence(&self, group: &str) -> Option<Fence> {
-        let key = self.group_key(group)?;
+        self.held_fence(self.group_key(group)?)
+    }
+
+    /// The slot key of a transactional id, once the internal topic is known.
+    pub(crate) fn txn_slot_of(&self, transactional_id: &str) -> Option<PartitionKey> {
+        let slots = self.slots.read().expect("slots lock poisoned");
+        slots.topic.map(|(topic_id, count)| PartitionKey {
+            topic_id,
+            partition: txn_slot(transactional_id, count),
+        })
+    }
+
+    /// The fence for a transactional id's records if this broker coordinates it.
+    pub(crate) fn txn_fence(&self, transactional_id: &str) -> Option<Fence> {
+        self.held_fence(self.txn_slot_of(transactional_id)?)
+    }
+
+    /// The broker that coordinates a transactional id (FindCoordinator).
+    pub(crate) fn txn_coordinator(&self, transactional_id: &str) -> Option<BrokerRecord> {
+        self.slot_owner(self.txn_slot_of(transactional_id)?)
+    }
+
+    fn held_fence(&self, key: PartitionKey) -> Option<Fence> {
         let slots = self.slots.read().expect("slots lock poisoned");
         slots.held.get(&key.partition).map(|(epoch, _)| Fence {
             key,
             leader_epoch: *epoch,
         })
+    }
+
+    /// The broker serving a slot: this one while it holds it, otherwise the owner the
+    /// ownership view names.
+    fn slot_owner(&self, key: PartitionKey) -> Option<BrokerRecord> {
+        if self.held_fence(key).is_some() {
+            return Some(self.membership.me());
+        }
+        let live = self.membership.live();
+        let id = self.leader(&live, &key).broker_id?;
+        live.into_iter().find(|b| b.broker_id == id)
     }
 
     /// How long this broker has coordinated a group's slot (`None`: it does not).
@@ -377,12 +416,7 @@ impl Ownership {
 
     /// The broker that coordinates a group (FindCoordinator).
     pub(crate) fn coordinator(&self, group: &str) -> Option<BrokerRecord> {
-        if self.group_fence(group).is_some() {
-            return Some(self.membership.me());
-        }
-        let live = self.membership.live();
-        let id = self.leader(&live, &self.group_key(group)?).broker_id?;
-        live.into_iter().find(|b| b.broker_id == id)
+        self.slot_owner(self.group_key(group)?)
     }
 }
 

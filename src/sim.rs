@@ -513,6 +513,7 @@ impl Sim {
                     max_timestamp: b.max_timestamp,
                     batch: b.bytes,
                     producer: b.producer,
+                    aborted: b.aborted,
                     notify: p,
                     urgent: urgent_flush,
                     arrived: self.now,

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::clock::now_ms;
-use crate::metadata::{CommittedOffset, MetaError, MetadataStore};
+use crate::metadata::{CommittedOffset, MetaError, MetadataStore, TxnOffsetRecord};
 use crate::ownership::Ownership;
 use classic::{Event, Group, GroupLimits, GroupState, JoinResult, Reply, SyncResult};
 use consumer::{ConsumerGroup, ConsumerLimits, Heartbeat, HeartbeatReply};
@@ -76,6 +76,8 @@ enum GroupCmd {
         instance_id: Option<String>,
         generation: i32,
         offsets: Vec<CommittedOffset>,
+        /// TxnOffsetCommit: the producer whose transaction the offsets belong to.
+        producer_id: Option<i64>,
         reply: oneshot::Sender<Result<(), CommitError>>,
     },
     Describe(oneshot::Sender<GroupSummary>),
@@ -213,6 +215,10 @@ impl Coordinator {
     }
 
     /// Validates membership and stores offsets, serialized with the group's other events.
+    /// OffsetCommit, or with `producer_id` TxnOffsetCommit: the offsets are stored
+    /// pending until the producer's transaction commits. A transactional commit that
+    /// names no member (generation below 0) is not checked against the group, as in
+    /// Kafka.
     pub(crate) async fn commit(
         &self,
         group_id: &str,
@@ -220,6 +226,7 @@ impl Coordinator {
         instance_id: Option<String>,
         generation: i32,
         offsets: Vec<CommittedOffset>,
+        producer_id: Option<i64>,
     ) -> Result<(), CommitError> {
         let tx = self
             .handle(group_id, true)
@@ -231,6 +238,7 @@ impl Coordinator {
             instance_id,
             generation,
             offsets,
+            producer_id,
             reply,
         };
         tx.send(cmd)
@@ -489,16 +497,35 @@ async fn run_group(
                     let _ = reply.send(matches!(kind, Kind::Consumer).then(|| consumer.clone()));
                     Vec::new()
                 }
-                Some(GroupCmd::Commit { member_id, instance_id, generation, offsets, reply }) => {
+                Some(GroupCmd::Commit { member_id, instance_id, generation, offsets, producer_id, reply }) => {
+                    let unchecked = producer_id.is_some() && member_id.is_empty() && generation < 0;
                     let valid = match kind {
+                        _ if unchecked => Ok(()),
                         Kind::Classic => group.validate_commit(&member_id, instance_id.as_deref(), generation),
                         Kind::Consumer => consumer.validate_commit(&member_id, generation),
                     };
                     let fence = ownership.group_fence(&group.id);
+                    let stored = |fence| {
+                        let meta = meta.clone();
+                        let group = group.id.clone();
+                        let offsets = offsets.clone();
+                        async move {
+                            match producer_id {
+                                None => meta.commit_offsets(&group, &offsets, fence).await,
+                                Some(producer_id) => {
+                                    let pending: Vec<TxnOffsetRecord> = offsets
+                                        .into_iter()
+                                        .map(|offset| TxnOffsetRecord { producer_id, offset })
+                                        .collect();
+                                    meta.commit_txn_offsets(&group, &pending, fence).await
+                                }
+                            }
+                        }
+                    };
                     let result = match (valid, fence) {
                         (Err(e), _) => Err(CommitError::Group(e)),
                         (Ok(()), None) => Err(CommitError::Group(ResponseError::NotCoordinator)),
-                        (Ok(()), fence) => match meta.commit_offsets(&group.id, &offsets, fence).await {
+                        (Ok(()), fence) => match stored(fence).await {
                             Ok(()) => Ok(()),
                             Err(MetaError::Fenced(_)) => {
                                 warn!(group = %group.id, "offset commit fenced: another broker coordinates the group now");

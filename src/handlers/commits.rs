@@ -20,7 +20,7 @@ use kafka_protocol::messages::{
     ConsumerProtocolSubscription, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, TopicName,
 };
-use kafka_protocol::protocol::Decodable;
+use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
 
 use super::str_bytes;
@@ -30,119 +30,236 @@ use crate::group::CommitError;
 use crate::metadata::CommittedOffset;
 
 /// A partition of a commit: the offset to store, or its own error.
-type PartitionCheck = (i32, Result<CommittedOffset, ResponseError>);
+pub(crate) type PartitionCheck = (i32, Result<CommittedOffset, ResponseError>);
+
+/// One partition of a commit request as sent: (partition, offset, leader epoch,
+/// metadata).
+pub(crate) type OffsetIn<'a> = (i32, i64, i32, Option<&'a StrBytes>);
+
+/// Checks each partition of a commit (it exists, its metadata fits); the offsets that
+/// pass are stamped with the commit time.
+pub(crate) fn check_offsets<'a>(
+    broker: &Broker,
+    topics: impl IntoIterator<Item = (&'a TopicName, Vec<OffsetIn<'a>>)>,
+) -> Vec<(TopicName, Vec<PartitionCheck>)> {
+    let max_metadata = broker.groups.config.offset_metadata_max_bytes;
+    let now = now_ms();
+    topics
+        .into_iter()
+        .map(|(name, parts)| {
+            let topic = broker.topic(&name.0);
+            let parts = parts
+                .into_iter()
+                .map(|(partition, offset, leader_epoch, metadata)| {
+                    let exists = topic
+                        .as_ref()
+                        .is_some_and(|t| partition >= 0 && partition < t.partition_count());
+                    let metadata = metadata.map(|m| m.to_string()).unwrap_or_default();
+                    let r = if !exists {
+                        Err(ResponseError::UnknownTopicOrPartition)
+                    } else if metadata.len() > max_metadata {
+                        Err(ResponseError::OffsetMetadataTooLarge)
+                    } else {
+                        Ok(CommittedOffset {
+                            topic: name.0.to_string(),
+                            partition,
+                            offset,
+                            leader_epoch,
+                            metadata,
+                            commit_timestamp_ms: now,
+                        })
+                    };
+                    (partition, r)
+                })
+                .collect();
+            (name.clone(), parts)
+        })
+        .collect()
+}
+
+/// Hands the offsets that passed their checks to the group's coordinator (with a
+/// producer: pending in its transaction); the error every such partition answers.
+pub(crate) async fn commit_checked(
+    broker: &Broker,
+    group: &str,
+    member: (String, Option<String>, i32),
+    producer_id: Option<i64>,
+    checked: &[(TopicName, Vec<PartitionCheck>)],
+) -> Option<ResponseError> {
+    let offsets: Vec<CommittedOffset> = checked
+        .iter()
+        .flat_map(|(_, ps)| ps.iter().filter_map(|(_, r)| r.as_ref().ok().cloned()))
+        .collect();
+    if group.is_empty() {
+        return Some(ResponseError::InvalidGroupId);
+    }
+    if offsets.is_empty() {
+        return None;
+    }
+    let (member_id, instance_id, generation) = member;
+    match broker
+        .groups
+        .commit(
+            group,
+            member_id,
+            instance_id,
+            generation,
+            offsets,
+            producer_id,
+        )
+        .await
+    {
+        Ok(()) => None,
+        Err(CommitError::Group(e)) | Err(CommitError::Store(e)) => Some(e),
+    }
+}
+
+/// Each partition's answer: its own error, else the commit's.
+pub(crate) fn partition_errors(
+    checked: Vec<(TopicName, Vec<PartitionCheck>)>,
+    group_error: Option<ResponseError>,
+) -> impl Iterator<Item = (TopicName, Vec<(i32, i16)>)> {
+    checked.into_iter().map(move |(name, parts)| {
+        let codes = parts
+            .into_iter()
+            .map(|(p, r)| (p, r.err().or(group_error).map_or(0, |e| e.code())))
+            .collect();
+        (name, codes)
+    })
+}
+
+/// The partitions of a commit request's topics as [`check_offsets`] takes them
+/// (OffsetCommit's and TxnOffsetCommit's generated types differ, their fields not).
+macro_rules! offsets_in {
+    ($topics:expr) => {
+        $topics.iter().map(|t| {
+            let parts = t
+                .partitions
+                .iter()
+                .map(|p| {
+                    (
+                        p.partition_index,
+                        p.committed_offset,
+                        p.committed_leader_epoch,
+                        p.committed_metadata.as_ref(),
+                    )
+                })
+                .collect();
+            (&t.name, parts)
+        })
+    };
+}
+
+/// A commit response's topics: each partition's code, in the API's generated types.
+macro_rules! commit_topics {
+    ($checked:expr, $error:expr, $topic:ident, $partition:ident) => {
+        $crate::handlers::commits::partition_errors($checked, $error)
+            .map(|(name, codes)| {
+                $topic::default().with_name(name).with_partitions(
+                    codes
+                        .into_iter()
+                        .map(|(p, code)| {
+                            $partition::default()
+                                .with_partition_index(p)
+                                .with_error_code(code)
+                        })
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+}
+pub(crate) use {commit_topics, offsets_in};
 
 pub(crate) async fn offset_commit(
     broker: &Arc<Broker>,
     req: OffsetCommitRequest,
 ) -> OffsetCommitResponse {
-    let max_metadata = broker.groups.config.offset_metadata_max_bytes;
-    let now = now_ms();
-    // Per (topic, partition): Ok(offset to store) or the partition's own error.
-    let mut checked: Vec<(TopicName, Vec<PartitionCheck>)> = Vec::new();
-    for t in &req.topics {
-        let topic = broker.topic(&t.name.0);
-        let parts = t
-            .partitions
-            .iter()
-            .map(|p| {
-                let exists = topic.as_ref().is_some_and(|t| {
-                    p.partition_index >= 0 && (p.partition_index as usize) < t.partitions.len()
-                });
-                let metadata = p
-                    .committed_metadata
-                    .as_ref()
-                    .map(|m| m.to_string())
-                    .unwrap_or_default();
-                let r = if !exists {
-                    Err(ResponseError::UnknownTopicOrPartition)
-                } else if metadata.len() > max_metadata {
-                    Err(ResponseError::OffsetMetadataTooLarge)
-                } else {
-                    Ok(CommittedOffset {
-                        topic: t.name.0.to_string(),
-                        partition: p.partition_index,
-                        offset: p.committed_offset,
-                        leader_epoch: p.committed_leader_epoch,
-                        metadata,
-                        commit_timestamp_ms: now,
-                    })
-                };
-                (p.partition_index, r)
-            })
-            .collect();
-        checked.push((t.name.clone(), parts));
-    }
-    let offsets: Vec<CommittedOffset> = checked
-        .iter()
-        .flat_map(|(_, ps)| ps.iter().filter_map(|(_, r)| r.as_ref().ok().cloned()))
-        .collect();
-    let group_error = if req.group_id.0.is_empty() {
-        Some(ResponseError::InvalidGroupId)
-    } else if offsets.is_empty() {
-        None
-    } else {
-        let result = broker
-            .groups
-            .commit(
-                &req.group_id.0,
-                req.member_id.to_string(),
-                req.group_instance_id.as_ref().map(|s| s.to_string()),
-                req.generation_id_or_member_epoch,
-                offsets,
-            )
-            .await;
-        match result {
-            Ok(()) => None,
-            Err(CommitError::Group(e)) | Err(CommitError::Store(e)) => Some(e),
-        }
-    };
-    let topics = checked
-        .into_iter()
-        .map(|(name, parts)| {
-            OffsetCommitResponseTopic::default()
-                .with_name(name)
-                .with_partitions(
-                    parts
-                        .into_iter()
-                        .map(|(p, r)| {
-                            let e = match r {
-                                Err(e) => Some(e),
-                                Ok(_) => group_error,
-                            };
-                            OffsetCommitResponsePartition::default()
-                                .with_partition_index(p)
-                                .with_error_code(e.map_or(0, |e| e.code()))
-                        })
-                        .collect(),
-                )
-        })
-        .collect();
+    let checked = check_offsets(broker, offsets_in!(req.topics));
+    let member = (
+        req.member_id.to_string(),
+        req.group_instance_id.as_ref().map(|s| s.to_string()),
+        req.generation_id_or_member_epoch,
+    );
+    let group_error = commit_checked(broker, &req.group_id.0, member, None, &checked).await;
+    let topics = commit_topics!(
+        checked,
+        group_error,
+        OffsetCommitResponseTopic,
+        OffsetCommitResponsePartition
+    );
     OffsetCommitResponse::default().with_topics(topics)
 }
 
-/// The committed offsets of one group for the requested partitions (None = all).
+/// One partition's answer: (partition, offset, leader epoch, metadata, error code).
+type FetchedOffset = (i32, i64, i32, String, i16);
+
+/// The committed offsets of one group for the requested partitions (None = all). With
+/// `require_stable` (KIP-447), a partition with an offset committed in a transaction
+/// not yet ended answers UNSTABLE_OFFSET_COMMIT, and the consumer asks again.
 async fn group_offsets(
     broker: &Arc<Broker>,
     group: &str,
     wanted: Option<Vec<(String, Vec<i32>)>>,
-) -> Result<Vec<(String, Vec<(i32, i64, i32, String)>)>, ResponseError> {
+    require_stable: bool,
+) -> Result<Vec<(String, Vec<FetchedOffset>)>, ResponseError> {
     broker.groups.check_coordinator(group)?;
     let stored = broker
         .meta
         .fetch_offsets(group)
         .await
         .map_err(|_| ResponseError::CoordinatorLoadInProgress)?;
-    let mut by_topic: BTreeMap<String, Vec<(i32, i64, i32, String)>> = BTreeMap::new();
+    let pending: HashSet<(String, i32)> = if require_stable {
+        broker
+            .meta
+            .pending_txn_offsets(group)
+            .await
+            .map_err(|_| ResponseError::CoordinatorLoadInProgress)?
+            .into_iter()
+            .map(|p| (p.offset.topic, p.offset.partition))
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let unstable = |topic: &str, p: i32| pending.contains(&(topic.to_owned(), p));
+    let answer = |topic: &str, p: i32, o: Option<&CommittedOffset>| -> FetchedOffset {
+        if unstable(topic, p) {
+            return (
+                p,
+                -1,
+                -1,
+                String::new(),
+                ResponseError::UnstableOffsetCommit.code(),
+            );
+        }
+        match o {
+            Some(o) => (p, o.offset, o.leader_epoch, o.metadata.clone(), 0),
+            None => (p, -1, -1, String::new(), 0),
+        }
+    };
+    let mut by_topic: BTreeMap<String, Vec<FetchedOffset>> = BTreeMap::new();
     match wanted {
         None => {
-            for o in stored {
-                by_topic.entry(o.topic).or_default().push((
+            for o in &stored {
+                by_topic.entry(o.topic.clone()).or_default().push(answer(
+                    &o.topic,
                     o.partition,
-                    o.offset,
-                    o.leader_epoch,
-                    o.metadata,
+                    Some(o),
                 ));
+            }
+            for (topic, p) in &pending {
+                if !stored
+                    .iter()
+                    .any(|o| &o.topic == topic && o.partition == *p)
+                {
+                    by_topic
+                        .entry(topic.clone())
+                        .or_default()
+                        .push(answer(topic, *p, None));
+                }
+            }
+            for parts in by_topic.values_mut() {
+                parts.sort_by_key(|p| p.0);
             }
             Ok(by_topic.into_iter().collect())
         }
@@ -157,10 +274,7 @@ async fn group_offsets(
                 .map(|(topic, partitions)| {
                     let parts = partitions
                         .into_iter()
-                        .map(|p| match by_partition.get(&(topic.as_str(), p)) {
-                            Some(o) => (p, o.offset, o.leader_epoch, o.metadata.clone()),
-                            None => (p, -1, -1, String::new()),
-                        })
+                        .map(|p| answer(&topic, p, by_partition.get(&(topic.as_str(), p)).copied()))
                         .collect();
                     (topic, parts)
                 })
@@ -181,12 +295,13 @@ macro_rules! offset_topics {
                     .with_partitions(
                         parts
                             .into_iter()
-                            .map(|(p, o, e, m)| {
+                            .map(|(p, o, e, m, code)| {
                                 $partition::default()
                                     .with_partition_index(p)
                                     .with_committed_offset(o)
                                     .with_committed_leader_epoch(e)
                                     .with_metadata(Some(str_bytes(m)))
+                                    .with_error_code(code)
                             })
                             .collect(),
                     )
@@ -221,7 +336,7 @@ pub(crate) async fn offset_fetch(
                     continue;
                 }
             }
-            match group_offsets(broker, &g.group_id.0, wanted).await {
+            match group_offsets(broker, &g.group_id.0, wanted, req.require_stable).await {
                 Ok(topics) => {
                     out.topics = offset_topics!(
                         topics,
@@ -240,7 +355,7 @@ pub(crate) async fn offset_fetch(
             .map(|t| (t.name.0.to_string(), t.partition_indexes))
             .collect()
     });
-    match group_offsets(broker, &req.group_id.0, wanted).await {
+    match group_offsets(broker, &req.group_id.0, wanted, req.require_stable).await {
         Ok(topics) => {
             resp.topics = offset_topics!(
                 topics,

@@ -5,7 +5,7 @@ use kafka_protocol::ResponseError;
 use crate::broker::TopicError;
 use crate::log::batch::BatchError;
 use crate::log::partition::{AppendError, DeleteRecordsError};
-use crate::log::producer::SeqError;
+use crate::log::producer::{MarkerError, SeqError};
 use crate::log::read::ReadError;
 use crate::metadata::MetaError;
 
@@ -51,8 +51,16 @@ pub(crate) fn append_error(e: &AppendError) -> ResponseError {
     match e {
         AppendError::Sequence(SeqError::OutOfOrder) => ResponseError::OutOfOrderSequenceNumber,
         AppendError::Sequence(SeqError::InvalidEpoch) => ResponseError::InvalidProducerEpoch,
+        AppendError::Sequence(SeqError::InvalidTxnState) => ResponseError::InvalidTxnState,
         AppendError::NotDurable | AppendError::DiskFull => ResponseError::KafkaStorageError,
         AppendError::NotLeader => ResponseError::NotLeaderOrFollower,
+        AppendError::Marker(MarkerError::InvalidEpoch) => ResponseError::InvalidProducerEpoch,
+        // Retriable: the producer sends again and is verified afresh (Kafka answers a
+        // verification it could not finish the same way).
+        AppendError::NotVerified => ResponseError::NotEnoughReplicas,
+        AppendError::Marker(MarkerError::CoordinatorFenced) => {
+            ResponseError::TransactionCoordinatorFenced
+        }
     }
 }
 

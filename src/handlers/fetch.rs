@@ -11,12 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::select_all;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
+use kafka_protocol::messages::fetch_response::{
+    AbortedTransaction, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, ProducerId};
 use kafka_protocol::ResponseError;
 
 use super::errors;
 use crate::broker::Broker;
+use crate::log::partition::PartitionShared;
 use crate::log::read;
 use crate::ownership::rendezvous;
 
@@ -73,12 +76,48 @@ fn zone_replicas(broker: &Broker, rack: Option<&str>) -> Vec<i32> {
         .collect()
 }
 
-/// A partition's answer with the records read.
+/// A partition's answer with the records read (cut to what a `read_committed`
+/// consumer may see: see [`read::ReadResult::committed_only`]).
 fn answered(data: PartitionData, r: read::ReadResult) -> PartitionData {
     data.with_high_watermark(r.high_watermark)
-        .with_last_stable_offset(r.high_watermark)
+        .with_last_stable_offset(r.last_stable_offset)
         .with_log_start_offset(r.log_start_offset)
         .with_records(Some(r.records))
+}
+
+/// The read as the consumer's isolation level lets it see it, with the aborted
+/// transactions a `read_committed` consumer needs (none listed otherwise).
+fn isolated(data: PartitionData, r: read::ReadResult, read_committed: bool) -> PartitionData {
+    if !read_committed {
+        return answered(data, r);
+    }
+    let r = r.committed_only();
+    let aborted = r
+        .aborted
+        .iter()
+        .map(|a| {
+            AbortedTransaction::default()
+                .with_producer_id(ProducerId(a.producer_id))
+                .with_first_offset(a.first_offset)
+        })
+        .collect();
+    answered(data, r).with_aborted_transactions(Some(aborted))
+}
+
+/// A partition's answer without records: its high watermark, last stable offset and
+/// log start offset.
+fn offsets_of(data: PartitionData, shared: &PartitionShared) -> PartitionData {
+    let hw = shared.high_watermark();
+    let (lso, log_start) = {
+        let view = shared.view();
+        (
+            view.last_stable_offset.min(hw),
+            view.segments.log_start_offset(),
+        )
+    };
+    data.with_high_watermark(hw)
+        .with_last_stable_offset(lso)
+        .with_log_start_offset(log_start)
 }
 
 /// The first partition with data may exceed the limits by one batch (KIP-74).
@@ -110,6 +149,7 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
     let rack = Some(req.rack_id.as_str()).filter(|r| version >= 11 && !r.is_empty());
     let in_my_zone = rack.is_some() && rack == broker.config.zone.as_deref();
     let replicas = zone_replicas(broker, rack);
+    let read_committed = req.isolation_level == 1;
     let m = crate::metrics::metrics();
     loop {
         // Subscribe before reading so a commit between the read and the wait wakes us.
@@ -147,13 +187,14 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
                         );
                         match read.await {
                             Ok(r) => {
-                                total += r.records.len();
-                                if !r.records.is_empty() {
+                                data = isolated(data, r, read_committed);
+                                let n = data.records.as_ref().map_or(0, |r| r.len());
+                                total += n;
+                                if n > 0 {
                                     m.zone_fetch_bytes
                                         .with_label_values(&[t.name.as_ref()])
-                                        .inc_by(r.records.len() as u64);
+                                        .inc_by(n as u64);
                                 }
-                                data = answered(data, r);
                             }
                             Err(e) => {
                                 any_error = true;
@@ -186,24 +227,15 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
                     m.preferred_replica_redirects
                         .with_label_values(&[t.topic.0.as_str()])
                         .inc();
-                    let hw = shared.high_watermark();
                     parts.push(
-                        data.with_high_watermark(hw)
-                            .with_last_stable_offset(hw)
-                            .with_log_start_offset(shared.log_start_offset())
-                            .with_preferred_read_replica(BrokerId(replica)),
+                        offsets_of(data, shared).with_preferred_read_replica(BrokerId(replica)),
                     );
                     continue;
                 }
                 watchers.push(shared.hw.subscribe());
                 let budget = budget(max_bytes, total, p.partition_max_bytes);
                 if budget == 0 {
-                    let hw = shared.high_watermark();
-                    parts.push(
-                        data.with_high_watermark(hw)
-                            .with_last_stable_offset(hw)
-                            .with_log_start_offset(shared.log_start_offset()),
-                    );
+                    parts.push(offsets_of(data, shared));
                     continue;
                 }
                 match read::read(
@@ -216,17 +248,13 @@ async fn fetch_until_ready(broker: &Arc<Broker>, req: FetchRequest, version: i16
                 .await
                 {
                     Ok(r) => {
-                        total += r.records.len();
-                        data = answered(data, r);
+                        data = isolated(data, r, read_committed);
+                        total += data.records.as_ref().map_or(0, |r| r.len());
                     }
                     Err(e) => {
                         any_error = true;
-                        let hw = shared.high_watermark();
-                        data = data
-                            .with_error_code(errors::read_error(&e).code())
-                            .with_high_watermark(hw)
-                            .with_last_stable_offset(hw)
-                            .with_log_start_offset(shared.log_start_offset());
+                        data =
+                            offsets_of(data, shared).with_error_code(errors::read_error(&e).code());
                     }
                 }
                 parts.push(data);

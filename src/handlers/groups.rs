@@ -37,6 +37,7 @@ use kafka_protocol::messages::{
 };
 
 const KEY_TYPE_GROUP: i8 = 0;
+const KEY_TYPE_TRANSACTION: i8 = 1;
 
 fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
@@ -57,19 +58,20 @@ pub(crate) fn find_coordinator(
     version: i16,
 ) -> FindCoordinatorResponse {
     // The coordinator of a group is the broker holding its coordinator slot.
+    // A transactional id's coordinator likewise (key type 1).
     let answer = |key: &StrBytes| -> Result<BrokerRecord, (ResponseError, Option<StrBytes>)> {
-        if req.key_type != KEY_TYPE_GROUP {
-            Err((
-                ResponseError::CoordinatorNotAvailable,
-                Some(str_bytes("transactions are not supported yet")),
-            ))
-        } else if key.is_empty() {
-            Err((ResponseError::InvalidGroupId, None))
-        } else {
-            broker
+        match req.key_type {
+            KEY_TYPE_GROUP if key.is_empty() => Err((ResponseError::InvalidGroupId, None)),
+            KEY_TYPE_GROUP => broker
                 .ownership
                 .coordinator(key)
-                .ok_or((ResponseError::CoordinatorNotAvailable, None))
+                .ok_or((ResponseError::CoordinatorNotAvailable, None)),
+            KEY_TYPE_TRANSACTION if key.is_empty() => Err((ResponseError::InvalidRequest, None)),
+            KEY_TYPE_TRANSACTION => broker
+                .ownership
+                .txn_coordinator(key)
+                .ok_or((ResponseError::CoordinatorNotAvailable, None)),
+            _ => Err((ResponseError::InvalidRequest, None)),
         }
     };
     let mut resp = FindCoordinatorResponse::default();

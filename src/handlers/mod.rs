@@ -12,6 +12,7 @@ pub(crate) mod offsets;
 pub(crate) mod produce;
 pub(crate) mod producers;
 pub(crate) mod topics;
+pub(crate) mod txns;
 
 use std::sync::Arc;
 
@@ -114,7 +115,26 @@ pub(crate) async fn dispatch(
             ResponseKind::DescribeProducers(producers::describe_producers(broker, r).await)
         }
         RequestKind::InitProducerId(r) => {
-            ResponseKind::InitProducerId(produce::init_producer_id(broker, r).await)
+            ResponseKind::InitProducerId(produce::init_producer_id(broker, r, v).await)
+        }
+        RequestKind::AddPartitionsToTxn(r) => {
+            ResponseKind::AddPartitionsToTxn(txns::add_partitions(broker, r, v).await)
+        }
+        RequestKind::AddOffsetsToTxn(r) => {
+            ResponseKind::AddOffsetsToTxn(txns::add_offsets(broker, r, v).await)
+        }
+        RequestKind::EndTxn(r) => ResponseKind::EndTxn(txns::end_txn(broker, r, v).await),
+        RequestKind::TxnOffsetCommit(r) => {
+            ResponseKind::TxnOffsetCommit(txns::txn_offset_commit(broker, r).await)
+        }
+        RequestKind::WriteTxnMarkers(r) => {
+            ResponseKind::WriteTxnMarkers(txns::write_markers(broker, r).await)
+        }
+        RequestKind::DescribeTransactions(r) => {
+            ResponseKind::DescribeTransactions(txns::describe_transactions(broker, r).await)
+        }
+        RequestKind::ListTransactions(r) => {
+            ResponseKind::ListTransactions(txns::list_transactions(broker, r).await)
         }
         RequestKind::DescribeConfigs(r) => {
             ResponseKind::DescribeConfigs(configs::describe_configs(broker, r, v))

@@ -42,6 +42,9 @@ pub(crate) async fn list_offsets(
     req: ListOffsetsRequest,
 ) -> ListOffsetsResponse {
     let mut topics = Vec::with_capacity(req.topics.len());
+    // read_committed: the end is the last stable offset, and a timestamp's offset
+    // counts only below it.
+    let committed = req.isolation_level == 1;
     for t in req.topics {
         let topic = broker.topic(&t.name.0);
         let parts = t.partitions.into_iter().map(|p| {
@@ -61,8 +64,13 @@ pub(crate) async fn list_offsets(
                     return out.with_error_code(e.code());
                 }
                 let out = out.with_leader_epoch(shared.leader_epoch);
+                let end = if committed {
+                    shared.last_stable_offset()
+                } else {
+                    shared.high_watermark()
+                };
                 let found = match p.timestamp {
-                    LATEST => Ok(Some((shared.high_watermark(), -1))),
+                    LATEST => Ok(Some((end, -1))),
                     EARLIEST => Ok(Some((shared.log_start_offset(), -1))),
                     MAX_TIMESTAMP => {
                         read::max_timestamp(shared, &broker.blocks, &broker.indexes).await
@@ -74,6 +82,7 @@ pub(crate) async fn list_offsets(
                     _ => return out.with_error_code(ResponseError::InvalidRequest.code()),
                 };
                 match found {
+                    Ok(Some((offset, _))) if p.timestamp >= 0 && offset >= end => out,
                     Ok(Some((offset, ts))) => out.with_offset(offset).with_timestamp(ts),
                     Ok(None) => out,
                     Err(e) => out.with_error_code(errors::read_error(&e).code()),

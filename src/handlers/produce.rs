@@ -150,6 +150,7 @@ pub(crate) async fn produce(
     let acks = req.acks;
     let timeout = Duration::from_millis(req.timeout_ms.max(0) as u64).min(MAX_PRODUCE_TIMEOUT);
     let transactional = req.transactional_id.is_some();
+    let req_txn_id = req.transactional_id.as_ref().map(|t| t.0.to_string());
     // 1. Check every partition's batches (headers and CRCs) — concurrently with other
     //    requests of the connection.
     let mut topics: Vec<(TopicName, Vec<Prepared>)> = Vec::with_capacity(req.topic_data.len());
@@ -171,14 +172,6 @@ pub(crate) async fn produce(
                         index,
                         ResponseError::InvalidRequiredAcks,
                         None,
-                    ));
-                }
-                if transactional {
-                    let msg = Some("transactions are not supported yet".into());
-                    return Prepared::Refused(refused(
-                        index,
-                        ResponseError::TransactionalIdAuthorizationFailed,
-                        msg,
                     ));
                 }
                 let (t, handle) = match topic.as_ref().map(|t| (t, t.partition(index))) {
@@ -205,15 +198,18 @@ pub(crate) async fn produce(
                         errors::batch_error(&e),
                         Some(e.to_string()),
                     )),
-                    Ok(b)
-                        if b.iter()
-                            .any(|b| b.header.is_transactional() || b.header.is_control()) =>
-                    {
-                        let msg = Some("transactional batches are not supported yet".into());
+                    Ok(b) if b.iter().any(|b| b.header.is_control()) => Prepared::Refused(refused(
+                        index,
+                        ResponseError::InvalidRecord,
+                        Some("control batches are written by transaction coordinators only".into()),
+                    )),
+                    Ok(b) if !transactional && b.iter().any(|b| b.header.is_transactional()) => {
                         Prepared::Refused(refused(
                             index,
                             ResponseError::TransactionalIdAuthorizationFailed,
-                            msg,
+                            Some(
+                                "transactional batches need the request's transactional id".into(),
+                            ),
                         ))
                     }
                     Ok(b) if t.config.cleanup.compact => {
@@ -251,6 +247,18 @@ pub(crate) async fn produce(
                     std::mem::replace(p, Prepared::Refused(Default::default()))
                 else {
                     continue;
+                };
+                // KIP-890: a producer's first transactional batch here must be in its
+                // transaction, as its coordinator says.
+                let verified = match req_txn_id.as_deref() {
+                    Some(id) => match verify_in_txn(broker, id, &handle, &batches).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            *p = Prepared::Refused(refused(index, e, None));
+                            continue;
+                        }
+                    },
+                    None => None,
                 };
                 let counts = batches.iter().fold((0u64, 0u64), |(b, r), v| {
                     (
@@ -292,6 +300,7 @@ pub(crate) async fn produce(
                     acks,
                     arrived,
                     queue_bytes: Some(queue_bytes),
+                    verified,
                     reply: tx,
                 };
                 *p = if handle.cmd.send(cmd).await.is_ok() {
@@ -382,16 +391,64 @@ pub(crate) async fn produce(
     Some(ProduceResponse::default().with_responses(responses))
 }
 
+/// For a producer's transactional batches to a partition where its transaction is not
+/// open yet: asks the transactional id's coordinator whether the partition was added
+/// (in process, or the verify-only AddPartitionsToTxn to the coordinating broker).
+/// `Ok(Some(generation))`: verified as of the partition's marker generation read before
+/// asking (its owner refuses the batch if a marker of the producer came since);
+/// `Ok(None)`: nothing to verify.
+async fn verify_in_txn(
+    broker: &Arc<Broker>,
+    id: &str,
+    handle: &PartitionHandle,
+    batches: &[ValidBatch],
+) -> Result<Option<u64>, ResponseError> {
+    let Some(first) = batches.iter().find(|b| b.header.is_transactional()) else {
+        return Ok(None);
+    };
+    let pid = first.header.producer_id;
+    let shared = &handle.shared;
+    if shared.txn_open(pid) {
+        return Ok(None);
+    }
+    let generation = shared.marker_generation();
+    let p = crate::txn::machine::Producer {
+        producer_id: pid,
+        epoch: first.header.producer_epoch,
+    };
+    let partition = (handle.topic.to_string(), handle.partition);
+    let included = if broker.ownership.txn_fence(id).is_some() {
+        broker
+            .txns
+            .verify(id, p, std::slice::from_ref(&partition))
+            .await
+            .map(|v| v.first().copied().unwrap_or(false))
+            .map_err(|e| super::txns::call_error(&e, 0, i16::MAX))
+    } else {
+        super::txns::verify_remote(broker, id, p, &partition).await
+    };
+    match included {
+        Ok(true) => Ok(Some(generation)),
+        Ok(false) => Err(ResponseError::InvalidTxnState),
+        // A fenced producer hears it as Kafka's leaders answer: INVALID_PRODUCER_EPOCH.
+        Err(
+            ResponseError::InvalidProducerEpoch
+            | ResponseError::ProducerFenced
+            | ResponseError::InvalidProducerIdMapping,
+        ) => Err(ResponseError::InvalidProducerEpoch),
+        // The coordinator is busy or elsewhere now: retriable for the producer.
+        Err(_) => Err(ResponseError::NotEnoughReplicas),
+    }
+}
+
 pub(crate) async fn init_producer_id(
     broker: &Arc<Broker>,
     req: InitProducerIdRequest,
+    version: i16,
 ) -> InitProducerIdResponse {
     let resp = InitProducerIdResponse::default();
-    if req.transactional_id.is_some() {
-        return resp
-            .with_error_code(ResponseError::TransactionalIdAuthorizationFailed.code())
-            .with_producer_id(ProducerId(-1))
-            .with_producer_epoch(-1);
+    if let Some(id) = req.transactional_id.as_ref() {
+        return super::txns::init_transactional(broker, id, &req, version).await;
     }
     // KIP-360: an idempotent producer may ask to bump its own epoch after an error.
     if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {

@@ -1,5 +1,5 @@
 //! The scrape: refreshes the metrics that are computed when Prometheus asks (partitions
-//! owned, coordinator slots, groups, consumer-group lag) and renders the registry. It
+//! owned, coordinator slots, groups, consumer-group lag, open transactions) and renders the registry. It
 //! lives on the HTTP side so that `crate::metrics` stays a leaf every layer can use.
 
 use prometheus::{Encoder, TextEncoder};
@@ -26,6 +26,12 @@ pub(crate) async fn render(broker: &Broker) -> String {
             .set(capacity as i64);
     }
     refresh_compaction(broker, m);
+    if tokio::time::timeout(LAG_REFRESH_TIMEOUT, refresh_txns(broker, m))
+        .await
+        .is_err()
+    {
+        tracing::debug!("transaction gauges left out of this scrape: the coordinator is busy");
+    }
     m.cache_entries
         .with_label_values(&["segment_index"])
         .set(broker.indexes.entries() as i64);
@@ -83,6 +89,26 @@ fn refresh_compaction(broker: &Broker, m: &Metrics) {
                 .set(topic.config.max_compaction_lag_ms as f64 / 1000.0);
         }
     }
+}
+
+/// Open transactions on this broker's coordinator and the age of the oldest.
+async fn refresh_txns(broker: &Broker, m: &Metrics) {
+    let now = now_ms();
+    let open: Vec<i64> = broker
+        .txns
+        .list()
+        .await
+        .into_iter()
+        .filter(|r| r.state == crate::metadata::TxnState::Ongoing)
+        .map(|r| r.start_ms)
+        .collect();
+    m.txn_open.set(open.len() as i64);
+    let oldest = open
+        .iter()
+        .map(|s| (now - s).max(0) / 1000)
+        .max()
+        .unwrap_or(0);
+    m.txn_oldest_open_seconds.set(oldest);
 }
 
 async fn refresh_group_lag(broker: &Broker, m: &Metrics) {

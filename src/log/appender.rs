@@ -11,15 +11,19 @@
 //!   passed their end);
 //! * a failed flush abandons every batch not yet committed: the generation moves on (so
 //!   the flusher drops what it still holds of the old one), offsets continue from the
-//!   high watermark again and the producer state goes back to the committed one.
+//!   high watermark again and the producer state goes back to the committed one;
+//! * a transaction marker is a batch like any other, checked against the producer's
+//!   state; the transaction it ends counts as open (holding the last stable offset)
+//!   until the marker is committed, and an abort's range is published only then.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
 
 use super::batch::{self, ValidBatch};
-use super::producer::{ProducerTable, SeqCheck, SeqError};
-use crate::metadata::ProducerStateRecord;
+use super::marker::Marker;
+use super::producer::{MarkerError, ProducerTable, SeqCheck, SeqError};
+use crate::metadata::{AbortedTxnRecord, ProducerStateRecord};
 
 /// A batch given offsets: to hand to the flusher.
 #[derive(Debug, Clone)]
@@ -30,6 +34,8 @@ pub(crate) struct Stamped {
     pub bytes: Bytes,
     /// The producer's state after this batch, committed with it.
     pub producer: Option<ProducerStateRecord>,
+    /// The transaction an abort marker ends, committed with it.
+    pub aborted: Option<AbortedTxnRecord>,
 }
 
 /// What one produce request became.
@@ -52,12 +58,15 @@ pub(crate) struct Durable<R> {
     pub batches: Vec<Bytes>,
     /// Replies now due, in the order their requests came.
     pub answered: Vec<R>,
+    /// Transactions whose abort marker was among the batches.
+    pub aborted: Vec<AbortedTxnRecord>,
 }
 
 struct Unflushed {
     bytes: Bytes,
     end_offset: i64,
     producer: Option<ProducerStateRecord>,
+    aborted: Option<AbortedTxnRecord>,
 }
 
 struct Waiter<R> {
@@ -153,18 +162,7 @@ impl<R> Appender<R> {
                     let bytes = batch::stamp(&b.bytes, base, self.leader_epoch);
                     self.next_offset += b.header.offset_count();
                     let producer = self.producers.record(&b.header, base, now_ms);
-                    self.unflushed.push_back(Unflushed {
-                        bytes: bytes.clone(),
-                        end_offset: self.next_offset,
-                        producer: producer.clone(),
-                    });
-                    stamped.push(Stamped {
-                        base_offset: base,
-                        end_offset: self.next_offset,
-                        max_timestamp: b.header.max_timestamp,
-                        bytes,
-                        producer,
-                    });
+                    stamped.push(self.take(base, bytes, b.header.max_timestamp, producer, None));
                     first_base.get_or_insert(base);
                     end_offset = self.next_offset;
                 }
@@ -175,6 +173,72 @@ impl<R> Appender<R> {
             end_offset,
             batches: stamped,
         })
+    }
+
+    /// Takes a stamped batch at `base_offset` (its offsets already counted in
+    /// `next_offset`) for the flusher.
+    fn take(
+        &mut self,
+        base_offset: i64,
+        bytes: Bytes,
+        max_timestamp: i64,
+        producer: Option<ProducerStateRecord>,
+        aborted: Option<AbortedTxnRecord>,
+    ) -> Stamped {
+        let end_offset = self.next_offset;
+        self.unflushed.push_back(Unflushed {
+            bytes: bytes.clone(),
+            end_offset,
+            producer: producer.clone(),
+            aborted,
+        });
+        Stamped {
+            base_offset,
+            end_offset,
+            max_timestamp,
+            bytes,
+            producer,
+            aborted,
+        }
+    }
+
+    /// Appends a transaction marker: the producer's transaction on this partition ends
+    /// (durably once the marker commits).
+    pub(crate) fn append_marker(
+        &mut self,
+        m: &Marker,
+        now_ms: i64,
+    ) -> Result<Appended, MarkerError> {
+        self.producers.check_marker(m)?;
+        let base = self.next_offset;
+        let bytes = batch::stamp(&m.batch(now_ms), base, self.leader_epoch);
+        self.next_offset += 1;
+        let (producer, aborted) = self.producers.end_txn(m, base, now_ms);
+        let stamped = self.take(base, bytes, now_ms, Some(producer), aborted);
+        Ok(Appended {
+            base_offset: base,
+            end_offset: self.next_offset,
+            batches: vec![stamped],
+        })
+    }
+
+    /// Whether the producer's transaction is open here (batches taken, committed or
+    /// not, and no marker yet).
+    pub(crate) fn txn_open(&self, producer_id: i64) -> bool {
+        self.producers.txn_open(producer_id)
+    }
+
+    /// The producers with a transaction open here.
+    pub(crate) fn open_txn_producers(&self) -> std::collections::HashSet<i64> {
+        self.producers.open_txn_producers()
+    }
+
+    /// Where `read_committed` consumers stop: the first offset of the oldest
+    /// transaction not yet ended by a committed marker, or the high watermark.
+    pub(crate) fn last_stable_offset(&self) -> i64 {
+        self.durable_producers
+            .first_unstable_offset()
+            .map_or(self.high_watermark, |o| o.min(self.high_watermark))
     }
 
     /// Answers `reply` once the high watermark reaches `end_offset`: at once (returned
@@ -195,6 +259,7 @@ impl<R> Appender<R> {
         }
         let from = self.high_watermark;
         let mut batches = Vec::new();
+        let mut aborted = Vec::new();
         while let Some(u) = self.unflushed.pop_front() {
             if u.end_offset > end_offset {
                 self.unflushed.push_front(u);
@@ -203,6 +268,7 @@ impl<R> Appender<R> {
             if let Some(p) = u.producer {
                 self.durable_producers.insert(p);
             }
+            aborted.extend(u.aborted);
             batches.push(u.bytes);
         }
         self.high_watermark = end_offset;
@@ -218,6 +284,7 @@ impl<R> Appender<R> {
             from,
             batches,
             answered,
+            aborted,
         })
     }
 

@@ -25,7 +25,8 @@ use super::appender::{Appender, Durable};
 use super::batch::ValidBatch;
 use super::compact::swap::{self, Swap};
 use super::local::LocalSegment;
-use super::producer::{ProducerTable, SeqError};
+use super::marker::Marker;
+use super::producer::{MarkerError, ProducerTable, SeqError};
 use super::segments::{
     AfterUpload, DeleteTo, Manifest, SegmentRules, Segments, Trim, UploadFrom, UploadOutcome,
 };
@@ -82,6 +83,11 @@ pub(crate) struct PartitionView {
     pub segments: Segments<LocalSegment>,
     /// (leader epoch, start offset), ascending.
     pub epoch_history: Vec<(i32, i64)>,
+    /// Where `read_committed` consumers stop: the first offset of the oldest
+    /// transaction without a committed marker, or the high watermark.
+    pub last_stable_offset: i64,
+    /// Transactions aborted at or after the log start offset, by marker offset.
+    pub aborted: Vec<crate::metadata::AbortedTxnRecord>,
 }
 
 #[derive(Debug)]
@@ -95,6 +101,11 @@ pub(crate) struct PartitionShared {
     pub fenced: std::sync::atomic::AtomicBool,
     /// Set when the partition is being handed off: no new writes are taken.
     pub releasing: std::sync::atomic::AtomicBool,
+    /// Producers with a transaction open here (batches taken, no marker yet), so a
+    /// produce knows when its transaction must be verified first.
+    pub open_txns: RwLock<std::collections::HashSet<i64>>,
+    /// Counts the markers taken, so a verification can tell whether one came since.
+    pub markers: std::sync::atomic::AtomicU64,
 }
 
 impl PartitionShared {
@@ -110,6 +121,25 @@ impl PartitionShared {
     /// The view, for the owner task to change.
     fn view_mut(&self) -> std::sync::RwLockWriteGuard<'_, PartitionView> {
         self.view.write().expect("partition view lock poisoned")
+    }
+
+    /// Whether the producer has a transaction open here.
+    pub(crate) fn txn_open(&self, producer_id: i64) -> bool {
+        self.open_txns
+            .read()
+            .expect("open transactions lock poisoned")
+            .contains(&producer_id)
+    }
+
+    /// The markers taken so far.
+    pub(crate) fn marker_generation(&self) -> u64 {
+        self.markers.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Where `read_committed` consumers stop (at most the high watermark).
+    pub(crate) fn last_stable_offset(&self) -> i64 {
+        let hw = self.high_watermark();
+        self.view().last_stable_offset.min(hw)
     }
 
     pub(crate) fn log_start_offset(&self) -> i64 {
@@ -150,6 +180,12 @@ pub(crate) enum AppendError {
     DiskFull,
     #[error("this broker no longer owns the partition")]
     NotLeader,
+    #[error(transparent)]
+    Marker(#[from] MarkerError),
+    /// A transactional batch would open the producer's transaction here without a
+    /// verification that still holds (a marker of the producer came since): retry.
+    #[error("the transaction was not verified to include the partition; retry")]
+    NotVerified,
 }
 
 pub(crate) type AppendReply = oneshot::Sender<Result<AppendOk, AppendError>>;
@@ -164,6 +200,9 @@ pub(crate) enum PartitionCmd {
         arrived: std::time::Instant,
         /// The batches' room in the flusher's queue, reserved by the handler.
         queue_bytes: Option<crate::wal::QueueBytes>,
+        /// The marker generation as of which the producer's transaction was verified
+        /// to include this partition (KIP-890), if it was.
+        verified: Option<u64>,
         reply: AppendReply,
     },
     /// DeleteRecords: raise the log start offset (`-1` = the high watermark).
@@ -172,6 +211,11 @@ pub(crate) enum PartitionCmd {
         reply: oneshot::Sender<Result<i64, DeleteRecordsError>>,
     },
     Configure(TopicConfig),
+    /// A transaction marker from the coordinator, answered once it is committed.
+    WriteMarker {
+        marker: Marker,
+        reply: AppendReply,
+    },
     /// DescribeProducers: the state of every producer with committed batches.
     DescribeProducers(oneshot::Sender<Vec<crate::metadata::ProducerStateRecord>>),
     /// Hand-off: stop taking writes and answer once every batch already taken is
@@ -309,9 +353,13 @@ pub(crate) async fn start(
         view: RwLock::new(PartitionView {
             segments,
             epoch_history: state.epoch_history,
+            last_stable_offset: state.high_watermark,
+            aborted: Vec::new(),
         }),
         fenced: std::sync::atomic::AtomicBool::new(false),
         releasing: std::sync::atomic::AtomicBool::new(false),
+        open_txns: RwLock::new(std::collections::HashSet::new()),
+        markers: std::sync::atomic::AtomicU64::new(0),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel(ctx.queue_length);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
@@ -319,6 +367,15 @@ pub(crate) async fn start(
     let (compact_tx, compact_rx) = mpsc::unbounded_channel();
     let producers = ProducerTable::from_records(state.producers);
     let writes = Appender::new(state.leader_epoch, state.high_watermark, producers);
+    {
+        let mut view = shared.view_mut();
+        view.last_stable_offset = writes.last_stable_offset();
+        view.aborted = state.aborted;
+    }
+    *shared
+        .open_txns
+        .write()
+        .expect("open transactions lock poisoned") = writes.open_txn_producers();
     let tasks = ctx.tasks.clone();
     let owner = Owner {
         ctx,
@@ -334,6 +391,7 @@ pub(crate) async fn start(
         compact_tx,
         compaction: CompactionState::default(),
         released: None,
+        last_marker: std::collections::HashMap::new(),
     };
     let task = tasks.spawn(owner.run(cmd_rx, flush_rx, upload_rx, compact_rx));
     Ok((
@@ -397,6 +455,8 @@ struct Owner {
     compaction: CompactionState,
     /// A hand-off waiting for the in-flight batches to finish.
     released: Option<oneshot::Sender<()>>,
+    /// The marker generation of each producer's last marker taken here.
+    last_marker: std::collections::HashMap<i64, u64>,
 }
 
 impl Owner {
@@ -446,15 +506,17 @@ impl Owner {
                 acks,
                 arrived,
                 queue_bytes,
+                verified,
                 reply,
             } => {
-                self.append(batches, acks, arrived, queue_bytes, reply)
+                self.append(batches, acks, arrived, queue_bytes, verified, reply)
                     .await
             }
             PartitionCmd::DeleteRecords { offset, reply } => {
                 let result = self.delete_records(offset).await;
                 let _ = reply.send(result);
             }
+            PartitionCmd::WriteMarker { marker, reply } => self.write_marker(marker, reply).await,
             PartitionCmd::DescribeProducers(reply) => {
                 let _ = reply.send(self.writes.durable_producers());
             }
@@ -492,7 +554,8 @@ impl Owner {
         batches: Vec<ValidBatch>,
         acks: i16,
         arrived: std::time::Instant,
-        mut queue_bytes: Option<crate::wal::QueueBytes>,
+        queue_bytes: Option<crate::wal::QueueBytes>,
+        verified: Option<u64>,
         reply: AppendReply,
     ) {
         if !self.shared.is_serving() {
@@ -503,6 +566,11 @@ impl Owner {
             let _ = reply.send(Err(AppendError::DiskFull));
             return;
         }
+        let transactional = batches.iter().any(|b| b.header.is_transactional());
+        if transactional && !self.verification_holds(&batches, verified) {
+            let _ = reply.send(Err(AppendError::NotVerified));
+            return;
+        }
         let appended = match self.writes.append(&batches, now_ms()) {
             Ok(a) => a,
             Err(e) => {
@@ -510,6 +578,72 @@ impl Owner {
                 return;
             }
         };
+        if transactional {
+            self.publish_open_txns();
+        }
+        self.submit(appended, acks, arrived, queue_bytes, reply)
+            .await;
+    }
+
+    /// Whether transactional batches may be taken: each producer's transaction is open
+    /// here already, or was verified to include the partition as of a marker
+    /// generation no marker of the producer has come after.
+    fn verification_holds(&self, batches: &[ValidBatch], verified: Option<u64>) -> bool {
+        batches
+            .iter()
+            .filter(|b| b.header.is_transactional())
+            .all(|b| {
+                let pid = b.header.producer_id;
+                self.writes.txn_open(pid)
+                    || verified.is_some_and(|g| {
+                        self.last_marker.get(&pid).is_none_or(|&marked| marked <= g)
+                    })
+            })
+    }
+
+    /// Tells producers' requests which transactions are open here.
+    fn publish_open_txns(&self) {
+        *self
+            .shared
+            .open_txns
+            .write()
+            .expect("open transactions lock poisoned") = self.writes.open_txn_producers();
+    }
+
+    /// Writes a transaction marker like an `acks=all` batch: answered once committed.
+    async fn write_marker(&mut self, marker: Marker, reply: AppendReply) {
+        if !self.shared.is_serving() {
+            let _ = reply.send(Err(AppendError::NotLeader));
+            return;
+        }
+        match self.writes.append_marker(&marker, now_ms()) {
+            Ok(appended) => {
+                let g = self
+                    .shared
+                    .markers
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                    + 1;
+                self.last_marker.insert(marker.producer_id, g);
+                self.publish_open_txns();
+                self.submit(appended, -1, crate::clock::instant(), None, reply)
+                    .await
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// Hands appended batches to the flusher and answers `reply` as `acks` asks: at
+    /// once, or (`-1`) once they are committed.
+    async fn submit(
+        &mut self,
+        appended: super::appender::Appended,
+        acks: i16,
+        arrived: std::time::Instant,
+        mut queue_bytes: Option<crate::wal::QueueBytes>,
+        reply: AppendReply,
+    ) {
         let last = appended.batches.len().saturating_sub(1);
         for (i, b) in appended.batches.into_iter().enumerate() {
             let item = FlushItem {
@@ -522,6 +656,7 @@ impl Owner {
                 max_timestamp: b.max_timestamp,
                 batch: b.bytes,
                 producer: b.producer,
+                aborted: b.aborted,
                 notify: self.flush_tx.clone(),
                 urgent: acks == -1,
                 arrived,
@@ -572,6 +707,7 @@ impl Owner {
             from,
             batches,
             answered,
+            aborted,
         }) = self.writes.flushed(gen, end_offset)
         else {
             return;
@@ -602,8 +738,11 @@ impl Owner {
             let shared = self.shared.clone();
             let mut view = shared.view_mut();
             // The range is recorded before the high watermark moves, so every offset
-            // below it is readable from the write-ahead objects whatever the disk does.
+            // below it is readable from the write-ahead objects whatever the disk does;
+            // so are the transactions it ends.
             view.segments.committed(range);
+            view.aborted.extend(aborted);
+            view.last_stable_offset = self.writes.last_stable_offset();
             match written {
                 Some(Ok(entries)) => {
                     if let Some(active) = view.segments.active_mut() {
@@ -689,6 +828,7 @@ impl Owner {
             return;
         };
         warn!(topic = %self.topic, partition = self.key.partition, fenced, uncertain, abandoned, "write-ahead flush failed; abandoning unflushed batches");
+        self.publish_open_txns();
         let error = if fenced || uncertain {
             self.shared
                 .fenced
@@ -844,7 +984,12 @@ impl Owner {
                 &bases,
             )
             .await?;
-        self.shared.view_mut().segments.trimmed(trim);
+        {
+            let mut view = self.shared.view_mut();
+            view.segments.trimmed(trim);
+            let start = view.segments.log_start_offset();
+            view.aborted.retain(|a| a.last_offset >= start);
+        }
         for seg in &trim.drop {
             let key = object_store::path::Path::from(seg.object_key.as_str());
             self.ctx

@@ -1,15 +1,19 @@
-//! Idempotent producer state of one partition: the sequence rules of Kafka's
+//! Idempotent and transactional producer state of one partition: the rules of Kafka's
 //! `ProducerStateManager`, as a pure structure the partition owner task drives.
 //!
 //! Per producer id it remembers the epoch and the last five batches (sequence range and
 //! assigned offsets), so a retried batch is answered with its original offsets and a gap
-//! is refused with OUT_OF_ORDER_SEQUENCE_NUMBER. The state is committed with every
-//! write-ahead flush, so it survives the broker and its disk.
+//! is refused with OUT_OF_ORDER_SEQUENCE_NUMBER. A transactional batch opens the
+//! producer's transaction on the partition at its offset, and the transaction's marker
+//! closes it (an abort marker yields the aborted range readers skip); the lowest open
+//! transaction's first offset is where the last stable offset stops. The state is
+//! committed with every write-ahead flush, so it survives the broker and its disk.
 
 use std::collections::HashMap;
 
 use super::batch::{increment_sequence, BatchHeader};
-use crate::metadata::{ProducerBatch, ProducerStateRecord};
+use super::marker::Marker;
+use crate::metadata::{AbortedTxnRecord, ProducerBatch, ProducerStateRecord};
 
 /// Batches remembered per producer (Kafka keeps five, the in-flight maximum).
 pub(crate) const CACHED_BATCHES: usize = 5;
@@ -28,6 +32,18 @@ pub(crate) enum SeqError {
     InvalidEpoch,
     #[error("sequence number out of order")]
     OutOfOrder,
+    /// A non-transactional batch while the producer's transaction is open here.
+    #[error("the producer has a transaction open on this partition")]
+    InvalidTxnState,
+}
+
+/// Why a transaction marker was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MarkerError {
+    #[error("the marker's producer epoch is older than the producer's")]
+    InvalidEpoch,
+    #[error("the marker comes from an older transaction coordinator")]
+    CoordinatorFenced,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -78,6 +94,9 @@ impl ProducerTable {
                 Err(SeqError::OutOfOrder)
             };
         }
+        if !h.is_transactional() && entry.txn_first_offset >= 0 {
+            return Err(SeqError::InvalidTxnState);
+        }
         let last_seq = h.last_sequence();
         if let Some(dup) = entry
             .batches
@@ -109,15 +128,13 @@ impl ProducerTable {
         let entry = self
             .entries
             .entry(h.producer_id)
-            .or_insert_with(|| ProducerStateRecord {
-                producer_id: h.producer_id,
-                epoch: h.producer_epoch,
-                batches: Vec::new(),
-                last_update_ms: now_ms,
-            });
+            .or_insert_with(|| new_state(h.producer_id, h.producer_epoch, now_ms));
         if entry.epoch != h.producer_epoch {
             entry.epoch = h.producer_epoch;
             entry.batches.clear();
+        }
+        if h.is_transactional() && entry.txn_first_offset < 0 {
+            entry.txn_first_offset = base_offset;
         }
         entry.batches.push(ProducerBatch {
             first_seq: h.base_sequence,
@@ -132,6 +149,85 @@ impl ProducerTable {
         }
         entry.last_update_ms = now_ms;
         Some(entry.clone())
+    }
+
+    /// Whether a marker may be written: not from an older producer epoch, nor from an
+    /// older coordinator than the producer's last marker here.
+    pub(crate) fn check_marker(&self, m: &Marker) -> Result<(), MarkerError> {
+        let Some(entry) = self.entries.get(&m.producer_id) else {
+            return Ok(());
+        };
+        if m.producer_epoch < entry.epoch {
+            return Err(MarkerError::InvalidEpoch);
+        }
+        if m.coordinator_epoch < entry.coordinator_epoch {
+            return Err(MarkerError::CoordinatorFenced);
+        }
+        Ok(())
+    }
+
+    /// Records a marker written at `offset` (checked by [`check_marker`]): the
+    /// producer's transaction here ends. Returns the producer's new state and, for an
+    /// abort that ended an open transaction, the aborted range.
+    pub(crate) fn end_txn(
+        &mut self,
+        m: &Marker,
+        offset: i64,
+        now_ms: i64,
+    ) -> (ProducerStateRecord, Option<AbortedTxnRecord>) {
+        let entry = self
+            .entries
+            .entry(m.producer_id)
+            .or_insert_with(|| new_state(m.producer_id, m.producer_epoch, now_ms));
+        if m.producer_epoch > entry.epoch {
+            entry.epoch = m.producer_epoch;
+            entry.batches.clear();
+        }
+        let aborted = (!m.commit && entry.txn_first_offset >= 0).then_some(AbortedTxnRecord {
+            producer_id: m.producer_id,
+            first_offset: entry.txn_first_offset,
+            last_offset: offset,
+        });
+        entry.txn_first_offset = -1;
+        entry.coordinator_epoch = m.coordinator_epoch;
+        entry.last_update_ms = now_ms;
+        (entry.clone(), aborted)
+    }
+
+    /// Whether the producer's transaction is open here.
+    pub(crate) fn txn_open(&self, producer_id: i64) -> bool {
+        self.entries
+            .get(&producer_id)
+            .is_some_and(|e| e.txn_first_offset >= 0)
+    }
+
+    /// The producers with a transaction open here.
+    pub(crate) fn open_txn_producers(&self) -> std::collections::HashSet<i64> {
+        self.entries
+            .values()
+            .filter(|e| e.txn_first_offset >= 0)
+            .map(|e| e.producer_id)
+            .collect()
+    }
+
+    /// The first offset of the oldest transaction open here, if any.
+    pub(crate) fn first_unstable_offset(&self) -> Option<i64> {
+        self.entries
+            .values()
+            .map(|e| e.txn_first_offset)
+            .filter(|o| *o >= 0)
+            .min()
+    }
+}
+
+fn new_state(producer_id: i64, epoch: i16, now_ms: i64) -> ProducerStateRecord {
+    ProducerStateRecord {
+        producer_id,
+        epoch,
+        batches: Vec::new(),
+        last_update_ms: now_ms,
+        txn_first_offset: -1,
+        coordinator_epoch: -1,
     }
 }
 
@@ -191,6 +287,75 @@ mod tests {
         assert_eq!(e.batches[0].first_seq, 2);
         // The oldest forgotten batch is no longer recognised as a duplicate.
         assert_eq!(t.check(&header(9, 0, 0, 1)), Err(SeqError::OutOfOrder));
+    }
+
+    fn txn_header(pid: i64, epoch: i16, seq: i32, count: i32) -> BatchHeader {
+        BatchHeader {
+            attributes: 0x10,
+            ..header(pid, epoch, seq, count)
+        }
+    }
+
+    fn marker(pid: i64, epoch: i16, commit: bool, coordinator_epoch: i32) -> Marker {
+        Marker {
+            producer_id: pid,
+            producer_epoch: epoch,
+            commit,
+            coordinator_epoch,
+        }
+    }
+
+    /// A transactional batch opens the producer's transaction at its offset; the marker
+    /// closes it, an abort yielding the aborted range; plain batches are refused while
+    /// it is open; the oldest open transaction is the first unstable offset.
+    #[test]
+    fn transactions_open_at_their_first_batch_and_end_at_their_marker() {
+        let mut t = ProducerTable::default();
+        t.record(&header(2, 0, 0, 1), 0, 0);
+        assert_eq!(t.first_unstable_offset(), None);
+        t.record(&txn_header(1, 0, 0, 2), 10, 0);
+        t.record(&txn_header(1, 0, 2, 2), 14, 0);
+        t.record(&txn_header(2, 0, 1, 1), 12, 0);
+        assert_eq!(t.first_unstable_offset(), Some(10));
+        assert_eq!(t.check(&header(1, 0, 4, 1)), Err(SeqError::InvalidTxnState));
+        assert_eq!(t.check(&txn_header(1, 0, 4, 1)), Ok(SeqCheck::Append));
+
+        let commit = marker(1, 0, true, 3);
+        assert_eq!(t.check_marker(&commit), Ok(()));
+        let (state, aborted) = t.end_txn(&commit, 16, 0);
+        assert_eq!((state.txn_first_offset, aborted), (-1, None));
+        assert_eq!(t.first_unstable_offset(), Some(12));
+        assert_eq!(t.check(&header(1, 0, 4, 1)), Ok(SeqCheck::Append));
+
+        let abort = marker(2, 0, false, 3);
+        let (_, aborted) = t.end_txn(&abort, 17, 0);
+        assert_eq!(
+            aborted,
+            Some(AbortedTxnRecord {
+                producer_id: 2,
+                first_offset: 12,
+                last_offset: 17
+            })
+        );
+        assert_eq!(t.first_unstable_offset(), None);
+        let (_, again) = t.end_txn(&abort, 18, 0);
+        assert_eq!(again, None, "a marker with nothing open aborts nothing");
+
+        assert_eq!(
+            t.check_marker(&marker(2, 0, true, 2)),
+            Err(MarkerError::CoordinatorFenced)
+        );
+        t.end_txn(&marker(2, 5, false, 3), 19, 0);
+        assert_eq!(
+            t.check_marker(&marker(2, 4, false, 3)),
+            Err(MarkerError::InvalidEpoch)
+        );
+        assert_eq!(
+            t.get(2).map(|e| e.epoch),
+            Some(5),
+            "a marker bumps the epoch"
+        );
+        assert_eq!(t.check_marker(&marker(9, 0, true, 0)), Ok(()));
     }
 
     #[test]

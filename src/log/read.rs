@@ -14,7 +14,7 @@ use tiering::BlockCache;
 use super::batch::{self, BatchHeader};
 use super::local::read_at;
 use super::partition::PartitionShared;
-use crate::metadata::{SegmentRecord, WalRangeRecord};
+use crate::metadata::{AbortedTxnRecord, SegmentRecord, WalRangeRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ReadError {
@@ -29,6 +29,42 @@ pub(crate) struct ReadResult {
     pub records: Bytes,
     pub high_watermark: i64,
     pub log_start_offset: i64,
+    /// Where `read_committed` consumers stop (at most the high watermark).
+    pub last_stable_offset: i64,
+    /// The aborted transactions whose marker is at or after the offset read from.
+    pub aborted: Vec<AbortedTxnRecord>,
+}
+
+impl ReadResult {
+    /// What a `read_committed` consumer gets of the read: the whole batches below the
+    /// last stable offset, and the aborted transactions among them (Kafka's
+    /// `aborted_transactions`: those whose range meets the batches returned), so the
+    /// client skips the aborted producers' batches up to each marker.
+    pub(crate) fn committed_only(mut self) -> ReadResult {
+        let lso = self.last_stable_offset;
+        let mut keep = 0;
+        let mut upper = None;
+        for (at, h) in batch::walk(&self.records) {
+            if h.last_offset() >= lso {
+                break;
+            }
+            keep = at + h.total_len;
+            upper = Some(h.last_offset() + 1);
+        }
+        self.records.truncate(keep);
+        self.aborted
+            .retain(|a| upper.is_some_and(|u| a.first_offset < u));
+        self
+    }
+}
+
+/// The aborted transactions whose marker is at or after `offset`.
+pub(crate) fn aborted_from(aborted: &[AbortedTxnRecord], offset: i64) -> Vec<AbortedTxnRecord> {
+    aborted
+        .iter()
+        .filter(|a| a.last_offset >= offset)
+        .copied()
+        .collect()
 }
 
 /// Decoded segment indexes by object key, so a segment's index is fetched once.
@@ -108,7 +144,7 @@ pub(crate) async fn read(
     max_bytes: u64,
 ) -> Result<ReadResult, ReadError> {
     let hw = part.high_watermark();
-    let (log_start, plan) = {
+    let (log_start, lso, aborted, plan) = {
         let view = part.view();
         if offset < view.segments.log_start_offset() || offset > hw {
             return Err(ReadError::OffsetOutOfRange);
@@ -146,7 +182,12 @@ pub(crate) async fn read(
         } else {
             return Err(ReadError::OffsetOutOfRange);
         };
-        (view.segments.log_start_offset(), plan)
+        (
+            view.segments.log_start_offset(),
+            view.last_stable_offset.min(hw),
+            aborted_from(&view.aborted, offset),
+            plan,
+        )
     };
     let records = match plan {
         Plan::Empty => Bytes::new(),
@@ -163,6 +204,8 @@ pub(crate) async fn read(
         records,
         high_watermark: hw,
         log_start_offset: log_start,
+        last_stable_offset: lso,
+        aborted,
     })
 }
 

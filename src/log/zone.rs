@@ -171,10 +171,21 @@ impl ZoneReads {
             self.forget(key);
             return Err(ZoneReadError::NotYetVisible);
         };
+        // The owner's last stable offset, from the same manifest: the oldest open
+        // transaction's first offset among the committed producer states.
+        let first_unstable = state
+            .producers
+            .iter()
+            .map(|p| p.txn_first_offset)
+            .filter(|o| *o >= 0)
+            .min();
         Ok(ReadResult {
             records,
             high_watermark: state.high_watermark,
             log_start_offset: state.log_start_offset,
+            last_stable_offset: first_unstable
+                .map_or(state.high_watermark, |o| o.min(state.high_watermark)),
+            aborted: super::read::aborted_from(&state.aborted, offset),
         })
     }
 }

@@ -33,9 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::semantics;
 use super::{
-    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
-    PartitionOwner, PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit,
-    WalRangeRecord,
+    AbortedTxnRecord, BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore,
+    PartitionKey, PartitionOwner, PartitionState, ProducerStateRecord, SegmentRecord, TopicRecord,
+    TxnOffsetRecord, TxnRecord, WalCommit, WalRangeRecord,
 };
 
 /// Records between two snapshots.
@@ -75,6 +75,9 @@ struct Partition {
     wal_ranges: BTreeMap<i64, WalRangeRecord>,
     producers: BTreeMap<i64, ProducerStateRecord>,
     epoch_history: Vec<(i32, i64)>,
+    /// Aborted transactions by their abort marker's offset (format 5).
+    #[serde(default)]
+    aborted: BTreeMap<i64, AbortedTxnRecord>,
 }
 
 impl Partition {
@@ -113,6 +116,7 @@ impl Partition {
             wal_ranges: self.wal_ranges.values().cloned().collect(),
             producers: self.producers.values().cloned().collect(),
             epoch_history: self.epoch_history.clone(),
+            aborted: self.aborted.values().copied().collect(),
         }
     }
 }
@@ -124,6 +128,17 @@ struct Offset {
     leader_epoch: i32,
     metadata: String,
     commit_timestamp_ms: i64,
+}
+
+impl From<&CommittedOffset> for Offset {
+    fn from(o: &CommittedOffset) -> Offset {
+        Offset {
+            offset: o.offset,
+            leader_epoch: o.leader_epoch,
+            metadata: o.metadata.clone(),
+            commit_timestamp_ms: o.commit_timestamp_ms,
+        }
+    }
 }
 
 /// Everything the store knows.
@@ -141,6 +156,20 @@ struct State {
     offsets: BTreeMap<String, BTreeMap<(String, i32), Offset>>,
     sessions: BTreeMap<i32, i64>,
     brokers: BTreeMap<i32, BrokerRecord>,
+    /// Transactional ids' records, by id.
+    txns: BTreeMap<String, TxnRecord>,
+    /// group -> (topic, partition, producer id) -> offset committed in a transaction not
+    /// yet ended.
+    txn_offsets: BTreeMap<String, BTreeMap<PendingKey, TxnOffsetRecord>>,
+}
+
+/// What a group's pending transactional offset is keyed by: (topic, partition,
+/// producer id).
+type PendingKey = (String, i32, i64);
+
+fn pending_key(pending: &TxnOffsetRecord) -> PendingKey {
+    let o = &pending.offset;
+    (o.topic.clone(), o.partition, pending.producer_id)
 }
 
 /// One group's offsets as stored in a snapshot: (topic, partition, offset).
@@ -149,10 +178,15 @@ type GroupOffsets = Vec<(String, i32, Offset)>;
 /// The version of the record and snapshot format this code writes. 1: the first (no
 /// `format` field); 2: offset deletions and expiries carry the coordinator's fence; 3:
 /// one write-ahead commit may hold several objects (`CommitWals`); 4: compaction's swap
-/// (`ReplaceSegments`) and segments that record when compaction wrote them. A
-/// reader refuses a newer format than its own, so an older broker never misreads the
-/// log of a newer one; every format is pinned by golden files (`testdata/`).
-const FORMAT: u32 = 4;
+/// (`ReplaceSegments`) and segments that record when compaction wrote them; 5:
+/// transactions: transactional ids' records (`PutTxn`, `DeleteTxn`), offsets committed
+/// inside a transaction (`CommitTxnOffsets`), the aborted transactions a write-ahead
+/// commit records per partition (`aborted`) and producer states' transaction fields
+/// (`txn_first_offset`, `coordinator_epoch`); snapshots add each partition's `aborted`,
+/// `txns` and `txn_offsets`. A reader refuses a newer format than its own, so an older
+/// broker never misreads the log of a newer one; every format is pinned by golden files
+/// (`testdata/`).
+const FORMAT: u32 = 5;
 
 fn format_1() -> u32 {
     1
@@ -173,6 +207,13 @@ struct Snapshot {
     sessions: Vec<(i32, i64)>,
     #[serde(default)]
     brokers: Vec<BrokerRecord>,
+    /// Transactional ids' records, by id (format 5).
+    #[serde(default)]
+    txns: Vec<TxnRecord>,
+    /// Each group's pending transactional offsets, by topic, partition and producer id
+    /// (format 5).
+    #[serde(default)]
+    txn_offsets: Vec<(String, Vec<TxnOffsetRecord>)>,
 }
 
 /// One change of the state, as logged.
@@ -260,6 +301,25 @@ enum Op {
     DeregisterBroker {
         broker_id: i32,
         session: i64,
+    },
+    /// A transactional id's new record; completing a transaction settles the offsets
+    /// committed in it (format 5).
+    PutTxn {
+        record: TxnRecord,
+        /// The transaction coordinator's lease on the id's slot.
+        fence: Fence,
+    },
+    /// Forgets a transactional id (format 5).
+    DeleteTxn {
+        transactional_id: String,
+        fence: Fence,
+    },
+    /// Offsets a group commits inside producers' transactions (format 5).
+    CommitTxnOffsets {
+        group: String,
+        offsets: Vec<TxnOffsetRecord>,
+        /// The group coordinator's lease.
+        fence: Option<Fence>,
     },
 }
 
@@ -434,15 +494,10 @@ impl State {
                 }
             }
             Write::UpsertOffset { group, offset: o } => {
-                self.offsets.entry(group.to_owned()).or_default().insert(
-                    (o.topic.clone(), o.partition),
-                    Offset {
-                        offset: o.offset,
-                        leader_epoch: o.leader_epoch,
-                        metadata: o.metadata.clone(),
-                        commit_timestamp_ms: o.commit_timestamp_ms,
-                    },
-                );
+                self.offsets
+                    .entry(group.to_owned())
+                    .or_default()
+                    .insert((o.topic.clone(), o.partition), o.into());
             }
             Write::DeleteOffsets { group, partition } => {
                 let Some(stored) = self.offsets.get_mut(group) else {
@@ -470,6 +525,54 @@ impl State {
                     self.offsets.remove(group);
                 }
                 return deleted;
+            }
+            Write::InsertAbortedTxn { key, aborted } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.aborted.entry(aborted.last_offset).or_insert(*aborted);
+                }
+            }
+            Write::DropAbortedBelow { key, offset } => {
+                if let Some(p) = self.partitions.get_mut(&key) {
+                    p.aborted.retain(|&last_offset, _| last_offset >= offset);
+                }
+            }
+            Write::UpsertTxn { record } => {
+                self.txns
+                    .insert(record.transactional_id.clone(), record.clone());
+            }
+            Write::DeleteTxn { transactional_id } => {
+                self.txns.remove(transactional_id);
+            }
+            Write::UpsertTxnOffset { group, pending } => {
+                self.txn_offsets
+                    .entry(group.to_owned())
+                    .or_default()
+                    .insert(pending_key(pending), pending.clone());
+            }
+            Write::SettleTxnOffsets {
+                group,
+                producer_id,
+                commit,
+            } => {
+                let mut settled = Vec::new();
+                if let Some(stored) = self.txn_offsets.get_mut(group) {
+                    stored.retain(|_, pending| {
+                        let keep = pending.producer_id != producer_id;
+                        if !keep {
+                            settled.push(pending.offset.clone());
+                        }
+                        keep
+                    });
+                    if stored.is_empty() {
+                        self.txn_offsets.remove(group);
+                    }
+                }
+                if commit && !settled.is_empty() {
+                    let committed = self.offsets.entry(group.to_owned()).or_default();
+                    for o in &settled {
+                        committed.insert((o.topic.clone(), o.partition), o.into());
+                    }
+                }
             }
         }
         for object_key in released {
@@ -632,6 +735,26 @@ impl State {
                 self.sessions.insert(*broker_id, session);
                 Ok(Out::Number(session))
             }
+            Op::PutTxn { record, fence } => self.fenced(semantics::Op::PutTxn {
+                record,
+                fence: *fence,
+            }),
+            Op::DeleteTxn {
+                transactional_id,
+                fence,
+            } => self.fenced(semantics::Op::DeleteTxn {
+                transactional_id,
+                fence: *fence,
+            }),
+            Op::CommitTxnOffsets {
+                group,
+                offsets,
+                fence,
+            } => self.fenced(semantics::Op::CommitTxnOffsets {
+                group,
+                offsets,
+                fence: *fence,
+            }),
         }
     }
 
@@ -670,6 +793,12 @@ impl State {
                 .collect(),
             sessions: self.sessions.iter().map(|(b, s)| (*b, *s)).collect(),
             brokers: self.brokers.values().cloned().collect(),
+            txns: self.txns.values().cloned().collect(),
+            txn_offsets: self
+                .txn_offsets
+                .iter()
+                .map(|(g, o)| (g.clone(), o.values().cloned().collect()))
+                .collect(),
         }
     }
 
@@ -693,6 +822,16 @@ impl State {
                 .collect(),
             sessions: s.sessions.into_iter().collect(),
             brokers: s.brokers.into_iter().map(|b| (b.broker_id, b)).collect(),
+            txns: s
+                .txns
+                .into_iter()
+                .map(|t| (t.transactional_id.clone(), t))
+                .collect(),
+            txn_offsets: s
+                .txn_offsets
+                .into_iter()
+                .map(|(g, o)| (g, o.into_iter().map(|t| (pending_key(&t), t)).collect()))
+                .collect(),
         }
     }
 }
@@ -1306,6 +1445,55 @@ impl MetadataStore for BucketStore {
         }
     }
 
+    async fn put_txn(&self, record: &TxnRecord, fence: Fence) -> MetaResult<()> {
+        self.submit(Op::PutTxn {
+            record: record.clone(),
+            fence,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn delete_txn(&self, transactional_id: &str, fence: Fence) -> MetaResult<()> {
+        self.submit(Op::DeleteTxn {
+            transactional_id: transactional_id.to_owned(),
+            fence,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn list_txns(&self) -> MetaResult<Vec<TxnRecord>> {
+        Ok(self.read(|s| s.txns.values().cloned().collect()))
+    }
+
+    async fn commit_txn_offsets(
+        &self,
+        group: &str,
+        offsets: &[TxnOffsetRecord],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
+        // Nothing to store is an answer without a write, once the fence holds.
+        if offsets.is_empty() {
+            return self.read(|s| s.check_fence(fence));
+        }
+        self.submit(Op::CommitTxnOffsets {
+            group: group.to_owned(),
+            offsets: offsets.to_vec(),
+            fence,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn pending_txn_offsets(&self, group: &str) -> MetaResult<Vec<TxnOffsetRecord>> {
+        Ok(self.read(|s| {
+            s.txn_offsets
+                .get(group)
+                .map_or_else(Vec::new, |o| o.values().cloned().collect())
+        }))
+    }
+
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
         match self.submit(Op::StartSession { broker_id }).await? {
             Out::Number(n) => Ok(n),
@@ -1384,6 +1572,7 @@ mod tests {
                             object_size: 120,
                         },
                         producers: vec![],
+                        aborted: vec![],
                     }],
                 }],
             },
@@ -1435,6 +1624,134 @@ mod tests {
                 segments: vec![golden_segment(1_700_000_000_005)],
             },
         ]
+        .into_iter()
+        .chain(golden_txn_ops(key))
+        .collect()
+    }
+
+    /// Format 5: two transactions on `ledger` with offsets of group g; one commits,
+    /// one aborts (its marker recorded with the write-ahead commit), a third stays open
+    /// with a pending offset; the aborted one's id expires. Fenced on `slot`.
+    fn golden_txn_ops(slot: PartitionKey) -> Vec<Op> {
+        let ledger = PartitionKey {
+            topic_id: Uuid::from_u128(12),
+            partition: 0,
+        };
+        let fence = Fence {
+            key: slot,
+            leader_epoch: 1,
+        };
+        let txn = |id: &str, producer_id, state| TxnRecord {
+            transactional_id: id.into(),
+            producer_id,
+            producer_epoch: 0,
+            last_producer_epoch: -1,
+            timeout_ms: 60_000,
+            state,
+            partitions: vec![("ledger".into(), 0)],
+            groups: vec!["g".into()],
+            start_ms: 1_700_000_000_010,
+            updated_ms: 1_700_000_000_011,
+        };
+        let pending = |producer_id, offset| TxnOffsetRecord {
+            producer_id,
+            offset: CommittedOffset {
+                topic: "ledger".into(),
+                partition: 0,
+                offset,
+                leader_epoch: 1,
+                metadata: String::new(),
+                commit_timestamp_ms: 1_700_000_000_012,
+            },
+        };
+        vec![
+            Op::CreateTopic {
+                topic: TopicRecord {
+                    name: "ledger".into(),
+                    id: ledger.topic_id,
+                    partitions: 1,
+                    configs: BTreeMap::new(),
+                    created_ms: 1_700_000_000_009,
+                },
+            },
+            Op::Claim {
+                key: ledger,
+                broker_id: 1,
+            },
+            Op::PutTxn {
+                record: txn("tx-1", 1000, crate::metadata::TxnState::Ongoing),
+                fence,
+            },
+            Op::PutTxn {
+                record: txn("tx-2", 1001, crate::metadata::TxnState::Ongoing),
+                fence,
+            },
+            Op::CommitTxnOffsets {
+                group: "g".into(),
+                offsets: vec![pending(1000, 3), pending(1001, 2)],
+                fence: Some(fence),
+            },
+            Op::CommitWals {
+                commits: vec![WalCommit {
+                    object_key: "wal/1/1/1".into(),
+                    created_ms: 1_700_000_000_013,
+                    partitions: vec![crate::metadata::PartitionCommit {
+                        key: ledger,
+                        leader_epoch: 1,
+                        range: WalRangeRecord {
+                            base_offset: 0,
+                            end_offset: 4,
+                            object_key: "wal/1/1/1".into(),
+                            position: 0,
+                            len: 200,
+                            max_timestamp: 1_700_000_000_013,
+                            object_size: 220,
+                        },
+                        producers: vec![ProducerStateRecord {
+                            producer_id: 1000,
+                            epoch: 0,
+                            batches: vec![crate::metadata::ProducerBatch {
+                                first_seq: 0,
+                                last_seq: 0,
+                                base_offset: 0,
+                                last_offset: 0,
+                                timestamp: 1_700_000_000_012,
+                            }],
+                            last_update_ms: 1_700_000_000_013,
+                            txn_first_offset: 0,
+                            coordinator_epoch: 1,
+                        }],
+                        // tx-2's batch at 1, its abort marker at 2.
+                        aborted: vec![AbortedTxnRecord {
+                            producer_id: 1001,
+                            first_offset: 1,
+                            last_offset: 2,
+                        }],
+                    }],
+                }],
+            },
+            Op::PutTxn {
+                record: txn("tx-2", 1001, crate::metadata::TxnState::CompleteAbort),
+                fence,
+            },
+            Op::PutTxn {
+                record: txn("tx-1", 1000, crate::metadata::TxnState::CompleteCommit),
+                fence,
+            },
+            Op::PutTxn {
+                record: txn("tx-3", 1002, crate::metadata::TxnState::Ongoing),
+                fence,
+            },
+            Op::CommitTxnOffsets {
+                group: "g".into(),
+                offsets: vec![pending(1002, 4)],
+                fence: Some(fence),
+            },
+            Op::DeleteTxn {
+                transactional_id: "tx-2".into(),
+                fence,
+            },
+        ]
     }
 
     fn golden_segment(compacted_ms: i64) -> SegmentRecord {
@@ -1459,13 +1776,56 @@ mod tests {
             ops: golden_ops(),
         };
         let encoded = serde_json::to_string(&record).expect("encode");
-        assert_eq!(encoded, golden("bucket-record-v4.json", &encoded));
+        assert_eq!(encoded, golden("bucket-record-v5.json", &encoded));
         let mut state = State::default();
         for op in &record.ops {
             state.apply(op).expect("applies");
         }
         let snapshot = serde_json::to_string(&state.snapshot(3)).expect("encode");
-        assert_eq!(snapshot, golden("bucket-snapshot-v4.json", &snapshot));
+        assert_eq!(snapshot, golden("bucket-snapshot-v5.json", &snapshot));
+    }
+
+    /// Snapshots of every earlier format still load (what they lack starts empty), and
+    /// the current one loads to the state it was taken of.
+    #[test]
+    fn snapshots_of_every_format_load() {
+        for name in [
+            "bucket-snapshot-v3.json",
+            "bucket-snapshot-v4.json",
+            "bucket-snapshot-v5.json",
+        ] {
+            let bytes = std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("src/metadata/testdata")
+                    .join(name),
+            )
+            .expect("golden file");
+            let snapshot: Snapshot = decode(&bytes, name, |s: &Snapshot| s.format).expect(name);
+            let state = State::from_snapshot(snapshot);
+            let orders = PartitionKey {
+                topic_id: Uuid::from_u128(10),
+                partition: 0,
+            };
+            let p = &state.partitions[&orders];
+            assert_eq!((p.leader_epoch, p.high_watermark), (1, 5), "{name}");
+            assert_eq!(state.wal_refs.get("wal/1/1/0"), Some(&1), "{name}");
+            if !name.ends_with("v5.json") {
+                assert!(state.txns.is_empty(), "{name}");
+                assert!(state.txn_offsets.is_empty(), "{name}");
+                assert!(state.partitions.values().all(|p| p.aborted.is_empty()));
+            }
+        }
+        let mut state = State::default();
+        for op in &golden_ops() {
+            state.apply(op).expect("applies");
+        }
+        let encoded = serde_json::to_vec(&state.snapshot(3)).expect("encode");
+        let loaded = State::from_snapshot(serde_json::from_slice(&encoded).expect("decode"));
+        assert_eq!(
+            serde_json::to_string(&loaded.snapshot(3)).expect("encode"),
+            serde_json::to_string(&state.snapshot(3)).expect("encode")
+        );
+        assert_eq!(loaded.wal_refs, state.wal_refs);
     }
 
     /// Records of every earlier format still replay, with their meaning then: format 1
@@ -1478,6 +1838,7 @@ mod tests {
             "bucket-record-v2.json",
             "bucket-record-v3.json",
             "bucket-record-v4.json",
+            "bucket-record-v5.json",
         ] {
             let bytes = std::fs::read(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1497,7 +1858,7 @@ mod tests {
             let p = &state.partitions[&orders];
             assert_eq!((p.leader_epoch, p.high_watermark), (1, 5), "{name}");
             assert_eq!(p.wal_ranges.len(), 1, "{name}");
-            if name.ends_with("v4.json") {
+            if name.ends_with("v4.json") || name.ends_with("v5.json") {
                 let prices = PartitionKey {
                     topic_id: Uuid::from_u128(11),
                     partition: 0,
@@ -1506,6 +1867,34 @@ mod tests {
                 let segments: Vec<_> = compacted.segments.values().collect();
                 assert_eq!(segments.len(), 1, "{name}");
                 assert_eq!(segments[0].compacted_ms, 1_700_000_000_005, "{name}");
+            }
+            if name.ends_with("v5.json") {
+                let ledger = PartitionKey {
+                    topic_id: Uuid::from_u128(12),
+                    partition: 0,
+                };
+                let p = &state.partitions[&ledger];
+                assert_eq!(p.high_watermark, 4, "{name}");
+                assert_eq!(
+                    p.state().aborted,
+                    vec![AbortedTxnRecord {
+                        producer_id: 1001,
+                        first_offset: 1,
+                        last_offset: 2,
+                    }],
+                    "{name}"
+                );
+                assert_eq!(p.producers[&1000].txn_first_offset, 0, "{name}");
+                // tx-1 committed its offset, tx-2's was discarded and its id expired,
+                // tx-3's is pending.
+                assert_eq!(
+                    state.txns.keys().collect::<Vec<_>>(),
+                    vec!["tx-1", "tx-3"],
+                    "{name}"
+                );
+                assert_eq!(state.offsets["g"][&("ledger".to_owned(), 0)].offset, 3);
+                let pending: Vec<_> = state.txn_offsets["g"].keys().collect();
+                assert_eq!(pending, vec![&("ledger".to_owned(), 0, 1002)], "{name}");
             }
             // Group h was deleted; g's offset was committed after `before_ms` 0.
             assert_eq!(
@@ -1632,6 +2021,7 @@ mod tests {
                 leader_epoch: old.leader_epoch,
                 range,
                 producers: vec![],
+                aborted: vec![],
             }],
         };
         // a's record number was taken by b: retriable failure, then a catches up ...

@@ -18,13 +18,19 @@
 //! - `commit_offsets` with no offsets is a no-op (the group does not appear);
 //! - `fetch_offsets` sorts topics by name as Rust's `String` order does (bytewise);
 //! - `delete_offsets` and `expire_offsets` count only rows that existed; expiry is
-//!   strict (`commit_timestamp_ms < before_ms`) and never touches unlisted groups.
+//!   strict (`commit_timestamp_ms < before_ms`) and never touches unlisted groups;
+//! - a transaction's pending offsets replace the group's committed ones when it
+//!   completes with a commit, whatever their offsets (as plain commits do), and only
+//!   `CompleteCommit` and `CompleteAbort` records settle them;
+//! - a trim forgets the aborted transactions whose marker is below the new log start
+//!   offset.
 
 use std::collections::BTreeMap;
 
 use super::{
-    BrokerRecord, CommittedOffset, Fence, MetaError, MetadataStore, PartitionCommit, PartitionKey,
-    PartitionOwner, PartitionState, ProducerBatch, ProducerStateRecord, SegmentRecord, TopicRecord,
+    AbortedTxnRecord, BrokerRecord, CommittedOffset, Fence, MetaError, MetadataStore,
+    PartitionCommit, PartitionKey, PartitionOwner, PartitionState, ProducerBatch,
+    ProducerStateRecord, SegmentRecord, TopicRecord, TxnOffsetRecord, TxnRecord, TxnState,
     WalCommit, WalRangeRecord,
 };
 
@@ -61,7 +67,10 @@ macro_rules! metadata_store_conformance {
             check_offset_groups_listed,
             check_offset_expiry,
             check_offsets_independent_of_topics,
-            check_large_offset_commit
+            check_large_offset_commit,
+            check_txn_records,
+            check_txn_offsets_settle,
+            check_aborted_txns
         );
     };
     (@tests $make_store:expr; $($check:ident),+ $(,)?) => {
@@ -106,6 +115,9 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     check_offset_expiry(store).await;
     check_offsets_independent_of_topics(store).await;
     check_large_offset_commit(store).await;
+    check_txn_records(store).await;
+    check_txn_offsets_settle(store).await;
+    check_aborted_txns(store).await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -180,6 +192,8 @@ fn producer(producer_id: i64, last_seq: i32, last_offset: i64) -> ProducerStateR
             timestamp: 1_700_000_000_000,
         }],
         last_update_ms: 1_700_000_000_100,
+        txn_first_offset: -1,
+        coordinator_epoch: -1,
     }
 }
 
@@ -194,6 +208,7 @@ fn part_commit(
         leader_epoch,
         range,
         producers,
+        aborted: vec![],
     }
 }
 
@@ -441,6 +456,7 @@ pub(crate) async fn check_topic_delete(store: &dyn MetadataStore) {
             wal_ranges: vec![],
             producers: vec![],
             epoch_history: vec![(1, 0)],
+            aborted: vec![],
         },
         "a re-created topic starts empty"
     );
@@ -546,6 +562,7 @@ pub(crate) async fn check_claim_bumps_epoch(store: &dyn MetadataStore) {
             wal_ranges: vec![],
             producers: vec![],
             epoch_history: vec![(1, 0)],
+            aborted: vec![],
         }
     );
 
@@ -1780,4 +1797,203 @@ pub(crate) async fn check_fenced_offset_delete_and_expiry(store: &dyn MetadataSt
             .expect("expire under the new lease"),
         1
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Transactions
+// ---------------------------------------------------------------------------------
+
+fn txn_record(id: &str, producer_id: i64, state: TxnState, groups: &[&str]) -> TxnRecord {
+    TxnRecord {
+        transactional_id: id.to_owned(),
+        producer_id,
+        producer_epoch: 4,
+        last_producer_epoch: 3,
+        timeout_ms: 60_000,
+        state,
+        partitions: vec![("a".to_owned(), 0), ("b".to_owned(), 2)],
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        start_ms: 1_700_000_000_000,
+        updated_ms: 1_700_000_000_500,
+    }
+}
+
+async fn txns_with(store: &dyn MetadataStore, prefix: &str) -> Vec<TxnRecord> {
+    let all = store.list_txns().await.expect("list transactions");
+    all.into_iter()
+        .filter(|t| t.transactional_id.starts_with(prefix))
+        .collect()
+}
+
+/// Transactional ids' records are stored whole, replaced, listed by id and deleted,
+/// each only under the coordinator's current lease.
+pub(crate) async fn check_txn_records(store: &dyn MetadataStore) {
+    let (_, _, slot, fence) = leased_group(store).await;
+    let prefix = unique("txn");
+    let (a, b) = (format!("{prefix}-a"), format!("{prefix}-b"));
+    let rb = txn_record(&b, 7, TxnState::Empty, &[]);
+    let ra = txn_record(&a, 8, TxnState::Ongoing, &["g"]);
+    store.put_txn(&rb, fence).await.expect("put b");
+    store.put_txn(&ra, fence).await.expect("put a");
+    assert_eq!(
+        txns_with(store, &prefix).await,
+        vec![ra.clone(), rb.clone()]
+    );
+
+    let ra2 = TxnRecord {
+        state: TxnState::PrepareCommit,
+        producer_epoch: 5,
+        ..ra.clone()
+    };
+    store.put_txn(&ra2, fence).await.expect("replace a");
+    assert_eq!(
+        txns_with(store, &prefix).await,
+        vec![ra2.clone(), rb.clone()]
+    );
+
+    store.claim_partition(slot, 2).await.expect("claim again");
+    assert!(matches!(
+        store.put_txn(&ra, fence).await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert!(matches!(
+        store.delete_txn(&b, fence).await,
+        Err(MetaError::Fenced(_))
+    ));
+    assert_eq!(
+        txns_with(store, &prefix).await,
+        vec![ra2.clone(), rb],
+        "a fenced write changes nothing"
+    );
+    let current = Fence {
+        key: slot,
+        leader_epoch: fence.leader_epoch + 1,
+    };
+    store.delete_txn(&b, current).await.expect("delete b");
+    store
+        .delete_txn(&unique("txn"), current)
+        .await
+        .expect("deleting an unknown id is harmless");
+    assert_eq!(txns_with(store, &prefix).await, vec![ra2]);
+}
+
+/// Offsets committed in a transaction stay pending (invisible to `fetch_offsets`) until
+/// the transaction's record completes: a commit moves the producer's pending offsets of
+/// each of its groups into the committed ones, an abort discards them; another
+/// producer's pending offsets stay.
+pub(crate) async fn check_txn_offsets_settle(store: &dyn MetadataStore) {
+    let (topic, group, _, fence) = leased_group(store).await;
+    let t = &topic.name;
+    let plain = [committed(t, 0, 5, 1), committed(t, 1, 6, 1)];
+    commit_offsets(store, &group, &plain).await;
+    let pending = |producer_id, partition, offset| TxnOffsetRecord {
+        producer_id,
+        offset: committed(t, partition, offset, 2),
+    };
+    let (p1, p2) = (100, 200);
+    store
+        .commit_txn_offsets(
+            &group,
+            &[pending(p2, 0, 40), pending(p1, 0, 20)],
+            Some(fence),
+        )
+        .await
+        .expect("pending offsets");
+    store
+        .commit_txn_offsets(
+            &group,
+            &[pending(p1, 0, 21), pending(p1, 2, 30)],
+            Some(fence),
+        )
+        .await
+        .expect("a later commit of the same producer replaces its own");
+    assert_eq!(
+        store.pending_txn_offsets(&group).await.expect("pending"),
+        vec![pending(p1, 0, 21), pending(p2, 0, 40), pending(p1, 2, 30)]
+    );
+    assert_eq!(fetch_offsets(store, &group).await, plain.to_vec());
+
+    let id = unique("txn");
+    let mut record = txn_record(&id, p1, TxnState::PrepareCommit, &[&group]);
+    store.put_txn(&record, fence).await.expect("prepare");
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        plain.to_vec(),
+        "a prepared transaction settles nothing"
+    );
+    record.state = TxnState::CompleteCommit;
+    store.put_txn(&record, fence).await.expect("complete");
+    assert_eq!(
+        fetch_offsets(store, &group).await,
+        vec![
+            committed(t, 0, 21, 2),
+            plain[1].clone(),
+            committed(t, 2, 30, 2)
+        ]
+    );
+    assert_eq!(
+        store.pending_txn_offsets(&group).await.expect("pending"),
+        vec![pending(p2, 0, 40)]
+    );
+
+    let other = txn_record(&unique("txn"), p2, TxnState::CompleteAbort, &[&group]);
+    store.put_txn(&other, fence).await.expect("abort");
+    assert_eq!(
+        store.pending_txn_offsets(&group).await.expect("pending"),
+        vec![]
+    );
+    assert_eq!(
+        fetch_offsets(store, &group).await[0],
+        committed(t, 0, 21, 2)
+    );
+    assert!(matches!(
+        store
+            .commit_txn_offsets(
+                &group,
+                &[pending(p1, 0, 1)],
+                Some(Fence {
+                    leader_epoch: fence.leader_epoch - 1,
+                    ..fence
+                })
+            )
+            .await,
+        Err(MetaError::Fenced(_))
+    ));
+}
+
+/// Aborted transactions commit with their marker's range, come back with the
+/// partition's state in marker order, and are forgotten by a trim past their marker.
+pub(crate) async fn check_aborted_txns(store: &dyn MetadataStore) {
+    let topic = new_topic(store, 1).await;
+    let p = key(&topic, 0);
+    let epoch = claim(store, p).await.leader_epoch;
+    let first = AbortedTxnRecord {
+        producer_id: 9,
+        first_offset: 2,
+        last_offset: 8,
+    };
+    let second = AbortedTxnRecord {
+        producer_id: 10,
+        first_offset: 5,
+        last_offset: 12,
+    };
+    let object = unique("wal");
+    let mut part = part_commit(p, epoch, range(0, 9, &object), vec![]);
+    part.aborted = vec![first];
+    let commit = wal_commit(&object, vec![part]);
+    store.commit_wal(&commit).await.expect("commit");
+    let object = unique("wal");
+    let mut part = part_commit(p, epoch, range(9, 13, &object), vec![]);
+    part.aborted = vec![second];
+    store
+        .commit_wal(&wal_commit(&object, vec![part]))
+        .await
+        .expect("commit");
+    assert_eq!(
+        store.read_partition(p).await.expect("read").aborted,
+        vec![first, second]
+    );
+    let epoch = claim(store, p).await.leader_epoch;
+    store.trim_log(p, epoch, 9, &[]).await.expect("trim");
+    assert_eq!(claim(store, p).await.aborted, vec![second]);
 }

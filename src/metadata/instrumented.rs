@@ -22,7 +22,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaResult, MetadataStore, PartitionKey, PartitionOwner,
-    PartitionState, SegmentRecord, TopicRecord, WalCommit,
+    PartitionState, SegmentRecord, TopicRecord, TxnOffsetRecord, TxnRecord, WalCommit,
 };
 
 struct StoreMetrics {
@@ -331,6 +331,33 @@ impl MetadataStore for Instrumented {
     }
     async fn fetch_offsets(&self, group: &str) -> MetaResult<Vec<CommittedOffset>> {
         self.timed("fetch_offsets", self.inner.fetch_offsets(group))
+            .await
+    }
+    async fn put_txn(&self, record: &TxnRecord, fence: Fence) -> MetaResult<()> {
+        self.timed("put_txn", self.inner.put_txn(record, fence))
+            .await
+    }
+    async fn delete_txn(&self, transactional_id: &str, fence: Fence) -> MetaResult<()> {
+        self.timed("delete_txn", self.inner.delete_txn(transactional_id, fence))
+            .await
+    }
+    async fn list_txns(&self) -> MetaResult<Vec<TxnRecord>> {
+        self.timed("list_txns", self.inner.list_txns()).await
+    }
+    async fn commit_txn_offsets(
+        &self,
+        group: &str,
+        offsets: &[TxnOffsetRecord],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
+        self.timed(
+            "commit_txn_offsets",
+            self.inner.commit_txn_offsets(group, offsets, fence),
+        )
+        .await
+    }
+    async fn pending_txn_offsets(&self, group: &str) -> MetaResult<Vec<TxnOffsetRecord>> {
+        self.timed("pending_txn_offsets", self.inner.pending_txn_offsets(group))
             .await
     }
     async fn delete_offsets(

@@ -131,6 +131,88 @@ pub(crate) struct ProducerStateRecord {
     pub epoch: i16,
     pub batches: Vec<ProducerBatch>,
     pub last_update_ms: i64,
+    /// The offset of the producer's first batch in its open transaction on this
+    /// partition (-1: none open). The last stable offset stops at the lowest of them.
+    #[serde(default = "no_offset")]
+    pub txn_first_offset: i64,
+    /// The transaction coordinator's epoch of the producer's last marker here (-1:
+    /// none); a marker from an older coordinator is refused.
+    #[serde(default = "no_epoch")]
+    pub coordinator_epoch: i32,
+}
+
+fn no_offset() -> i64 {
+    -1
+}
+
+fn no_epoch() -> i32 {
+    -1
+}
+
+/// A transaction aborted on one partition: the offsets from its first batch to its
+/// abort marker. read_committed consumers skip that producer's batches in the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AbortedTxnRecord {
+    pub producer_id: i64,
+    pub first_offset: i64,
+    /// The abort marker's offset.
+    pub last_offset: i64,
+}
+
+/// Where a transaction is, as Kafka's coordinator names its states (persisted by name).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub(crate) enum TxnState {
+    Empty,
+    Ongoing,
+    PrepareCommit,
+    PrepareAbort,
+    CompleteCommit,
+    CompleteAbort,
+}
+
+impl TxnState {
+    /// Kafka's name (DescribeTransactions, ListTransactions, the CLI).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TxnState::Empty => "Empty",
+            TxnState::Ongoing => "Ongoing",
+            TxnState::PrepareCommit => "PrepareCommit",
+            TxnState::PrepareAbort => "PrepareAbort",
+            TxnState::CompleteCommit => "CompleteCommit",
+            TxnState::CompleteAbort => "CompleteAbort",
+        }
+    }
+}
+
+/// A transactional id as its coordinator keeps it. Stored whole (JSON) after every
+/// transition, fenced by the coordinator's lease on the id's slot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TxnRecord {
+    pub transactional_id: String,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// The epoch before the last bump (-1: none), so an InitProducerId retried after
+    /// its answer was lost gets the same answer (KIP-360).
+    pub last_producer_epoch: i16,
+    pub timeout_ms: i32,
+    pub state: TxnState,
+    /// Partitions in the transaction: (topic, partition), sorted.
+    pub partitions: Vec<(String, i32)>,
+    /// Groups whose offsets the transaction commits, sorted.
+    pub groups: Vec<String>,
+    /// When the transaction started (-1: none open).
+    pub start_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// An offset committed inside a transaction: visible to the group only once the
+/// transaction commits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TxnOffsetRecord {
+    pub producer_id: i64,
+    pub offset: CommittedOffset,
 }
 
 /// Everything a new owner needs to carry a partition on from where it was left.
@@ -148,6 +230,8 @@ pub(crate) struct PartitionState {
     pub producers: Vec<ProducerStateRecord>,
     /// (leader epoch, first offset written in it), ascending; includes the epoch just claimed.
     pub epoch_history: Vec<(i32, i64)>,
+    /// Transactions aborted at or after the log start offset, by marker offset.
+    pub aborted: Vec<AbortedTxnRecord>,
 }
 
 /// One partition's part of a write-ahead commit.
@@ -158,6 +242,9 @@ pub(crate) struct PartitionCommit {
     pub range: WalRangeRecord,
     /// Producer states touched by this flush, replacing the stored ones.
     pub producers: Vec<ProducerStateRecord>,
+    /// Transactions whose abort marker is in this range.
+    #[serde(default)]
+    pub aborted: Vec<AbortedTxnRecord>,
 }
 
 /// All partitions' new ranges from one write-ahead object, committed atomically.
@@ -323,6 +410,28 @@ pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
         before_ms: i64,
         fence: Option<Fence>,
     ) -> MetaResult<usize>;
+    /// Stores a transactional id's record, replacing the previous one, while `fence`
+    /// (the coordinator's lease on the id's slot) is current, else `Fenced`. Completing
+    /// a transaction does more in the same transaction: `CompleteCommit` makes the
+    /// offsets the producer committed in it for `record.groups` the groups' committed
+    /// offsets, `CompleteAbort` discards them.
+    async fn put_txn(&self, record: &TxnRecord, fence: Fence) -> MetaResult<()>;
+    /// Forgets a transactional id (expiry), while `fence` is current.
+    async fn delete_txn(&self, transactional_id: &str, fence: Fence) -> MetaResult<()>;
+    /// Every transactional id's record, sorted by id.
+    async fn list_txns(&self) -> MetaResult<Vec<TxnRecord>>;
+    /// Stores offsets a group commits inside a producer's transaction (replacing that
+    /// producer's earlier pending ones of the same partitions), while `fence` (the
+    /// group coordinator's lease) is current.
+    async fn commit_txn_offsets(
+        &self,
+        group: &str,
+        offsets: &[TxnOffsetRecord],
+        fence: Option<Fence>,
+    ) -> MetaResult<()>;
+    /// A group's offsets committed in transactions not yet ended, sorted by topic,
+    /// partition and producer id.
+    async fn pending_txn_offsets(&self, group: &str) -> MetaResult<Vec<TxnOffsetRecord>>;
     /// Starts a broker session: returns a number higher than any before for this broker,
     /// used in object names so objects are never overwritten.
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64>;

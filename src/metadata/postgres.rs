@@ -7,8 +7,8 @@
 //! SQLite backend serves a single broker. Tables, columns and their meaning are the
 //! SQLite backend's (see [`super::sqlite`]), with PostgreSQL types: topic ids are
 //! `UUID`, offsets, sizes and timestamps `BIGINT`, epochs and partitions `INTEGER`, and
-//! the JSON of topic configs and producer states is stored as `TEXT`, byte for byte
-//! what the SQLite backend writes. Names, group ids and object keys use the `"C"`
+//! the JSON of topic configs, producer states and transaction states is stored as
+//! `TEXT`, byte for byte what the SQLite backend writes. Names, group ids and object keys use the `"C"`
 //! collation so that every `ORDER BY` is bytewise, like Rust's `String` order.
 //!
 //! Concurrency: every trait method is one transaction (a lone statement is its own).
@@ -28,9 +28,9 @@
 //! Errors: anything the server or the connection reports is `Unavailable` (retriable);
 //! a stored value that does not decode is `Corrupt`.
 //!
-//! Persisted format: like SQLite's, every name in [`SCHEMA_V1`], [`SCHEMA_V2`] and [`SCHEMA_V3`], the
-//! JSON forms and the counter names are stored and **must be kept stable**; a change
-//! needs a new schema version and a step in [`migrate`].
+//! Persisted format: like SQLite's, every name in the schema versions ([`SCHEMA_V1`] to
+//! [`SCHEMA_V6`]), the JSON forms and the counter names are stored and **must be kept
+//! stable**; a change needs a new schema version and a step in [`migrate`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -47,12 +47,13 @@ use uuid::Uuid;
 use super::PartitionOwner;
 use super::{rows, semantics};
 use super::{
-    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
-    PartitionState, SegmentRecord, TopicRecord, WalCommit,
+    AbortedTxnRecord, BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore,
+    PartitionKey, PartitionState, SegmentRecord, TopicRecord, TxnOffsetRecord, TxnRecord,
+    WalCommit,
 };
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 /// Most connections one store opens; more concurrent operations wait for one.
@@ -179,6 +180,37 @@ ALTER TABLE wal_ranges ADD COLUMN object_size BIGINT NOT NULL DEFAULT 0;
 /// Schema version 5: a segment records when compaction wrote it (0: never).
 const SCHEMA_V5: &str = r#"
 ALTER TABLE segments ADD COLUMN compacted_ms BIGINT NOT NULL DEFAULT 0;
+"#;
+
+/// Schema version 6: transactions (see the SQLite backend's version 6 for the meaning):
+/// the aborted transactions of each partition, keyed by their abort marker's offset;
+/// each transactional id's state as JSON (`TEXT`, byte for byte what SQLite stores);
+/// and the offsets groups committed inside transactions not yet ended, the columns of
+/// `group_offsets` plus the producer.
+const SCHEMA_V6: &str = r#"
+CREATE TABLE aborted_txns (
+    topic_id     UUID    NOT NULL,
+    partition    INTEGER NOT NULL,
+    last_offset  BIGINT  NOT NULL,
+    producer_id  BIGINT  NOT NULL,
+    first_offset BIGINT  NOT NULL,
+    PRIMARY KEY (topic_id, partition, last_offset)
+);
+CREATE TABLE transactions (
+    transactional_id TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    state            TEXT NOT NULL
+);
+CREATE TABLE txn_offsets (
+    group_id            TEXT COLLATE "C" NOT NULL,
+    topic               TEXT COLLATE "C" NOT NULL,
+    partition           INTEGER NOT NULL,
+    producer_id         BIGINT  NOT NULL,
+    "offset"            BIGINT  NOT NULL,
+    leader_epoch        INTEGER NOT NULL,
+    metadata            TEXT    NOT NULL,
+    commit_timestamp_ms BIGINT  NOT NULL,
+    PRIMARY KEY (group_id, topic, partition, producer_id)
+);
 "#;
 
 const SELECT_TOPIC_FOR_UPDATE: &str = concat!(
@@ -467,12 +499,13 @@ async fn migrate(client: &mut Client) -> MetaResult<()> {
     }
     // Each version's step, in order, in this same transaction; a later version is one
     // more entry.
-    let steps: [(i64, &str); 5] = [
+    let steps: [(i64, &str); 6] = [
         (1, SCHEMA_V1),
         (2, SCHEMA_V2),
         (3, SCHEMA_V3),
         (4, SCHEMA_V4),
         (5, SCHEMA_V5),
+        (6, SCHEMA_V6),
     ];
     for (version, sql) in steps.into_iter().filter(|(v, _)| *v > current) {
         tx.batch_execute(sql).await.db()?;
@@ -715,7 +748,7 @@ async fn register_broker(tx: &mut Tx<'_>, b: &BrokerRecord) -> MetaResult<()> {
 }
 
 /// Reads everything a new owner recovers from; the scalar columns come from the caller.
-/// The four reads are pipelined on the connection.
+/// The five reads are pipelined on the connection.
 async fn load_partition_state(
     tx: &mut Tx<'_>,
     key: PartitionKey,
@@ -749,12 +782,20 @@ async fn load_partition_state(
             " FROM epoch_history WHERE topic_id = $1 AND partition = $2 ORDER BY epoch"
         ))
         .await?;
+    let aborted_sql = tx
+        .statement(concat!(
+            "SELECT ",
+            rows::aborted_txn_columns!(),
+            " FROM aborted_txns WHERE topic_id = $1 AND partition = $2 ORDER BY last_offset"
+        ))
+        .await?;
     let params: [&(dyn ToSql + Sync); 2] = [&key.topic_id, &key.partition];
-    let (segment_rows, range_rows, producer_rows, history_rows) = tokio::try_join!(
+    let (segment_rows, range_rows, producer_rows, history_rows, aborted_rows) = tokio::try_join!(
         tx.tx.query(&segments_sql, &params),
         tx.tx.query(&ranges_sql, &params),
         tx.tx.query(&producers_sql, &params),
         tx.tx.query(&history_sql, &params),
+        tx.tx.query(&aborted_sql, &params),
     )
     .db()?;
     Ok(PartitionState {
@@ -765,6 +806,7 @@ async fn load_partition_state(
         wal_ranges: decode_all(&range_rows, rows::wal_range)?,
         producers: decode_all(&producer_rows, rows::producer)?,
         epoch_history: decode_all(&history_rows, rows::epoch)?,
+        aborted: decode_all(&aborted_rows, rows::aborted_txn)?,
     })
 }
 
@@ -831,6 +873,17 @@ struct Columns<'a> {
     delete_groups: Vec<&'a str>,
     delete_offsets: BTreeMap<&'a str, (Vec<&'a str>, Vec<i32>)>,
     expire: Vec<(&'a str, i64)>,
+    /// By (partition, marker offset): the first one wins, like consecutive inserts that
+    /// do nothing on conflict.
+    aborted: BTreeMap<(PartitionKey, i64), &'a AbortedTxnRecord>,
+    drop_aborted: Vec<(PartitionKey, i64)>,
+    /// In plan order: (transactional id, its JSON).
+    txns: Vec<(&'a str, String)>,
+    delete_txns: Vec<&'a str>,
+    /// By group, then (topic, partition, producer id): the last commit wins.
+    txn_offsets: BTreeMap<&'a str, BTreeMap<(&'a str, i32, i64), &'a TxnOffsetRecord>>,
+    /// In plan order: (group, producer id, commit).
+    settles: Vec<(&'a str, i64, bool)>,
 }
 
 impl<'a> Columns<'a> {
@@ -909,13 +962,41 @@ impl<'a> Columns<'a> {
                     partitions.push(partition);
                 }
                 Write::ExpireOffsets { group, before_ms } => c.expire.push((group, before_ms)),
+                Write::InsertAbortedTxn { key, aborted } => {
+                    c.aborted
+                        .entry((key, aborted.last_offset))
+                        .or_insert(aborted);
+                }
+                Write::DropAbortedBelow { key, offset } => c.drop_aborted.push((key, offset)),
+                Write::UpsertTxn { record } => c.txns.push((
+                    record.transactional_id.as_str(),
+                    rows::encode_json(record, "transaction state")?,
+                )),
+                Write::DeleteTxn { transactional_id } => c.delete_txns.push(transactional_id),
+                Write::UpsertTxnOffset { group, pending } => {
+                    let o = &pending.offset;
+                    c.txn_offsets.entry(group).or_default().insert(
+                        (o.topic.as_str(), o.partition, pending.producer_id),
+                        pending,
+                    );
+                }
+                Write::SettleTxnOffsets {
+                    group,
+                    producer_id,
+                    commit,
+                } => c.settles.push((group, producer_id, commit)),
             }
         }
         Ok(c)
     }
 
-    /// Runs the batched statements, pipelined (the writes of one operation are
-    /// independent of each other); returns the offsets deleted.
+    /// Runs the batched statements, pipelined; returns the offsets deleted. The server
+    /// runs pipelined statements in the order they are sent, which is the order of
+    /// `jobs`; so where a write of an operation depends on an earlier one it is queued
+    /// after it: replaced segments are dropped before the new ones are inserted, pending
+    /// transactional offsets are stored before any settle, and a settle's copy into
+    /// `group_offsets` runs before its delete. The other writes of one operation are
+    /// independent of each other.
     async fn apply(self, tx: &mut Tx<'_>) -> MetaResult<usize> {
         type Params<'p> = Vec<&'p (dyn ToSql + Sync)>;
         // (statement, parameters, whether its row count is an answer)
@@ -1130,6 +1211,123 @@ impl<'a> Columns<'a> {
                 .await?;
             jobs.push((st, vec![group, before_ms], true));
         }
+        let aborted_topic_ids: Vec<Uuid> = self.aborted.keys().map(|(k, _)| k.topic_id).collect();
+        let aborted_partitions: Vec<i32> = self.aborted.keys().map(|(k, _)| k.partition).collect();
+        let aborted_last: Vec<i64> = self.aborted.values().map(|a| a.last_offset).collect();
+        let aborted_producers: Vec<i64> = self.aborted.values().map(|a| a.producer_id).collect();
+        let aborted_first: Vec<i64> = self.aborted.values().map(|a| a.first_offset).collect();
+        if !aborted_last.is_empty() {
+            let st = tx
+                .statement(
+                    "INSERT INTO aborted_txns (topic_id, partition, last_offset, producer_id,
+                         first_offset)
+                     SELECT * FROM unnest($1::UUID[], $2::INTEGER[], $3::BIGINT[],
+                         $4::BIGINT[], $5::BIGINT[])
+                     ON CONFLICT (topic_id, partition, last_offset) DO NOTHING",
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![
+                    &aborted_topic_ids,
+                    &aborted_partitions,
+                    &aborted_last,
+                    &aborted_producers,
+                    &aborted_first,
+                ],
+                false,
+            ));
+        }
+        for (key, offset) in &self.drop_aborted {
+            let st = tx
+                .statement(
+                    "DELETE FROM aborted_txns
+                     WHERE topic_id = $1 AND partition = $2 AND last_offset < $3",
+                )
+                .await?;
+            jobs.push((st, vec![&key.topic_id, &key.partition, offset], false));
+        }
+        for (transactional_id, state) in &self.txns {
+            let st = tx
+                .statement(
+                    "INSERT INTO transactions (transactional_id, state) VALUES ($1, $2)
+                     ON CONFLICT (transactional_id) DO UPDATE SET state = excluded.state",
+                )
+                .await?;
+            jobs.push((st, vec![transactional_id, state], false));
+        }
+        for transactional_id in &self.delete_txns {
+            let st = tx
+                .statement("DELETE FROM transactions WHERE transactional_id = $1")
+                .await?;
+            jobs.push((st, vec![transactional_id], false));
+        }
+        let mut txn_offset_columns = Vec::with_capacity(self.txn_offsets.len());
+        for (group, latest) in &self.txn_offsets {
+            let p = latest.values();
+            txn_offset_columns.push((
+                *group,
+                p.clone()
+                    .map(|p| p.offset.topic.as_str())
+                    .collect::<Vec<_>>(),
+                p.clone().map(|p| p.offset.partition).collect::<Vec<_>>(),
+                p.clone().map(|p| p.producer_id).collect::<Vec<_>>(),
+                p.clone().map(|p| p.offset.offset).collect::<Vec<_>>(),
+                p.clone().map(|p| p.offset.leader_epoch).collect::<Vec<_>>(),
+                p.clone()
+                    .map(|p| p.offset.metadata.as_str())
+                    .collect::<Vec<_>>(),
+                p.map(|p| p.offset.commit_timestamp_ms).collect::<Vec<_>>(),
+            ));
+        }
+        for (group, topics, partitions, producers, offsets, epochs, metadata, timestamps) in
+            &txn_offset_columns
+        {
+            let st = tx
+                .statement(
+                    r#"INSERT INTO txn_offsets (group_id, topic, partition, producer_id,
+                           "offset", leader_epoch, metadata, commit_timestamp_ms)
+                       SELECT $1, k.* FROM unnest($2::TEXT[], $3::INTEGER[], $4::BIGINT[],
+                           $5::BIGINT[], $6::INTEGER[], $7::TEXT[], $8::BIGINT[]) AS k
+                       ON CONFLICT (group_id, topic, partition, producer_id) DO UPDATE SET
+                           "offset" = excluded."offset",
+                           leader_epoch = excluded.leader_epoch,
+                           metadata = excluded.metadata,
+                           commit_timestamp_ms = excluded.commit_timestamp_ms"#,
+                )
+                .await?;
+            jobs.push((
+                st,
+                vec![
+                    group, topics, partitions, producers, offsets, epochs, metadata, timestamps,
+                ],
+                false,
+            ));
+        }
+        for (group, producer_id, commit) in &self.settles {
+            if *commit {
+                // Queued before the delete below: the server runs them in this order.
+                let st = tx
+                    .statement(
+                        r#"INSERT INTO group_offsets (group_id, topic, partition, "offset",
+                               leader_epoch, metadata, commit_timestamp_ms)
+                           SELECT group_id, topic, partition, "offset", leader_epoch,
+                               metadata, commit_timestamp_ms
+                           FROM txn_offsets WHERE group_id = $1 AND producer_id = $2
+                           ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                               "offset" = excluded."offset",
+                               leader_epoch = excluded.leader_epoch,
+                               metadata = excluded.metadata,
+                               commit_timestamp_ms = excluded.commit_timestamp_ms"#,
+                    )
+                    .await?;
+                jobs.push((st, vec![group, producer_id], false));
+            }
+            let st = tx
+                .statement("DELETE FROM txn_offsets WHERE group_id = $1 AND producer_id = $2")
+                .await?;
+            jobs.push((st, vec![group, producer_id], false));
+        }
         let t = &tx.tx;
         let counts =
             futures::future::try_join_all(jobs.iter().map(|(st, params, _)| t.execute(st, params)))
@@ -1180,6 +1378,7 @@ impl MetadataStore for PostgresStore {
             "DELETE FROM segments WHERE topic_id = $1",
             "DELETE FROM wal_ranges WHERE topic_id = $1",
             "DELETE FROM producers WHERE topic_id = $1",
+            "DELETE FROM aborted_txns WHERE topic_id = $1",
         ] {
             tx.execute(sql, &[&topic.id]).await?;
         }
@@ -1528,6 +1727,64 @@ impl MetadataStore for PostgresStore {
         self.fenced(op).await
     }
 
+    async fn put_txn(&self, record: &TxnRecord, fence: Fence) -> MetaResult<()> {
+        self.fenced(semantics::Op::PutTxn { record, fence })
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete_txn(&self, transactional_id: &str, fence: Fence) -> MetaResult<()> {
+        let op = semantics::Op::DeleteTxn {
+            transactional_id,
+            fence,
+        };
+        self.fenced(op).await.map(|_| ())
+    }
+
+    async fn list_txns(&self) -> MetaResult<Vec<TxnRecord>> {
+        let mut conn = self.pool.get().await?;
+        let found = conn
+            .query(
+                concat!(
+                    "SELECT ",
+                    rows::txn_columns!(),
+                    " FROM transactions ORDER BY transactional_id"
+                ),
+                &[],
+            )
+            .await?;
+        decode_all(&found, rows::txn)
+    }
+
+    async fn commit_txn_offsets(
+        &self,
+        group: &str,
+        offsets: &[TxnOffsetRecord],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
+        let op = semantics::Op::CommitTxnOffsets {
+            group,
+            offsets,
+            fence,
+        };
+        self.fenced(op).await.map(|_| ())
+    }
+
+    async fn pending_txn_offsets(&self, group: &str) -> MetaResult<Vec<TxnOffsetRecord>> {
+        let mut conn = self.pool.get().await?;
+        let found = conn
+            .query(
+                concat!(
+                    "SELECT ",
+                    rows::txn_offset_columns!(),
+                    " FROM txn_offsets WHERE group_id = $1 ORDER BY topic, partition, producer_id"
+                ),
+                &[&group],
+            )
+            .await?;
+        decode_all(&found, rows::txn_offset)
+    }
+
     async fn start_broker_session(&self, broker_id: i32) -> MetaResult<i64> {
         let mut conn = self.pool.get().await?;
         let mut tx = conn.begin().await?;
@@ -1543,7 +1800,9 @@ mod tests {
     use super::*;
     use crate::metadata::conformance::{self, metadata_store_conformance};
     use crate::metadata::rows::encode_json;
-    use crate::metadata::{PartitionCommit, ProducerBatch, ProducerStateRecord, WalRangeRecord};
+    use crate::metadata::{
+        PartitionCommit, ProducerBatch, ProducerStateRecord, TxnState, WalRangeRecord,
+    };
 
     /// Set to a database URL (see `tests/postgres.sh`) to run these tests.
     const URL_ENV: &str = "STRATA_TEST_POSTGRES_URL";
@@ -1654,13 +1913,13 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("connect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
-        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(SCHEMA_VERSION, 6);
         drop(store);
         PostgresStore::connect_with(config.clone())
             .await
             .expect("reconnect");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5, 6]);
     }
 
     #[tokio::test]
@@ -1678,7 +1937,7 @@ mod tests {
                 .expect("task")
                 .expect("every concurrent connect succeeds");
         }
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5, 6]);
     }
 
     #[tokio::test]
@@ -1736,7 +1995,7 @@ mod tests {
         let store = PostgresStore::connect_with(config.clone())
             .await
             .expect("migrate");
-        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(schema_versions(&config).await, vec![1, 2, 3, 4, 5, 6]);
         assert_eq!(
             store.list_topics().await.expect("list"),
             vec![topic.clone()]
@@ -1942,6 +2201,7 @@ mod tests {
                                 object_size: 1 << 20,
                             },
                             producers: vec![],
+                            aborted: vec![],
                         })
                         .collect(),
                 };
@@ -1999,6 +2259,8 @@ mod tests {
                 timestamp: 7,
             }],
             last_update_ms: 8,
+            txn_first_offset: -1,
+            coordinator_epoch: -1,
         };
         let segment = SegmentRecord {
             base_offset: 0,
@@ -2018,6 +2280,34 @@ mod tests {
             len: 64,
             max_timestamp: 7,
             object_size: 1 << 20,
+        };
+        let aborted = AbortedTxnRecord {
+            producer_id: 1000,
+            first_offset: 12,
+            last_offset: 15,
+        };
+        let txn = TxnRecord {
+            transactional_id: "tx-1".to_owned(),
+            producer_id: 1000,
+            producer_epoch: 3,
+            last_producer_epoch: 2,
+            timeout_ms: 60_000,
+            state: TxnState::Ongoing,
+            partitions: vec![("orders".to_owned(), 1)],
+            groups: vec!["g".to_owned()],
+            start_ms: 5,
+            updated_ms: 6,
+        };
+        let pending = TxnOffsetRecord {
+            producer_id: 1000,
+            offset: CommittedOffset {
+                topic: "orders".to_owned(),
+                partition: 1,
+                offset: 17,
+                leader_epoch: 1,
+                metadata: "m".to_owned(),
+                commit_timestamp_ms: 4,
+            },
         };
         {
             let store = PostgresStore::connect_with(config.clone())
@@ -2039,6 +2329,7 @@ mod tests {
                             leader_epoch: epoch,
                             range: range(base, end, object),
                             producers: vec![producer.clone()],
+                            aborted: if base == 10 { vec![aborted] } else { vec![] },
                         }],
                     }])
                     .await
@@ -2049,6 +2340,15 @@ mod tests {
                 .await
                 .expect("segment");
             store.trim_log(key, epoch, 3, &[]).await.expect("trim");
+            let fence = Fence {
+                key,
+                leader_epoch: epoch,
+            };
+            store.put_txn(&txn, fence).await.expect("put txn");
+            store
+                .commit_txn_offsets("g", std::slice::from_ref(&pending), Some(fence))
+                .await
+                .expect("txn offsets");
         }
         let store = PostgresStore::connect_with(config.clone())
             .await
@@ -2064,8 +2364,21 @@ mod tests {
                 wal_ranges: vec![range(10, 20, "wal-b")],
                 producers: vec![producer.clone()],
                 epoch_history: vec![(1, 0), (2, 20)],
+                aborted: vec![aborted],
             }
         );
+        assert_eq!(store.list_txns().await.expect("txns"), vec![txn.clone()]);
+        assert_eq!(
+            store.pending_txn_offsets("g").await.expect("pending"),
+            vec![pending]
+        );
+        let stored: String = raw(&config)
+            .await
+            .query_one("SELECT state FROM transactions", &[])
+            .await
+            .expect("txn state")
+            .get(0);
+        assert_eq!(stored, encode_json(&txn, "txn").expect("json"));
         // The stored JSON is byte for byte the SQLite backend's.
         let stored: String = raw(&config)
             .await

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use super::semantics::{PartitionRow, WalObject};
 use super::{
-    BrokerRecord, CommittedOffset, MetaError, MetaResult, PartitionKey, ProducerStateRecord,
-    SegmentRecord, TopicRecord, WalRangeRecord,
+    AbortedTxnRecord, BrokerRecord, CommittedOffset, MetaError, MetaResult, PartitionKey,
+    ProducerStateRecord, SegmentRecord, TopicRecord, TxnOffsetRecord, TxnRecord, WalRangeRecord,
 };
 
 /// `topics`, as [`topic`] decodes it.
@@ -87,9 +87,32 @@ macro_rules! offset_columns {
     };
 }
 
+/// `txn_offsets` (of one group), as [`txn_offset`] decodes it: the producer, then the
+/// columns [`offset`] decodes.
+macro_rules! txn_offset_columns {
+    () => {
+        r#"producer_id, topic, partition, "offset", leader_epoch, metadata, commit_timestamp_ms"#
+    };
+}
+
+/// `aborted_txns` (of one partition), as [`aborted_txn`] decodes it.
+macro_rules! aborted_txn_columns {
+    () => {
+        "producer_id, first_offset, last_offset"
+    };
+}
+
+/// `transactions`, as [`txn`] decodes it.
+macro_rules! txn_columns {
+    () => {
+        "transactional_id, state"
+    };
+}
+
 pub(crate) use {
-    broker_columns, epoch_columns, offset_columns, partition_columns, producer_columns,
-    segment_columns, topic_columns, wal_object_columns, wal_range_columns,
+    aborted_txn_columns, broker_columns, epoch_columns, offset_columns, partition_columns,
+    producer_columns, segment_columns, topic_columns, txn_columns, txn_offset_columns,
+    wal_object_columns, wal_range_columns,
 };
 
 /// One stored row, as a backend reads its columns. A value that does not decode (a type
@@ -210,6 +233,47 @@ pub(crate) fn offset(row: &dyn StoredRow) -> MetaResult<CommittedOffset> {
         metadata: row.text(4)?,
         commit_timestamp_ms: row.bigint(5)?,
     })
+}
+
+/// `txn_offsets` (of one group).
+pub(crate) fn txn_offset(row: &dyn StoredRow) -> MetaResult<TxnOffsetRecord> {
+    Ok(TxnOffsetRecord {
+        producer_id: row.bigint(0)?,
+        offset: CommittedOffset {
+            topic: row.text(1)?,
+            partition: row.int(2)?,
+            offset: row.bigint(3)?,
+            leader_epoch: row.int(4)?,
+            metadata: row.text(5)?,
+            commit_timestamp_ms: row.bigint(6)?,
+        },
+    })
+}
+
+/// `aborted_txns` (of one partition).
+pub(crate) fn aborted_txn(row: &dyn StoredRow) -> MetaResult<AbortedTxnRecord> {
+    Ok(AbortedTxnRecord {
+        producer_id: row.bigint(0)?,
+        first_offset: row.bigint(1)?,
+        last_offset: row.bigint(2)?,
+    })
+}
+
+/// `transactions`: the JSON record, which must be the row's transactional id's.
+pub(crate) fn txn(row: &dyn StoredRow) -> MetaResult<TxnRecord> {
+    let id = row.text(0)?;
+    let record: TxnRecord = serde_json::from_str(&row.text(1)?).map_err(|e| {
+        MetaError::Corrupt(format!(
+            "stored state of transactional id {id:?} is not valid json: {e}"
+        ))
+    })?;
+    if record.transactional_id != id {
+        return Err(MetaError::Corrupt(format!(
+            "transaction row {id:?} holds the state of {:?}",
+            record.transactional_id
+        )));
+    }
+    Ok(record)
 }
 
 /// A one-column number: a counter row's value (`counters.value`,

@@ -20,8 +20,9 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{
-    BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, PartitionKey, PartitionOwner,
-    ProducerStateRecord, SegmentRecord, TopicRecord, WalCommit, WalRangeRecord,
+    AbortedTxnRecord, BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, PartitionKey,
+    PartitionOwner, ProducerStateRecord, SegmentRecord, TopicRecord, TxnOffsetRecord, TxnRecord,
+    TxnState, WalCommit, WalRangeRecord,
 };
 
 /// The first producer id handed out. Persisted (every backend's counter starts here);
@@ -68,6 +69,18 @@ pub(crate) enum Op<'a> {
     ExpireOffsets {
         groups: &'a [String],
         before_ms: i64,
+        fence: Option<Fence>,
+    },
+    /// A transactional id's new record (completing a transaction also settles the
+    /// offsets committed in it).
+    PutTxn { record: &'a TxnRecord, fence: Fence },
+    DeleteTxn {
+        transactional_id: &'a str,
+        fence: Fence,
+    },
+    CommitTxnOffsets {
+        group: &'a str,
+        offsets: &'a [TxnOffsetRecord],
         fence: Option<Fence>,
     },
 }
@@ -164,6 +177,36 @@ pub(crate) enum Write<'a> {
         group: &'a str,
         before_ms: i64,
     },
+    /// Remember an aborted transaction of a partition (nothing if known).
+    InsertAbortedTxn {
+        key: PartitionKey,
+        aborted: &'a AbortedTxnRecord,
+    },
+    /// Forget a partition's aborted transactions whose marker is below `offset`.
+    DropAbortedBelow {
+        key: PartitionKey,
+        offset: i64,
+    },
+    /// Insert or replace a transactional id's record.
+    UpsertTxn {
+        record: &'a TxnRecord,
+    },
+    DeleteTxn {
+        transactional_id: &'a str,
+    },
+    /// Insert or replace a pending transactional offset (keyed by group, topic,
+    /// partition and producer id).
+    UpsertTxnOffset {
+        group: &'a str,
+        pending: &'a TxnOffsetRecord,
+    },
+    /// Settle a producer's pending offsets of a group: with `commit`, each replaces the
+    /// group's committed offset of its partition; either way they are then deleted.
+    SettleTxnOffsets {
+        group: &'a str,
+        producer_id: i64,
+        commit: bool,
+    },
 }
 
 impl Op<'_> {
@@ -179,7 +222,9 @@ impl Op<'_> {
             | Op::ReplaceSegments { key, .. } => vec![*key],
             Op::CommitOffsets { fence, .. }
             | Op::DeleteOffsets { fence, .. }
-            | Op::ExpireOffsets { fence, .. } => fence.iter().map(|f| f.key).collect(),
+            | Op::ExpireOffsets { fence, .. }
+            | Op::CommitTxnOffsets { fence, .. } => fence.iter().map(|f| f.key).collect(),
+            Op::PutTxn { fence, .. } | Op::DeleteTxn { fence, .. } => vec![fence.key],
         }
     }
 }
@@ -256,6 +301,10 @@ pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
                         key: part.key,
                         state,
                     }));
+                    writes.extend(part.aborted.iter().map(|aborted| Write::InsertAbortedTxn {
+                        key: part.key,
+                        aborted,
+                    }));
                 }
             }
             for part in commits.iter().flat_map(|c| &c.partitions) {
@@ -294,11 +343,19 @@ pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
             drop_segment_base_offsets,
         } => {
             let row = require(rows, key, leader_epoch)?;
-            // The log start offset only rises.
-            let mut writes = vec![Write::SetLogStartOffset {
-                key,
-                log_start_offset: row.log_start_offset.max(log_start_offset),
-            }];
+            // The log start offset only rises; aborted transactions whose marker it
+            // passed no longer concern any reader.
+            let log_start_offset = row.log_start_offset.max(log_start_offset);
+            let mut writes = vec![
+                Write::SetLogStartOffset {
+                    key,
+                    log_start_offset,
+                },
+                Write::DropAbortedBelow {
+                    key,
+                    offset: log_start_offset,
+                },
+            ];
             writes.extend(
                 drop_segment_base_offsets
                     .iter()
@@ -373,6 +430,41 @@ pub(crate) fn plan<'a>(rows: &Rows, op: Op<'a>) -> MetaResult<Vec<Write<'a>>> {
             Ok(groups
                 .iter()
                 .map(|group| Write::ExpireOffsets { group, before_ms })
+                .collect())
+        }
+        Op::PutTxn { record, fence } => {
+            check_fence(rows, Some(fence))?;
+            let mut writes = vec![Write::UpsertTxn { record }];
+            let settle = match record.state {
+                TxnState::CompleteCommit => Some(true),
+                TxnState::CompleteAbort => Some(false),
+                _ => None,
+            };
+            if let Some(commit) = settle {
+                writes.extend(record.groups.iter().map(|group| Write::SettleTxnOffsets {
+                    group,
+                    producer_id: record.producer_id,
+                    commit,
+                }));
+            }
+            Ok(writes)
+        }
+        Op::DeleteTxn {
+            transactional_id,
+            fence,
+        } => {
+            check_fence(rows, Some(fence))?;
+            Ok(vec![Write::DeleteTxn { transactional_id }])
+        }
+        Op::CommitTxnOffsets {
+            group,
+            offsets,
+            fence,
+        } => {
+            check_fence(rows, fence)?;
+            Ok(offsets
+                .iter()
+                .map(|pending| Write::UpsertTxnOffset { group, pending })
                 .collect())
         }
     }
@@ -565,18 +657,21 @@ mod tests {
                     leader_epoch: 2,
                     range: range(10, 20),
                     producers: vec![],
+                    aborted: vec![],
                 },
                 PartitionCommit {
                     key: key(1),
                     leader_epoch: 1,
                     range: range(0, 5),
                     producers: vec![],
+                    aborted: vec![],
                 },
                 PartitionCommit {
                     key: key(2),
                     leader_epoch: 1,
                     range: range(0, 5),
                     producers: vec![],
+                    aborted: vec![],
                 },
             ],
         };
@@ -616,6 +711,7 @@ mod tests {
                 leader_epoch: 2,
                 range: range(base, end),
                 producers: vec![],
+                aborted: vec![],
             }],
         };
         let commits = [object("wal/1", 10, 20), object("wal/2", 20, 25)];

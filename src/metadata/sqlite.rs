@@ -41,7 +41,7 @@ use super::PartitionOwner;
 use super::{rows, semantics};
 use super::{
     BrokerRecord, CommittedOffset, Fence, MetaError, MetaResult, MetadataStore, PartitionKey,
-    PartitionState, SegmentRecord, TopicRecord, WalCommit,
+    PartitionState, SegmentRecord, TopicRecord, TxnOffsetRecord, TxnRecord, WalCommit,
 };
 
 /// How long a statement waits for a lock held by another connection to the same file
@@ -52,7 +52,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// not per call.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// Name of the `counters` row that allocates producer ids. Persisted; stable.
 const PRODUCER_ID_COUNTER: &str = "producer_id";
 
@@ -175,6 +175,41 @@ ALTER TABLE wal_ranges ADD COLUMN object_size INTEGER NOT NULL DEFAULT 0;
 /// Schema version 5: a segment records when compaction wrote it (0: never).
 const SCHEMA_V5: &str = "
 ALTER TABLE segments ADD COLUMN compacted_ms INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Schema version 6: transactions. Persisted names, keep them stable like
+/// [`SCHEMA_V1`]'s.
+///
+/// `aborted_txns`: one row per aborted transaction of a partition, keyed by its abort
+/// marker's offset, with the producer and the transaction's first offset.
+/// `transactions`: one row per transactional id, its whole state as JSON (the serde form
+/// of [`super::TxnRecord`]). `txn_offsets`: offsets a group committed inside a
+/// producer's transaction, one row per (group, topic, partition, producer), the columns
+/// of `group_offsets` otherwise; they move there when the transaction commits.
+const SCHEMA_V6: &str = "
+CREATE TABLE aborted_txns (
+    topic_id     BLOB    NOT NULL,
+    partition    INTEGER NOT NULL,
+    last_offset  INTEGER NOT NULL,
+    producer_id  INTEGER NOT NULL,
+    first_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic_id, partition, last_offset)
+) WITHOUT ROWID;
+CREATE TABLE transactions (
+    transactional_id TEXT NOT NULL PRIMARY KEY,
+    state            TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE txn_offsets (
+    group_id            TEXT    NOT NULL,
+    topic               TEXT    NOT NULL,
+    partition           INTEGER NOT NULL,
+    producer_id         INTEGER NOT NULL,
+    offset              INTEGER NOT NULL,
+    leader_epoch        INTEGER NOT NULL,
+    metadata            TEXT    NOT NULL,
+    commit_timestamp_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, topic, partition, producer_id)
+) WITHOUT ROWID;
 ";
 
 /// The embedded metadata store: one SQLite file (or an in-memory database for tests).
@@ -300,12 +335,13 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
     }
     // Each version's step, in order, in this same transaction; a later version is one
     // more entry.
-    let steps: [(i64, &str); 5] = [
+    let steps: [(i64, &str); 6] = [
         (1, SCHEMA_V1),
         (2, SCHEMA_V2),
         (3, SCHEMA_V3),
         (4, SCHEMA_V4),
         (5, SCHEMA_V5),
+        (6, SCHEMA_V6),
     ];
     for (version, sql) in steps.into_iter().filter(|(v, _)| *v > current) {
         tx.execute_batch(sql).db()?;
@@ -681,6 +717,83 @@ fn apply_write(tx: &Transaction<'_>, write: semantics::Write<'_>) -> MetaResult<
                 params![group, before_ms],
             )
         }
+        Write::InsertAbortedTxn { key, aborted: a } => run(
+            "INSERT INTO aborted_txns (topic_id, partition, last_offset, producer_id, first_offset)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (topic_id, partition, last_offset) DO NOTHING",
+            params![
+                key.topic_id.as_bytes(),
+                key.partition,
+                a.last_offset,
+                a.producer_id,
+                a.first_offset
+            ],
+        )?,
+        Write::DropAbortedBelow { key, offset } => run(
+            "DELETE FROM aborted_txns WHERE topic_id = ?1 AND partition = ?2 AND last_offset < ?3",
+            params![key.topic_id.as_bytes(), key.partition, offset],
+        )?,
+        Write::UpsertTxn { record } => run(
+            "INSERT INTO transactions (transactional_id, state) VALUES (?1, ?2)
+             ON CONFLICT (transactional_id) DO UPDATE SET state = excluded.state",
+            params![
+                record.transactional_id,
+                rows::encode_json(record, "transaction state")?
+            ],
+        )?,
+        Write::DeleteTxn { transactional_id } => run(
+            "DELETE FROM transactions WHERE transactional_id = ?1",
+            params![transactional_id],
+        )?,
+        Write::UpsertTxnOffset { group, pending } => {
+            let o = &pending.offset;
+            run(
+                "INSERT INTO txn_offsets (group_id, topic, partition, producer_id, offset,
+                     leader_epoch, metadata, commit_timestamp_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (group_id, topic, partition, producer_id) DO UPDATE SET
+                     offset = excluded.offset,
+                     leader_epoch = excluded.leader_epoch,
+                     metadata = excluded.metadata,
+                     commit_timestamp_ms = excluded.commit_timestamp_ms",
+                params![
+                    group,
+                    o.topic,
+                    o.partition,
+                    pending.producer_id,
+                    o.offset,
+                    o.leader_epoch,
+                    o.metadata,
+                    o.commit_timestamp_ms
+                ],
+            )?
+        }
+        Write::SettleTxnOffsets {
+            group,
+            producer_id,
+            commit,
+        } => {
+            if commit {
+                // `WHERE true`: SQLite's parser needs it before an upsert's ON CONFLICT.
+                run(
+                    "INSERT INTO group_offsets (group_id, topic, partition, offset,
+                         leader_epoch, metadata, commit_timestamp_ms)
+                     SELECT group_id, topic, partition, offset, leader_epoch, metadata,
+                         commit_timestamp_ms
+                     FROM txn_offsets WHERE group_id = ?1 AND producer_id = ?2 AND true
+                     ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                         offset = excluded.offset,
+                         leader_epoch = excluded.leader_epoch,
+                         metadata = excluded.metadata,
+                         commit_timestamp_ms = excluded.commit_timestamp_ms",
+                    params![group, producer_id],
+                )?;
+            }
+            run(
+                "DELETE FROM txn_offsets WHERE group_id = ?1 AND producer_id = ?2",
+                params![group, producer_id],
+            )?
+        }
     };
     Ok(0)
 }
@@ -742,6 +855,16 @@ fn load_partition_state(
         params,
         rows::epoch,
     )?;
+    let aborted = query_all(
+        tx,
+        concat!(
+            "SELECT ",
+            rows::aborted_txn_columns!(),
+            " FROM aborted_txns WHERE topic_id = ?1 AND partition = ?2 ORDER BY last_offset"
+        ),
+        params,
+        rows::aborted_txn,
+    )?;
     Ok(PartitionState {
         leader_epoch: row.leader_epoch,
         log_start_offset: row.log_start_offset,
@@ -750,6 +873,7 @@ fn load_partition_state(
         wal_ranges,
         producers,
         epoch_history,
+        aborted,
     })
 }
 
@@ -798,6 +922,7 @@ impl MetadataStore for SqliteStore {
                 "segments",
                 "wal_ranges",
                 "producers",
+                "aborted_txns",
             ] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE topic_id = ?1"))
                     .db()?
@@ -1185,6 +1310,84 @@ impl MetadataStore for SqliteStore {
         })
         .await
     }
+    async fn put_txn(&self, record: &TxnRecord, fence: Fence) -> MetaResult<()> {
+        let record = record.clone();
+        self.run(move |conn| {
+            let op = semantics::Op::PutTxn {
+                record: &record,
+                fence,
+            };
+            fenced_tx(conn, op).map(|_| ())
+        })
+        .await
+    }
+
+    async fn delete_txn(&self, transactional_id: &str, fence: Fence) -> MetaResult<()> {
+        let transactional_id = transactional_id.to_owned();
+        self.run(move |conn| {
+            let op = semantics::Op::DeleteTxn {
+                transactional_id: &transactional_id,
+                fence,
+            };
+            fenced_tx(conn, op).map(|_| ())
+        })
+        .await
+    }
+
+    async fn list_txns(&self) -> MetaResult<Vec<TxnRecord>> {
+        self.run(|conn| {
+            let tx = conn.transaction().db()?;
+            query_all(
+                &tx,
+                concat!(
+                    "SELECT ",
+                    rows::txn_columns!(),
+                    " FROM transactions ORDER BY transactional_id"
+                ),
+                [],
+                rows::txn,
+            )
+        })
+        .await
+    }
+
+    async fn commit_txn_offsets(
+        &self,
+        group: &str,
+        offsets: &[TxnOffsetRecord],
+        fence: Option<Fence>,
+    ) -> MetaResult<()> {
+        let group = group.to_owned();
+        let offsets = offsets.to_vec();
+        self.run(move |conn| {
+            let op = semantics::Op::CommitTxnOffsets {
+                group: &group,
+                offsets: &offsets,
+                fence,
+            };
+            fenced_tx(conn, op).map(|_| ())
+        })
+        .await
+    }
+
+    async fn pending_txn_offsets(&self, group: &str) -> MetaResult<Vec<TxnOffsetRecord>> {
+        let group = group.to_owned();
+        self.run(move |conn| {
+            let tx = conn.transaction().db()?;
+            query_all(
+                &tx,
+                concat!(
+                    "SELECT ",
+                    rows::txn_offset_columns!(),
+                    " FROM txn_offsets WHERE group_id = ?1 ORDER BY topic, partition, producer_id"
+                ),
+                params![group],
+                rows::txn_offset,
+            )
+        })
+        .await
+    }
+
     async fn delete_offsets(
         &self,
         group: &str,
@@ -1360,12 +1563,12 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("journal mode");
         assert_eq!(mode, "wal");
-        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4, 5]);
-        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(SCHEMA_VERSION, 6);
         drop(store);
         // Opening again finds the schema in place and changes nothing.
         SqliteStore::open(&path).expect("reopen store");
-        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4, 5]);
+        assert_eq!(schema_versions(&conn), vec![1, 2, 3, 4, 5, 6]);
     }
 
     #[tokio::test]
@@ -1401,7 +1604,7 @@ mod tests {
         ];
         {
             let store = SqliteStore::open(&path).expect("open the version 1 file");
-            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3, 4, 5]);
+            assert_eq!(schema_versions(&raw(&path)), vec![1, 2, 3, 4, 5, 6]);
             assert_eq!(
                 store.list_topics().await.expect("list"),
                 vec![topic.clone()],
@@ -1429,7 +1632,7 @@ mod tests {
         let store = SqliteStore::open(&path).expect("reopen the migrated file");
         assert_eq!(
             schema_versions(&raw(&path)),
-            vec![1, 2, 3, 4, 5],
+            vec![1, 2, 3, 4, 5, 6],
             "migrated once"
         );
         assert_eq!(
@@ -1505,6 +1708,8 @@ mod tests {
                 timestamp: 7,
             }],
             last_update_ms: 8,
+            txn_first_offset: -1,
+            coordinator_epoch: -1,
         };
         let range = |base: i64, end: i64, object: &str| WalRangeRecord {
             base_offset: base,
@@ -1545,6 +1750,7 @@ mod tests {
                         leader_epoch: epoch,
                         range: range(base, end, object),
                         producers: vec![producer.clone()],
+                        aborted: vec![],
                     }],
                 };
                 store
@@ -1573,6 +1779,7 @@ mod tests {
                 wal_ranges: vec![range(10, 20, "wal-b")],
                 producers: vec![producer],
                 epoch_history: vec![(1, 0), (2, 20)],
+                aborted: vec![],
             }
         );
         assert_eq!(
@@ -1628,6 +1835,7 @@ mod tests {
                     object_size: 1 << 20,
                 },
                 producers: vec![],
+                aborted: vec![],
             }],
         };
         store
@@ -1724,10 +1932,13 @@ mod tests {
         assert!(matches!(result, Err(MetaError::Corrupt(_))), "{result:?}");
     }
 
-    /// Pins the persisted JSON of producer states: changing it needs a migration.
+    /// Pins the persisted JSON of producer states: changing it needs a migration. The
+    /// transaction fields came with schema version 6; a state stored before them reads
+    /// as a producer with no transaction open and no marker seen.
     #[test]
     fn producer_state_json_is_stable() {
-        let golden = r#"{"producer_id":1000,"epoch":2,"batches":[{"first_seq":0,"last_seq":4,"base_offset":10,"last_offset":14,"timestamp":1700000000000}],"last_update_ms":1700000000001}"#;
+        let before_v6 = r#"{"producer_id":1000,"epoch":2,"batches":[{"first_seq":0,"last_seq":4,"base_offset":10,"last_offset":14,"timestamp":1700000000000}],"last_update_ms":1700000000001}"#;
+        let golden = r#"{"producer_id":1000,"epoch":2,"batches":[{"first_seq":0,"last_seq":4,"base_offset":10,"last_offset":14,"timestamp":1700000000000}],"last_update_ms":1700000000001,"txn_first_offset":-1,"coordinator_epoch":-1}"#;
         let state = ProducerStateRecord {
             producer_id: 1000,
             epoch: 2,
@@ -1739,6 +1950,8 @@ mod tests {
                 timestamp: 1_700_000_000_000,
             }],
             last_update_ms: 1_700_000_000_001,
+            txn_first_offset: -1,
+            coordinator_epoch: -1,
         };
         assert_eq!(
             encode_json(&state, "producer state").expect("encode"),
@@ -1746,5 +1959,7 @@ mod tests {
         );
         let decoded: ProducerStateRecord = serde_json::from_str(golden).expect("decode");
         assert_eq!(decoded, state);
+        let old: ProducerStateRecord = serde_json::from_str(before_v6).expect("decode");
+        assert_eq!(old, state);
     }
 }

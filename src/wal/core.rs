@@ -28,7 +28,7 @@ use indexmap::IndexMap;
 
 use super::FlushNotice;
 use crate::metadata::{
-    PartitionCommit, PartitionKey, ProducerStateRecord, WalCommit, WalRangeRecord,
+    AbortedTxnRecord, PartitionCommit, PartitionKey, ProducerStateRecord, WalCommit, WalRangeRecord,
 };
 
 /// Most write-ahead objects one metadata transaction commits.
@@ -86,6 +86,8 @@ pub(crate) struct FlushItem<N> {
     pub max_timestamp: i64,
     pub batch: Bytes,
     pub producer: Option<ProducerStateRecord>,
+    /// The transaction an abort marker in `batch` ends.
+    pub aborted: Option<AbortedTxnRecord>,
     pub notify: N,
     /// A producer waits for its commit (`acks=all`): its flush starts as soon as a slot
     /// is free.
@@ -104,6 +106,7 @@ struct Pending<N> {
     max_timestamp: i64,
     data: Vec<Bytes>,
     producers: IndexMap<i64, ProducerStateRecord>,
+    aborted: Vec<AbortedTxnRecord>,
     notify: N,
     /// Where the write put it (once written).
     range: Option<WalRangeRecord>,
@@ -120,6 +123,7 @@ impl<N: Clone> Pending<N> {
             max_timestamp: -1,
             data: Vec::new(),
             producers: IndexMap::new(),
+            aborted: Vec::new(),
             notify: item.notify.clone(),
             range: None,
         }
@@ -322,6 +326,7 @@ impl<N: Clone> FlushCore<N> {
         if let Some(state) = item.producer {
             p.producers.insert(state.producer_id, state);
         }
+        p.aborted.extend(item.aborted);
     }
 
     fn slot_free(&self) -> bool {
@@ -521,6 +526,7 @@ impl<N: Clone> FlushCore<N> {
                             leader_epoch: p.leader_epoch,
                             range: p.range.clone()?,
                             producers: p.producers.values().cloned().collect(),
+                            aborted: p.aborted.clone(),
                         })
                     })
                     .collect(),
@@ -771,6 +777,7 @@ mod tests {
                             max_timestamp: 0,
                             batch: Bytes::from(vec![0u8; n]),
                             producer: None,
+                            aborted: None,
                             notify: p,
                             urgent,
                             arrived: now,
@@ -860,6 +867,7 @@ mod tests {
             max_timestamp: 0,
             batch: Bytes::from_static(b"x"),
             producer: None,
+            aborted: None,
             notify: p,
             urgent,
             arrived: now,

@@ -405,6 +405,7 @@ mod tests {
             max_timestamp: 0,
             batch: bytes::Bytes::from_static(b"x"),
             producer: None,
+            aborted: None,
             notify: mpsc::unbounded_channel().0,
             urgent: true,
             arrived: clock::instant(),
