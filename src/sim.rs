@@ -779,6 +779,7 @@ impl Sim {
                 &config,
                 now_ms,
                 owner.horizon,
+                owner.writes.last_stable_offset(),
             )
             .map(|plan| Pass {
                 plan,
@@ -839,6 +840,7 @@ impl Sim {
             index_interval_bytes: INDEX_INTERVAL_BYTES,
             batch_limit: 1 << 20,
             map_bytes,
+            aborted: Arc::new(Vec::new()),
         };
         self.fault(5, 5);
         let done = self.rt.block_on(job.run());

@@ -14,8 +14,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from conftest import create_topic, metric_sum, scrape_metrics, unique_topic, wait_until
 
-# Timed-out transactions are looked for every half second.
-SETTINGS = {"STRATA_TRANSACTION_ABORT_TIMED_OUT_TRANSACTION_CLEANUP_INTERVAL_MS": "500"}
+# Timed-out transactions are looked for every half second; compaction runs promptly.
+SETTINGS = {"STRATA_TRANSACTION_ABORT_TIMED_OUT_TRANSACTION_CLEANUP_INTERVAL_MS": "500",
+            "STRATA_LOG_CLEANER_BACKOFF_MS": "300", "STRATA_FILE_DELETE_DELAY_MS": "500"}
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,46 @@ def test_offsets_sent_to_a_transaction_count_only_once_it_commits(txn_broker):
         wait_until(lambda: committed_offset() == 7, 10, "the committed offset")
     finally:
         c.close()
+
+
+def test_compaction_keeps_committed_values_over_aborted_ones(txn_broker):
+    """An aborted update of a key is newer than its committed value, yet a
+    read_committed reader sees only the committed one: compaction must keep it (and
+    drop the aborted data), never let the aborted record supersede it."""
+    from test_compaction import TOPIC_CONFIG, create_compacted
+    b = txn_broker
+    topic = unique_topic("txn-compact")
+    create_compacted(b.bootstrap, topic)
+    keys = [b"k%02d" % i for i in range(40)]
+    p = txn_producer(b.bootstrap, unique_topic("tx"))
+    for round_ in range(6):
+        p.begin_transaction()
+        for k in keys:
+            p.produce(topic, key=k, value=b"%s-%d" % (k, round_) + b"x" * 500)
+        assert p.flush(30) == 0
+        if round_ % 2 == 0:
+            p.commit_transaction(30)
+        else:
+            p.abort_transaction(30)
+    # The newest committed value of each key is round 4's.
+    want = {k: b"%s-4" % k for k in keys}
+
+    def passes():
+        return metric_sum(scrape_metrics(b.http_port), "strata_compaction_passes_total",
+                          outcome="committed")
+
+    before = passes()
+    # Later writes seal the segments holding the transactions (segment.ms).
+    filler = Producer({"bootstrap.servers": b.bootstrap})
+    deadline = time.monotonic() + 60
+    while passes() < before + 2 and time.monotonic() < deadline:
+        filler.produce(topic, key=b"filler", value=b"f")
+        filler.flush(10)
+        time.sleep(0.5)
+    assert passes() >= before + 2, "compaction passes ran"
+    got = {}
+    for _, _, v in read_all(b.bootstrap, topic, 1, "read_committed"):
+        if not v.startswith(b"f"):
+            got[v[:3]] = v.split(b"x")[0]
+    assert got == want, f"{sum(got.get(k) == w for k, w in want.items())} of {len(want)} keys right"
+    assert TOPIC_CONFIG["cleanup.policy"] == "compact"

@@ -1019,14 +1019,16 @@ impl Owner {
         }
         self.compaction.checked = Some(now);
         let now_ms = now_ms();
-        let plan = {
+        let (plan, aborted) = {
             let view = self.shared.view();
-            crate::log::compact::plan::plan(
+            let plan = crate::log::compact::plan::plan(
                 view.segments.remote(),
                 &self.config,
                 now_ms,
                 self.compaction.horizon,
-            )
+                view.last_stable_offset,
+            );
+            (plan, Arc::new(view.aborted.clone()))
         };
         let Some(plan) = plan else {
             return;
@@ -1044,6 +1046,7 @@ impl Owner {
             index_interval_bytes: self.config.index_interval_bytes,
             batch_limit: self.ctx.cleaner.batch_limit,
             map_bytes: self.ctx.cleaner.map_bytes,
+            aborted,
         };
         let permits = self.ctx.compaction_permits.clone();
         let notify = self.compact_tx.clone();

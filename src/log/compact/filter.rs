@@ -9,11 +9,27 @@ use bytes::Bytes;
 use super::keymap::KeyMap;
 use crate::log::batch::BatchHeader;
 use crate::log::records::{self, Record, RecordsError};
+use crate::metadata::AbortedTxnRecord;
+
+/// Whether a batch belongs to an aborted transaction: a transactional data batch of a
+/// producer whose aborted range (first offset to abort marker) holds it.
+pub(crate) fn is_aborted(header: &BatchHeader, aborted: &[AbortedTxnRecord]) -> bool {
+    header.is_transactional()
+        && !header.is_control()
+        && aborted.iter().any(|a| {
+            a.producer_id == header.producer_id
+                && a.first_offset <= header.base_offset
+                && header.base_offset < a.last_offset
+        })
+}
 
 /// What a pass knows when it filters.
 #[derive(Debug)]
 pub(crate) struct Retain<'a> {
     pub map: &'a KeyMap,
+    /// The partition's aborted transactions: their batches are dropped (and were
+    /// never mapped), as Kafka's cleaner removes aborted data.
+    pub aborted: &'a [AbortedTxnRecord],
     pub now_ms: i64,
     /// `delete.retention.ms`: a tombstone first kept now may go this much later.
     pub delete_retention_ms: i64,
@@ -54,16 +70,24 @@ pub(crate) fn filter(
     header: &BatchHeader,
     retain: &Retain<'_>,
 ) -> Result<(Outcome, Counts), RecordsError> {
-    // Control batches (transaction markers) are kept until transactions are supported,
-    // which is when the cleaner's rules for them apply.
+    // Transaction markers are kept (a reader past them still needs to see where each
+    // transaction ended); aborted data goes whole.
+    let n = header.record_count.max(0) as u64;
     if header.is_control() {
-        let n = header.record_count.max(0) as u64;
         let counts = Counts {
             read: n,
             kept: n,
             next_horizon: None,
         };
         return Ok((Outcome::Unchanged, counts));
+    }
+    if is_aborted(header, retain.aborted) {
+        let counts = Counts {
+            read: n,
+            kept: 0,
+            next_horizon: None,
+        };
+        return Ok((Outcome::Dropped, counts));
     }
     let all = records::split(batch, header, retain.limit)?;
     let horizon = records::delete_horizon(header);
@@ -138,6 +162,7 @@ mod tests {
         map.insert(b"t", 13);
         let retain = |now_ms| Retain {
             map: &map,
+            aborted: &[],
             now_ms,
             delete_retention_ms: 100,
             limit: 1 << 20,
@@ -188,6 +213,46 @@ mod tests {
             keys_of(&last),
             vec![(11, "b".into(), true), (14, "z".into(), true)]
         );
+
+        // A batch of an aborted transaction goes whole, whatever its keys; the same
+        // producer's batch after the abort marker, or another producer's, stays.
+        let txn = |base: i64, producer: i64| {
+            let b = crate::log::records::tests::producer_batch(
+                base,
+                &[rec("new", Some("v"))],
+                &[0],
+                0,
+                Codec::None,
+                (producer, 0, 0),
+            );
+            let mut b = bytes::BytesMut::from(&b[..]);
+            b[crate::log::batch::ATTRIBUTES_OFFSET + 1] |= 0x10;
+            crate::log::batch::seal(&mut b);
+            b.freeze()
+        };
+        let aborted = [AbortedTxnRecord {
+            producer_id: 5,
+            first_offset: 20,
+            last_offset: 30,
+        }];
+        let with_aborts = Retain {
+            aborted: &aborted,
+            ..retain(0)
+        };
+        for (base, producer, gone) in [(25, 5, true), (20, 5, true), (30, 5, false), (25, 6, false)]
+        {
+            let b = txn(base, producer);
+            let h = BatchHeader::parse(&b).expect("header");
+            assert!(h.is_transactional());
+            assert_eq!(
+                is_aborted(&h, &aborted),
+                gone,
+                "batch at {base} of {producer}"
+            );
+            let (outcome, counts) = filter(&b, &h, &with_aborts).expect("filters");
+            assert_eq!(outcome == Outcome::Dropped, gone);
+            assert_eq!(counts.kept, u64::from(!gone));
+        }
 
         // A batch whose records are all superseded is dropped.
         let stale = keyed_batch(0, &[rec("a", Some("0"))], &[0], 0, Codec::None);

@@ -19,7 +19,7 @@ use super::plan::Plan;
 use super::throttle::Throttle;
 use crate::log::batch::{walk, BatchHeader};
 use crate::log::records::{self, RecordsError};
-use crate::metadata::SegmentRecord;
+use crate::metadata::{AbortedTxnRecord, SegmentRecord};
 
 /// What a pass needs besides its plan.
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub(crate) struct Job {
     pub batch_limit: usize,
     /// The key map's share of `log.cleaner.dedupe.buffer.size`.
     pub map_bytes: usize,
+    /// The partition's aborted transactions (their data is neither mapped nor kept).
+    pub aborted: Arc<Vec<AbortedTxnRecord>>,
 }
 
 /// A finished pass, for the owner to commit.
@@ -103,8 +105,9 @@ impl Job {
             read_bytes += data.len() as u64;
             let limit = self.batch_limit;
             let name = seg.object_key.clone();
+            let aborted = self.aborted.clone();
             let (back, fits) = tokio::task::spawn_blocking(move || {
-                let fits = map_keys(&mut map, &data, limit);
+                let fits = map_keys(&mut map, &data, &aborted, limit);
                 (map, fits)
             })
             .await
@@ -135,9 +138,11 @@ impl Job {
                 self.batch_limit,
             );
             let name = seg.object_key.clone();
+            let aborted = self.aborted.clone();
             let (kept, seg_counts) = tokio::task::spawn_blocking(move || {
                 let retain = Retain {
                     map: &map,
+                    aborted: &aborted,
                     now_ms,
                     delete_retention_ms,
                     limit,
@@ -232,9 +237,16 @@ struct Kept {
 
 /// Maps the keys of one segment's records; `false` when the map filled up before the
 /// last of them (the segment is then left out of the pass).
-fn map_keys(map: &mut KeyMap, data: &Bytes, limit: usize) -> Result<bool, RecordsError> {
+fn map_keys(
+    map: &mut KeyMap,
+    data: &Bytes,
+    aborted: &[AbortedTxnRecord],
+    limit: usize,
+) -> Result<bool, RecordsError> {
     for (pos, header) in walk(data) {
-        if header.is_control() {
+        // An aborted record never replaces a committed one: read_committed readers
+        // skip it, so the value they see is the committed one before it.
+        if header.is_control() || super::filter::is_aborted(&header, aborted) {
             continue;
         }
         let batch = data.slice(pos..pos + header.total_len);

@@ -51,12 +51,15 @@ pub(crate) fn dirt(segments: &[SegmentRecord]) -> Dirt {
 
 /// The pass due now, if any. `horizon`: the earliest delete horizon of the tombstones
 /// the last pass kept; once it has passed, a pass over the compacted part alone removes
-/// them even with nothing dirty.
+/// them even with nothing dirty. `stable_end`: the last stable offset; a segment
+/// reaching past it holds records of a transaction still open, so it waits (as Kafka's
+/// cleaner never passes the last stable offset).
 pub(crate) fn plan(
     segments: &[SegmentRecord],
     config: &TopicConfig,
     now_ms: i64,
     horizon: Option<i64>,
+    stable_end: i64,
 ) -> Option<Plan> {
     if !config.cleanup.compact {
         return None;
@@ -65,7 +68,9 @@ pub(crate) fn plan(
     let cleanable_before = now_ms.saturating_sub(config.min_compaction_lag_ms);
     let cleanable = segments[first_dirty..]
         .iter()
-        .take_while(|s| s.compacted_ms == 0 && s.max_timestamp <= cleanable_before)
+        .take_while(|s| {
+            s.compacted_ms == 0 && s.max_timestamp <= cleanable_before && s.end_offset <= stable_end
+        })
         .count();
     if cleanable == 0 {
         let expired = first_dirty > 0 && horizon.is_some_and(|h| now_ms >= h);
@@ -132,24 +137,40 @@ mod tests {
             seg(20, 30, 300, 900, 0),
         ];
         // 600 dirty of 1,200: due at a ratio of 0.5, not 0.6.
-        let p = plan(&segments, &config(0.5, 0, i64::MAX), 1_000, None).expect("due");
+        let p = plan(&segments, &config(0.5, 0, i64::MAX), 1_000, None, i64::MAX).expect("due");
         assert_eq!((p.segments.len(), p.first_dirty), (3, 1));
         assert_eq!(
-            plan(&segments, &config(0.6, 0, i64::MAX), 1_000, None),
+            plan(&segments, &config(0.6, 0, i64::MAX), 1_000, None, i64::MAX),
             None
         );
         // The min lag keeps the young segment out: 300 dirty of 900.
-        let p = plan(&segments, &config(0.3, 500, i64::MAX), 1_000, None).expect("due");
+        let p = plan(
+            &segments,
+            &config(0.3, 500, i64::MAX),
+            1_000,
+            None,
+            i64::MAX,
+        )
+        .expect("due");
         assert_eq!(p.segments.len(), 2);
         assert_eq!(
-            plan(&segments, &config(0.4, 500, i64::MAX), 1_000, None),
+            plan(
+                &segments,
+                &config(0.4, 500, i64::MAX),
+                1_000,
+                None,
+                i64::MAX
+            ),
             None
         );
         // Past the max lag, any ratio will do.
-        let p = plan(&segments, &config(0.9, 0, 700), 1_000, None).expect("overdue");
+        let p = plan(&segments, &config(0.9, 0, 700), 1_000, None, i64::MAX).expect("overdue");
         assert_eq!(p.segments.len(), 3);
         // Nothing dirty, or not a compacted topic: nothing to do.
-        assert_eq!(plan(&segments[..1], &config(0.0, 0, 1), 1_000, None), None);
+        assert_eq!(
+            plan(&segments[..1], &config(0.0, 0, 1), 1_000, None, i64::MAX),
+            None
+        );
         let delete_only = TopicConfig {
             cleanup: CleanupPolicy {
                 delete: true,
@@ -157,18 +178,43 @@ mod tests {
             },
             ..config(0.0, 0, 1)
         };
-        assert_eq!(plan(&segments, &delete_only, 1_000, None), None);
+        assert_eq!(plan(&segments, &delete_only, 1_000, None, i64::MAX), None);
         // Nothing dirty, but kept tombstones past their horizon: the compacted part alone.
-        let p = plan(&segments[..1], &config(0.5, 0, i64::MAX), 1_000, Some(900)).expect("due");
+        let p = plan(
+            &segments[..1],
+            &config(0.5, 0, i64::MAX),
+            1_000,
+            Some(900),
+            i64::MAX,
+        )
+        .expect("due");
         assert_eq!((p.segments.len(), p.first_dirty), (1, 1));
         assert_eq!(
             plan(
                 &segments[..1],
                 &config(0.5, 0, i64::MAX),
                 1_000,
-                Some(1_001)
+                Some(1_001),
+                i64::MAX
             ),
             None
         );
+    }
+
+    /// A segment holding records of an open transaction (past the last stable offset)
+    /// is not cleanable yet, nor is any after it.
+    #[test]
+    fn a_pass_stops_at_the_last_stable_offset() {
+        let segments = vec![
+            seg(0, 10, 300, 100, 0),
+            seg(10, 20, 300, 200, 0),
+            seg(20, 30, 300, 300, 0),
+        ];
+        let all = config(0.0, 0, i64::MAX);
+        let p = plan(&segments, &all, 1_000, None, 15).expect("due");
+        assert_eq!(p.segments, segments[..1].to_vec());
+        assert_eq!(plan(&segments, &all, 1_000, None, 5), None);
+        let p = plan(&segments, &all, 1_000, None, 30).expect("due");
+        assert_eq!(p.segments.len(), 3);
     }
 }
