@@ -46,26 +46,33 @@ def ensure_node_modules() -> None:
     STAMP.write_text(want + "\n")
 
 
-def test_kafkajs_group(gbroker):
+def run_node(script: str, bootstrap: str, timeout: float = 110) -> str:
+    """Runs tests/js/`script` against `bootstrap`; fails unless it exits 0 and prints
+    `"ok":true`. Returns its stdout."""
     node = tool("node")
     ensure_node_modules()
     env = dict(os.environ)
-    env["STRATA_BOOTSTRAP"] = gbroker.bootstrap
-    env["STRATA_JS_TIMEOUT_MS"] = "90000"
-    proc = subprocess.Popen([node, "group.test.js"], cwd=JS_DIR, env=env,
+    env["STRATA_BOOTSTRAP"] = bootstrap
+    env["STRATA_JS_TIMEOUT_MS"] = str(int((timeout - 20) * 1000))
+    proc = subprocess.Popen([node, script], cwd=JS_DIR, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=110)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"group.test.js did not exit within 110s\nstdout:\n{out[-3000:]}\n"
+        pytest.fail(f"{script} did not exit within {timeout:.0f}s\nstdout:\n{out[-3000:]}\n"
                     f"stderr:\n{err[-5000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, (f"kafkajs group test failed (exit {proc.returncode})\n"
+    assert proc.returncode == 0, (f"{script} failed (exit {proc.returncode})\n"
                                   f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
     assert '"ok":true' in out, out
+    return out
+
+
+def test_kafkajs_group(gbroker):
+    run_node("group.test.js", gbroker.bootstrap)
