@@ -14,7 +14,11 @@
 //! `cleanup.policy=compact,delete`: producers write a few keys over and over, with
 //! tombstones), when the broker crashes (losing everything in memory, its local files
 //! included) and restarts from the bucket. Idempotent producers retry what was not
-//! acknowledged, as Kafka clients do, five requests in flight at most. Former
+//! acknowledged, as Kafka clients do, five requests in flight at most. They write in
+//! transactions: a run of requests, then (once all are acknowledged, as a client
+//! commits only after flushing) the coordinator's commit or abort marker, written by the
+//! owner like any batch and retried until it is acknowledged; the next transaction
+//! starts after that. Former
 //! incarnations keep writing, committing, uploading, compacting and collecting
 //! (zombies).
 //!
@@ -26,9 +30,13 @@
 //! follow each other without gaps except inside compacted segments, every record in it
 //! is the one acknowledged at its offset, every acknowledged record is in it unless
 //! retention or DeleteRecords trimmed below it or compaction removed it for a newer
-//! record of its key (or as a tombstone), no producer batch is in it twice, no former
-//! owner ever committed a segment or a compaction pass, and once the stores answer
-//! again every request is acknowledged. A failure names its seed; `STRATA_SIM_SEED=<seed>` replays exactly
+//! committed record of its key (or as a tombstone, or as aborted data), no producer
+//! batch is in it twice, no former owner ever committed a segment or a compaction pass,
+//! and once the stores answer again every request is acknowledged. For transactions:
+//! the stored aborted ranges cover exactly the records of the aborted transactions
+//! still in the log (so a `read_committed` reader sees every committed record and no
+//! aborted one), and once every marker is acknowledged no transaction is open (the last
+//! stable offset is the high watermark). A failure names its seed; `STRATA_SIM_SEED=<seed>` replays exactly
 //! that run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -40,12 +48,14 @@ use object_store::path::Path;
 use tiering::faults::{FaultyStore, PutFault};
 
 use crate::config::{CleanupPolicy, TopicConfig};
-use crate::log::appender::Appender;
+use crate::log::appender::{Appended, Appender};
 use crate::log::batch::{self, BatchHeader, ValidBatch};
+use crate::log::compact::filter::is_aborted;
 use crate::log::compact::job::{Compacted, Job};
 use crate::log::compact::plan::Plan;
 use crate::log::compact::swap::{self, Swap};
 use crate::log::compact::throttle::Throttle;
+use crate::log::marker::Marker;
 use crate::log::producer::ProducerTable;
 use crate::log::records;
 use crate::log::segments::{
@@ -53,7 +63,9 @@ use crate::log::segments::{
     UploadOutcome,
 };
 use crate::metadata::bucket::BucketStore;
-use crate::metadata::{MetaError, MetadataStore, PartitionKey, SegmentRecord, TopicRecord};
+use crate::metadata::{
+    AbortedTxnRecord, MetaError, MetadataStore, PartitionKey, SegmentRecord, TopicRecord,
+};
 use crate::wal::core::{CommitResult, FlushCore, FlushItem, FlushRules, Written};
 use crate::wal::FlushNotice;
 
@@ -86,6 +98,9 @@ enum Bug {
     /// A compaction swap that failed is taken for refused, without asking the store
     /// whether it applied: what the pass wrote is deleted.
     TrustFailedSwap,
+    /// Compaction does not know the aborted transactions: an aborted record supersedes
+    /// its key's committed value.
+    CompactionIgnoresAborts,
 }
 
 /// splitmix64: small, seedable, and the same on every machine.
@@ -120,15 +135,57 @@ struct Request {
     in_flight: bool,
 }
 
+/// Where a transaction's marker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkerState {
+    /// Not sent (the transaction is still open, or a send failed).
+    Pending,
+    InFlight,
+    Acked,
+}
+
+/// One transaction of a producer: its requests (indices) and how it ends.
+#[derive(Debug, Clone)]
+struct Txn {
+    first: usize,
+    /// Requests it takes before it ends.
+    size: usize,
+    commit: bool,
+    marker: MarkerState,
+}
+
 #[derive(Debug, Default)]
 struct Producer {
     requests: Vec<Request>,
     next_seq: i32,
+    txns: Vec<Txn>,
 }
 
 impl Producer {
     fn pid(p: usize) -> i64 {
         5000 + p as i64
+    }
+
+    /// The transaction a new request joins: the last one, while it takes more; `None`
+    /// when a new one may start (the last one ended and its marker is acknowledged);
+    /// `Err` when none may (its marker is not).
+    fn open_txn(&self) -> Result<Option<usize>, ()> {
+        match self.txns.last() {
+            None => Ok(None),
+            Some(t) if self.requests.len() - t.first < t.size => Ok(Some(self.txns.len() - 1)),
+            Some(t) if t.marker == MarkerState::Acked => Ok(None),
+            Some(_) => Err(()),
+        }
+    }
+
+    /// The transaction whose marker is due: ended (or `closing`: the run is settling
+    /// and no request will join it), every request acknowledged, its marker not sent.
+    fn marker_due(&self, closing: bool) -> Option<usize> {
+        let i = self.txns.len().checked_sub(1)?;
+        let t = &self.txns[i];
+        let ended = closing || self.requests.len() - t.first >= t.size;
+        let all_acked = self.requests[t.first..].iter().all(|r| r.acked.is_some());
+        (ended && all_acked && t.marker == MarkerState::Pending).then_some(i)
     }
 
     /// The oldest request to send: the first neither acknowledged nor in flight, if it
@@ -157,12 +214,16 @@ struct Owner {
     compaction: Option<Pass>,
     /// The earliest delete horizon of the tombstones the last pass kept.
     horizon: Option<i64>,
+    /// The partition's aborted transactions, as committed.
+    aborted: Vec<AbortedTxnRecord>,
 }
 
 /// A compaction pass an owner planned at its epoch; a later step runs it to its swap.
 struct Pass {
     plan: Plan,
     epoch: i32,
+    /// The owner's aborted transactions when it planned the pass.
+    aborted: Vec<AbortedTxnRecord>,
 }
 
 /// A local segment file: the committed batches it holds (lost in a crash).
@@ -235,6 +296,8 @@ struct Stats {
     collected: u64,
     compactions: u64,
     refused_swaps: u64,
+    commits_txn: u64,
+    aborts_txn: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -252,6 +315,8 @@ impl std::ops::AddAssign for Stats {
         self.collected += o.collected;
         self.compactions += o.compactions;
         self.refused_swaps += o.refused_swaps;
+        self.commits_txn += o.commits_txn;
+        self.aborts_txn += o.aborts_txn;
     }
 }
 
@@ -393,6 +458,7 @@ impl Sim {
             upload: None,
             compaction: None,
             horizon: None,
+            aborted: state.aborted,
         })
     }
 
@@ -441,9 +507,10 @@ impl Sim {
     }
 
     fn settled(&self) -> bool {
-        self.producers
-            .iter()
-            .all(|p| p.requests.iter().all(|r| r.acked.is_some()))
+        self.producers.iter().all(|p| {
+            p.requests.iter().all(|r| r.acked.is_some())
+                && p.txns.iter().all(|t| t.marker == MarkerState::Acked)
+        })
     }
 
     fn step(&mut self) -> Result<(), String> {
@@ -466,9 +533,23 @@ impl Sim {
     /// A producer sends its next request (a new one when none waits to be resent).
     fn produce(&mut self) -> Result<(), String> {
         let p = self.rng.below(PARTITIONS as u64) as usize;
-        if self.producers[p].next_to_send().is_none() && self.faults {
+        if let Some(t) = self.producers[p].marker_due(!self.faults) {
+            return self.end_txn(p, t);
+        }
+        let open = self.producers[p].open_txn();
+        if self.producers[p].next_to_send().is_none() && self.faults && open.is_ok() {
             let records = 1 + self.rng.below(3) as i32;
+            let size = 1 + self.rng.below(4) as usize;
+            let commit = self.rng.chance(70);
             let producer = &mut self.producers[p];
+            if open == Ok(None) {
+                producer.txns.push(Txn {
+                    first: producer.requests.len(),
+                    size,
+                    commit,
+                    marker: MarkerState::Pending,
+                });
+            }
             producer.requests.push(Request {
                 seq: producer.next_seq,
                 records,
@@ -501,6 +582,41 @@ impl Sim {
             )))
             }
         };
+        let token = encode(i, appended.base_offset);
+        self.submit(p, appended, urgent_flush, token);
+        Ok(())
+    }
+
+    /// The coordinator's marker for transaction `t` of partition `p`'s producer.
+    fn end_txn(&mut self, p: usize, t: usize) -> Result<(), String> {
+        let now_ms = self.now_ms();
+        let owner = &mut self.broker.owners[p];
+        if owner.fenced {
+            return Ok(());
+        }
+        let commit = self.producers[p].txns[t].commit;
+        let marker = Marker {
+            producer_id: Producer::pid(p),
+            producer_epoch: 0,
+            commit,
+            coordinator_epoch: 0,
+        };
+        let appended = match owner.writes.append_marker(&marker, now_ms) {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(self.fail(format!(
+                    "partition {p} refused a marker ({e}) a correct broker takes"
+                )))
+            }
+        };
+        self.producers[p].txns[t].marker = MarkerState::InFlight;
+        self.submit(p, appended, true, encode(MARKER + t, 0));
+        Ok(())
+    }
+
+    /// Hands an append's batches to the flusher and answers `token` once committed.
+    fn submit(&mut self, p: usize, appended: Appended, urgent: bool, token: usize) {
+        let owner = &mut self.broker.owners[p];
         for b in appended.batches {
             self.broker.core.add(
                 FlushItem {
@@ -515,21 +631,31 @@ impl Sim {
                     producer: b.producer,
                     aborted: b.aborted,
                     notify: p,
-                    urgent: urgent_flush,
+                    urgent,
                     arrived: self.now,
                 },
                 self.now,
             );
         }
-        let token = encode(i, appended.base_offset);
         if let Some(token) = owner.writes.wait(appended.end_offset, token) {
             self.ack(p, token);
         }
-        Ok(())
     }
 
     fn ack(&mut self, p: usize, token: usize) {
         let (i, base) = decode(token);
+        if i >= MARKER {
+            let t = &mut self.producers[p].txns[i - MARKER];
+            if t.marker != MarkerState::Acked {
+                if t.commit {
+                    self.stats.commits_txn += 1;
+                } else {
+                    self.stats.aborts_txn += 1;
+                }
+            }
+            t.marker = MarkerState::Acked;
+            return;
+        }
         let r = &mut self.producers[p].requests[i];
         r.in_flight = false;
         if r.acked.is_none() {
@@ -542,6 +668,13 @@ impl Sim {
     /// it that is not acknowledged).
     fn failed(&mut self, p: usize, token: usize) {
         let (i, _) = decode(token);
+        if i >= MARKER {
+            let t = &mut self.producers[p].txns[i - MARKER];
+            if t.marker == MarkerState::InFlight {
+                t.marker = MarkerState::Pending;
+            }
+            return;
+        }
         self.producers[p].requests[i].in_flight = false;
     }
 
@@ -784,6 +917,7 @@ impl Sim {
             .map(|plan| Pass {
                 plan,
                 epoch: owner.leader_epoch,
+                aborted: owner.aborted.clone(),
             });
             return Ok(());
         };
@@ -840,7 +974,11 @@ impl Sim {
             index_interval_bytes: INDEX_INTERVAL_BYTES,
             batch_limit: 1 << 20,
             map_bytes,
-            aborted: Arc::new(Vec::new()),
+            aborted: Arc::new(if self.bug == Bug::CompactionIgnoresAborts {
+                Vec::new()
+            } else {
+                pass.aborted.clone()
+            }),
         };
         self.fault(5, 5);
         let done = self.rt.block_on(job.run());
@@ -975,6 +1113,11 @@ impl Sim {
             for r in &mut p.requests {
                 r.in_flight = false;
             }
+            for t in &mut p.txns {
+                if t.marker == MarkerState::InFlight {
+                    t.marker = MarkerState::Pending;
+                }
+            }
         }
         self.check()
     }
@@ -1001,6 +1144,7 @@ impl Sim {
                 FlushNotice::Flushed { gen, range, .. } => {
                     if let Some(durable) = owner.writes.flushed(gen, range.end_offset) {
                         owner.segments.committed(range);
+                        owner.aborted.extend(durable.aborted.iter().copied());
                         let (from, batches) = (durable.from, durable.batches);
                         store_local(&mut owner.segments, from, batches, self.disk_full, now_ms);
                         for token in durable.answered {
@@ -1093,6 +1237,8 @@ impl Sim {
             // Every record in the log: offset -> (key, whether it has a value).
             let mut found: BTreeMap<i64, (Vec<u8>, bool)> = BTreeMap::new();
             let mut compacted: Vec<(i64, i64)> = Vec::new();
+            // Base offsets of the batches the stored aborted ranges cover.
+            let mut in_aborted: HashSet<i64> = HashSet::new();
             for &(base, end, object, position, len, was_compacted) in &pieces {
                 if base != next {
                     return Err(self.fail(format!(
@@ -1122,6 +1268,13 @@ impl Sim {
                             "partition {p}: batch at offset {} where {next} was expected",
                             h.base_offset
                         )));
+                    }
+                    if h.is_control() {
+                        next = h.last_offset() + 1;
+                        continue;
+                    }
+                    if is_aborted(&h, &state.aborted) {
+                        in_aborted.insert(h.base_offset);
                     }
                     if in_log.insert(h.base_sequence, h.base_offset).is_some() {
                         return Err(self.fail(format!(
@@ -1163,6 +1316,62 @@ impl Sim {
                     }
                 }
             }
+            // The model's transactions: the offsets of the records of those it aborted
+            // (and ended), and of those it committed.
+            // An abort whose marker is not acknowledged yet may have committed already
+            // (its answer lost): its records may be gone, but need not be in a range.
+            let producer = &self.producers[p];
+            let mut aborted_records: HashSet<i64> = HashSet::new();
+            let mut maybe_aborted: HashSet<i64> = HashSet::new();
+            let mut committed_batches: HashSet<i64> = HashSet::new();
+            for t in &producer.txns {
+                let end = (t.first + t.size).min(producer.requests.len());
+                for r in &producer.requests[t.first..end] {
+                    let Some(offset) = r.acked else { continue };
+                    let offsets = (0..r.records).map(|j| offset + i64::from(j));
+                    if t.commit {
+                        committed_batches.insert(offset);
+                    } else if t.marker == MarkerState::Acked {
+                        aborted_records.extend(offsets.clone());
+                        maybe_aborted.extend(offsets);
+                    } else {
+                        maybe_aborted.extend(offsets);
+                    }
+                }
+            }
+            // read_committed readers skip exactly the aborted transactions' batches.
+            for &base in &in_aborted {
+                if committed_batches.contains(&base) {
+                    return Err(self.fail(format!(
+                        "partition {p}: the batch at {base} of a committed transaction is in an aborted range"
+                    )));
+                }
+            }
+            for &offset in &aborted_records {
+                let batch_base = self.producers[p]
+                    .requests
+                    .iter()
+                    .filter_map(|r| {
+                        r.acked
+                            .filter(|b| offset >= *b && offset < b + i64::from(r.records))
+                    })
+                    .next();
+                // Below the log start nothing is readable (and the ranges there go).
+                let readable = offset >= state.log_start_offset && found.contains_key(&offset);
+                if readable && batch_base.is_some_and(|b| !in_aborted.contains(&b)) {
+                    return Err(self.fail(format!(
+                        "partition {p}: aborted record at offset {offset} is not in an aborted range: read_committed readers would see it"
+                    )));
+                }
+            }
+            if self.settled() {
+                if let Some(open) = state.producers.iter().find(|r| r.txn_first_offset >= 0) {
+                    return Err(self.fail(format!(
+                        "partition {p}: every marker is acknowledged, yet producer {} has a transaction open from {}",
+                        open.producer_id, open.txn_first_offset
+                    )));
+                }
+            }
             // Each record in the log is the one acknowledged at its offset.
             for (&offset, (key, has_value)) in &found {
                 let Some(&n) = acked.get(&offset) else {
@@ -1178,9 +1387,14 @@ impl Sim {
             // Each acknowledged record (not trimmed) is there, unless compaction removed
             // it: a compacted segment holds it and a newer record of its key exists (or
             // it is a tombstone, which goes after its horizon).
+            // Only a committed record supersedes: an aborted one is skipped by readers.
             let keys_after = |offset: i64, key: &[u8]| {
-                found.range(offset + 1..).any(|(_, (k, _))| k == key)
-                    || acked.range(offset + 1..).any(|(_, &m)| record(m).0 == key)
+                found
+                    .range(offset + 1..)
+                    .any(|(o, (k, _))| k == key && !maybe_aborted.contains(o))
+                    || acked
+                        .range(offset + 1..)
+                        .any(|(o, &m)| record(m).0 == key && !maybe_aborted.contains(o))
             };
             let seen: HashSet<i64> = found.keys().copied().collect();
             for (&offset, &n) in acked.range(first..) {
@@ -1189,7 +1403,8 @@ impl Sim {
                 }
                 let (key, value) = record(n);
                 let in_compacted = compacted.iter().any(|&(b, e)| offset >= b && offset < e);
-                if !in_compacted || (value.is_some() && !keys_after(offset, &key)) {
+                let aborted = maybe_aborted.contains(&offset);
+                if !in_compacted || (value.is_some() && !aborted && !keys_after(offset, &key)) {
                     return Err(self.fail(format!(
                         "partition {p}: acknowledged record {n} (offset {offset}) is lost{}",
                         if in_compacted {
@@ -1292,15 +1507,24 @@ fn producer_batch(pid: i64, seq: i32, count: i32) -> Bytes {
         })
         .collect();
     let deltas: Vec<i32> = (0..count).collect();
-    records::tests::producer_batch(
+    let plain = records::tests::producer_batch(
         0,
         &specs,
         &deltas,
         count - 1,
         crate::log::codec::Codec::None,
         (pid, 0, seq),
-    )
+    );
+    // Transactional.
+    let mut b = bytes::BytesMut::from(&plain[..]);
+    b[batch::ATTRIBUTES_OFFSET + 1] |= 0x10;
+    batch::seal(&mut b);
+    b.freeze()
 }
+
+/// Marker tokens are told apart from request tokens by their index: `MARKER` plus the
+/// transaction's.
+const MARKER: usize = 1 << 20;
 
 /// A waiting request's reply token: its index and the offset it will be answered with.
 fn encode(i: usize, base: i64) -> usize {
@@ -1359,7 +1583,9 @@ fn durability_holds_under_faults_and_crashes() {
                 && total.trims > 0
                 && total.collected > 0
                 && total.compactions > 0
-                && total.refused_swaps > 0,
+                && total.refused_swaps > 0
+                && total.commits_txn > 0
+                && total.aborts_txn > 0,
             "{total:?}"
         );
     }
@@ -1384,6 +1610,13 @@ fn finds_a_segment_that_skips_a_range() {
 #[test]
 fn finds_a_swap_taken_for_refused() {
     finds(Bug::TrustFailedSwap);
+}
+
+/// ... and one in compaction under transactions (a pass that does not know the
+/// aborted transactions lets an aborted record supersede its key's committed value).
+#[test]
+fn finds_compaction_ignoring_aborts() {
+    finds(Bug::CompactionIgnoresAborts);
 }
 
 /// Runs seeds until one fails with `bug` planted; fails if 500 do not.
