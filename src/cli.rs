@@ -49,6 +49,7 @@ pub fn command() -> Command {
         .subcommand(serve_command())
         .subcommand(crate::perf::command())
         .subcommand(crate::groups_cli::command())
+        .subcommand(crate::txn_cli::command())
         .subcommand(crate::cluster::command())
 }
 
@@ -77,6 +78,7 @@ pub fn main() -> ExitCode {
         Some(("serve", m)) => config_from(m).and_then(run_serve),
         Some(("perf", m)) => crate::perf::run(m),
         Some(("groups", m)) => crate::groups_cli::run(m),
+        Some(("transactions", m)) => crate::txn_cli::run(m),
         Some(("cluster", m)) => crate::cluster::run(m),
         _ => Ok(()),
     };

@@ -54,6 +54,25 @@ pub(crate) fn command() -> Command {
 }
 
 pub(crate) fn run(m: &ArgMatches) -> anyhow::Result<()> {
+    run_subcommand(m, |name, sub, cluster| async move {
+        let group = sub.get_one::<String>("group").cloned().unwrap_or_default();
+        match name.as_str() {
+            "list" => list(&cluster).await,
+            "describe" => describe(&cluster, &group).await,
+            "reset-offsets" => reset(&cluster, &group, &sub).await,
+            "delete" => delete(&*cluster.coordinator(&group).await?, &group).await,
+            other => bail!("unknown subcommand {other}"),
+        }
+    })
+}
+
+/// Runs an admin command's subcommand on a one-thread runtime, connected to the
+/// cluster its `--bootstrap` names.
+pub(crate) fn run_subcommand<F, Fut>(m: &ArgMatches, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(String, ArgMatches, Cluster) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -64,34 +83,27 @@ pub(crate) fn run(m: &ArgMatches) -> anyhow::Result<()> {
             .cloned()
             .unwrap_or_default();
         let cluster = Cluster::connect(&bootstrap).await?;
-        let group = sub.get_one::<String>("group").cloned().unwrap_or_default();
-        match name {
-            "list" => list(&cluster).await,
-            "describe" => describe(&cluster, &group).await,
-            "reset-offsets" => reset(&cluster, &group, sub).await,
-            "delete" => delete(&*cluster.coordinator(&group).await?, &group).await,
-            other => bail!("unknown subcommand {other}"),
-        }
+        f(name.to_owned(), sub.clone(), cluster).await
     })
 }
 
 /// The brokers of the cluster, reached through the bootstrap broker: group requests go
 /// to the group's coordinator, ListOffsets to each partition's leader, ListGroups to
 /// every broker.
-struct Cluster {
+pub(crate) struct Cluster {
     bootstrap: Arc<Conn>,
     conns: tokio::sync::Mutex<HashMap<String, Arc<Conn>>>,
 }
 
 impl Cluster {
-    async fn connect(bootstrap: &str) -> anyhow::Result<Cluster> {
+    pub(crate) async fn connect(bootstrap: &str) -> anyhow::Result<Cluster> {
         Ok(Cluster {
             bootstrap: Arc::new(Conn::connect(bootstrap).await?),
             conns: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
-    async fn to(&self, addr: &str) -> anyhow::Result<Arc<Conn>> {
+    pub(crate) async fn to(&self, addr: &str) -> anyhow::Result<Arc<Conn>> {
         let mut conns = self.conns.lock().await;
         if let Some(c) = conns.get(addr) {
             return Ok(c.clone());
@@ -102,7 +114,7 @@ impl Cluster {
     }
 
     /// Every broker's address, from Metadata.
-    async fn brokers(&self) -> anyhow::Result<Vec<String>> {
+    pub(crate) async fn brokers(&self) -> anyhow::Result<Vec<String>> {
         let md = self
             .bootstrap
             .call(&MetadataRequest::default().with_topics(Some(Vec::new())), 4)
@@ -116,13 +128,23 @@ impl Cluster {
 
     /// The connection to a group's coordinator (FindCoordinator).
     async fn coordinator(&self, group: &str) -> anyhow::Result<Arc<Conn>> {
-        let resp = self
-            .bootstrap
-            .call(&FindCoordinatorRequest::default().with_key(s(group)), 3)
-            .await?;
+        self.coordinator_of(group, 0).await
+    }
+
+    /// The connection to the coordinator of `key`: a group (key type 0) or a
+    /// transactional id (1).
+    pub(crate) async fn coordinator_of(
+        &self,
+        key: &str,
+        key_type: i8,
+    ) -> anyhow::Result<Arc<Conn>> {
+        let req = FindCoordinatorRequest::default()
+            .with_key(s(key))
+            .with_key_type(key_type);
+        let resp = self.bootstrap.call(&req, 3).await?;
         if resp.error_code != 0 {
             bail!(
-                "FindCoordinator for {group} failed: {}",
+                "FindCoordinator for {key} failed: {}",
                 kafka_error(resp.error_code)
             );
         }
@@ -141,11 +163,11 @@ impl Cluster {
     }
 }
 
-fn s(v: &str) -> StrBytes {
+pub(crate) fn s(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_string())
 }
 
-fn kafka_error(code: i16) -> String {
+pub(crate) fn kafka_error(code: i16) -> String {
     kafka_protocol::ResponseError::try_from_code(code)
         .map_or_else(|| "NONE".into(), |e| format!("{e:?}"))
 }

@@ -37,4 +37,5 @@ mod server;
 mod sim;
 mod tasks;
 mod txn;
+mod txn_cli;
 mod wal;

@@ -68,7 +68,7 @@ EXPECTED_ALERTS = {
     "StrataWalFlushFailures", "StrataMetadataStoreErrors", "StrataConsumerLagGrowing",
     "StrataCacheThrash", "StrataConnectionsNearLimit", "StrataRequestBytesSaturated",
     "StrataCacheDiskFull", "StrataBrokerSteppedDown", "StrataCorruptWriteAhead",
-    "StrataCompactionLagExceeded",
+    "StrataCompactionLagExceeded", "StrataTransactionHanging",
 }
 
 # Grafana's built-in variables, replaced as Grafana would for a short time range

@@ -262,3 +262,42 @@ def test_compaction_keeps_committed_values_over_aborted_ones(txn_broker):
             got[v[:3]] = v.split(b"x")[0]
     assert got == want, f"{sum(got.get(k) == w for k, w in want.items())} of {len(want)} keys right"
     assert TOPIC_CONFIG["cleanup.policy"] == "compact"
+
+
+def test_an_operator_lists_describes_and_aborts_a_hanging_transaction(txn_broker):
+    import subprocess
+    b = txn_broker
+
+    def strata(*args) -> str:
+        out = subprocess.run([str(b.binary), "transactions", *args, "--bootstrap", b.bootstrap],
+                             capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    topic = unique_topic("txn-op")
+    create_topic(b.bootstrap, topic, 2)
+    txn_id = unique_topic("tx-hanging")
+    hanging = txn_producer(b.bootstrap, txn_id, **{"transaction.timeout.ms": 600000})
+    hanging.begin_transaction()
+    hanging.produce(topic, value=b"in-doubt", partition=1)
+    assert hanging.flush(30) == 0
+    after = Producer({"bootstrap.servers": b.bootstrap})
+    after.produce(topic, value=b"after", partition=1)
+    assert after.flush(30) == 0
+    time.sleep(1.0)
+
+    listed = strata("list", "--older-than-ms", "500")
+    assert txn_id in listed and "Ongoing" in listed, listed
+    described = strata("describe", "--transactional-id", txn_id)
+    assert "Ongoing" in described and f"{topic} [1]" in described, described
+    assert metric_sum(scrape_metrics(b.http_port), "strata_transaction_oldest_open_seconds") >= 1
+
+    aborted = strata("abort", "--transactional-id", txn_id)
+    assert "fenced" in aborted, aborted
+    # Aborted, then re-initialised under a higher epoch: nothing open, the producer fenced.
+    after_abort = strata("describe", "--transactional-id", txn_id)
+    assert "Empty" in after_abort and "epoch 2" in after_abort, after_abort
+    values = [v for _, _, v in read_all(b.bootstrap, topic, 2, "read_committed")]
+    assert values == [b"after"], values
+    with pytest.raises(KafkaException):
+        hanging.commit_transaction(10)
