@@ -450,6 +450,36 @@ impl TxnCoordinator {
             .spawn(async move { this.complete(record, fence).await });
     }
 
+    /// Writes one marker, retrying until it is written or refused for good; `false`
+    /// once this broker no longer holds the id's slot (the next coordinator finishes).
+    async fn write_marker(
+        &self,
+        record: &TxnRecord,
+        fence: Fence,
+        topic: &str,
+        partition: i32,
+        marker: Marker,
+    ) -> bool {
+        let mut wait = MARKER_RETRY;
+        loop {
+            if self.ownership.txn_fence(&record.transactional_id) != Some(fence) {
+                return false;
+            }
+            match self.markers.write(topic, partition, marker).await {
+                MarkerOutcome::Written => return true,
+                MarkerOutcome::Skip(why) => {
+                    warn!(transactional_id = %record.transactional_id, topic, partition, reason = %why, "marker not written");
+                    return true;
+                }
+                MarkerOutcome::Retry(why) => {
+                    debug!(transactional_id = %record.transactional_id, topic, partition, reason = %why, "marker not written yet; retrying");
+                    crate::clock::sleep(wait).await;
+                    wait = (wait * 2).min(MARKER_RETRY_MAX);
+                }
+            }
+        }
+    }
+
     async fn complete(self: Arc<Self>, record: TxnRecord, fence: Fence) {
         let commit = record.state == TxnState::PrepareCommit;
         let marker = Marker {
@@ -459,26 +489,15 @@ impl TxnCoordinator {
             coordinator_epoch: fence.leader_epoch,
         };
         let m = crate::metrics::metrics();
-        for (topic, partition) in &record.partitions {
-            let mut wait = MARKER_RETRY;
-            loop {
-                if self.ownership.txn_fence(&record.transactional_id) != Some(fence) {
-                    debug!(transactional_id = %record.transactional_id, "slot lost; the next coordinator completes the transaction");
-                    return;
-                }
-                match self.markers.write(topic, *partition, marker).await {
-                    MarkerOutcome::Written => break,
-                    MarkerOutcome::Skip(why) => {
-                        warn!(transactional_id = %record.transactional_id, topic, partition, reason = %why, "marker not written");
-                        break;
-                    }
-                    MarkerOutcome::Retry(why) => {
-                        debug!(transactional_id = %record.transactional_id, topic, partition, reason = %why, "marker not written yet; retrying");
-                        crate::clock::sleep(wait).await;
-                        wait = (wait * 2).min(MARKER_RETRY_MAX);
-                    }
-                }
-            }
+        // Every partition's marker at once: the owners' flushes carry them together.
+        let written =
+            futures::future::join_all(record.partitions.iter().map(|(topic, partition)| {
+                self.write_marker(&record, fence, topic, *partition, marker)
+            }))
+            .await;
+        if written.contains(&false) {
+            debug!(transactional_id = %record.transactional_id, "slot lost; the next coordinator completes the transaction");
+            return;
         }
         let entry = self.entry(&record.transactional_id);
         let mut wait = MARKER_RETRY;
