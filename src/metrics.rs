@@ -52,6 +52,7 @@ pub(crate) struct Metrics {
     pub txn_outcomes: IntCounterVec,
     pub txn_open: IntGauge,
     pub txn_oldest_open_seconds: IntGauge,
+    pub lso_lag: IntGaugeVec,
     pub compaction_bytes: IntCounterVec,
     pub compaction_records: IntCounterVec,
     pub compaction_objects: IntCounterVec,
@@ -284,6 +285,12 @@ pub(crate) fn metrics() -> &'static Metrics {
                 &registry,
                 "strata_transaction_oldest_open_seconds",
                 "age of the oldest transaction open on this broker's coordinator (0: none; refreshed at scrape time)",
+            ),
+            lso_lag: gauge_vec(
+                &registry,
+                "strata_last_stable_offset_lag",
+                "offsets between a partition's last stable offset and its high watermark, for the partitions this broker owns that an open transaction holds up (refreshed at scrape time; no series for the others)",
+                &["topic", "partition"],
             ),
             compaction_passes: zeroed(
                 counter_vec(

@@ -89,6 +89,9 @@ OPT_IN = {"strata_partition_bytes_in_total", "strata_partition_bytes_out_total"}
 # Served only by a fleet with brokers in several zones and consumers naming theirs
 # (KIP-392); tests/test_fleet.py::test_consumer_reads_in_its_zone asserts both.
 ONLY_IN_ZONED_FLEET = {"strata_zone_fetch_bytes_total", "strata_preferred_replica_redirects_total"}
+# Series only while an open transaction holds a partition up;
+# tests/test_transactions.py asserts it then.
+ONLY_WITH_OPEN_TRANSACTIONS = {"strata_last_stable_offset_lag"}
 
 # Selectors that only match when something is wrong may be empty (their metric must
 # still be served): an outcome matcher naming only unhealthy outcomes, or any selector
@@ -660,7 +663,8 @@ def test_every_query_returns_data(broker_factory, prometheus_factory):
     for name in sorted(served - internal):
         if name not in documented and base_metric(name) not in documented:
             problems.append(f"served metric {name} is not in docs/metrics.md")
-    for name in sorted(documented - ONLY_AFTER_FAILURE - OPT_IN - ONLY_IN_ZONED_FLEET):
+    for name in sorted(documented - ONLY_AFTER_FAILURE - OPT_IN - ONLY_IN_ZONED_FLEET
+                       - ONLY_WITH_OPEN_TRANSACTIONS):
         if not (name in served or any(s in served for s in (name + "_bucket", name + "_count"))):
             problems.append(f"documented metric {name} is not served")
 

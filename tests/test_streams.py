@@ -8,6 +8,10 @@ restart of the broker, and a second run whose local state was deleted, so the wi
 open across the stop can only be counted right if the state comes back from the
 compacted changelog (which the broker has compacted by then).
 
+The same application with `processing_guarantee="exactly-once"` (Quix's transactions:
+outputs, changelog and input offsets committed together) counts right across a
+SIGKILL of the app and a kill -9 of the broker.
+
 A faust-streaming application (tests/apps/faust_window_count.py) keeps a windowed count
 table in memory, backed by the compacted changelog faust creates, so each of its starts
 restores the table from the changelog alone; the counts it emits are checked the same
@@ -53,12 +57,19 @@ def streams_python() -> str:
 class App:
     """The application as a subprocess, stopped by SIGTERM like a deployment would."""
 
-    def __init__(self, script, bootstrap, group, source, sink, state_dir, log_path):
+    def __init__(self, script, bootstrap, group, source, sink, state_dir, log_path, *extra):
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [streams_python(), str(APPS / script), bootstrap, group, source, sink, str(state_dir)],
+            [streams_python(), str(APPS / script), bootstrap, group, source, sink, str(state_dir),
+             *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
     def wait_log(self, line: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -159,18 +170,24 @@ def wait_compaction_pass(b) -> None:
         time.sleep(0.5)
 
 
-def test_quix_streams_window_counts_survive_restarts_through_the_compacted_changelog(
-        broker_factory, tmp_path):
+def quix_setup(broker_factory, prefix: str):
+    """A broker, the app's topics and group, the two runs' events and the closing events
+    (an event per key in window 10 closes everything before it: Quix closes a key's
+    windows on that key's later events); the first run's events are produced."""
     b = broker_factory(env=SETTINGS)
-    source, sink, group = unique_topic("quix-in"), unique_topic("quix-out"), unique_topic("quix")
+    source, sink, group = (unique_topic(f"{prefix}-in"), unique_topic(f"{prefix}-out"),
+                           unique_topic(prefix))
     create_topic(b.bootstrap, source, 1)
     keys, first, second = two_runs()
-    # An event per key in window 10 closes everything before it (Quix closes a key's
-    # windows on that key's later events).
     closing = [(k, BASE_MS + 10 * WINDOW_MS) for k in keys]
-    state = tmp_path / "state"
-
     produce_events(b.bootstrap, source, sorted(first, key=lambda e: e[1]))
+    return b, source, sink, group, first, second, closing
+
+
+def test_quix_streams_window_counts_survive_restarts_through_the_compacted_changelog(
+        broker_factory, tmp_path):
+    b, source, sink, group, first, second, closing = quix_setup(broker_factory, "quix")
+    state = tmp_path / "state"
     app = App("quix_window_count.py", b.bootstrap, group, source, sink, state, tmp_path / "app1.log")
     try:
         want = expected_counts(first)
@@ -196,6 +213,44 @@ def test_quix_streams_window_counts_survive_restarts_through_the_compacted_chang
     assert not wrong, f"windows counted wrong (counted, produced): {dict(list(wrong.items())[:5])}"
     spanning = [kw for kw in want if kw[1] == BASE_MS + 4 * WINDOW_MS]
     assert spanning, "a window open across the restart is checked"
+
+
+def test_quix_streams_exactly_once_counts_survive_kill9_and_a_broker_restart(
+        broker_factory, tmp_path):
+    """processing_guarantee="exactly-once": Quix commits each checkpoint's outputs,
+    changelog writes and input offsets in one transaction. The app is killed with
+    SIGKILL once it has emitted some windows, restarted on its state, and the broker is
+    killed and restarted (cache wiped) before the second run: every closed window's
+    count, read at read_committed, equals the count produced."""
+    b, source, sink, group, first, second, closing = quix_setup(broker_factory, "quix-eos")
+    state = tmp_path / "state"
+    app = App("quix_window_count.py", b.bootstrap, group, source, sink, state,
+              tmp_path / "app1.log", "exactly-once")
+    try:
+        wait_windows(b.bootstrap, sink, dict(list(expected_counts(first).items())[:1]), "first output")
+    finally:
+        app.kill9()
+    app = App("quix_window_count.py", b.bootstrap, group, source, sink, state,
+              tmp_path / "app2.log", "exactly-once")
+    try:
+        want = expected_counts(first)
+        got = wait_windows(b.bootstrap, sink, want, "after the kill")
+    finally:
+        app.kill9()
+    wrong = {kw: (got[kw], n) for kw, n in want.items() if got[kw] != n}
+    assert not wrong, f"after the kill (counted, produced): {dict(list(wrong.items())[:5])}"
+
+    b.restart(hard=True, wipe_cache=True)
+    produce_events(b.bootstrap, source, sorted(second, key=lambda e: e[1]) + closing)
+    app = App("quix_window_count.py", b.bootstrap, group, source, sink, state,
+              tmp_path / "app3.log", "exactly-once")
+    try:
+        want = expected_counts(first + second + closing)
+        got = wait_windows(b.bootstrap, sink, want, "after the broker restart")
+    finally:
+        app.stop()
+    wrong = {kw: (got[kw], n) for kw, n in want.items() if got[kw] != n}
+    assert not wrong, f"windows counted wrong (counted, produced): {dict(list(wrong.items())[:5])}"
 
 
 def test_faust_table_counts_survive_restarts_through_the_compacted_changelog(

@@ -290,7 +290,19 @@ def test_an_operator_lists_describes_and_aborts_a_hanging_transaction(txn_broker
     assert txn_id in listed and "Ongoing" in listed, listed
     described = strata("describe", "--transactional-id", txn_id)
     assert "Ongoing" in described and f"{topic} [1]" in described, described
-    assert metric_sum(scrape_metrics(b.http_port), "strata_transaction_oldest_open_seconds") >= 1
+    m = scrape_metrics(b.http_port)
+    assert metric_sum(m, "strata_transaction_oldest_open_seconds") >= 1
+    # "in-doubt" holds partition 1's readers back from "after".
+    assert metric_sum(m, "strata_last_stable_offset_lag", topic=topic, partition="1") == 2
+    # The partition's owner names the producer holding it up (DescribeProducers).
+    from kafka import TopicPartition as KTP
+    from test_kafka_python import kp_admin
+    admin = kp_admin(b.bootstrap)
+    try:
+        got = admin.describe_producers([KTP(topic, 1)])[KTP(topic, 1)].active_producers
+    finally:
+        admin.close()
+    assert [p.current_transaction_start_offset for p in got] == [0], got
 
     aborted = strata("abort", "--transactional-id", txn_id)
     assert "fenced" in aborted, aborted
@@ -299,5 +311,7 @@ def test_an_operator_lists_describes_and_aborts_a_hanging_transaction(txn_broker
     assert "Empty" in after_abort and "epoch 2" in after_abort, after_abort
     values = [v for _, _, v in read_all(b.bootstrap, topic, 2, "read_committed")]
     assert values == [b"after"], values
+    assert metric_sum(scrape_metrics(b.http_port), "strata_last_stable_offset_lag",
+                      topic=topic) == 0
     with pytest.raises(KafkaException):
         hanging.commit_transaction(10)

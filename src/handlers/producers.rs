@@ -46,9 +46,10 @@ pub(crate) async fn describe_producers(
     resp
 }
 
-/// One producer as DescribeProducers shows it: its epoch, and the last sequence and
-/// timestamp of its newest batch. No transaction is ever open yet (the coordinator
-/// epoch and the open transaction's first offset are -1).
+/// One producer as DescribeProducers shows it: its epoch, the last sequence and
+/// timestamp of its newest batch, the coordinator epoch of its last marker here, and
+/// the first offset of its open transaction (-1: none), the one holding the last stable
+/// offset when it is the oldest.
 fn producer_state(p: &ProducerStateRecord) -> ProducerState {
     let last = p.batches.iter().max_by_key(|b| b.last_offset);
     ProducerState::default()
@@ -56,6 +57,6 @@ fn producer_state(p: &ProducerStateRecord) -> ProducerState {
         .with_producer_epoch(i32::from(p.epoch))
         .with_last_sequence(last.map_or(-1, |b| b.last_seq))
         .with_last_timestamp(last.map_or(-1, |b| b.timestamp))
-        .with_coordinator_epoch(-1)
-        .with_current_txn_start_offset(-1)
+        .with_coordinator_epoch(p.coordinator_epoch)
+        .with_current_txn_start_offset(p.txn_first_offset)
 }

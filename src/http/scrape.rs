@@ -26,6 +26,7 @@ pub(crate) async fn render(broker: &Broker) -> String {
             .set(capacity as i64);
     }
     refresh_compaction(broker, m);
+    refresh_lso_lag(broker, m);
     if tokio::time::timeout(LAG_REFRESH_TIMEOUT, refresh_txns(broker, m))
         .await
         .is_err()
@@ -87,6 +88,22 @@ fn refresh_compaction(broker: &Broker, m: &Metrics) {
             m.compaction_max_lag_seconds
                 .with_label_values(&labels)
                 .set(topic.config.max_compaction_lag_ms as f64 / 1000.0);
+        }
+    }
+}
+
+/// How far open transactions hold each owned partition's last stable offset behind its
+/// high watermark (only partitions held up get a series).
+fn refresh_lso_lag(broker: &Broker, m: &Metrics) {
+    m.lso_lag.reset();
+    for topic in broker.topics() {
+        for p in topic.local_partitions() {
+            let lag = p.shared.high_watermark() - p.shared.last_stable_offset();
+            if lag > 0 {
+                m.lso_lag
+                    .with_label_values(&[topic.name.as_ref(), &p.partition.to_string()])
+                    .set(lag);
+            }
         }
     }
 }
