@@ -91,9 +91,8 @@ fn isolated(data: PartitionData, r: read::ReadResult, read_committed: bool) -> P
     if !read_committed {
         return answered(data, r);
     }
-    let r = r.committed_only();
-    let aborted = r
-        .aborted
+    let (r, aborted) = r.committed_only();
+    let aborted = aborted
         .iter()
         .map(|a| {
             AbortedTransaction::default()

@@ -86,8 +86,9 @@ pub(crate) struct PartitionView {
     /// Where `read_committed` consumers stop: the first offset of the oldest
     /// transaction without a committed marker, or the high watermark.
     pub last_stable_offset: i64,
-    /// Transactions aborted at or after the log start offset, by marker offset.
-    pub aborted: Vec<crate::metadata::AbortedTxnRecord>,
+    /// Transactions aborted at or after the log start offset, by marker offset (shared
+    /// with reads and compaction passes, copied only when it changes).
+    pub aborted: Arc<Vec<crate::metadata::AbortedTxnRecord>>,
 }
 
 #[derive(Debug)]
@@ -354,7 +355,7 @@ pub(crate) async fn start(
             segments,
             epoch_history: state.epoch_history,
             last_stable_offset: state.high_watermark,
-            aborted: Vec::new(),
+            aborted: Arc::default(),
         }),
         fenced: std::sync::atomic::AtomicBool::new(false),
         releasing: std::sync::atomic::AtomicBool::new(false),
@@ -370,7 +371,7 @@ pub(crate) async fn start(
     {
         let mut view = shared.view_mut();
         view.last_stable_offset = writes.last_stable_offset();
-        view.aborted = state.aborted;
+        view.aborted = Arc::new(state.aborted);
     }
     *shared
         .open_txns
@@ -579,7 +580,17 @@ impl Owner {
             }
         };
         if transactional {
-            self.publish_open_txns();
+            // A transaction opens here; one already open stays (no lock taken).
+            for b in batches.iter().filter(|b| b.header.is_transactional()) {
+                let pid = b.header.producer_id;
+                if !self.shared.txn_open(pid) {
+                    self.shared
+                        .open_txns
+                        .write()
+                        .expect("open transactions lock poisoned")
+                        .insert(pid);
+                }
+            }
         }
         self.submit(appended, acks, arrived, queue_bytes, reply)
             .await;
@@ -601,7 +612,8 @@ impl Owner {
             })
     }
 
-    /// Tells producers' requests which transactions are open here.
+    /// Tells producers' requests which transactions are open here, afresh (after a
+    /// marker or a failed flush; an append only adds).
     fn publish_open_txns(&self) {
         *self
             .shared
@@ -741,7 +753,9 @@ impl Owner {
             // below it is readable from the write-ahead objects whatever the disk does;
             // so are the transactions it ends.
             view.segments.committed(range);
-            view.aborted.extend(aborted);
+            if !aborted.is_empty() {
+                Arc::make_mut(&mut view.aborted).extend(aborted);
+            }
             view.last_stable_offset = self.writes.last_stable_offset();
             match written {
                 Some(Ok(entries)) => {
@@ -988,7 +1002,9 @@ impl Owner {
             let mut view = self.shared.view_mut();
             view.segments.trimmed(trim);
             let start = view.segments.log_start_offset();
-            view.aborted.retain(|a| a.last_offset >= start);
+            if view.aborted.iter().any(|a| a.last_offset < start) {
+                Arc::make_mut(&mut view.aborted).retain(|a| a.last_offset >= start);
+            }
         }
         for seg in &trim.drop {
             let key = object_store::path::Path::from(seg.object_key.as_str());
@@ -1028,7 +1044,7 @@ impl Owner {
                 self.compaction.horizon,
                 view.last_stable_offset,
             );
-            (plan, Arc::new(view.aborted.clone()))
+            (plan, view.aborted.clone())
         };
         let Some(plan) = plan else {
             return;

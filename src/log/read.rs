@@ -31,16 +31,21 @@ pub(crate) struct ReadResult {
     pub log_start_offset: i64,
     /// Where `read_committed` consumers stop (at most the high watermark).
     pub last_stable_offset: i64,
-    /// The aborted transactions whose marker is at or after the offset read from.
-    pub aborted: Vec<AbortedTxnRecord>,
+    /// The offset the read asked for.
+    pub offset: i64,
+    /// The partition's aborted transactions, shared with its view: only a
+    /// `read_committed` fetch looks at them ([`ReadResult::committed_only`]).
+    pub aborted: Arc<Vec<AbortedTxnRecord>>,
 }
 
 impl ReadResult {
     /// What a `read_committed` consumer gets of the read: the whole batches below the
     /// last stable offset, and the aborted transactions among them (Kafka's
     /// `aborted_transactions`: those whose range meets the batches returned), so the
-    /// client skips the aborted producers' batches up to each marker.
-    pub(crate) fn committed_only(mut self) -> ReadResult {
+    /// client skips the aborted producers' batches up to each marker: those whose
+    /// marker is at or after the offset asked for and whose first offset is before the
+    /// end of what is returned.
+    pub(crate) fn committed_only(mut self) -> (ReadResult, Vec<AbortedTxnRecord>) {
         let lso = self.last_stable_offset;
         let mut keep = 0;
         let mut upper = None;
@@ -52,19 +57,17 @@ impl ReadResult {
             upper = Some(h.last_offset() + 1);
         }
         self.records.truncate(keep);
-        self.aborted
-            .retain(|a| upper.is_some_and(|u| a.first_offset < u));
-        self
+        let aborted = match upper {
+            None => Vec::new(),
+            Some(upper) => self
+                .aborted
+                .iter()
+                .filter(|a| a.last_offset >= self.offset && a.first_offset < upper)
+                .copied()
+                .collect(),
+        };
+        (self, aborted)
     }
-}
-
-/// The aborted transactions whose marker is at or after `offset`.
-pub(crate) fn aborted_from(aborted: &[AbortedTxnRecord], offset: i64) -> Vec<AbortedTxnRecord> {
-    aborted
-        .iter()
-        .filter(|a| a.last_offset >= offset)
-        .copied()
-        .collect()
 }
 
 /// Decoded segment indexes by object key, so a segment's index is fetched once.
@@ -185,7 +188,7 @@ pub(crate) async fn read(
         (
             view.segments.log_start_offset(),
             view.last_stable_offset.min(hw),
-            aborted_from(&view.aborted, offset),
+            view.aborted.clone(),
             plan,
         )
     };
@@ -205,6 +208,7 @@ pub(crate) async fn read(
         high_watermark: hw,
         log_start_offset: log_start,
         last_stable_offset: lso,
+        offset,
         aborted,
     })
 }
@@ -447,4 +451,43 @@ fn first_record_at_or_after(batch_bytes: &Bytes, ts: i64) -> Result<Option<(i64,
         .iter()
         .find(|r| r.timestamp >= ts)
         .map(|r| (r.offset, r.timestamp)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::batch::{stamp, tests::make_batch};
+
+    /// A read_committed answer: whole batches below the last stable offset, and only
+    /// the aborted transactions that end at or after the offset asked for and begin
+    /// before the end of what is returned.
+    #[test]
+    fn committed_only_cuts_at_the_last_stable_offset_and_picks_the_aborts_that_matter() {
+        let mut records = BytesMut::new();
+        records.extend_from_slice(&stamp(&make_batch(2, 7, 0, 0, 0), 0, 1));
+        records.extend_from_slice(&stamp(&make_batch(2, 7, 0, 2, 0), 2, 1));
+        let abort = |producer_id, first_offset, last_offset| AbortedTxnRecord {
+            producer_id,
+            first_offset,
+            last_offset,
+        };
+        let r = ReadResult {
+            records: records.freeze(),
+            high_watermark: 4,
+            log_start_offset: 0,
+            last_stable_offset: 2,
+            offset: 1,
+            aborted: Arc::new(vec![abort(3, 0, 0), abort(1, 0, 1), abort(2, 3, 5)]),
+        };
+        let (cut, aborted) = r.committed_only();
+        let batches: Vec<i64> = batch::walk(&cut.records)
+            .map(|(_, h)| h.base_offset)
+            .collect();
+        assert_eq!(
+            batches,
+            vec![0],
+            "the batch reaching the last stable offset waits"
+        );
+        assert_eq!(aborted, vec![abort(1, 0, 1)]);
+    }
 }

@@ -185,7 +185,8 @@ impl ZoneReads {
             log_start_offset: state.log_start_offset,
             last_stable_offset: first_unstable
                 .map_or(state.high_watermark, |o| o.min(state.high_watermark)),
-            aborted: super::read::aborted_from(&state.aborted, offset),
+            offset,
+            aborted: Arc::new(state.aborted.clone()),
         })
     }
 }
